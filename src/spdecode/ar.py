@@ -1,0 +1,52 @@
+"""Plain autoregressive decoding on the staged target: the baseline and the losslessness oracle."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from .generation import Generation, StopRule, check_prompt
+from .metrics import Metrics
+from .sampling import GREEDY, Sampler, SamplingParams
+from .staged import StagedTarget
+
+
+@torch.inference_mode()
+def generate_ar(
+    target: StagedTarget,
+    prompt_ids: list[int],
+    max_new_tokens: int = 64,
+    sampling: SamplingParams = GREEDY,
+    eos: set[int] = frozenset(),
+    on_token: Callable[[int], None] | None = None,
+) -> Generation:
+    max_new_tokens = check_prompt(prompt_ids, max_new_tokens, target.context_length)
+    P = len(prompt_ids)
+    target.reserve(P + max_new_tokens)
+    target.rollback(0)
+    sampler = Sampler(sampling, target.device)
+    stop = StopRule(set(eos), max_new_tokens)
+    m = Metrics(method="ar", n_stages=target.n_stages, prompt_tokens=P)
+
+    t0 = time.perf_counter()
+    ids = torch.tensor([prompt_ids], device=target.device)
+    # Prefill in one batched forward; only the last position's logits are needed.
+    hidden = target.forward(ids, 0)
+    tokens = [sampler.choose(target.logits(hidden[:, -1])[0])]
+    m.prefill_s = time.perf_counter() - t0
+    if on_token:
+        on_token(tokens[-1])
+
+    t1 = time.perf_counter()
+    while not stop.done(tokens):
+        pos = P + len(tokens) - 1
+        hidden = target.forward(torch.tensor([[tokens[-1]]], device=target.device), pos)
+        tokens.append(sampler.choose(target.logits(hidden[:, -1])[0]))
+        m.cycles += 1
+        if on_token:
+            on_token(tokens[-1])
+    m.decode_s = time.perf_counter() - t1
+    m.new_tokens, m.stop_reason = len(tokens), stop.reason
+    return Generation(tokens, m)

