@@ -58,6 +58,39 @@ def causal_mask(start: int, q: int, key_lo: int, window: int | None, device) -> 
     return allowed[None, None]
 
 
+def run_decoder_layers(layers, indices, layer_types, windows, rotary, rotary_per_type: bool, cache: StaticKVCache,
+                       hidden: torch.Tensor, start: int, capture: Collection[int] | None = None):
+    """Run HF decoder layers `indices` on tokens at positions start.. over a StaticKVCache.
+
+    Shared by the staged target and the draft module (whose layers are built from the same class).
+    """
+    q = hidden.shape[1]
+    pos = torch.arange(start, start + q, device=hidden.device)[None]
+    pe, masks, captured = {}, {}, {}
+    cache.begin(start)
+    for i in indices:
+        kind = layer_types[i]
+        if kind not in pe:
+            pe[kind] = rotary(hidden, pos, kind) if rotary_per_type else rotary(hidden, pos)
+        window = windows[i]
+        # A single query over a cache slice that ends at its own position needs no mask:
+        # the slice already is exactly what it may see (the window included).
+        if q > 1 and window not in masks:
+            masks[window] = causal_mask(start, q, cache.window_start(i, start), window, hidden.device)
+        out = layers[i](
+            hidden,
+            attention_mask=masks.get(window),
+            position_embeddings=pe[kind],
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        hidden = out[0] if isinstance(out, tuple) else out
+        if capture is not None and i + 1 in capture:
+            captured[i + 1] = hidden
+    return hidden if capture is None else (hidden, captured)
+
+
 class StagedTarget:
     def __init__(self, model, stages: int | Sequence[int] = 1, capacity: int = 256):
         self.model = model
@@ -106,40 +139,16 @@ class StagedTarget:
         """Token ids [1, q] -> h_0 [1, q, H] (Gemma's embedding scale included)."""
         return self.decoder.embed_tokens(ids)
 
-    def run_layers(self, lo: int, hi: int, hidden: torch.Tensor, start: int, capture: Collection[int] = ()):
+    def run_layers(self, lo: int, hi: int, hidden: torch.Tensor, start: int, capture: Collection[int] | None = None):
         """Run layers lo..hi-1 on tokens at positions start..start+q-1, writing their K/V.
 
-        Returns the output hidden state, or (output, {j: h_j}) when `capture` names hidden-state
-        indices j in (lo, hi] to keep (the raw residual after layer j-1).
+        Returns the output hidden state, or (output, {j: h_j}) when `capture` is given: the
+        hidden-state indices j in (lo, hi] to keep (the raw residual after layer j-1).
         """
-        q = hidden.shape[1]
-        pos = torch.arange(start, start + q, device=hidden.device)[None]
-        rotary = self.decoder.rotary_emb
-        pe, masks, captured = {}, {}, {}
-        self.cache.begin(start)
-        for i in range(lo, hi):
-            kind = self.layer_types[i]
-            if kind not in pe:
-                pe[kind] = rotary(hidden, pos, kind) if self._rotary_per_type else rotary(hidden, pos)
-            window = self.windows[i]
-            # A single query over a cache slice that ends at its own position needs no mask:
-            # the slice already is exactly what it may see (the window included).
-            if q > 1 and window not in masks:
-                masks[window] = causal_mask(start, q, self.cache.window_start(i, start), window, hidden.device)
-            out = self.layers[i](
-                hidden,
-                attention_mask=masks.get(window),
-                position_embeddings=pe[kind],
-                position_ids=pos,
-                past_key_values=self.cache,
-                use_cache=True,
-            )
-            hidden = out[0] if isinstance(out, tuple) else out
-            if i + 1 in capture:
-                captured[i + 1] = hidden
-        return (hidden, captured) if capture else hidden
+        return run_decoder_layers(self.layers, range(lo, hi), self.layer_types, self.windows, self.decoder.rotary_emb,
+                                  self._rotary_per_type, self.cache, hidden, start, capture)
 
-    def run_stage(self, stage: int, hidden: torch.Tensor, start: int, capture: Collection[int] = ()):
+    def run_stage(self, stage: int, hidden: torch.Tensor, start: int, capture: Collection[int] | None = None):
         lo, hi = self.stage_bounds[stage]
         return self.run_layers(lo, hi, hidden, start, capture)
 

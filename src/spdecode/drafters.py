@@ -1,0 +1,113 @@
+"""Drafters for the SPD pipeline: one class per way of proposing the next token.
+
+The interface (in the spirit of HF's candidate generators) is two methods:
+  reset(prompt_len)  -- a new generation starts; the prompt's anchors are in the store;
+  propose(ctx)       -- logits over the drafter's vocabulary for position ctx.draft_position,
+                        from what exists before this cycle (tokens, and anchors of every depth).
+`anchors` names the hidden-state indices the decoder must keep for the drafter ([] = none).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .pdm import PipelineDraftModule
+
+
+class AnchorStore:
+    """Per-anchor buffers [capacity, H] indexed by position: rollback needs nothing (overwrite)."""
+
+    def __init__(self, anchors: list[int], hidden: int, dtype, device, capacity: int = 256):
+        self.anchors = list(anchors)
+        self.slot = {j: i for i, j in enumerate(anchors)}
+        self.buf = [torch.zeros(capacity, hidden, dtype=dtype, device=device) for _ in anchors]
+
+    def ensure(self, capacity: int) -> None:
+        for i, b in enumerate(self.buf):
+            if b.shape[0] < capacity:
+                grown = b.new_zeros(max(capacity, 2 * b.shape[0]), b.shape[1])
+                grown[: b.shape[0]] = b
+                self.buf[i] = grown
+
+    def put(self, j: int, start: int, h: torch.Tensor) -> None:
+        """Store h_j [q, H] of the tokens at positions start..start+q-1."""
+        self.buf[self.slot[j]][start : start + h.shape[0]] = h
+
+    def rows(self, count: int, lo: int, hi: int) -> list[torch.Tensor]:
+        """The first `count` anchors of positions lo..hi-1, each [hi-lo, H]."""
+        return [b[lo:hi] for b in self.buf[:count]]
+
+
+@dataclass
+class DraftContext:
+    tokens: list[int]  # ids at positions 0..draft_position-1: prompt, verified tokens, in-flight drafts
+    start: int  # oldest in-flight position; every position before it has all its anchors
+    store: AnchorStore | None
+
+    @property
+    def draft_position(self) -> int:
+        return len(self.tokens)
+
+
+class PDMDrafter:
+    """SPD's trained drafter: the Pipeline Draft Module over anchors of every depth."""
+
+    def __init__(self, pdm: PipelineDraftModule):
+        self.pdm = pdm
+        self.anchors = pdm.cfg.anchors
+        self.vocab = pdm.vocab
+        self.completed = 0  # rows of completed tokens held in the PDM's cache
+
+    def reset(self, prompt_len: int) -> None:
+        self.completed = 0
+        self.pdm.cache.reset()
+        self.pdm.cache.ensure_capacity(min(self.pdm.cache.max_positions, max(256, 2 * prompt_len)))
+
+    def propose(self, ctx: DraftContext) -> torch.Tensor:
+        pdm, store, m = self.pdm, ctx.store, self.pdm.cfg.n_types
+        rows = []
+        if self.completed < ctx.start:  # tokens that left the pipeline since last time: deepest type
+            rows.append(pdm.project(m - 1, store.rows(m, self.completed, ctx.start)))
+        for p in range(ctx.start, ctx.draft_position):
+            t = pdm.type_of_depth[ctx.draft_position - 1 - p]
+            rows.append(pdm.project(t, store.rows(t + 1, p, p + 1)))
+        # Rows of in-flight tokens are transient (their type deepens every cycle): drop the
+        # previous cycle's, keep the completed ones.
+        pdm.cache.truncate(self.completed)
+        out = pdm.run(torch.cat(rows)[None], self.completed)
+        self.completed = ctx.start
+        return pdm.head(out[:, -1])[0]
+
+
+class ReferenceDrafter:
+    """Test and benchmark drafter that knows the target's greedy continuation.
+
+    On the reference path it proposes the right token with probability `accuracy` (1.0: an
+    oracle, every draft accepted; 0.0: always wrong); off it (a wrong draft upstream), it
+    proposes a wrong token, which will be flushed anyway.
+    """
+
+    anchors: list[int] = []
+    vocab = None
+
+    def __init__(self, prompt: list[int], reference: list[int], vocab_size: int, accuracy: float = 1.0, seed=0):
+        self.expected = list(prompt) + list(reference)
+        self.vocab_size, self.accuracy = vocab_size, accuracy
+        self.rng = random.Random(seed)
+
+    def reset(self, prompt_len: int) -> None:
+        pass
+
+    def propose(self, ctx: DraftContext) -> torch.Tensor:
+        n = ctx.draft_position
+        right = self.expected[n] if n < len(self.expected) and ctx.tokens == self.expected[:n] else None
+        if right is not None and self.rng.random() < self.accuracy:
+            token = right
+        else:
+            token = ((right if right is not None else ctx.tokens[-1]) + 1) % self.vocab_size
+        logits = torch.zeros(self.vocab_size)
+        logits[token] = 30.0
+        return logits

@@ -1,0 +1,56 @@
+"""Verification of draft tokens against the target: the one module every speculative method uses.
+
+Greedy: accept iff the draft is the target's argmax; otherwise emit the argmax.
+Sampling (Leviathan et al. / Chen et al.): the draft x was drawn from q; accept it with probability
+min(1, p(x)/q(x)), otherwise draw from normalize(max(p - q, 0)). Then the emitted token is
+distributed exactly as p, whatever q is. p and q are warped by the same Sampler (temperature,
+top-k, top-p), so "exactly p" means exactly what AR sampling with those settings draws.
+
+A draft over a vocabulary subset is scattered into the full vocabulary with zeros outside it;
+the residual then covers the tokens the drafter can never propose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import Sampler
+
+
+@dataclass
+class Draft:
+    token: int  # proposed token id (in the target's vocabulary)
+    q: torch.Tensor | None  # full-vocabulary distribution it was drawn from (None when greedy)
+
+
+def propose(logits: torch.Tensor, sampler: Sampler, vocab: torch.Tensor | None = None, vocab_size: int = 0) -> Draft:
+    """Turn a drafter's logits [Vd] into a Draft; `vocab` maps draft ids to target ids (None = identity)."""
+    if sampler.params.greedy:
+        i = int(torch.argmax(logits))
+        return Draft(i if vocab is None else int(vocab[i]), None)
+    q_sub = sampler.probs(logits)
+    i = sampler.draw(q_sub)
+    if vocab is None:
+        return Draft(i, q_sub)
+    q = torch.zeros(vocab_size, dtype=q_sub.dtype, device=q_sub.device)
+    q[vocab] = q_sub
+    return Draft(int(vocab[i]), q)
+
+
+def verify(target_logits: torch.Tensor, draft: Draft, sampler: Sampler) -> tuple[bool, int]:
+    """Decide one drafted position from the target's logits [V] there: (accepted, emitted token)."""
+    if sampler.params.greedy:
+        best = int(torch.argmax(target_logits))
+        return best == draft.token, best
+    p = sampler.probs(target_logits)
+    x = draft.token
+    u = float(torch.rand((), generator=sampler.generator, device=p.device))
+    # u * q(x) <= p(x) is u <= p/q without dividing by a tiny q.
+    if u * float(draft.q[x]) <= float(p[x]):
+        return True, x
+    residual = torch.clamp(p - draft.q, min=0)
+    total = float(residual.sum())
+    # A zero residual means p <= q everywhere, i.e. p == q up to rounding: p itself is right then.
+    return False, sampler.draw(residual / total if total > 0 else p)

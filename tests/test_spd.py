@@ -1,0 +1,153 @@
+"""SPD is lossless: greedy output equals AR token for token, sampled output follows AR's distribution."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from spdecode.ar import generate_ar
+from spdecode.drafters import PDMDrafter, ReferenceDrafter
+from spdecode.errors import SpdError
+from spdecode.pdm import depth_to_type, load_pdm, new_pdm
+from spdecode.sampling import Sampler, SamplingParams
+from spdecode.spd import generate_spd
+from spdecode.staged import StagedTarget
+
+PROMPT = [5, 17, 42, 8, 33, 71, 9]
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def tiny(request):
+    model = tiny_model(request.param)
+    return model, generate_ar(StagedTarget(model), PROMPT, 40).tokens
+
+
+@pytest.mark.parametrize("n", range(1, 7))
+@pytest.mark.parametrize("accuracy", [1.0, 0.0, 0.5])
+def test_greedy_equals_ar_with_scripted_drafters(tiny, n, accuracy):
+    model, ref = tiny
+    gen = generate_spd(StagedTarget(model, n), ReferenceDrafter(PROMPT, ref, 97, accuracy, seed=n), PROMPT, 40)
+    assert gen.tokens == ref
+    m = gen.metrics
+    assert m.new_tokens == len(ref) == 1 + m.drafts_verified  # first token + one per verification
+    assert m.drafts_accepted == round((m.alpha or 0) * m.drafts_verified)
+    assert m.tau == pytest.approx(n * (m.new_tokens - 1) / m.cycles)
+    if accuracy == 1.0:
+        # Oracle: after the n-1 fill cycles every cycle emits a token (tokens/cycle 1, tau -> n).
+        assert m.alpha == 1.0 and m.cycles == (m.new_tokens - 1) + (n - 1)
+    if accuracy == 0.0 and n > 1:
+        # Always wrong: every verification is a rejection followed by a full refill.
+        assert m.alpha == 0.0 and m.cycles == n * (m.new_tokens - 1)
+
+
+@pytest.mark.parametrize("n", range(1, 7))
+def test_greedy_equals_ar_with_untrained_pdm(tiny, n):
+    model, ref = tiny
+    target = StagedTarget(model, n)
+    pdm = new_pdm(target, "tiny", "fp", num_layers=2)
+    assert generate_spd(target, PDMDrafter(pdm), PROMPT, 40).tokens == ref
+
+
+def test_eos_inside_the_in_flight_window_is_cut_exactly(tiny):
+    model, ref = tiny
+    eos = ref[9]
+    expected = ref[: ref.index(eos) + 1]
+    gen = generate_spd(StagedTarget(model, 4), ReferenceDrafter(PROMPT, ref, 97, 1.0), PROMPT, 40, eos={eos})
+    assert gen.tokens == expected  # the oracle had drafts past EOS in flight: none may leak
+    assert gen.metrics.stop_reason == "eos" and gen.metrics.new_tokens == len(expected)
+
+
+def test_default_anchors_give_one_type_per_depth():
+    assert depth_to_type([0, 8, 16, 23, 30], [8, 8, 7, 7]) == [0, 1, 2, 3, 4]
+    # Custom anchors may share a type between depths.
+    assert depth_to_type([0, 16, 30], [8, 8, 7, 7]) == [0, 0, 1, 1, 2]
+
+
+def test_pdm_round_trip_and_wrong_base(tmp_path):
+    model = tiny_model("llama")
+    target = StagedTarget(model, 3)
+    pdm = new_pdm(target, "tiny", "fp-a", num_layers=1, draft_vocab=torch.arange(10, 60))
+    pdm.save(tmp_path / "d", dtype=torch.float32)
+    loaded = load_pdm(tmp_path / "d", target, "fp-a")
+    for (k, a), (_, b) in zip(pdm.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(SpdError, match="trained for tiny"):
+        load_pdm(tmp_path / "d", target, "fp-b")
+    with pytest.raises(SpdError, match="n=2"):
+        load_pdm(tmp_path / "d", StagedTarget(model, 2), "fp-a")
+    with pytest.raises(SpdError, match="not a PDM checkpoint"):
+        load_pdm(tmp_path, target, "fp-a")
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+def exact_distribution(model, prompt, length, params):
+    """AR's probability of every continuation of `length` tokens (warped as the sampler does)."""
+    sampler = Sampler(params)
+    probs = {(): 1.0}
+    for _ in range(length):
+        nxt = {}
+        for seq, p in probs.items():
+            with torch.no_grad():
+                dist = sampler.probs(model(torch.tensor([prompt + list(seq)])).logits[0, -1].float())
+            for tok in torch.nonzero(dist).flatten().tolist():
+                nxt[seq + (tok,)] = p * float(dist[tok])
+        probs = nxt
+    return probs
+
+
+def total_variation(counts, exact, n):
+    keys = set(counts) | set(exact)
+    return 0.5 * sum(abs(counts.get(k, 0) / n - exact.get(k, 0.0)) for k in keys)
+
+
+def spd_vs_exact(drafter_kind, samples=3000):
+    """(TV distance of SPD samples to the exact AR distribution, TV of as many exact samples)."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    target = StagedTarget(model, 3)
+    prompt, length = [5, 6, 7], 3
+    params = dict(temperature=0.9, top_k=4, top_p=1.0)
+    exact = exact_distribution(model, prompt, length, SamplingParams(**params))
+    if drafter_kind == "pdm-subset":  # untrained PDM over half the vocabulary: mostly residual draws
+        drafter = PDMDrafter(new_pdm(target, "tiny", "fp", draft_vocab=torch.arange(0, 97, 2)))
+    else:  # always proposes the greedy token, sharply: exercises accept and residual paths
+        drafter = ReferenceDrafter(prompt, generate_ar(StagedTarget(model), prompt, length).tokens, 97, 1.0)
+    counts = {}
+    for seed in range(samples):
+        seq = tuple(generate_spd(target, drafter, prompt, length, SamplingParams(**params, seed=seed)).tokens)
+        counts[seq] = counts.get(seq, 0) + 1
+    keys = list(exact)
+    weights = torch.tensor([exact[k] for k in keys])
+    g = torch.Generator().manual_seed(0)
+    noise = []
+    for _ in range(21):
+        ref_counts = {}
+        for i in torch.multinomial(weights, samples, replacement=True, generator=g).tolist():
+            ref_counts[keys[i]] = ref_counts.get(keys[i], 0) + 1
+        noise.append(total_variation(ref_counts, exact, samples))
+    return total_variation(counts, exact, samples), sorted(noise)[len(noise) // 2]
+
+
+@pytest.mark.parametrize("drafter_kind", ["pdm-subset", "peaked"])
+def test_sampling_matches_ar_distribution(drafter_kind):
+    """Relative threshold: SPD's distance to the exact AR distribution must be within sampling noise,
+    measured by drawing the same number of samples from the exact distribution itself."""
+    tv, noise = spd_vs_exact(drafter_kind)
+    assert tv < 1.6 * noise, (tv, noise)
+
+
+def test_distribution_test_catches_a_biased_verifier(monkeypatch):
+    """The threshold has power: a verifier that keeps every draft lands far outside the noise."""
+    import spdecode.spd
+
+    monkeypatch.setattr(spdecode.spd, "verify", lambda logits, draft, sampler: (True, draft.token))
+    tv, noise = spd_vs_exact("peaked", samples=1000)
+    assert tv > 3 * noise, (tv, noise)
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny):
+    model, _ = tiny
+    target = StagedTarget(model, 3)
+    drafter = PDMDrafter(new_pdm(target, "tiny", "fp"))
+    params = SamplingParams(temperature=1.0, seed=7)
+    runs = [generate_spd(target, drafter, PROMPT, 20, params).tokens for _ in range(2)]
+    assert runs[0] == runs[1]
