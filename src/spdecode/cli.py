@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
-    g.add_argument("--method", default="ar", choices=["ar"], help="decoding method (default ar)")
+    g.add_argument("--method", default="ar", choices=["ar", "spd"],
+                   help="ar: autoregressive; spd: speculative pipeline decoding (default ar)")
+    g.add_argument("--draft", default=None, help="trained PDM checkpoint directory for --method spd")
     g.add_argument("--stages", type=stage_spec, default=1,
                    help="pipeline stages: a count or comma-separated layer counts (default 1)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -99,7 +101,19 @@ def cmd_generate(args) -> int:
     if not args.json:
         streamer = TextStreamer(tok, skip_special_tokens=True)
     on_token = (lambda t: streamer.put(torch.tensor([t]))) if streamer else None
-    gen = generate_ar(target, prompt_ids, args.max_new_tokens, sampling, eos_ids(model, tok), on_token)
+    eos = eos_ids(model, tok)
+    if args.method == "spd":
+        from .drafters import PDMDrafter
+        from .models import weights_fingerprint
+        from .pdm import pdm_for
+        from .spd import generate_spd
+
+        pdm = pdm_for(target, args.model, weights_fingerprint(model), args.draft)
+        gen = generate_spd(target, PDMDrafter(pdm), prompt_ids, args.max_new_tokens, sampling, eos, on_token)
+    else:
+        if args.draft:
+            raise SpdError("--draft is only used with --method spd")
+        gen = generate_ar(target, prompt_ids, args.max_new_tokens, sampling, eos, on_token)
     if streamer:
         streamer.end()
         print(gen.metrics.summary(), file=sys.stderr)
@@ -123,6 +137,7 @@ def cmd_prepare(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with streamed text

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -159,3 +160,13 @@ def load_pdm(directory: str | Path, target: StagedTarget, fingerprint: str) -> P
     pdm = PipelineDraftModule(cfg, target, state.get("vocab"))
     pdm.load_state_dict({k: v.to(target.dtype) if v.is_floating_point() else v for k, v in state.items()})
     return pdm.eval().requires_grad_(False)
+
+
+def pdm_for(target: StagedTarget, model_name: str, fingerprint: str, draft: str | Path | None = None):
+    """The PDM to use: `draft` if given; otherwise an untrained one (lossless, but drafts are noise)."""
+    if draft is not None:
+        return load_pdm(draft, target, fingerprint)
+    warnings.warn(f"no trained draft given for {model_name} with {target.n_stages} stages: SPD runs with an "
+                  "untrained PDM, which is lossless but slow (almost every draft is rejected); pass --draft",
+                  stacklevel=2)
+    return new_pdm(target, model_name, fingerprint).eval()

@@ -1,0 +1,68 @@
+"""SPD on the real default model (fp32): token-identical to AR for n in {2, 3, 4}."""
+
+import json
+
+import pytest
+from test_default_model import spdecode
+
+from spdecode.ar import generate_ar
+from spdecode.drafters import PDMDrafter, ReferenceDrafter
+from spdecode.generation import eos_ids
+from spdecode.models import weights_fingerprint
+from spdecode.pdm import new_pdm
+from spdecode.spd import generate_spd
+from spdecode.staged import StagedTarget
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["Write a limerick about a cat who codes.", "How many legs do three spiders have?"]
+
+
+@pytest.fixture(scope="module")
+def chats(default_model):
+    model, tok = default_model
+    eos = eos_ids(model, tok)
+    out = []
+    for p in PROMPTS:
+        ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                      return_dict=True)["input_ids"]
+        out.append((ids, generate_ar(StagedTarget(model), ids, 24, eos=eos).tokens))
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("drafter", ["untrained-pdm", "oracle", "half-right"])
+def test_spd_equals_ar_on_default_model(default_model, chats, n, drafter):
+    model, tok = default_model
+    target = StagedTarget(model, n)
+    for i, (ids, ref) in enumerate(chats):
+        if drafter == "untrained-pdm":
+            d = PDMDrafter(new_pdm(target, "smollm2-135m", weights_fingerprint(model)))
+        else:
+            d = ReferenceDrafter(ids, ref, model.config.vocab_size, 1.0 if drafter == "oracle" else 0.5, seed=i)
+        gen = generate_spd(target, d, ids, 24, eos=eos_ids(model, tok))
+        assert gen.tokens == ref, (drafter, n, PROMPTS[i])
+        if drafter == "oracle":
+            assert gen.metrics.alpha == 1.0 and gen.metrics.cycles == len(ref) - 1 + n - 1
+
+
+def test_cli_spd_json_equals_ar_and_warns_without_draft():
+    spd = spdecode("generate", "--prompt", "def fib(n):", "--method", "spd", "--stages", "2",
+                   "--max-new-tokens", "16", "--json")
+    ar = spdecode("generate", "--prompt", "def fib(n):", "--max-new-tokens", "16", "--json")
+    assert spd.returncode == 0 and ar.returncode == 0, spd.stderr + ar.stderr
+    s, a = json.loads(spd.stdout), json.loads(ar.stdout)
+    assert s["tokens"] == a["tokens"]
+    m = s["metrics"]
+    assert m["method"] == "spd" and m["n_stages"] == 2 and m["new_tokens"] == 1 + m["drafts_verified"]
+    assert "untrained PDM" in spd.stderr
+
+
+def test_cli_rejects_a_draft_for_another_model(tmp_path, default_model):
+    model, _ = default_model
+    pdm = new_pdm(StagedTarget(model, 2), "other-model", "0000000000000000")
+    pdm.save(tmp_path / "draft")
+    res = spdecode("generate", "--prompt", "hi", "--method", "spd", "--stages", "2", "--draft", str(tmp_path / "draft"))
+    assert res.returncode == 2 and "trained for other-model" in res.stderr and "Traceback" not in res.stderr
+    res = spdecode("generate", "--prompt", "hi", "--method", "spd", "--stages", "3", "--draft", str(tmp_path / "draft"))
+    assert res.returncode == 2 and "error:" in res.stderr
