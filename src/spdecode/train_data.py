@@ -1,0 +1,154 @@
+"""Training examples for the PDM: chat-templated conversations, assistant masks, teacher anchors.
+
+The teacher signal comes from ONE frozen, teacher-forced pass of the target per sequence: the
+depth-d feature of a token is a prefix of its anchor list, so that pass gives every partial depth.
+Anchors are kept in half precision (on disk with --cache-dir, so further epochs and further
+drafts reuse them); teacher logits are recomputed from h_L with the target's head, restricted to
+the draft vocabulary, which is cheaper than storing them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .staged import StagedTarget
+
+
+def template_ids(tok, messages, add_generation_prompt=False) -> list[int]:
+    return list(tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                        return_dict=True)["input_ids"])
+
+
+def tokenize_conversation(tok, conv: list[dict], max_len: int) -> tuple[list[int], list[bool]] | None:
+    """Token ids of the templated conversation and, per token, whether the assistant wrote it.
+
+    An assistant turn's tokens are what its message adds after the generation prompt of the
+    conversation before it (its text and end-of-turn marker), found by templating prefixes.
+    """
+    ids: list[int] = []
+    mask: list[bool] = []
+    for i, msg in enumerate(conv):
+        if msg["role"] == "assistant":
+            before = template_ids(tok, conv[:i], add_generation_prompt=True) if i else []
+            after = template_ids(tok, conv[: i + 1])
+            if after[: len(ids)] != ids or before[: len(ids)] != ids or after[: len(before)] != before:
+                return None  # a template whose prefixes do not tokenize stably
+            mask += [False] * (len(before) - len(ids)) + [True] * (len(after) - len(before))
+            ids = after
+        if len(ids) >= max_len:
+            break
+    ids, mask = ids[:max_len], mask[:max_len]
+    return (ids, mask) if any(mask[1:]) else None
+
+
+def build_draft_vocab(examples, size: int, vocab_size: int) -> tuple[torch.Tensor, float]:
+    """The `size` most frequent assistant tokens (sorted ids) and the share of assistant-token mass they cover."""
+    counts = Counter()
+    for ids, mask in examples:
+        counts.update(t for t, m in zip(ids, mask, strict=True) if m)
+    top = [t for t, _ in counts.most_common(min(size, vocab_size))]
+    total = sum(counts.values())
+    coverage = sum(counts[t] for t in top) / total if total else 0.0
+    return torch.tensor(sorted(top), dtype=torch.long), coverage
+
+
+class TeacherFeatures:
+    """Per example, from one pass of the frozen target: the wanted anchors [A, S, H] (fp16) and the
+    teacher's argmax over the full vocabulary [S].
+
+    With a cache dir, every hidden state h_0..h_L of the pass goes to disk, so a draft for another
+    number of stages (other anchors) reuses the pass; memory keeps only the wanted anchors.
+    """
+
+    def __init__(self, target: StagedTarget, anchors: list[int], cache_dir: str | Path | None, model_id: str):
+        self.target, self.anchors = target, sorted(set(anchors))
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.model_id = model_id
+        self.memory: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _path(self, ids: list[int]) -> Path:
+        key = hashlib.sha256(json.dumps([self.model_id, ids]).encode()).hexdigest()[:24]
+        return self.cache_dir / f"{key}.safetensors"
+
+    @torch.no_grad()
+    def compute(self, ids: list[int], keep: list[int]) -> dict[str, torch.Tensor]:
+        t = self.target
+        t.reserve(len(ids))
+        t.rollback(0)
+        h0 = t.embed(torch.tensor([ids], device=t.device))
+        h, got = t.run_layers(0, t.n_layers, h0, 0, capture=set(keep))
+        got[0] = h0
+        return {"hidden": torch.stack([got[j][0] for j in keep]).to(torch.float16),
+                "best": t.logits(h)[0].argmax(-1)}
+
+    def get(self, i: int, ids: list[int]) -> dict[str, torch.Tensor]:
+        if i in self.memory:
+            return self.memory[i]
+        everything = list(range(self.target.n_layers + 1))
+        if self.cache_dir:
+            path = self._path(ids)
+            if path.exists():
+                full = load_file(path)
+            else:
+                full = self.compute(ids, everything)
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                save_file({k: v.contiguous() for k, v in full.items()}, tmp)
+                tmp.replace(path)
+            feats = {"anchors": full["hidden"][self.anchors].clone(), "best": full["best"]}
+        else:
+            got = self.compute(ids, self.anchors)
+            feats = {"anchors": got["hidden"], "best": got["best"]}
+        self.memory[i] = feats
+        return feats
+
+    def warm(self, examples, desc="teacher features") -> None:
+        for i, (ids, _) in enumerate(tqdm(examples, desc=desc, unit="seq", leave=False)):
+            self.get(i, ids)
+
+    def select(self, feats: dict, wanted: list[int], dtype) -> list[torch.Tensor]:
+        return [feats["anchors"][self.anchors.index(j)].to(dtype) for j in wanted]
+
+
+@torch.no_grad()
+def regenerate(model, tok, convs: list[list[dict]], out_file: Path, max_new_tokens: int = 256,
+               batch_size: int = 16, max_prompt: int = 384) -> list[list[dict]]:
+    """Single-turn conversations whose answers the target itself wrote (greedy), appended to
+    `out_file` as it goes so an interrupted run picks up where it stopped.
+
+    Distilling on the target's own text matches what the drafter sees at inference (the target's
+    greedy continuation), which the original human/ChatGPT answers do not.
+    """
+    done = []
+    if out_file.exists():
+        done = [json.loads(line) for line in out_file.read_text().splitlines() if line.strip()]
+    prompts = [c[0]["content"] for c in convs if c[0]["role"] == "user"]
+    todo = prompts[len(done):]
+    tok.padding_side = "left"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with out_file.open("a") as f, tqdm(total=len(prompts), initial=len(done), desc="regenerate", unit="conv") as bar:
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            enc = [template_ids(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[-max_prompt:]
+                   for p in chunk]
+            width = max(map(len, enc))
+            ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])
+            attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+            out = model.generate(ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad)
+            for p, row in zip(chunk, out[:, width:], strict=True):
+                text = tok.decode(row, skip_special_tokens=True).strip()
+                conv = [{"role": "user", "content": p}, {"role": "assistant", "content": text}]
+                f.write(json.dumps(conv) + "\n")
+                done.append(conv)
+            f.flush()
+            bar.update(len(chunk))
+    return [c for c in done if c[1]["content"]]

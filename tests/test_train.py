@@ -1,0 +1,159 @@
+"""Training the PDM: the training layout is the inference view, training learns, checkpoints resume."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors.torch import load_file
+
+from spdecode import train as train_mod
+from spdecode.data import load_prompt_set, normalise, stream_json_array
+from spdecode.drafters import AnchorStore, DraftContext, PDMDrafter
+from spdecode.errors import SpdError
+from spdecode.pdm import WEIGHTS_FILE, new_pdm
+from spdecode.staged import StagedTarget
+from spdecode.train import TrainSettings, train
+from spdecode.train_data import TeacherFeatures, build_draft_vocab
+from spdecode.train_layout import layout_logits
+
+
+def anchors_of(target, pdm, ids):
+    with torch.no_grad():
+        h0 = target.embed(ids[None])
+        _, got = target.run_layers(0, target.n_layers, h0, 0, capture=set(pdm.cfg.anchors))
+    got[0] = h0
+    return [got[j][0] for j in pdm.cfg.anchors]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_training_rows_see_exactly_what_inference_rows_see(family, layers):
+    """Layout logits for (position t, k tokens in flight) == what the SPD drafter computes there,
+    both from a fresh drafter and from one that advanced cycle by cycle (incremental cache)."""
+    n, S = 3, 20
+    target = StagedTarget(tiny_model(family), n)
+    pdm = new_pdm(target, "tiny", "fp", num_layers=layers, draft_vocab=torch.arange(10, 70))
+    ids = torch.randint(3, 97, (S,), generator=torch.Generator().manual_seed(0))
+    anchors = anchors_of(target, pdm, ids)
+    store = AnchorStore(pdm.cfg.anchors, target.config.hidden_size, torch.float32, "cpu", 64)
+    for j, a in zip(pdm.cfg.anchors, anchors, strict=True):
+        store.put(j, 0, a)
+    with torch.no_grad():
+        layout = {k: layout_logits(pdm, anchors, k) for k in range(1, n + 1)}
+        for k in range(1, n + 1):
+            for t in range(k + 1, S):
+                fresh = PDMDrafter(pdm)
+                fresh.reset(t)
+                got = fresh.propose(DraftContext(ids[: t + 1].tolist(), t - k + 1, store))
+                torch.testing.assert_close(got, layout[k][t], rtol=1e-4, atol=1e-4)
+        # A drafter that lives through a fill (k = 1, 2, .., n), a steady state and a rollback.
+        live = PDMDrafter(pdm)
+        live.reset(8)
+        windows = [(8, 8), (9, 8), (10, 8), (11, 9), (12, 10), (13, 13), (14, 13), (15, 13), (16, 14)]
+        for t, start in windows:
+            got = live.propose(DraftContext(ids[: t + 1].tolist(), start, store))
+            torch.testing.assert_close(got, layout[t - start + 1][t], rtol=1e-4, atol=1e-4)
+
+
+def repetitive_examples(count=24, length=40, seed=0):
+    """Sequences built from a few repeated motifs, so a drafter can learn them; the 'assistant' half is masked in."""
+    g = torch.Generator().manual_seed(seed)
+    motifs = [torch.randint(3, 97, (5,), generator=g).tolist() for _ in range(4)]
+    out = []
+    for _ in range(count):
+        ids = []
+        while len(ids) < length:
+            ids += motifs[int(torch.randint(0, 4, (1,), generator=g))]
+        ids = ids[:length]
+        out.append((ids, [False] * (length // 4) + [True] * (length - length // 4)))
+    return out
+
+
+def setup_training(tmp_path, n=2):
+    target = StagedTarget(tiny_model("llama"), n)
+    examples = repetitive_examples()
+    vocab, coverage = build_draft_vocab(examples, 64, 97)
+    pdm = new_pdm(target, "tiny", "fp", num_layers=1, draft_vocab=vocab)
+    teacher = TeacherFeatures(target, pdm.cfg.anchors + [target.n_layers], tmp_path / "cache", "fp")
+    return pdm, teacher, examples[:-4], examples[-4:], coverage
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    pdm, teacher, train_ex, val_ex, coverage = setup_training(tmp_path)
+    assert coverage == 1.0  # 4 motifs of 5 tokens fit in 64 draft tokens
+    head = train_mod.TeacherHead(pdm)
+    before = train_mod.evaluate(pdm, head, teacher, val_ex, len(train_ex), 2)
+    settings = TrainSettings(epochs=6, lr=3e-3, warmup=2, batch_tokens=200, val_every=1000, save_every=1000)
+    train(pdm, teacher, train_ex, val_ex, tmp_path / "run", settings, log=lambda *_: None)
+    after = train_mod.evaluate(pdm, head, teacher, val_ex, len(train_ex), 2)
+    assert after["loss"] < 0.7 * before["loss"], (before, after)
+    assert after["top1"] > before["top1"]
+
+
+def test_resume_continues_from_the_same_step(tmp_path):
+    settings = TrainSettings(epochs=1, lr=1e-3, warmup=1, batch_tokens=200, val_every=1000, save_every=1)
+    pdm, teacher, train_ex, val_ex, _ = setup_training(tmp_path)
+    straight = train(pdm, teacher, train_ex, val_ex, tmp_path / "a", settings, log=lambda *_: None)
+    total = straight["step"]
+    assert total >= 4
+
+    pdm2, teacher2, *_ = setup_training(tmp_path)
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def interrupting_step(self, *a, **k):  # Ctrl-C arrives during the 3rd optimiser step
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    torch.optim.AdamW.step = interrupting_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(pdm2, teacher2, train_ex, val_ex, tmp_path / "b", settings, log=lambda *_: None)
+    finally:
+        torch.optim.AdamW.step = real_step
+    state = torch.load(tmp_path / "b" / train_mod.STATE_FILE, weights_only=False)
+    assert state["step"] == 2  # the interrupted step was not counted; the checkpoint is complete
+
+    pdm3, teacher3, *_ = setup_training(tmp_path)
+    resumed = train(pdm3, teacher3, train_ex, val_ex, tmp_path / "b", settings, resume=True, log=lambda *_: None)
+    assert resumed["step"] == total
+    a, b = load_file(tmp_path / "a" / WEIGHTS_FILE), load_file(tmp_path / "b" / WEIGHTS_FILE)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_cache_is_shared_across_anchor_sets(tmp_path):
+    target = StagedTarget(tiny_model("llama"), 3)
+    ids = list(range(5, 25))
+    a = TeacherFeatures(target, [0, 2, 4, 6], tmp_path, "fp").get(0, ids)
+    b = TeacherFeatures(StagedTarget(target.model, 2), [0, 3, 6], tmp_path, "fp").get(0, ids)
+    assert len(list(tmp_path.iterdir())) == 1  # one pass cached, every hidden state in it
+    torch.testing.assert_close(a["anchors"][0], b["anchors"][0])
+    torch.testing.assert_close(a["anchors"][3], b["anchors"][2])  # h_6 in both
+    assert torch.equal(a["best"], b["best"])
+
+
+def test_stream_parse_drops_the_truncated_tail():
+    text = '[{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},\n {"conv'
+    rows = list(stream_json_array(text))
+    assert len(rows) == 1
+    assert normalise(rows[0]["conversations"]) == [{"role": "user", "content": "hi"},
+                                                   {"role": "assistant", "content": "hello"}]
+    assert normalise([{"from": "human", "value": "only a question"}]) is None
+
+
+def test_prompt_sets(tmp_path):
+    rows = load_prompt_set("gsm8k", limit=3)
+    assert len(rows) == 3 and rows[0]["turns"][0]
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"question_id": 7, "turns": ["Say hi."]}) + "\n")
+    assert load_prompt_set(str(mine)) == [{"question_id": 7, "turns": ["Say hi."]}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "no turns"}\n')
+    with pytest.raises(SpdError, match="turns"):
+        load_prompt_set(str(bad))
+    with pytest.raises(SpdError, match="neither"):
+        load_prompt_set("no_such_set")
