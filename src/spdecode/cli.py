@@ -84,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     t.set_defaults(func=cmd_train)
 
+    b = sub.add_parser("bench", help="compare decoding methods on prompt sets, side by side in one run")
+    add_model_args(b)
+    add_sampling_args(b)
+    b.set_defaults(max_new_tokens=256)
+    b.add_argument("--method", default="ar,spd", help="comma-separated: ar, spd (default ar,spd)")
+    b.add_argument("--stages", type=stage_spec, default=4)
+    b.add_argument("--draft", default=None, help="PDM checkpoint (default: the bundled draft, if any)")
+    b.add_argument("--data", default="mt_bench,gsm8k,humaneval",
+                   help="comma-separated prompt sets: mt_bench, gsm8k, humaneval, or {question_id, turns} jsonl files")
+    b.add_argument("--limit", type=int, default=None, help="prompts per set")
+    b.add_argument("--json-out", default=None, help="write per-prompt records and the summary here")
+    b.set_defaults(func=cmd_bench)
+
     v = sub.add_parser("vocab", help="build a draft vocabulary: the most frequent assistant tokens of the data")
     v.add_argument("--model", default=DEFAULT_MODEL)
     v.add_argument("--data", default="sharegpt")
@@ -165,6 +178,12 @@ def cmd_train(args) -> int:
     from .train_cli import run_train
 
     return run_train(args)
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
 
 
 def cmd_vocab(args) -> int:

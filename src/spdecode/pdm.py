@@ -162,8 +162,21 @@ def load_pdm(directory: str | Path, target: StagedTarget, fingerprint: str) -> P
     return pdm.eval().requires_grad_(False)
 
 
+BUNDLED = Path(__file__).parent / "drafts"
+
+
+def bundled_draft(model_name: str, stage_sizes: list[int]) -> Path | None:
+    """A draft shipped with spdecode for this model alias and split, if there is one."""
+    d = BUNDLED / f"{model_name}-n{len(stage_sizes)}"
+    if (d / CONFIG_FILE).exists() and json.loads((d / CONFIG_FILE).read_text())["stage_sizes"] == stage_sizes:
+        return d
+    return None
+
+
 def pdm_for(target: StagedTarget, model_name: str, fingerprint: str, draft: str | Path | None = None):
-    """The PDM to use: `draft` if given; otherwise an untrained one (lossless, but drafts are noise)."""
+    """The PDM to use: `draft` if given, else the bundled draft for this model and split, else an
+    untrained one (lossless, but its drafts are noise)."""
+    draft = draft if draft is not None else bundled_draft(model_name, target.stage_sizes)
     if draft is not None:
         return load_pdm(draft, target, fingerprint)
     warnings.warn(f"no trained draft given for {model_name} with {target.n_stages} stages: SPD runs with an "

@@ -1,0 +1,148 @@
+"""`spdecode bench`: decoding methods side by side on the same prompts, in one process and one run.
+
+Per dataset and overall it reports pooled (token-weighted) numbers: alpha = accepted / verified
+drafts, tokens per cycle, tau = n * tokens per cycle, decode tok/s = (new tokens - 1) / decode
+time, and, when AR runs in the same invocation, the wall-clock speedup over it. Greedy runs are
+also checked token for token against AR (`mismatches` must be 0).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .data import load_prompt_set
+from .errors import SpdError
+from .generation import eos_ids
+from .sampling import SamplingParams
+
+METHODS = ("ar", "spd")
+
+
+def encode_first_turn(tok, text: str) -> list[int]:
+    if tok.chat_template:
+        return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            return_dict=True)["input_ids"])
+    return list(tok(text).input_ids)
+
+
+def make_runners(methods, model, model_name: str, stages, draft):
+    """method -> callable(prompt_ids, max_new_tokens, sampling, eos) -> Generation."""
+    from .ar import generate_ar
+    from .drafters import PDMDrafter
+    from .models import weights_fingerprint
+    from .pdm import pdm_for
+    from .spd import generate_spd
+    from .staged import StagedTarget
+
+    runners = {}
+    for m in methods:
+        if m == "ar":
+            ar_target = StagedTarget(model)
+            runners[m] = lambda ids, k, s, e, t=ar_target: generate_ar(t, ids, k, s, e)
+        elif m == "spd":
+            spd_target = StagedTarget(model, stages)
+            drafter = PDMDrafter(pdm_for(spd_target, model_name, weights_fingerprint(model), draft))
+            runners[m] = lambda ids, k, s, e, t=spd_target, d=drafter: generate_spd(t, d, ids, k, s, e)
+        else:
+            raise SpdError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    return runners
+
+
+def pooled(records: list[dict]) -> dict:
+    new = sum(r["new_tokens"] - 1 for r in records)
+    cycles = sum(r["cycles"] for r in records)
+    verified = sum(r["drafts_verified"] for r in records)
+    n = records[0]["n_stages"]
+    decode_s = sum(r["decode_s"] for r in records)
+    tpc = new / cycles if cycles else None
+    return {
+        "prompts": len(records),
+        "new_tokens": sum(r["new_tokens"] for r in records),
+        "alpha": sum(r["drafts_accepted"] for r in records) / verified if verified else None,
+        "tokens_per_cycle": tpc,
+        "tau": n * tpc if tpc is not None else None,
+        "decode_tok_s": new / decode_s if decode_s else None,
+        "median_prompt_tok_s": statistics.median(r["decode_tok_s"] or 0 for r in records),
+        "mismatches": sum(1 for r in records if r.get("matches_ar") is False),
+    }
+
+
+def summarise(records: list[dict], methods, datasets) -> dict:
+    summary = {}
+    for m in methods:
+        mine = [r for r in records if r["method"] == m]
+        summary[m] = {d: pooled([r for r in mine if r["dataset"] == d]) for d in datasets}
+        summary[m]["overall"] = pooled(mine)
+    if "ar" in summary:
+        for m in methods:
+            for d, row in summary[m].items():
+                base = summary["ar"][d]["decode_tok_s"]
+                row["speedup_vs_ar"] = row["decode_tok_s"] / base if base and row["decode_tok_s"] else None
+    return summary
+
+
+def fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(summary: dict) -> None:
+    head = f"{'method':<8} {'dataset':<10} {'prompts':>7} {'tokens':>7} {'alpha':>6} {'tok/cyc':>7} {'tau':>5} " \
+           f"{'tok/s':>7} {'vs AR':>6}"
+    print(head)
+    print("-" * len(head))
+    for m, rows in summary.items():
+        for d, r in rows.items():
+            print(f"{m:<8} {d:<10} {r['prompts']:>7} {r['new_tokens']:>7} {fmt(r['alpha']):>6} "
+                  f"{fmt(r['tokens_per_cycle']):>7} {fmt(r['tau']):>5} {fmt(r['decode_tok_s'], '.1f'):>7} "
+                  f"{fmt(r.get('speedup_vs_ar')):>6}" + (f"  MISMATCHES {r['mismatches']}" if r["mismatches"] else ""))
+
+
+def run_bench(args) -> int:
+    from .models import load_model
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    datasets = [d.strip() for d in args.data.split(",") if d.strip()]
+    sets = {Path(d).stem if d.endswith(".jsonl") else d: load_prompt_set(d, args.limit) for d in datasets}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, args.dtype, args.device)
+    runners = make_runners(methods, model, args.model, args.stages, args.draft)
+    eos = eos_ids(model, tok)
+    first = encode_first_turn(tok, next(iter(sets.values()))[0]["turns"][0])
+    for run in runners.values():  # warm-up: first calls pay for allocation and lazy init
+        run(first, 4, SamplingParams(), eos)
+    records = []
+    total = sum(len(v) for v in sets.values()) * len(methods)
+    with tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True) as bar:
+        for name, rows in sets.items():
+            for row in rows:
+                ids = encode_first_turn(tok, row["turns"][0])
+                ar_tokens = None
+                for m, run in runners.items():
+                    # Same seed for every method: sampled runs are comparable draws, greedy runs identical.
+                    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+                    gen = run(ids, args.max_new_tokens, sampling, eos)
+                    rec = {"dataset": name, "question_id": row["question_id"], "method": m,
+                           "prompt_tokens": len(ids), **gen.metrics.as_dict()}
+                    if m == "ar":
+                        ar_tokens = gen.tokens
+                    elif ar_tokens is not None and args.temperature == 0:
+                        rec["matches_ar"] = gen.tokens == ar_tokens
+                    records.append(rec)
+                    bar.update(1)
+    summary = summarise(records, methods, list(sets))
+    print_table(summary)
+    if args.json_out:
+        config = {k: v for k, v in vars(args).items() if k != "func"}
+        Path(args.json_out).write_text(json.dumps({"config": config, "summary": summary, "records": records},
+                                                  indent=1, default=str))
+    bad = sum(r["overall"]["mismatches"] for r in summary.values())
+    if bad:
+        print(f"error: {bad} greedy outputs differ from AR", flush=True)
+        return 1
+    return 0
