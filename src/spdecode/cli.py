@@ -97,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json-out", default=None, help="write per-prompt records and the summary here")
     b.set_defaults(func=cmd_bench)
 
+    e = sub.add_parser("eval-draft", help="a draft's exact greedy alpha/tau on prompt sets, by replaying SPD")
+    add_model_args(e)
+    e.add_argument("--stages", type=stage_spec, default=4)
+    e.add_argument("--draft", default=None, help="PDM checkpoint (default: the bundled draft, if any)")
+    e.add_argument("--data", default="mt_bench,gsm8k,humaneval")
+    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--json-out", default=None)
+    e.set_defaults(func=cmd_eval)
+
     v = sub.add_parser("vocab", help="build a draft vocabulary: the most frequent assistant tokens of the data")
     v.add_argument("--model", default=DEFAULT_MODEL)
     v.add_argument("--data", default="sharegpt")
@@ -184,6 +194,12 @@ def cmd_bench(args) -> int:
     from .bench import run_bench
 
     return run_bench(args)
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import run_eval
+
+    return run_eval(args)
 
 
 def cmd_vocab(args) -> int:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from .pdm import CONFIG_FILE, WEIGHTS_FILE, PipelineDraftModule
@@ -115,18 +116,7 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
     params = [p for p in pdm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     tokens_total = sum(len(ids) for ids, _ in train_ex)
-    steps_per_epoch = max(1, math.ceil(tokens_total / settings.batch_tokens))
-    total_steps = max(1, int(steps_per_epoch * settings.epochs))
     step, history = 0, []
-    if resume and (out / STATE_FILE).exists():
-        state = torch.load(out / STATE_FILE, weights_only=False)
-        from safetensors.torch import load_file
-
-        pdm.load_state_dict({k: v.to(pdm.lm_head.weight.dtype) if v.is_floating_point() else v
-                             for k, v in load_file(out / WEIGHTS_FILE).items()})
-        opt.load_state_dict(state["optimizer"])
-        step, history = state["step"], state.get("history", [])
-        log(f"resumed from {out} at step {step}/{total_steps}")
 
     def lr_at(s):  # linear warm-up, then linear decay to 10%
         if s < settings.warmup:
@@ -146,7 +136,17 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
         if batch:
             yield batch
 
-    schedule = [b for e in range(math.ceil(settings.epochs)) for b in batches(e)][:total_steps]
+    per_epoch = [list(batches(e)) for e in range(math.ceil(settings.epochs))]
+    total_steps = max(1, int(len(per_epoch[0]) * settings.epochs))
+    schedule = [b for epoch in per_epoch for b in epoch][:total_steps]
+    if resume and (out / STATE_FILE).exists():
+        state = torch.load(out / STATE_FILE, weights_only=False)
+        pdm.load_state_dict({k: v.to(pdm.lm_head.weight.dtype) if v.is_floating_point() else v
+                             for k, v in load_file(out / WEIGHTS_FILE).items()})
+        opt.load_state_dict(state["optimizer"])
+        step, history = state["step"], state.get("history", [])
+        log(f"resumed from {out} at step {step}/{total_steps}")
+
     n = pdm.cfg.n_stages
     head = TeacherHead(pdm)
     meta = {"settings": asdict(settings), "train_sequences": len(train_ex), "train_tokens": tokens_total}
