@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from .errors import SpdError
 from .models import DEFAULT_MODEL, DTYPES, alias_help
@@ -42,6 +43,14 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def add_distributed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distributed", action="store_true",
+                   help="one process per stage on this machine (torchrun, gloo on CPU, NCCL on GPU)")
+    p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of a c10d rendezvous (several machines)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for a peer before failing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spdecode", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stages", type=stage_spec, default=1,
                    help="pipeline stages: a count or comma-separated layer counts (default 1)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_distributed_args(g)
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train a Pipeline Draft Module for a model and a number of stages")
@@ -149,10 +159,12 @@ def cmd_generate(args) -> int:
         raise SpdError("the prompt is empty")
     if isinstance(args.stages, int) and args.stages < 1:
         raise SpdError(f"the number of stages must be at least 1 (got {args.stages})")
+    if args.distributed:
+        return generate_distributed(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, args.dtype, args.device)
-    target = StagedTarget(model, args.stages)
+    target = StagedTarget(model, resolve_split(args, model) if args.method == "spd" else args.stages)
     prompt_ids = encode_prompt(tok, args.prompt, args.chat)
     streamer = None
     if not args.json:
@@ -182,6 +194,52 @@ def cmd_generate(args) -> int:
             "metrics": gen.metrics.as_dict(),
         }))
     return 0
+
+
+def resolve_split(args, model, balance: bool = False) -> list[int]:
+    """Stage sizes for SPD: explicit sizes as given; a count takes the split of the draft that will
+    be used (its anchors depend on it), else a balanced split (distributed) or an even one."""
+    from .pdm import CONFIG_FILE, bundled_draft
+    from .staged import split_layers
+
+    L = model.config.num_hidden_layers
+    if isinstance(args.stages, list):
+        return split_layers(L, args.stages)
+    even = split_layers(L, args.stages)
+    draft = args.draft or bundled_draft(args.model, None, args.stages)
+    if draft and (Path(draft) / CONFIG_FILE).exists():
+        sizes = json.loads((Path(draft) / CONFIG_FILE).read_text()).get("stage_sizes", [])
+        if len(sizes) == args.stages and sum(sizes) == L:
+            return sizes
+    if balance and args.stages > 1:
+        from .balance import balanced_split, measure_costs
+        from .pdm import new_pdm
+        from .staged import StagedTarget
+
+        target = StagedTarget(model, even)
+        return balanced_split(L, args.stages, **measure_costs(target, new_pdm(target, args.model, "-")))
+    return even
+
+
+def generate_distributed(args) -> int:
+    from .launch import run_distributed
+    from .models import load_model
+
+    if args.method != "spd":
+        raise SpdError("--distributed runs SPD: add --method spd")
+    model, _ = load_model(args.model, args.dtype, "cpu")
+    sizes = resolve_split(args, model, balance=True)
+    del model
+    worker = ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
+              "--stages", ",".join(map(str, sizes)), "--prompt", args.prompt,
+              "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
+              "--top-k", str(args.top_k), "--top-p", str(args.top_p), "--timeout", str(args.timeout)]
+    worker += ["--seed", str(args.seed)] if args.seed is not None else []
+    worker += ["--draft", args.draft] if args.draft else []
+    worker += ["--chat"] if args.chat else []
+    worker += ["--json"] if args.json else []
+    worker += ["--threads", str(args.threads)] if args.threads else []
+    return run_distributed(len(sizes), worker, args.master_port, args.rdzv_endpoint)
 
 
 def cmd_train(args) -> int:

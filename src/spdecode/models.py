@@ -167,13 +167,63 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     """A short, dtype-independent identity of a model's weights (for matching drafts to bases).
 
     Hashing every parameter would take seconds; a strided sample of each tensor, rounded to
-    bfloat16 so fp32 and bf16 loads agree, identifies a checkpoint well enough.
+    bfloat16 so fp32 and bf16 loads agree, identifies a checkpoint well enough. Tied weights
+    count once (named_parameters deduplicates), as in the checkpoint files.
     """
+    return fingerprint_tensors(model.named_parameters())
+
+
+def files_fingerprint(directory: Path) -> str:
+    """The same fingerprint read from a model directory's safetensors, for processes that hold only a part."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            tensors.update({k: st.get_tensor(k) for k in st.keys()})
+    return fingerprint_tensors(tensors.items())
+
+
+def fingerprint_tensors(named) -> str:
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in sorted(named, key=lambda kv: kv[0]):
         flat = p.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 64)][:64].to("cpu", torch.bfloat16).float()
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def load_partial_model(name: str, layers: range, embed: bool, head: bool, dtype: str = "float32",
+                       device: str = "cpu"):
+    """The model with only `layers` (plus the embedding / final norm and head if asked) materialised.
+
+    The rest stays on the meta device and takes no memory: a pipeline rank holds its own stage.
+    """
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve_model(name)
+    if isinstance(source, str):
+        raise SpdError("distributed runs need a local model (an alias or a directory), not a hub id")
+    config = AutoConfig.from_pretrained(source)
+    config._attn_implementation = "sdpa"
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation="sdpa")
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    wanted = [f"model.layers.{i}." for i in layers]
+    if embed or (head and tied):
+        wanted.append("model.embed_tokens.")
+    if head or embed:  # rank 0's PDM shares the final norm
+        wanted += ["model.norm.", "lm_head."]
+    for f in sorted(Path(source).glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for key in st.keys():
+                if any(key.startswith(w) for w in wanted):
+                    set_module_tensor_to_device(model, key, device, value=st.get_tensor(key).to(DTYPES[dtype]))
+    if tied and (head or embed):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval().requires_grad_(False), config

@@ -165,12 +165,15 @@ def load_pdm(directory: str | Path, target: StagedTarget, fingerprint: str) -> P
 BUNDLED = Path(__file__).parent / "drafts"
 
 
-def bundled_draft(model_name: str, stage_sizes: list[int]) -> Path | None:
-    """A draft shipped with spdecode for this model alias and split, if there is one."""
-    d = BUNDLED / f"{model_name}-n{len(stage_sizes)}"
-    if (d / CONFIG_FILE).exists() and json.loads((d / CONFIG_FILE).read_text())["stage_sizes"] == stage_sizes:
-        return d
-    return None
+def bundled_draft(model_name: str, stage_sizes: list[int] | None, n: int | None = None) -> Path | None:
+    """A draft shipped with spdecode for this model alias and split (or just this many stages)."""
+    n = len(stage_sizes) if stage_sizes is not None else n
+    d = BUNDLED / f"{model_name}-n{n}"
+    if not (d / CONFIG_FILE).exists():
+        return None
+    if stage_sizes is not None and json.loads((d / CONFIG_FILE).read_text())["stage_sizes"] != list(stage_sizes):
+        return None
+    return d
 
 
 def pdm_for(target: StagedTarget, model_name: str, fingerprint: str, draft: str | Path | None = None):

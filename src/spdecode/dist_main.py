@@ -1,0 +1,157 @@
+"""Entry point of one pipeline rank, started by torchrun (or by `spdecode ... --distributed`).
+
+    torchrun --nproc-per-node 2 -m spdecode.dist_main --stages 16,14 --prompt "def fib(n):"
+
+Every rank loads only its own layers (rank 0 also the embedding, the final norm and the PDM; the
+last rank the norm and the head). Rank 0 runs the requests: one --prompt, or every line of
+--requests (JSON lists of prompt token ids) for `spdecode bench --distributed`, and writes results
+to --json-out. A rank that fails prints `error: rank R: ...` and exits non-zero; torchrun then
+stops the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .errors import SpdError
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(prog="spdecode.dist_main")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--stages", required=True, help="comma-separated stage sizes, one per rank")
+    ap.add_argument("--draft", default=None)
+    ap.add_argument("--prompt", default=None)
+    ap.add_argument("--chat", action="store_true")
+    ap.add_argument("--requests", default=None, help="file of JSON token-id lists, one request per line")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--json", action="store_true", help="print one JSON result instead of streaming text")
+    ap.add_argument("--json-out", default=None)
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for a peer (default 120)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    return ap.parse_args(argv)
+
+
+def run(args) -> int:
+    from .dist_comm import Link
+    from .dist_spd import RootRank, serve_stage
+    from .models import files_fingerprint, load_partial_model, resolve_model
+    from .sampling import SamplingParams
+    from .staged import StagedTarget
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    sizes = [int(x) for x in args.stages.split(",")]
+    if len(sizes) != world:
+        raise SpdError(f"{len(sizes)} stages given but {world} processes started: one process per stage")
+    if world < 2:
+        raise SpdError("distributed SPD needs at least 2 stages (use the single-process decoder for 1)")
+    cuda = args.device.startswith("cuda")
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout))
+    lo = sum(sizes[:rank])
+    model, _ = load_partial_model(args.model, range(lo, lo + sizes[rank]), embed=rank == 0,
+                                  head=rank == world - 1, dtype=args.dtype, device=device)
+    target = StagedTarget(model, sizes)
+    link = Link(rank, world, device, target.dtype)
+    if rank > 0:
+        serve_stage(target, link, rank)
+        return 0
+
+    from transformers import AutoTokenizer
+
+    from .drafters import PDMDrafter
+    from .generation import eos_ids
+    from .pdm import pdm_for
+
+    source = resolve_model(args.model)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):  # a bare model directory: fine for --requests (token ids in, ids out)
+        if not args.requests:
+            raise SpdError(f"{source} has no tokenizer; use --requests with token ids") from None
+        tok = None
+    drafter = PDMDrafter(pdm_for(target, args.model, files_fingerprint(source), args.draft))
+    root = RootRank(target, drafter, link)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    eos = eos_ids(model, tok)
+    try:
+        if args.requests:
+            with open(args.requests) as f:
+                requests = [json.loads(line) for line in f if line.strip()]
+            root.generate(requests[0], 4, sampling, eos)  # warm-up
+            records = []
+            for ids in requests:
+                gen = root.generate(ids, args.max_new_tokens, sampling, eos)
+                records.append({"tokens": gen.tokens, "metrics": gen.metrics.as_dict(), "rank_stats": root.rank_stats})
+            with open(args.json_out, "w") as f:
+                json.dump(records, f)
+        else:
+            from .cli import encode_prompt
+
+            ids = encode_prompt(tok, args.prompt or "", args.chat)
+            streamer = None
+            if not args.json:
+                from transformers import TextStreamer
+
+                streamer = TextStreamer(tok, skip_special_tokens=True)
+            on_token = (lambda t: streamer.put(torch.tensor([t]))) if streamer else None
+            gen = root.generate(ids, args.max_new_tokens, sampling, eos, on_token)
+            result = {"model": args.model, "method": "spd", "distributed": True, "stages": sizes,
+                      "prompt_tokens": len(ids), "tokens": gen.tokens,
+                      "text": tok.decode(gen.tokens, skip_special_tokens=True), "metrics": gen.metrics.as_dict(),
+                      "rank_stats": {f"rank{s + 1}": dict(zip(("compute_s", "wait_s", "send_s"), st, strict=True))
+                                     for s, st in enumerate(root.rank_stats)}}
+            if streamer:
+                streamer.end()
+                print(gen.metrics.summary(), file=sys.stderr)
+            else:
+                print(json.dumps(result))
+            if args.json_out:
+                with open(args.json_out, "w") as f:
+                    json.dump(result, f)
+    finally:
+        root.shutdown()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    rank = os.environ.get("RANK", "?")
+    warnings.showwarning = lambda message, *a, **k: print(f"warning: rank {rank}: {message}", file=sys.stderr)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        code = run(args)
+    except SpdError as exc:
+        print(f"error: rank {rank}: {exc}", file=sys.stderr, flush=True)
+        code = 2
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a dead peer can make teardown fail; we are exiting anyway
+                pass
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

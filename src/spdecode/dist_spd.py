@@ -1,0 +1,250 @@
+"""SPD on torch.distributed: one process per stage, the same schedule as the single-process decoder.
+
+Rank s runs stage s. Rank 0 also runs the PDM (so n processes suffice; give stage 0 fewer layers
+to balance it) and the schedule; the last rank also runs the LM head and verifies. A cycle:
+
+  rank 0:  PDM drafts the token after the newest one (features from the previous cycle), runs
+           stage 0 on the newest token, sends it on with its draft successor attached, then
+           gathers one report from every other rank (anchors; the verdict from the last rank);
+  rank s:  takes what rank s-1 sent in the previous cycle, runs its layers, passes it on and
+           reports its output to rank 0; the last rank verifies the exiting token's successor
+           (it travelled with it) and reports the verdict.
+
+So the draft reaches stage 0 with no wait for verification, verification happens where h_L is,
+and there is no collective: only point-to-point messages. A rejection bumps the epoch: rank 0
+rolls back at once and injects the correction; every other rank rolls back when the first
+message of the new epoch reaches it, and rank 0 drops reports of the old epoch (work on flushed
+tokens). Greedy output and every counter equal the single-process decoder's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+
+from .dist_comm import END, NONE, PREFILL, SHUTDOWN, TAG_FORWARD, TAG_TO_ROOT, TOKEN, VERDICT, Link, Message
+from .drafters import AnchorStore, DraftContext
+from .errors import SpdError
+from .generation import Generation, StopRule, check_prompt
+from .metrics import Metrics
+from .sampling import GREEDY, Sampler, SamplingParams
+from .schedule import PipelineSchedule
+from .staged import StagedTarget
+from .verify import Draft, propose, verify
+
+
+def sampling_vector(s: SamplingParams) -> torch.Tensor:
+    return torch.tensor([s.temperature, s.top_k, s.top_p, -1 if s.seed is None else s.seed], dtype=torch.float)
+
+
+def sampling_from(v: torch.Tensor) -> SamplingParams:
+    t, k, p, seed = v.tolist()
+    return SamplingParams(t, int(k), p, None if seed < 0 else int(seed))
+
+
+class Timer:
+    def __init__(self):
+        self.phases = defaultdict(float)
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] += now - self.t
+        self.t = now
+
+
+def serve_stage(target: StagedTarget, link: Link, stage: int) -> None:
+    """Loop of a rank s >= 1 until SHUTDOWN: prefill, cycles, and an END ack after each request."""
+    last = stage == target.n_stages - 1
+    epoch, sampler, timer = 0, None, Timer()
+
+    def report(msg: Message) -> None:
+        link.send(0, msg, TAG_TO_ROOT)
+
+    def forward(msg: Message) -> None:
+        if not last:
+            link.send(stage + 1, msg, TAG_FORWARD)
+
+    while True:
+        timer.lap("other")
+        msg = link.recv(stage - 1, TAG_FORWARD)
+        timer.lap("wait")
+        if msg.kind == SHUTDOWN:
+            forward(Message(SHUTDOWN))
+            link.flush()
+            return
+        if msg.kind in (END, NONE):
+            forward(Message(msg.kind))
+            if msg.kind == END:  # the request is over: acknowledge with this rank's timers
+                report(Message(END, payload=torch.tensor([[timer.phases[k] for k in ("compute", "wait", "send")]])))
+                timer.phases.clear()
+            else:
+                report(Message(NONE))
+            link.end_cycle()
+            timer.lap("send")
+            continue
+        with torch.inference_mode():
+            if msg.kind == PREFILL:
+                epoch, sampler = msg.epoch, Sampler(sampling_from(msg.extra))
+                target.rollback(0)
+                target.reserve(msg.payload.shape[0] + 1)
+                h = target.run_stage(stage, msg.payload[None], 0)
+                timer.lap("compute")
+                if last:
+                    y0 = sampler.choose(target.logits(h[:, -1])[0])
+                    report(Message(VERDICT, epoch, 0, token=y0, payload=h[0]))
+                else:
+                    forward(Message(PREFILL, epoch, payload=h[0], extra=msg.extra))
+                    report(Message(TOKEN, epoch, 0, payload=h[0]))
+                    forward(Message(NONE))  # primes the next rank: in cycle c it consumes our cycle c-1
+            else:
+                if msg.epoch != epoch:  # first token after a rejection: drop the flushed positions
+                    target.rollback(msg.pos)
+                    epoch = msg.epoch
+                h = target.run_stage(stage, msg.payload[None], msg.pos)
+                if last:
+                    draft = Draft(msg.successor, msg.extra)
+                    accepted, token = verify(target.logits(h)[0, -1], draft, sampler)
+                    report(Message(VERDICT, epoch, msg.pos, token=token, flag=int(accepted), payload=h[0]))
+                else:
+                    forward(Message(TOKEN, epoch, msg.pos, msg.token, msg.successor, payload=h[0], extra=msg.extra))
+                    report(Message(TOKEN, epoch, msg.pos, payload=h[0]))
+                timer.lap("compute")
+        link.end_cycle()
+        timer.lap("send")
+
+
+class RootRank:
+    """Rank 0: stage 0, the PDM and the schedule; generate() mirrors spd.generate_spd."""
+
+    def __init__(self, target: StagedTarget, drafter, link: Link):
+        self.target, self.drafter, self.link = target, drafter, link
+        self.n = target.n_stages
+        self.epoch = 0
+        bounds = [hi for _, hi in target.stage_bounds]
+        self.anchors = list(drafter.anchors)
+        # Rank s reports its output h_{end of stage s}; the drafter may want it as an anchor.
+        extra = [j for j in self.anchors if j != 0 and j not in bounds]
+        if extra:
+            raise SpdError(f"distributed SPD needs PDM anchors at stage boundaries {bounds}; got {self.anchors}")
+        self.anchor_of_rank = {s: bounds[s] for s in range(self.n) if bounds[s] in self.anchors}
+        self.rank_stats: list[list[float]] = []
+
+    def _gather(self, store: AnchorStore | None):
+        """One report from every other rank for this cycle; the verdict (pos, accepted, token) if valid."""
+        verdict = None
+        for s in range(1, self.n):
+            msg = self.link.recv(s, TAG_TO_ROOT)
+            if msg.kind not in (TOKEN, VERDICT) or msg.epoch != self.epoch:
+                continue  # an idle stage, or work on tokens a rejection flushed
+            if store is not None and s in self.anchor_of_rank:
+                store.put(self.anchor_of_rank[s], msg.pos, msg.payload)
+            if msg.kind == VERDICT:
+                verdict = (msg.pos, bool(msg.flag), msg.token)
+        return verdict
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids, max_new_tokens=64, sampling=GREEDY, eos=frozenset(), on_token=None):
+        t, n, link = self.target, self.n, self.link
+        max_new_tokens = check_prompt(prompt_ids, max_new_tokens, t.context_length - (n - 1))
+        P = len(prompt_ids)
+        t.reserve(P + max_new_tokens + n)
+        t.rollback(0)
+        # The draft sampler's stream differs from the last rank's (target side): exact in distribution.
+        sampler = Sampler(SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p,
+                                         None if sampling.seed is None else sampling.seed + 1))
+        stop = StopRule(set(eos), max_new_tokens)
+        m = Metrics(method="spd-dist", n_stages=n, prompt_tokens=P)
+        store = AnchorStore(self.anchors, t.config.hidden_size, t.dtype, t.device, P + max_new_tokens + n) \
+            if self.anchors else None
+        self.epoch += 1
+        clock = Timer()
+        h0 = t.embed(torch.tensor([prompt_ids], device=t.device))
+        if store and 0 in store.slot:
+            store.put(0, 0, h0[0])
+        h = t.run_stage(0, h0, 0)
+        if store and 0 in self.anchor_of_rank:
+            store.put(self.anchor_of_rank[0], 0, h[0])
+        link.send(1, Message(PREFILL, self.epoch, payload=h[0], extra=sampling_vector(sampling)), TAG_FORWARD)
+        link.send(1, Message(NONE), TAG_FORWARD)
+        verdict = self._gather(store)
+        link.flush()
+        tokens = list(prompt_ids) + [verdict[2]]
+        emitted = [verdict[2]]
+        m.prefill_s = time.perf_counter() - clock.t
+        if on_token:
+            on_token(emitted[-1])
+
+        sched, drafts = PipelineSchedule(n, P), {}
+        self.drafter.reset(P)
+        inject = (tokens[-1], P)
+        t1 = clock.t = time.perf_counter()
+        while not stop.done(emitted):
+            m.cycles += 1
+            x, pos = inject
+            e = t.embed(torch.tensor([[x]], device=t.device))
+            if store and 0 in store.slot:
+                store.put(0, pos, e[0])
+            draft = propose(self.drafter.propose(DraftContext(tokens, sched.start, store)), sampler,
+                            self.drafter.vocab, t.config.vocab_size)
+            m.drafts_proposed += 1
+            clock.lap("draft")
+            h = t.run_stage(0, e, pos)
+            if store and 0 in self.anchor_of_rank:
+                store.put(self.anchor_of_rank[0], pos, h[0])
+            clock.lap("stage0")
+            link.send(1, Message(TOKEN, self.epoch, pos, x, draft.token, payload=h[0], extra=draft.q), TAG_FORWARD)
+            verdict = self._gather(store)
+            link.end_cycle()
+            clock.lap("wait")
+            accepted = None
+            if sched.exits:
+                if verdict is None or verdict[0] != sched.start:
+                    raise SpdError(f"protocol error: expected the verdict for position {sched.start}, got {verdict}")
+                _, accepted, token = verdict
+                m.drafts_verified += 1
+                m.drafts_accepted += accepted
+                emitted.append(token)
+                if on_token:
+                    on_token(token)
+            elif verdict is not None:
+                raise SpdError(f"protocol error: unexpected verdict {verdict} while the pipeline fills")
+            outcome = sched.advance(accepted)
+            if outcome.rollback_to is None:
+                if outcome.verified_position != len(tokens):
+                    drafts[len(tokens)] = draft
+                tokens.append(draft.token)
+                inject = (draft.token, len(tokens) - 1)
+            else:
+                q = outcome.rollback_to
+                del tokens[q:]
+                tokens.append(token)
+                drafts.clear()
+                self.epoch += 1
+                t.rollback(q)
+                inject = (token, q)
+            clock.lap("bookkeeping")
+        m.decode_s = time.perf_counter() - t1
+        m.new_tokens, m.stop_reason = len(emitted), stop.reason
+        m.phase_s.update(clock.phases)
+        self._drain()
+        return Generation(emitted, m)
+
+    def _drain(self) -> None:
+        """End the request: every rank finishes its in-flight cycles, then acknowledges with its timers."""
+        self.link.send(1, Message(END), TAG_FORWARD)
+        stats, open_ranks = {}, list(range(1, self.n))
+        while open_ranks:  # round-robin, one report per rank, as in a cycle: draining one rank
+            for s in list(open_ranks):  # to its END first would deadlock on the others' sends
+                msg = self.link.recv(s, TAG_TO_ROOT)
+                if msg.kind == END:
+                    stats[s] = msg.payload[0].tolist()
+                    open_ranks.remove(s)
+        self.link.flush()
+        self.rank_stats = [stats[s] for s in range(1, self.n)]
+
+    def shutdown(self) -> None:
+        self.link.send(1, Message(SHUTDOWN), TAG_FORWARD)
+        self.link.flush()

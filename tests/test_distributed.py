@@ -1,0 +1,129 @@
+"""Multi-process SPD (torchrun, gloo on CPU): same tokens and counters as one process; failures end cleanly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from spdecode.ar import generate_ar
+from spdecode.drafters import PDMDrafter
+from spdecode.launch import torchrun_command
+from spdecode.models import weights_fingerprint
+from spdecode.pdm import load_pdm, new_pdm
+from spdecode.spd import generate_spd
+from spdecode.staged import StagedTarget
+from spdecode.train import TrainSettings, train
+from spdecode.train_data import TeacherFeatures
+
+EOS = {2}
+
+
+def launch(nproc, args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(torchrun_command(nproc, args), capture_output=True, text=True, env=env, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A tiny model on disk, prompts, and per split a PDM trained a little (mixed accept/reject)."""
+    root = tmp_path_factory.mktemp("dist")
+    model = tiny_model("llama")
+    model.save_pretrained(root / "model")
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 97, (6,), generator=g).tolist() for _ in range(12)]
+    examples = []
+    for p in prompts[:9]:
+        out = generate_ar(StagedTarget(model), p, 40).tokens
+        examples.append((p + out, [False] * len(p) + [True] * len(out)))
+    drafts = {}
+    for sizes in ([3, 3], [2, 2, 2]):
+        target = StagedTarget(model, sizes)
+        pdm = new_pdm(target, "tiny", weights_fingerprint(model), num_layers=1)
+        teacher = TeacherFeatures(target, pdm.cfg.anchors + [6], None, "fp")
+        train(pdm, teacher, examples, [], root / f"train{len(sizes)}",
+              TrainSettings(epochs=8, lr=3e-3, warmup=2, batch_tokens=200, val_every=1000, save_every=1000),
+              log=lambda *_: None)
+        pdm.save(root / f"draft{len(sizes)}", dtype=torch.float32)
+        drafts[len(sizes)] = root / f"draft{len(sizes)}"
+    requests = root / "requests.jsonl"
+    requests.write_text("".join(json.dumps(p) + "\n" for p in prompts[9:]))
+    return model, root, prompts[9:], drafts, requests
+
+
+@pytest.mark.parametrize("sizes", [[3, 3], [2, 2, 2]])
+def test_distributed_equals_single_process_and_ar(tiny_setup, sizes):
+    model, root, prompts, drafts, requests = tiny_setup
+    out = root / f"out{len(sizes)}.json"
+    res = launch(len(sizes), ["--model", str(root / "model"), "--stages", ",".join(map(str, sizes)),
+                              "--draft", str(drafts[len(sizes)]), "--requests", str(requests),
+                              "--max-new-tokens", "30", "--json-out", str(out), "--timeout", "60"], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = json.loads(out.read_text())
+    target = StagedTarget(model, sizes)
+    pdm = load_pdm(drafts[len(sizes)], target, weights_fingerprint(model))
+    accepted = rejected = 0
+    for p, rec in zip(prompts, records, strict=True):
+        single = generate_spd(target, PDMDrafter(pdm), p, 30, eos=EOS)
+        assert rec["tokens"] == single.tokens == generate_ar(StagedTarget(model), p, 30, eos=EOS).tokens
+        m = rec["metrics"]
+        assert (m["cycles"], m["drafts_verified"], m["drafts_accepted"]) == \
+            (single.metrics.cycles, single.metrics.drafts_verified, single.metrics.drafts_accepted)
+        accepted += m["drafts_accepted"]
+        rejected += m["drafts_verified"] - m["drafts_accepted"]
+        assert len(rec["rank_stats"]) == len(sizes) - 1
+    assert accepted and rejected  # rollbacks across processes were exercised
+
+
+@pytest.mark.integration
+def test_cli_distributed_default_model_matches_ar():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "spdecode", "generate", "--method", "spd", "--distributed",
+                          "--stages", "2", "--prompt", "def fib(n):", "--max-new-tokens", "20", "--json"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    ar = subprocess.run([sys.executable, "-m", "spdecode", "generate", "--prompt", "def fib(n):",
+                         "--max-new-tokens", "20", "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout)
+    assert out["distributed"] and out["tokens"] == json.loads(ar.stdout)["tokens"]
+
+
+def children(pid):
+    try:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        return []
+    return [int(x) for x in out.split()]
+
+
+def test_killed_rank_ends_the_run_with_a_message(tiny_setup, tmp_path):
+    """SIGKILL one rank mid-generation: the run ends non-zero, names a failed rank, leaves no process."""
+    _, root, _, drafts, _ = tiny_setup
+    requests = tmp_path / "long.jsonl"
+    requests.write_text("".join(json.dumps([5, 6, 7]) + "\n" for _ in range(200)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = torchrun_command(2, ["--model", str(root / "model"), "--stages", "3,3", "--draft", str(drafts[2]),
+                               "--requests", str(requests), "--max-new-tokens", "200",
+                               "--json-out", str(tmp_path / "o.json"), "--timeout", "30"])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    workers = []
+    deadline = time.time() + 60
+    while len(workers) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+        workers = children(proc.pid)
+    assert len(workers) == 2, "torchrun did not start two ranks"
+    time.sleep(6)  # let them load and start decoding
+    os.kill(workers[-1], signal.SIGKILL)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert time.time() - t0 < 60
+    assert "rank" in err and ("failed" in err or "exitcode" in err)
+    time.sleep(1)
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
