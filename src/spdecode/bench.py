@@ -102,9 +102,53 @@ def print_table(summary: dict) -> None:
                   f"{fmt(r.get('speedup_vs_ar')):>6}" + (f"  MISMATCHES {r['mismatches']}" if r["mismatches"] else ""))
 
 
+def run_distributed_spd(args, model, tok, sets, eos) -> list[dict]:
+    """SPD with one process per stage (torchrun) over every prompt; records like the in-process ones."""
+    import tempfile
+
+    from .cli import resolve_split
+    from .launch import run_distributed
+
+    sizes = resolve_split(args, model, balance=True)
+    order = [(name, row) for name, rows in sets.items() for row in rows]
+    with tempfile.TemporaryDirectory() as tmp:
+        req, out = Path(tmp) / "requests.jsonl", Path(tmp) / "out.json"
+        req.write_text("".join(json.dumps(encode_first_turn(tok, row["turns"][0])) + "\n" for _, row in order))
+        worker = ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
+                  "--stages", ",".join(map(str, sizes)), "--requests", str(req), "--json-out", str(out),
+                  "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
+                  "--top-k", str(args.top_k), "--top-p", str(args.top_p), "--timeout", str(args.timeout)]
+        worker += ["--seed", str(args.seed)] if args.seed is not None else []
+        worker += ["--draft", args.draft] if args.draft else []
+        print(f"distributed SPD: {len(sizes)} processes, stages {sizes}", flush=True)
+        code = run_distributed(len(sizes), worker, args.master_port, args.rdzv_endpoint)
+        if code != 0:
+            raise SpdError(f"the distributed run failed (exit code {code})")
+        results = json.loads(out.read_text())
+    records = []
+    for (name, row), res in zip(order, results, strict=True):
+        rec = {"dataset": name, "question_id": row["question_id"], "stage_sizes": sizes,
+               **res["metrics"], "method": "spd-dist", "rank_stats": res["rank_stats"], "tokens": res["tokens"]}
+        records.append(rec)
+    return records
+
+
+def rank_breakdown(records: list[dict]) -> dict:
+    """Milliseconds per cycle by rank and phase, pooled over the prompts."""
+    cycles = sum(r["cycles"] for r in records) or 1
+    out = {"rank0": {k: 1e3 * sum(r["phase_s"].get(k, 0.0) for r in records) / cycles
+                     for k in records[0]["phase_s"]}}
+    for s in range(len(records[0]["rank_stats"])):
+        out[f"rank{s + 1}"] = {k: 1e3 * sum(r["rank_stats"][s][i] for r in records) / cycles
+                               for i, k in enumerate(("compute", "wait", "send"))}
+    return out
+
+
 def run_bench(args) -> int:
     from .models import load_model
 
+    if getattr(args, "distributed", False):
+        return run_bench_distributed(args)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     datasets = [d.strip() for d in args.data.split(",") if d.strip()]
     sets = {Path(d).stem if d.endswith(".jsonl") else d: load_prompt_set(d, args.limit) for d in datasets}
@@ -142,6 +186,65 @@ def run_bench(args) -> int:
         Path(args.json_out).write_text(json.dumps({"config": config, "summary": summary, "records": records},
                                                   indent=1, default=str))
     bad = sum(r["overall"]["mismatches"] for r in summary.values())
+    if bad:
+        print(f"error: {bad} greedy outputs differ from AR", flush=True)
+        return 1
+    return 0
+
+
+def run_bench_distributed(args) -> int:
+    """Distributed SPD against the best in-process AR (1 and 2 threads), same prompts, one invocation."""
+    from .ar import generate_ar
+    from .models import load_model
+    from .staged import StagedTarget
+
+    datasets = [d.strip() for d in args.data.split(",") if d.strip()]
+    sets = {Path(d).stem if d.endswith(".jsonl") else d: load_prompt_set(d, args.limit) for d in datasets}
+    model, tok = load_model(args.model, args.dtype, args.device)
+    eos = eos_ids(model, tok)
+    target = StagedTarget(model)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    records = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        first = encode_first_turn(tok, next(iter(sets.values()))[0]["turns"][0])
+        generate_ar(target, first, 4, sampling, eos)
+        for name, rows in tqdm(sets.items(), desc=f"AR {threads} thread(s)"):
+            for row in rows:
+                gen = generate_ar(target, encode_first_turn(tok, row["turns"][0]), args.max_new_tokens, sampling, eos)
+                records.append({"dataset": name, "question_id": row["question_id"], "tokens": gen.tokens,
+                                **gen.metrics.as_dict(), "method": f"ar-{threads}t"})
+    dist_records = run_distributed_spd(args, model, tok, sets, eos)
+    ar_best = max(("ar-1t", "ar-2t"), key=lambda m: pooled([r for r in records if r["method"] == m])["decode_tok_s"])
+    ar_tokens = {(r["dataset"], r["question_id"]): r["tokens"] for r in records if r["method"] == ar_best}
+    for r in dist_records:
+        if args.temperature == 0:
+            r["matches_ar"] = r["tokens"] == ar_tokens[(r["dataset"], r["question_id"])]
+    records += dist_records
+    methods = ["ar-1t", "ar-2t", "spd-dist"]
+    summary = summarise(records, methods, list(sets))
+    for row in summary.values():  # the baseline is the best AR configuration
+        for d, r in row.items():
+            base = summary[ar_best][d]["decode_tok_s"]
+            r["speedup_vs_ar"] = r["decode_tok_s"] / base if base and r["decode_tok_s"] else None
+    print_table(summary)
+    breakdown = rank_breakdown(dist_records)
+    print("per-cycle time by rank (ms): " + "; ".join(
+        f"{rank}: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) for rank, phases in breakdown.items()))
+    o = summary["spd-dist"]["overall"]
+    ar_step = 1e3 / summary[ar_best]["overall"]["decode_tok_s"]
+    busiest = max(breakdown["rank0"].get("draft", 0) + breakdown["rank0"].get("stage0", 0),
+                  *(p["compute"] for k, p in breakdown.items() if k != "rank0"))
+    ideal = o["tokens_per_cycle"] * ar_step / busiest
+    o["ideal_speedup"], o["efficiency"] = ideal, o["speedup_vs_ar"] / ideal
+    print(f"best AR: {ar_best} ({ar_step:.1f} ms/token). distributed SPD: {o['speedup_vs_ar']:.2f}x wall clock, "
+          f"tau {o['tau']:.2f} (speedup/tau {o['speedup_vs_ar'] / o['tau']:.2f}); ideal given tokens/cycle and the "
+          f"busiest rank's compute ({busiest:.1f} ms/cycle): {ideal:.2f}x, efficiency {o['efficiency']:.2f}")
+    if args.json_out:
+        config = {k: v for k, v in vars(args).items() if k != "func"}
+        Path(args.json_out).write_text(json.dumps({"config": config, "summary": summary, "rank_ms_per_cycle":
+                                                   breakdown, "records": records}, indent=1, default=str))
+    bad = summary["spd-dist"]["overall"]["mismatches"]
     if bad:
         print(f"error: {bad} greedy outputs differ from AR", flush=True)
         return 1

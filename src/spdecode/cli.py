@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated prompt sets: mt_bench, gsm8k, humaneval, or {question_id, turns} jsonl files")
     b.add_argument("--limit", type=int, default=None, help="prompts per set")
     b.add_argument("--json-out", default=None, help="write per-prompt records and the summary here")
+    add_distributed_args(b)
     b.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("eval-draft", help="a draft's exact greedy alpha/tau on prompt sets, by replaying SPD")
