@@ -14,6 +14,7 @@ the teacher-forced argmax; the report says how many tokens were replayed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def greedy_continuations(model, tok, prompts: list[list[int]], max_new_tokens: i
 
 def run_eval(args) -> int:
     from .generation import eos_ids
-    from .models import load_model, weights_fingerprint
+    from .models import cache_dir, load_model, weights_fingerprint
     from .pdm import pdm_for
 
     if args.threads:
@@ -104,7 +105,16 @@ def run_eval(args) -> int:
     for name in [d.strip() for d in args.data.split(",") if d.strip()]:
         rows = load_prompt_set(name, args.limit)
         prompts = [encode_first_turn(tok, r["turns"][0]) for r in rows]
-        conts = greedy_continuations(model, tok, prompts, args.max_new_tokens)
+        # The continuations depend only on the target: cached, they serve every draft evaluated after.
+        key = hashlib.sha256(json.dumps([weights_fingerprint(model), args.dtype, prompts, args.max_new_tokens])
+                             .encode()).hexdigest()[:20]
+        cached = cache_dir() / "continuations" / f"{key}.json"
+        if cached.exists():
+            conts = json.loads(cached.read_text())
+        else:
+            conts = greedy_continuations(model, tok, prompts, args.max_new_tokens)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(conts))
         recs = []
         for r, p, c in tqdm(list(zip(rows, prompts, conts, strict=True)), desc=f"replay {name}", leave=False):
             rec = replay_greedy(target, pdm, p, c, eos)
