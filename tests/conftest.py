@@ -46,3 +46,24 @@ def default_model():
     from spdecode.models import load_model
 
     return load_model("smollm2-135m", "float32", "cpu")
+
+
+def train_tiny_pdm(model, stage_sizes, prompts, out_dir, layers=1):
+    """A PDM trained a little on the model's own greedy text, so that drafts are sometimes right."""
+    from spdecode.ar import generate_ar
+    from spdecode.models import weights_fingerprint
+    from spdecode.pdm import new_pdm
+    from spdecode.staged import StagedTarget
+    from spdecode.train import TrainSettings, train
+    from spdecode.train_data import TeacherFeatures
+
+    examples = []
+    for p in prompts:
+        out = generate_ar(StagedTarget(model), p, 40).tokens
+        examples.append((p + out, [False] * len(p) + [True] * len(out)))
+    target = StagedTarget(model, stage_sizes)
+    pdm = new_pdm(target, "tiny", weights_fingerprint(model), num_layers=layers)
+    teacher = TeacherFeatures(target, pdm.cfg.anchors + [target.n_layers], None, "fp")
+    settings = TrainSettings(epochs=8, lr=3e-3, warmup=2, batch_tokens=200, val_every=1000, save_every=1000)
+    train(pdm, teacher, examples, [], out_dir, settings, log=lambda *_: None)
+    return pdm

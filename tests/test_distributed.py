@@ -9,17 +9,15 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, train_tiny_pdm
 
 from spdecode.ar import generate_ar
 from spdecode.drafters import PDMDrafter
 from spdecode.launch import torchrun_command
 from spdecode.models import weights_fingerprint
-from spdecode.pdm import load_pdm, new_pdm
+from spdecode.pdm import load_pdm
 from spdecode.spd import generate_spd
 from spdecode.staged import StagedTarget
-from spdecode.train import TrainSettings, train
-from spdecode.train_data import TeacherFeatures
 
 EOS = {2}
 
@@ -37,18 +35,9 @@ def tiny_setup(tmp_path_factory):
     model.save_pretrained(root / "model")
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(3, 97, (6,), generator=g).tolist() for _ in range(12)]
-    examples = []
-    for p in prompts[:9]:
-        out = generate_ar(StagedTarget(model), p, 40).tokens
-        examples.append((p + out, [False] * len(p) + [True] * len(out)))
     drafts = {}
     for sizes in ([3, 3], [2, 2, 2]):
-        target = StagedTarget(model, sizes)
-        pdm = new_pdm(target, "tiny", weights_fingerprint(model), num_layers=1)
-        teacher = TeacherFeatures(target, pdm.cfg.anchors + [6], None, "fp")
-        train(pdm, teacher, examples, [], root / f"train{len(sizes)}",
-              TrainSettings(epochs=8, lr=3e-3, warmup=2, batch_tokens=200, val_every=1000, save_every=1000),
-              log=lambda *_: None)
+        pdm = train_tiny_pdm(model, sizes, prompts[:9], root / f"train{len(sizes)}")
         pdm.save(root / f"draft{len(sizes)}", dtype=torch.float32)
         drafts[len(sizes)] = root / f"draft{len(sizes)}"
     requests = root / "requests.jsonl"

@@ -31,6 +31,7 @@ from .generation import Generation, StopRule, check_prompt
 from .metrics import Metrics
 from .sampling import GREEDY, Sampler, SamplingParams
 from .schedule import PipelineSchedule
+from .spd import Clock, settle
 from .staged import StagedTarget
 from .verify import Draft, propose, verify
 
@@ -44,21 +45,10 @@ def sampling_from(v: torch.Tensor) -> SamplingParams:
     return SamplingParams(t, int(k), p, None if seed < 0 else int(seed))
 
 
-class Timer:
-    def __init__(self):
-        self.phases = defaultdict(float)
-        self.t = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.phases[name] += now - self.t
-        self.t = now
-
-
 def serve_stage(target: StagedTarget, link: Link, stage: int) -> None:
     """Loop of a rank s >= 1 until SHUTDOWN: prefill, cycles, and an END ack after each request."""
     last = stage == target.n_stages - 1
-    epoch, sampler, timer = 0, None, Timer()
+    epoch, sampler, timer = 0, None, Clock(defaultdict(float))
 
     def report(msg: Message) -> None:
         link.send(0, msg, TAG_TO_ROOT)
@@ -160,7 +150,7 @@ class RootRank:
         store = AnchorStore(self.anchors, t.config.hidden_size, t.dtype, t.device, P + max_new_tokens + n) \
             if self.anchors else None
         self.epoch += 1
-        clock = Timer()
+        clock = Clock(defaultdict(float))
         h0 = t.embed(torch.tensor([prompt_ids], device=t.device))
         if store and 0 in store.slot:
             store.put(0, 0, h0[0])
@@ -212,19 +202,10 @@ class RootRank:
             elif verdict is not None:
                 raise SpdError(f"protocol error: unexpected verdict {verdict} while the pipeline fills")
             outcome = sched.advance(accepted)
-            if outcome.rollback_to is None:
-                if outcome.verified_position != len(tokens):
-                    drafts[len(tokens)] = draft
-                tokens.append(draft.token)
-                inject = (draft.token, len(tokens) - 1)
-            else:
-                q = outcome.rollback_to
-                del tokens[q:]
-                tokens.append(token)
-                drafts.clear()
-                self.epoch += 1
-                t.rollback(q)
-                inject = (token, q)
+            if outcome.rollback_to is not None:
+                self.epoch += 1  # everything in flight behind the rejected position is stale now
+                t.rollback(outcome.rollback_to)
+            inject = settle(outcome, tokens, drafts, draft, token if accepted is False else None)
             clock.lap("bookkeeping")
         m.decode_s = time.perf_counter() - t1
         m.new_tokens, m.stop_reason = len(emitted), stop.reason

@@ -34,6 +34,22 @@ class Clock:
         self.t = now
 
 
+def settle(outcome, tokens: list[int], drafts: dict, draft: Draft, correction: int | None) -> tuple[int, int]:
+    """End of a cycle, for every executor: the draft enters (accept, or the pipeline still fills),
+    or the flushed positions are dropped and the correction enters. Returns (token, position)
+    that stage 0 takes next cycle; `tokens` and the unverified `drafts` are updated in place."""
+    if outcome.rollback_to is None:
+        if outcome.verified_position != len(tokens):  # n == 1 verified this draft already
+            drafts[len(tokens)] = draft
+        tokens.append(draft.token)
+        return draft.token, len(tokens) - 1
+    q = outcome.rollback_to
+    del tokens[q:]
+    tokens.append(correction)
+    drafts.clear()
+    return correction, q
+
+
 @torch.inference_mode()
 def generate_spd(
     target: StagedTarget,
@@ -117,18 +133,9 @@ def generate_spd(
             clock.lap("verify")
         outcome = sched.advance(accepted)
         # 4. Accept (or still filling): the draft enters stage 0. Reject: flush and roll back.
-        if outcome.rollback_to is None:
-            if outcome.verified_position != len(tokens):  # n == 1 verified this draft already
-                drafts[len(tokens)] = draft
-            tokens.append(draft.token)
-            stage0_input = inject(draft.token, len(tokens) - 1)
-        else:
-            q = outcome.rollback_to
-            del tokens[q:]
-            tokens.append(token)
-            drafts.clear()
-            target.rollback(q)
-            stage0_input = inject(token, q)
+        if outcome.rollback_to is not None:
+            target.rollback(outcome.rollback_to)
+        stage0_input = inject(*settle(outcome, tokens, drafts, draft, token if accepted is False else None))
         clock.lap("bookkeeping")
     m.decode_s = time.perf_counter() - t1
     m.new_tokens, m.stop_reason = len(emitted), stop.reason
