@@ -37,10 +37,17 @@ class StaticKVCache:
         new_cap = min(self.max_positions, max(n, 2 * self.capacity))
         for bufs in (self.k, self.v):
             for i, old in bufs.items():
-                grown = old.new_empty(*old.shape[:2], new_cap, old.shape[3])
+                grown = self._empty(old, (*old.shape[:2], new_cap, old.shape[3]))
                 grown[:, :, : old.shape[2]] = old
                 bufs[i] = grown
         self.capacity = new_cap
+
+    @staticmethod
+    def _empty(like: torch.Tensor, shape) -> torch.Tensor:
+        # Buffers are ordinary tensors even when first touched under inference_mode, so that the
+        # same cache also serves no_grad code (the training teacher, eval-draft) afterwards.
+        with torch.inference_mode(False):
+            return like.new_empty(shape)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         start, end = self._start, self._start + key.shape[2]
@@ -54,8 +61,8 @@ class StaticKVCache:
             self.ensure_capacity(end)
         if layer_idx not in self.k:
             shape = (key.shape[0], key.shape[1], self.capacity, key.shape[3])
-            self.k[layer_idx] = key.new_empty(shape)
-            self.v[layer_idx] = value.new_empty(shape[:3] + (value.shape[3],))
+            self.k[layer_idx] = self._empty(key, shape)
+            self.v[layer_idx] = self._empty(value, shape[:3] + (value.shape[3],))
         kbuf, vbuf = self.k[layer_idx], self.v[layer_idx]
         kbuf[:, :, start:end] = key
         vbuf[:, :, start:end] = value
