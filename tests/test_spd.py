@@ -3,12 +3,13 @@
 import pytest
 import torch
 from conftest import tiny_model
+from distribution import sampled_vs_exact
 
 from spdecode.ar import generate_ar
 from spdecode.drafters import PDMDrafter, ReferenceDrafter
 from spdecode.errors import SpdError
 from spdecode.pdm import depth_to_type, load_pdm, new_pdm
-from spdecode.sampling import Sampler, SamplingParams
+from spdecode.sampling import SamplingParams
 from spdecode.spd import generate_spd
 from spdecode.staged import StagedTarget
 
@@ -78,53 +79,17 @@ def test_pdm_round_trip_and_wrong_base(tmp_path):
         load_pdm(tmp_path, target, "fp-a")
 
 
-# -- sampling ---------------------------------------------------------------------------------
-
-def exact_distribution(model, prompt, length, params):
-    """AR's probability of every continuation of `length` tokens (warped as the sampler does)."""
-    sampler = Sampler(params)
-    probs = {(): 1.0}
-    for _ in range(length):
-        nxt = {}
-        for seq, p in probs.items():
-            with torch.no_grad():
-                dist = sampler.probs(model(torch.tensor([prompt + list(seq)])).logits[0, -1].float())
-            for tok in torch.nonzero(dist).flatten().tolist():
-                nxt[seq + (tok,)] = p * float(dist[tok])
-        probs = nxt
-    return probs
-
-
-def total_variation(counts, exact, n):
-    keys = set(counts) | set(exact)
-    return 0.5 * sum(abs(counts.get(k, 0) / n - exact.get(k, 0.0)) for k in keys)
-
-
 def spd_vs_exact(drafter_kind, samples=3000):
     """(TV distance of SPD samples to the exact AR distribution, TV of as many exact samples)."""
     model = tiny_model("llama", num_hidden_layers=3)
     target = StagedTarget(model, 3)
     prompt, length = [5, 6, 7], 3
-    params = dict(temperature=0.9, top_k=4, top_p=1.0)
-    exact = exact_distribution(model, prompt, length, SamplingParams(**params))
     if drafter_kind == "pdm-subset":  # untrained PDM over half the vocabulary: mostly residual draws
         drafter = PDMDrafter(new_pdm(target, "tiny", "fp", draft_vocab=torch.arange(0, 97, 2)))
     else:  # always proposes the greedy token, sharply: exercises accept and residual paths
         drafter = ReferenceDrafter(prompt, generate_ar(StagedTarget(model), prompt, length).tokens, 97, 1.0)
-    counts = {}
-    for seed in range(samples):
-        seq = tuple(generate_spd(target, drafter, prompt, length, SamplingParams(**params, seed=seed)).tokens)
-        counts[seq] = counts.get(seq, 0) + 1
-    keys = list(exact)
-    weights = torch.tensor([exact[k] for k in keys])
-    g = torch.Generator().manual_seed(0)
-    noise = []
-    for _ in range(21):
-        ref_counts = {}
-        for i in torch.multinomial(weights, samples, replacement=True, generator=g).tolist():
-            ref_counts[keys[i]] = ref_counts.get(keys[i], 0) + 1
-        noise.append(total_variation(ref_counts, exact, samples))
-    return total_variation(counts, exact, samples), sorted(noise)[len(noise) // 2]
+    return sampled_vs_exact(model, prompt, length, samples,
+                            lambda params: generate_spd(target, drafter, prompt, length, params).tokens)
 
 
 @pytest.mark.parametrize("drafter_kind", ["pdm-subset", "peaked"])

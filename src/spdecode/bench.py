@@ -20,7 +20,7 @@ from .errors import SpdError
 from .generation import eos_ids
 from .sampling import SamplingParams
 
-METHODS = ("ar", "spd")
+METHODS = ("ar", "spd", "sd")
 
 
 def encode_first_turn(tok, text: str) -> list[int]:
@@ -30,7 +30,7 @@ def encode_first_turn(tok, text: str) -> list[int]:
     return list(tok(text).input_ids)
 
 
-def make_runners(methods, model, model_name: str, stages, draft):
+def make_runners(methods, model, model_name: str, stages, draft, args=None):
     """method -> callable(prompt_ids, max_new_tokens, sampling, eos) -> Generation."""
     from .ar import generate_ar
     from .drafters import PDMDrafter
@@ -48,6 +48,13 @@ def make_runners(methods, model, model_name: str, stages, draft):
             spd_target = StagedTarget(model, stages)
             drafter = PDMDrafter(pdm_for(spd_target, model_name, weights_fingerprint(model), draft))
             runners[m] = lambda ids, k, s, e, t=spd_target, d=drafter: generate_spd(t, d, ids, k, s, e)
+        elif m == "sd":
+            from .cli import make_candidates
+            from .sd import generate_sd
+
+            sd_target, cands = StagedTarget(model), make_candidates(args.drafter, model, args.dtype, args.device)
+            runners[m] = lambda ids, k, s, e, t=sd_target, c=cands: generate_sd(
+                t, c, ids, k, s, e, gamma=args.gamma, adaptive=args.adaptive_gamma)
         else:
             raise SpdError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     return runners
@@ -155,7 +162,10 @@ def run_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, args.dtype, args.device)
-    runners = make_runners(methods, model, args.model, args.stages, args.draft)
+    from .cli import resolve_split
+
+    stages = resolve_split(args, model) if "spd" in methods else args.stages
+    runners = make_runners(methods, model, args.model, stages, args.draft, args)
     eos = eos_ids(model, tok)
     first = encode_first_turn(tok, next(iter(sets.values()))[0]["turns"][0])
     for run in runners.values():  # warm-up: first calls pay for allocation and lazy init

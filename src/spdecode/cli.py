@@ -43,6 +43,33 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def add_sd_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drafter", default="early-exit:8",
+                   help="for sd: early-exit:K (first K layers), prompt-lookup, or model:PATH (default early-exit:8)")
+    p.add_argument("--gamma", type=int, default=4, help="for sd: tokens drafted per target step (default 4)")
+    p.add_argument("--adaptive-gamma", action="store_true", help="for sd: adapt gamma to the acceptance")
+
+
+def make_candidates(spec: str, model, dtype: str = "float32", device: str = "cpu"):
+    """--drafter: early-exit:K | prompt-lookup | model:PATH."""
+    from .candidates import ModelCandidates, PromptLookupCandidates, early_exit_candidates
+    from .models import load_model
+    from .staged import StagedTarget
+
+    kind, _, arg = spec.partition(":")
+    if kind == "prompt-lookup":
+        return PromptLookupCandidates(model.config.vocab_size)
+    if kind == "early-exit" and arg.isdigit():
+        return early_exit_candidates(model, int(arg))
+    if kind == "model" and arg:
+        draft_model, _ = load_model(arg, dtype, device)
+        if draft_model.config.vocab_size != model.config.vocab_size:
+            raise SpdError(f"draft model {arg} has another vocabulary ({draft_model.config.vocab_size} tokens) "
+                           f"than the target ({model.config.vocab_size})")
+        return ModelCandidates(StagedTarget(draft_model))
+    raise SpdError(f"--drafter {spec!r}: expected early-exit:K, prompt-lookup or model:PATH")
+
+
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distributed", action="store_true",
                    help="one process per stage on this machine (torchrun, gloo on CPU, NCCL on GPU)")
@@ -60,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
-    g.add_argument("--method", default="ar", choices=["ar", "spd"],
-                   help="ar: autoregressive; spd: speculative pipeline decoding (default ar)")
+    g.add_argument("--method", default="ar", choices=["ar", "spd", "sd"],
+                   help="ar: autoregressive; spd: speculative pipeline decoding; sd: classic speculative decoding")
     g.add_argument("--draft", default=None, help="trained PDM checkpoint directory for --method spd")
+    add_sd_args(g)
     g.add_argument("--stages", type=stage_spec, default=1,
                    help="pipeline stages: a count or comma-separated layer counts (default 1)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -98,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(b)
     add_sampling_args(b)
     b.set_defaults(max_new_tokens=256)
-    b.add_argument("--method", default="ar,spd", help="comma-separated: ar, spd (default ar,spd)")
+    b.add_argument("--method", default="ar,spd", help="comma-separated: ar, spd, sd (default ar,spd)")
+    add_sd_args(b)
     b.add_argument("--stages", type=stage_spec, default=4)
     b.add_argument("--draft", default=None, help="PDM checkpoint (default: the bundled draft, if any)")
     b.add_argument("--data", default="mt_bench,gsm8k,humaneval",
@@ -180,6 +209,12 @@ def cmd_generate(args) -> int:
 
         pdm = pdm_for(target, args.model, weights_fingerprint(model), args.draft)
         gen = generate_spd(target, PDMDrafter(pdm), prompt_ids, args.max_new_tokens, sampling, eos, on_token)
+    elif args.method == "sd":
+        from .sd import generate_sd
+
+        drafter = make_candidates(args.drafter, model, args.dtype, args.device)
+        gen = generate_sd(target, drafter, prompt_ids, args.max_new_tokens, sampling, eos, on_token,
+                          gamma=args.gamma, adaptive=args.adaptive_gamma)
     else:
         if args.draft:
             raise SpdError("--draft is only used with --method spd")

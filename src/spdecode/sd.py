@@ -1,0 +1,92 @@
+"""Classic speculative decoding (Leviathan et al., Chen et al.) on the staged target.
+
+Each step: the drafter proposes up to gamma tokens; ONE target forward over the last verified
+token and the drafts gives the target's distribution at every drafted position; the shared
+verification module accepts a prefix and emits a correction (or a bonus token when all pass);
+the target's cache is rolled back to what was kept (a length change).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from .generation import Generation, StopRule, check_prompt
+from .metrics import Metrics
+from .sampling import GREEDY, Sampler, SamplingParams
+from .spd import Clock
+from .staged import StagedTarget
+from .verify import verify
+
+
+@torch.inference_mode()
+def generate_sd(
+    target: StagedTarget,
+    drafter,
+    prompt_ids: list[int],
+    max_new_tokens: int = 64,
+    sampling: SamplingParams = GREEDY,
+    eos: set[int] = frozenset(),
+    on_token: Callable[[int], None] | None = None,
+    gamma: int = 4,
+    adaptive: bool = False,
+) -> Generation:
+    max_new_tokens = check_prompt(prompt_ids, max_new_tokens, target.context_length - gamma)
+    P = len(prompt_ids)
+    target.reserve(P + max_new_tokens + gamma + 1)
+    target.rollback(0)
+    sampler = Sampler(sampling, target.device)
+    stop = StopRule(set(eos), max_new_tokens)
+    m = Metrics(method="sd", n_stages=1, prompt_tokens=P)
+    if hasattr(drafter, "reset"):
+        drafter.reset()
+
+    t0 = time.perf_counter()
+    h = target.forward(torch.tensor([prompt_ids], device=target.device), 0)
+    tokens = list(prompt_ids) + [sampler.choose(target.logits(h[:, -1])[0])]
+    emitted = [tokens[-1]]
+    m.prefill_s = time.perf_counter() - t0
+    if on_token:
+        on_token(emitted[-1])
+    t1 = time.perf_counter()
+    clock = Clock(m.phase_s)
+    while not stop.done(emitted):
+        m.cycles += 1
+        budget = min(gamma, max_new_tokens - len(emitted))
+        drafts = drafter.propose(tokens, budget, sampler) if budget > 0 else []
+        m.drafts_proposed += len(drafts)
+        clock.lap("draft")
+        # One target pass: the last verified token (not yet in the cache) followed by the drafts.
+        start = len(tokens) - 1
+        ids = torch.tensor([[tokens[-1]] + [d.token for d in drafts]], device=target.device)
+        logits = target.logits(target.forward(ids, start))[0]
+        clock.lap("target")
+        kept = 0
+        for i, d in enumerate(drafts):
+            ok, token = verify(logits[i], d, sampler)
+            m.drafts_verified += 1
+            m.drafts_accepted += ok
+            emitted.append(token)
+            tokens.append(token)
+            if on_token:
+                on_token(token)
+            if not ok or stop.done(emitted):
+                break
+            kept += 1
+        else:  # every draft accepted (or none proposed): the target's next token comes for free
+            token = sampler.choose(logits[len(drafts)])
+            emitted.append(token)
+            tokens.append(token)
+            if on_token:
+                on_token(token)
+        # Valid K/V: everything up to the last verified token before this step, plus the kept drafts.
+        target.rollback(start + 1 + kept)
+        drafter.update(tokens, kept)
+        if adaptive:  # grow gamma after a full accept, shrink it after an early rejection (as HF does)
+            gamma = gamma + 2 if kept == len(drafts) and drafts else max(1, gamma - 1)
+        clock.lap("verify")
+    m.decode_s = time.perf_counter() - t1
+    m.new_tokens, m.stop_reason = len(emitted), stop.reason
+    return Generation(emitted, m)
