@@ -97,8 +97,10 @@ def run_eval(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from .cli import resolve_split
+
     model, tok = load_model(args.model, args.dtype, args.device)
-    target = StagedTarget(model, args.stages)
+    target = StagedTarget(model, resolve_split(args, model))
     pdm = pdm_for(target, args.model, weights_fingerprint(model), args.draft)
     eos = eos_ids(model, tok)
     summary, records = {}, []
