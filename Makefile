@@ -27,8 +27,12 @@ install: $(STAMP)
 model: install
 	$(VENV)/bin/spdecode prepare --model $(MODEL)
 
+# The same prompt twice: plain autoregressive decoding, then SPD with one process per stage
+# (2 stages, the bundled draft); each ends with its tok/s and, for SPD, alpha and tau.
 run: model
 	$(VENV)/bin/spdecode generate --model $(MODEL) --chat --max-new-tokens 96 --prompt "$(PROMPT)"
+	$(VENV)/bin/spdecode generate --model $(MODEL) --chat --max-new-tokens 96 --prompt "$(PROMPT)" \
+		--method spd --distributed --stages 2
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts

@@ -47,15 +47,29 @@ def test_spd_equals_ar_on_default_model(default_model, chats, n, drafter):
 
 
 def test_cli_spd_json_equals_ar_and_warns_without_draft():
-    spd = spdecode("generate", "--prompt", "def fib(n):", "--method", "spd", "--stages", "2",
+    # No draft is bundled for 3 stages: an untrained PDM, with a warning.
+    spd = spdecode("generate", "--prompt", "def fib(n):", "--method", "spd", "--stages", "3",
                    "--max-new-tokens", "16", "--json")
     ar = spdecode("generate", "--prompt", "def fib(n):", "--max-new-tokens", "16", "--json")
     assert spd.returncode == 0 and ar.returncode == 0, spd.stderr + ar.stderr
     s, a = json.loads(spd.stdout), json.loads(ar.stdout)
     assert s["tokens"] == a["tokens"]
     m = s["metrics"]
-    assert m["method"] == "spd" and m["n_stages"] == 2 and m["new_tokens"] == 1 + m["drafts_verified"]
+    assert m["method"] == "spd" and m["n_stages"] == 3 and m["new_tokens"] == 1 + m["drafts_verified"]
     assert "untrained PDM" in spd.stderr
+
+
+@pytest.mark.parametrize("n, sizes", [(2, [16, 14]), (4, [8, 8, 7, 7])])
+def test_bundled_drafts_load_with_no_extra_flags(n, sizes):
+    prompt = "Write a Python function that checks whether a number is prime."
+    spd = spdecode("generate", "--chat", "--prompt", prompt, "--method", "spd", "--stages", str(n),
+                   "--max-new-tokens", "48", "--json")
+    ar = spdecode("generate", "--chat", "--prompt", prompt, "--max-new-tokens", "48", "--json")
+    assert spd.returncode == 0, spd.stderr
+    s = json.loads(spd.stdout)
+    assert "untrained" not in spd.stderr and s["stages"] == sizes
+    assert s["tokens"] == json.loads(ar.stdout)["tokens"]
+    assert s["metrics"]["drafts_accepted"] > 0  # a trained draft, unlike an untrained one, gets some right
 
 
 def test_cli_rejects_a_draft_for_another_model(tmp_path, default_model):
