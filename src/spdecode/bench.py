@@ -30,6 +30,11 @@ def encode_first_turn(tok, text: str) -> list[int]:
     return list(tok(text).input_ids)
 
 
+def load_sets(args) -> dict[str, list[dict]]:
+    datasets = [d.strip() for d in args.data.split(",") if d.strip()]
+    return {Path(d).stem if d.endswith(".jsonl") else d: load_prompt_set(d, args.limit) for d in datasets}
+
+
 def make_runners(methods, model, model_name: str, stages, draft, args=None):
     """method -> callable(prompt_ids, max_new_tokens, sampling, eos) -> Generation."""
     from .ar import generate_ar
@@ -113,7 +118,7 @@ def run_distributed_spd(args, model, tok, sets, eos) -> list[dict]:
     """SPD with one process per stage (torchrun) over every prompt; records like the in-process ones."""
     import tempfile
 
-    from .cli import resolve_split
+    from .cli import resolve_split, worker_args
     from .launch import run_distributed
 
     sizes = resolve_split(args, model, balance=True)
@@ -121,12 +126,7 @@ def run_distributed_spd(args, model, tok, sets, eos) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         req, out = Path(tmp) / "requests.jsonl", Path(tmp) / "out.json"
         req.write_text("".join(json.dumps(encode_first_turn(tok, row["turns"][0])) + "\n" for _, row in order))
-        worker = ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
-                  "--stages", ",".join(map(str, sizes)), "--requests", str(req), "--json-out", str(out),
-                  "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
-                  "--top-k", str(args.top_k), "--top-p", str(args.top_p), "--timeout", str(args.timeout)]
-        worker += ["--seed", str(args.seed)] if args.seed is not None else []
-        worker += ["--draft", args.draft] if args.draft else []
+        worker = worker_args(args, sizes) + ["--requests", str(req), "--json-out", str(out)]
         print(f"distributed SPD: {len(sizes)} processes, stages {sizes}", flush=True)
         code = run_distributed(len(sizes), worker, args.master_port, args.rdzv_endpoint)
         if code != 0:
@@ -157,8 +157,7 @@ def run_bench(args) -> int:
     if getattr(args, "distributed", False):
         return run_bench_distributed(args)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    datasets = [d.strip() for d in args.data.split(",") if d.strip()]
-    sets = {Path(d).stem if d.endswith(".jsonl") else d: load_prompt_set(d, args.limit) for d in datasets}
+    sets = load_sets(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, args.dtype, args.device)
@@ -208,8 +207,7 @@ def run_bench_distributed(args) -> int:
     from .models import load_model
     from .staged import StagedTarget
 
-    datasets = [d.strip() for d in args.data.split(",") if d.strip()]
-    sets = {Path(d).stem if d.endswith(".jsonl") else d: load_prompt_set(d, args.limit) for d in datasets}
+    sets = load_sets(args)
     model, tok = load_model(args.model, args.dtype, args.device)
     eos = eos_ids(model, tok)
     target = StagedTarget(model)

@@ -266,16 +266,22 @@ def generate_distributed(args) -> int:
     model, _ = load_model(args.model, args.dtype, "cpu")
     sizes = resolve_split(args, model, balance=True)
     del model
-    worker = ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
-              "--stages", ",".join(map(str, sizes)), "--prompt", args.prompt,
-              "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
-              "--top-k", str(args.top_k), "--top-p", str(args.top_p), "--timeout", str(args.timeout)]
-    worker += ["--seed", str(args.seed)] if args.seed is not None else []
-    worker += ["--draft", args.draft] if args.draft else []
+    worker = worker_args(args, sizes) + ["--prompt", args.prompt]
     worker += ["--chat"] if args.chat else []
     worker += ["--json"] if args.json else []
-    worker += ["--threads", str(args.threads)] if args.threads else []
     return run_distributed(len(sizes), worker, args.master_port, args.rdzv_endpoint)
+
+
+def worker_args(args, sizes: list[int]) -> list[str]:
+    """The spdecode.dist_main arguments every distributed command shares."""
+    worker = ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
+              "--stages", ",".join(map(str, sizes)), "--max-new-tokens", str(args.max_new_tokens),
+              "--temperature", str(args.temperature), "--top-k", str(args.top_k), "--top-p", str(args.top_p),
+              "--timeout", str(args.timeout)]
+    worker += ["--seed", str(args.seed)] if args.seed is not None else []
+    worker += ["--draft", args.draft] if args.draft else []
+    worker += ["--threads", str(args.threads)] if args.threads else []
+    return worker
 
 
 def cmd_train(args) -> int:

@@ -34,11 +34,7 @@ def replay_greedy(target: StagedTarget, pdm: PipelineDraftModule, prompt: list[i
                   eos: set[int] = frozenset()) -> dict:
     """SPD's greedy counters for `prompt` + the target's greedy `continuation` (cut at a departure or EOS)."""
     ids = list(prompt) + list(continuation)
-    target.reserve(len(ids))
-    target.rollback(0)
-    h0 = target.embed(torch.tensor([ids], device=target.device))
-    h, got = target.run_layers(0, target.n_layers, h0, 0, capture=set(pdm.cfg.anchors))
-    got[0] = h0
+    h, got = target.teacher_pass(ids, pdm.cfg.anchors)
     best = target.logits(h)[0].argmax(-1).tolist()  # best[p]: the target's token for p+1 given ids[:p+1]
     P = len(prompt)
     gen, p = [], P - 1  # what greedy decoding emits, as far as the teacher-forced pass can vouch for it
@@ -48,7 +44,7 @@ def replay_greedy(target: StagedTarget, pdm: PipelineDraftModule, prompt: list[i
             break
         p += 1
     truth = list(prompt) + gen
-    anchors = [got[j][0] for j in pdm.cfg.anchors]
+    anchors = [got[j] for j in pdm.cfg.anchors]
     drafts = {}
     for k in range(1, pdm.cfg.n_stages + 1):
         top = layout_logits(pdm, anchors, k).argmax(-1)

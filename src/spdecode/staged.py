@@ -156,6 +156,15 @@ class StagedTarget:
         """All stages on tokens `ids` [1, q] at positions start.. ; returns the final pre-norm hidden state."""
         return self.run_layers(0, self.n_layers, self.embed(ids), start)
 
+    def teacher_pass(self, ids: list[int], keep) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """All layers over `ids` from position 0, cache reset: (h_L [1, S, H], {j: h_j [S, H]} for j in keep)."""
+        self.reserve(len(ids))
+        self.rollback(0)
+        h0 = self.embed(torch.tensor([ids], device=self.device))
+        h, got = self.run_layers(0, self.n_layers, h0, 0, capture=set(keep))
+        got[0] = h0
+        return h, {j: got[j][0] for j in keep}
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head (+ Gemma-style soft-capping) on raw final hidden states; fp32 out."""
         logits = self.model.lm_head(self.decoder.norm(hidden)).float()

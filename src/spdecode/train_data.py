@@ -79,14 +79,9 @@ class TeacherFeatures:
 
     @torch.no_grad()
     def compute(self, ids: list[int], keep: list[int]) -> dict[str, torch.Tensor]:
-        t = self.target
-        t.reserve(len(ids))
-        t.rollback(0)
-        h0 = t.embed(torch.tensor([ids], device=t.device))
-        h, got = t.run_layers(0, t.n_layers, h0, 0, capture=set(keep))
-        got[0] = h0
-        return {"hidden": torch.stack([got[j][0] for j in keep]).to(torch.float16),
-                "best": t.logits(h)[0].argmax(-1)}
+        h, got = self.target.teacher_pass(ids, keep)
+        return {"hidden": torch.stack([got[j] for j in keep]).to(torch.float16),
+                "best": self.target.logits(h)[0].argmax(-1)}
 
     def get(self, i: int, ids: list[int]) -> dict[str, torch.Tensor]:
         if i in self.memory:
