@@ -38,7 +38,7 @@ lint: install
 	$(VENV)/bin/ruff check src tests scripts
 
 test: model lint
-	$(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: model
 	$(PY) scripts/bench_ar.py

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+import os
+
+# Tests never reach for a model hub: "a hub id while offline" is exercised as such, with no
+# connection attempt (set before transformers / huggingface_hub read it at import).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
