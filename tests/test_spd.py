@@ -116,3 +116,27 @@ def test_sampling_is_reproducible_with_a_seed(tiny):
     params = SamplingParams(temperature=1.0, seed=7)
     runs = [generate_spd(target, drafter, PROMPT, 20, params).tokens for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("method", ["spd", "sd", "ar"])
+def test_a_prompt_near_the_context_end_still_decodes(method):
+    """The last positions of the context are usable: the token budget is clamped by what a method writes
+    past its last emitted token (SPD: n-1 in flight; SD: gamma), and exactly that room is reserved."""
+    import warnings
+
+    from spdecode.candidates import PromptLookupCandidates
+    from spdecode.sd import generate_sd
+
+    model = tiny_model("llama")  # context 256
+    prompt = [5, 6, 7, 8, 9] * 50
+    ref = generate_ar(StagedTarget(model), prompt, 6).tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the clamp warns
+        if method == "spd":
+            gen = generate_spd(StagedTarget(model, 3), ReferenceDrafter(prompt, ref, 97, 0.5), prompt, 50)
+            assert gen.tokens == ref[:4]  # 256 - 250 - (3 - 1)
+        elif method == "sd":
+            gen = generate_sd(StagedTarget(model), PromptLookupCandidates(97), prompt, 50, gamma=3)
+            assert gen.tokens == ref[:3]  # 256 - 250 - 3
+        else:
+            assert generate_ar(StagedTarget(model), prompt, 50).tokens == ref

@@ -7,9 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from .generation import Generation, StopRule, check_prompt
-from .metrics import Metrics
-from .sampling import GREEDY, Sampler, SamplingParams
+from .generation import Generation, start_generation
+from .sampling import GREEDY, SamplingParams
 from .staged import StagedTarget
 
 
@@ -22,13 +21,8 @@ def generate_ar(
     eos: set[int] = frozenset(),
     on_token: Callable[[int], None] | None = None,
 ) -> Generation:
-    max_new_tokens = check_prompt(prompt_ids, max_new_tokens, target.context_length)
+    max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos, "ar")
     P = len(prompt_ids)
-    target.reserve(P + max_new_tokens)
-    target.rollback(0)
-    sampler = Sampler(sampling, target.device)
-    stop = StopRule(set(eos), max_new_tokens)
-    m = Metrics(method="ar", n_stages=target.n_stages, prompt_tokens=P)
 
     t0 = time.perf_counter()
     ids = torch.tensor([prompt_ids], device=target.device)

@@ -27,8 +27,7 @@ import torch
 from .dist_comm import END, NONE, PREFILL, SHUTDOWN, TAG_FORWARD, TAG_TO_ROOT, TOKEN, VERDICT, Link, Message
 from .drafters import AnchorStore, DraftContext
 from .errors import SpdError
-from .generation import Generation, StopRule, check_prompt
-from .metrics import Metrics
+from .generation import Generation, start_generation
 from .sampling import GREEDY, Sampler, SamplingParams
 from .schedule import PipelineSchedule
 from .spd import Clock, settle
@@ -138,15 +137,12 @@ class RootRank:
     @torch.inference_mode()
     def generate(self, prompt_ids, max_new_tokens=64, sampling=GREEDY, eos=frozenset(), on_token=None):
         t, n, link = self.target, self.n, self.link
-        max_new_tokens = check_prompt(prompt_ids, max_new_tokens, t.context_length - (n - 1))
-        P = len(prompt_ids)
-        t.reserve(P + max_new_tokens + n)
-        t.rollback(0)
         # The draft sampler's stream differs from the last rank's (target side): exact in distribution.
-        sampler = Sampler(SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p,
-                                         None if sampling.seed is None else sampling.seed + 1))
-        stop = StopRule(set(eos), max_new_tokens)
-        m = Metrics(method="spd-dist", n_stages=n, prompt_tokens=P)
+        draft_sampling = SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p,
+                                        None if sampling.seed is None else sampling.seed + 1)
+        max_new_tokens, sampler, stop, m = start_generation(t, prompt_ids, max_new_tokens, draft_sampling, eos,
+                                                            "spd-dist", lookahead=n - 1)
+        P = len(prompt_ids)
         store = AnchorStore(self.anchors, t.config.hidden_size, t.dtype, t.device, P + max_new_tokens + n) \
             if self.anchors else None
         self.epoch += 1

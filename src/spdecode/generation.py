@@ -32,6 +32,27 @@ def check_prompt(prompt_ids: list[int], max_new_tokens: int, context_length: int
     return min(max_new_tokens, room)
 
 
+def start_generation(target, prompt_ids: list[int], max_new_tokens: int, sampling, eos, method: str,
+                     lookahead: int = 0, n_stages: int | None = None):
+    """What every decoder does first: check the prompt, make room, reset the cache, and set up
+    (max_new_tokens, sampler, stop rule, metrics).
+
+    `lookahead`: how many positions past the last emitted token a method may write (SPD's
+    in-flight drafts: n-1; classic SD's block: gamma). Those must fit in the context too, so the
+    token budget is clamped by that much; the highest position written is then P + budget +
+    lookahead - 1, which is exactly the room reserved.
+    """
+    from .metrics import Metrics
+    from .sampling import Sampler
+
+    max_new_tokens = check_prompt(prompt_ids, max_new_tokens, target.context_length - lookahead)
+    target.reserve(len(prompt_ids) + max_new_tokens + lookahead)
+    target.rollback(0)
+    m = Metrics(method=method, n_stages=target.n_stages if n_stages is None else n_stages,
+                prompt_tokens=len(prompt_ids))
+    return max_new_tokens, Sampler(sampling, target.device), StopRule(set(eos), max_new_tokens), m
+
+
 def eos_ids(model, tokenizer) -> set[int]:
     """The ids HF generate stops on: the generation config's EOS, else the tokenizer's."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)

@@ -13,9 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from .generation import Generation, StopRule, check_prompt
-from .metrics import Metrics
-from .sampling import GREEDY, Sampler, SamplingParams
+from .generation import Generation, start_generation
+from .sampling import GREEDY, SamplingParams
 from .spd import Clock
 from .staged import StagedTarget
 from .verify import verify
@@ -33,13 +32,8 @@ def generate_sd(
     gamma: int = 4,
     adaptive: bool = False,
 ) -> Generation:
-    max_new_tokens = check_prompt(prompt_ids, max_new_tokens, target.context_length - gamma)
-    P = len(prompt_ids)
-    target.reserve(P + max_new_tokens + gamma + 1)
-    target.rollback(0)
-    sampler = Sampler(sampling, target.device)
-    stop = StopRule(set(eos), max_new_tokens)
-    m = Metrics(method="sd", n_stages=1, prompt_tokens=P)
+    max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos, "sd",
+                                                        lookahead=gamma, n_stages=1)
     if hasattr(drafter, "reset"):
         drafter.reset()
 

@@ -14,9 +14,8 @@ from collections.abc import Callable
 import torch
 
 from .drafters import AnchorStore, DraftContext
-from .generation import Generation, StopRule, check_prompt
-from .metrics import Metrics
-from .sampling import GREEDY, Sampler, SamplingParams
+from .generation import Generation, start_generation
+from .sampling import GREEDY, SamplingParams
 from .schedule import PipelineSchedule
 from .staged import StagedTarget
 from .verify import Draft, propose, verify
@@ -62,13 +61,9 @@ def generate_spd(
 ) -> Generation:
     n, dev = target.n_stages, target.device
     # In-flight drafts run up to n-1 positions past the last emitted token: keep them in context.
-    max_new_tokens = check_prompt(prompt_ids, max_new_tokens, target.context_length - (n - 1))
+    max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos, "spd",
+                                                        lookahead=n - 1)
     P = len(prompt_ids)
-    target.reserve(P + max_new_tokens + n)
-    target.rollback(0)
-    sampler = Sampler(sampling, dev)
-    stop = StopRule(set(eos), max_new_tokens)
-    m = Metrics(method="spd", n_stages=n, prompt_tokens=P)
     anchors = list(drafter.anchors)
     store = AnchorStore(anchors, target.config.hidden_size, target.dtype, dev, P + max_new_tokens + n) \
         if anchors else None
