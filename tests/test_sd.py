@@ -44,7 +44,7 @@ def test_greedy_equals_ar(tiny, kind, gamma):
         "wrong": lambda: ScriptedCandidates(PROMPT, ref, False),
         "prompt-lookup": lambda: PromptLookupCandidates(97),
         "early-exit": lambda: early_exit_candidates(model, 3),
-        "model": lambda: ModelCandidates(StagedTarget(tiny_model("llama", seed=1, num_hidden_layers=2))),
+        "model": lambda: ModelCandidates(tiny_model("llama", seed=1, num_hidden_layers=2)),
     }[kind]()
     gen = generate_sd(StagedTarget(model), drafter, PROMPT, 40, gamma=gamma)
     assert gen.tokens == ref

@@ -9,6 +9,8 @@ A deterministic drafter (prompt lookup) gives a one-hot q, which keeps rejection
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from .sampling import Sampler
@@ -42,54 +44,62 @@ class PromptLookupCandidates:
         pass
 
 
-class ModelCandidates:
-    """A small causal LM drafts autoregressively; `StagedTarget` over it keeps its own static cache.
+class CachedLM:
+    """A causal LM (or its first `layers` layers with the final norm and head: an early exit) over
+    a static cache of its own; `next_logits` feeds only what the cache does not already hold."""
 
-    Also the early-exit self-draft: the target's first k layers with its final norm and LM head,
-    over a cache of their own (`StagedTarget(model, [k, L-k])`, stage 0 only).
-    """
+    def __init__(self, model, layers: int | None = None):
+        L = model.config.num_hidden_layers
+        self.layers = L if layers is None else layers
+        self.t = StagedTarget(model, [self.layers, L - self.layers] if self.layers < L else 1)
+        self.held: list[int] = []  # tokens whose K/V the cache holds, at positions 0..len-1
 
-    def __init__(self, target: StagedTarget, layers: int | None = None):
-        self.t = target
-        self.layers = layers if layers is not None else target.n_layers
-        self.done: list[int] = []  # tokens whose K/V the drafter holds, at positions 0..len-1
+    @property
+    def context_length(self) -> int:
+        return self.t.context_length
 
-    def _sync(self, tokens: list[int]) -> None:
-        """Keep the cached prefix that still matches `tokens`, feed the rest except the last token."""
+    def reset(self) -> None:
+        self.held = []
+        self.t.rollback(0)
+
+    @torch.inference_mode()
+    def next_logits(self, tokens: list[int], extra: list[int] = ()) -> torch.Tensor:
+        """Logits [len(extra) + 1, V]: the next-token distribution after tokens[-1] and after each
+        of `extra` (tokens not known to be right yet, e.g. drafts under verification)."""
+        seq = list(tokens) + list(extra)
         keep = 0
-        for a, b in zip(self.done, tokens, strict=False):
+        for a, b in zip(self.held, seq, strict=False):  # the cached prefix that still matches
             if a != b:
                 break
             keep += 1
         keep = min(keep, len(tokens) - 1)
+        self.t.reserve(len(seq) + 1)
         self.t.rollback(keep)
-        if keep < len(tokens) - 1:
-            ids = torch.tensor([tokens[keep:-1]], device=self.t.device)
-            self.t.run_layers(0, self.layers, self.t.embed(ids), keep)
-        self.done = list(tokens[:-1])
+        h = self.t.run_layers(0, self.layers, self.t.embed(torch.tensor([seq[keep:]], device=self.t.device)), keep)
+        self.held = seq
+        return self.t.logits(h[:, -(len(extra) + 1):])[0]
 
-    @torch.inference_mode()
+
+class ModelCandidates:
+    """A small causal LM drafts autoregressively over a cache of its own (`CachedLM`).
+
+    Also the early-exit self-draft: the target's first k layers with its final norm and LM head.
+    """
+
+    def __init__(self, model, layers: int | None = None):
+        self.lm = CachedLM(model, layers)
+
     def propose(self, tokens: list[int], gamma: int, sampler: Sampler) -> list[Draft]:
-        t = self.t
-        t.reserve(len(tokens) + gamma + 1)
-        if not self.done:
-            t.rollback(0)
-        self._sync(tokens)
-        out, last = [], tokens[-1]
-        for i in range(gamma):
-            pos = len(tokens) - 1 + i
-            h = t.run_layers(0, self.layers, t.embed(torch.tensor([[last]], device=t.device)), pos)
-            d = propose(t.logits(h)[0, -1], sampler)
-            out.append(d)
-            self.done.append(last)
-            last = d.token
+        out: list[Draft] = []
+        for _ in range(gamma):
+            out.append(propose(self.lm.next_logits(list(tokens) + [d.token for d in out])[-1], sampler))
         return out
 
     def update(self, tokens: list[int], accepted: int) -> None:
-        pass  # the next propose() re-syncs the cache against the verified tokens
+        pass  # the next propose() keeps the cached prefix that still matches the verified tokens
 
     def reset(self) -> None:
-        self.done = []
+        self.lm.reset()
 
 
 def early_exit_candidates(model, layers: int) -> ModelCandidates:
@@ -98,4 +108,33 @@ def early_exit_candidates(model, layers: int) -> ModelCandidates:
         from .errors import SpdError
 
         raise SpdError(f"early-exit needs 1..{L - 1} layers (got {layers})")
-    return ModelCandidates(StagedTarget(model, [layers, L - layers]), layers)
+    return ModelCandidates(model, layers)
+
+
+class ReferenceCandidates:
+    """Test and benchmark drafter that knows the target's greedy continuation (`set_reference`):
+    each drafted token is right with probability `accuracy` (1.0: always right, 0.0: always
+    wrong: the reference token + 1). Off the reference path it proposes nothing."""
+
+    def __init__(self, vocab_size: int, accuracy: float = 1.0, seed: int = 0):
+        self.vocab_size, self.accuracy = vocab_size, accuracy
+        self.rng = random.Random(seed)
+        self.expected: list[int] = []
+
+    def set_reference(self, prompt: list[int], reference: list[int]) -> None:
+        self.expected = list(prompt) + list(reference)
+
+    def propose(self, tokens: list[int], gamma: int, sampler: Sampler) -> list[Draft]:
+        n = len(tokens)
+        if tokens != self.expected[:n]:
+            return []
+        out = []
+        for t in self.expected[n : n + gamma]:
+            token = t if self.rng.random() < self.accuracy else (t + 1) % self.vocab_size
+            out.append(Draft(token, None if sampler.params.greedy else one_hot(token, self.vocab_size)))
+            if token != t:
+                break
+        return out
+
+    def update(self, tokens: list[int], accepted: int) -> None:
+        pass

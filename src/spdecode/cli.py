@@ -54,7 +54,6 @@ def make_candidates(spec: str, model, dtype: str = "float32", device: str = "cpu
     """--drafter: early-exit:K | prompt-lookup | model:PATH."""
     from .candidates import ModelCandidates, PromptLookupCandidates, early_exit_candidates
     from .models import load_model
-    from .staged import StagedTarget
 
     kind, _, arg = spec.partition(":")
     if kind == "prompt-lookup":
@@ -62,11 +61,11 @@ def make_candidates(spec: str, model, dtype: str = "float32", device: str = "cpu
     if kind == "early-exit" and arg.isdigit():
         return early_exit_candidates(model, int(arg))
     if kind == "model" and arg:
-        draft_model, _ = load_model(arg, dtype, device)
+        draft_model, _ = load_model(arg, dtype, device, tokenizer=False)
         if draft_model.config.vocab_size != model.config.vocab_size:
             raise SpdError(f"draft model {arg} has another vocabulary ({draft_model.config.vocab_size} tokens) "
                            f"than the target ({model.config.vocab_size})")
-        return ModelCandidates(StagedTarget(draft_model))
+        return ModelCandidates(draft_model)
     raise SpdError(f"--drafter {spec!r}: expected early-exit:K, prompt-lookup or model:PATH")
 
 

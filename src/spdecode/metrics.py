@@ -30,6 +30,7 @@ class Metrics:
     decode_s: float = 0.0
     phase_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     stop_reason: str = ""
+    chain: list[dict] | None = None  # PipeSpec: per-stage steps, verifications, rollbacks
 
     @property
     def drafts_rejected(self) -> int:

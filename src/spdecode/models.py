@@ -133,8 +133,9 @@ def alias_help() -> str:
     return ", ".join(ALIASES)
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu"):
-    """Load (model, tokenizer) in eval mode with SDPA attention and frozen weights."""
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", tokenizer: bool = True):
+    """Load (model, tokenizer) in eval mode with SDPA attention and frozen weights
+    (tokenizer=False: (model, None), for a bare weights directory or a worker process)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -150,7 +151,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
             "and the Hugging Face hub is unreachable (offline)"
         )
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(source) if tokenizer else None
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation="sdpa")
     except OSError as exc:
         if isinstance(source, str):

@@ -1,0 +1,221 @@
+"""PipeSpec (McDanel et al., arXiv 2505.01572): a chain of models, one process each, running
+asynchronously. Stage 0 only drafts, each later stage verifies its upstream's tokens and drafts
+for its downstream, the last stage is the target. Rollbacks cascade upstream (pipespec_stage.py).
+
+    with PipeSpecChain("smollm2-135m", ["early-exit:8"], gamma=4) as chain:
+        gen = chain.generate(prompt_ids, 128)
+
+Go beyond the published code (greedy only): sampling is lossless too. Each stage verifies with
+the shared rejection-sampling rule against the q its upstream published for that position, so a
+stage's token at position j is distributed as its own p(. | prefix), whatever its upstream did;
+whether a stage checks j now or generates j itself depends on timing and on earlier positions,
+never on the value at j, so the target's tokens are distributed exactly as AR sampling.
+
+The analytic model of the paper (per-token acceptance alpha between neighbours, window gamma):
+  rho = alpha / (1 - alpha^(gamma+1) + alpha)   long-run share of verification steps
+  E[N] = (1 - rho) + rho (1 - alpha^(gamma+1)) / (1 - alpha)   tokens per target step
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+from .errors import SpdError
+from .generation import Generation, check_prompt
+from .metrics import Metrics
+from .pipespec_stage import SharedChain, Stage
+from .sampling import GREEDY, SamplingParams
+
+
+def rho(alpha: float, gamma: int) -> float:
+    """Steady-state probability that a step of a stage is a verification step."""
+    return alpha / (1 - alpha ** (gamma + 1) + alpha)
+
+
+def expected_tokens_per_step(alpha: float, gamma: int) -> float:
+    """E[N]: tokens a stage (the target) commits per forward pass, from the paper's model."""
+    r = rho(alpha, gamma)
+    block = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return (1 - r) + r * block
+
+
+def check_chain(drafters: list[str]) -> None:
+    if not drafters:
+        raise SpdError("pipespec needs at least one drafter before the target (e.g. --chain early-exit:8)")
+    for i, spec in enumerate(drafters):
+        kind, _, arg = spec.partition(":")
+        ok = {"prompt-lookup": not arg, "early-exit": arg.isdigit(), "model": bool(arg),
+              "reference": bool(arg)}.get(kind, False)
+        if not ok:
+            raise SpdError(f"pipespec stage {spec!r}: expected early-exit:K, model:PATH, prompt-lookup "
+                           "or reference:ACCURACY")
+        if i > 0 and kind in ("prompt-lookup", "reference"):
+            raise SpdError(f"pipespec stage {spec!r} has no model to verify with: it can only be the first stage")
+
+
+def build_stage(index: int, specs: list[str], model_name: str, dtype: str, gamma: int) -> Stage:
+    """In the stage's own process: load what this stage needs."""
+    from .candidates import CachedLM, PromptLookupCandidates, ReferenceCandidates
+    from .cli import make_candidates
+    from .models import load_model
+
+    model, _ = load_model(model_name, dtype, tokenizer=False)
+    kind, _, arg = specs[index].partition(":")
+    n, V = len(specs), model.config.vocab_size
+    if index == 0:
+        if kind == "reference":
+            return Stage(0, n, gamma, candidates=ReferenceCandidates(V, float(arg)), block=gamma)
+        cands = make_candidates(specs[0], model, dtype)
+        return Stage(0, n, gamma, candidates=cands, block=gamma if isinstance(cands, PromptLookupCandidates) else 1)
+    if kind == "target":
+        return Stage(index, n, gamma, lm=CachedLM(model))
+    if kind == "early-exit":
+        if not 1 <= int(arg) < model.config.num_hidden_layers:
+            raise SpdError(f"early-exit needs 1..{model.config.num_hidden_layers - 1} layers (got {arg})")
+        return Stage(index, n, gamma, lm=CachedLM(model, int(arg)))
+    draft, _ = load_model(arg, dtype, tokenizer=False)
+    if draft.config.vocab_size != V:
+        raise SpdError(f"model {arg} has another vocabulary ({draft.config.vocab_size}) than the target ({V})")
+    return Stage(index, n, gamma, lm=CachedLM(draft))
+
+
+def stage_main(index, specs, model_name, dtype, gamma, threads, inbox, outbox, cond) -> None:
+    """A stage process: build, report ready, serve requests until told to stop or orphaned."""
+    torch.set_num_threads(threads)
+    parent = os.getppid()
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        stage = build_stage(index, specs, model_name, dtype, gamma)
+        info = (stage.lm.context_length, stage.lm.t.config.vocab_size) if stage.lm is not None else None
+        outbox.put(("ready", index, info))
+        while True:
+            try:
+                req = inbox.get(timeout=1.0)
+            except queue.Empty:
+                if os.getppid() != parent:  # the parent died without closing us
+                    return
+                continue
+            if req is None:
+                return
+            outbox.put(("done", index, stage.serve(req, cond)))
+    except KeyboardInterrupt:
+        return
+    except Exception as exc:  # reported to the parent, which stops the chain with a clear error
+        outbox.put(("error", index, f"{type(exc).__name__}: {exc}"))
+        sys.exit(1)
+
+
+class PipeSpecChain:
+    """Owns the stage processes; one request at a time; `close()` (or `with`) ends them."""
+
+    def __init__(self, model_name: str, drafters: list[str], gamma: int = 4, dtype: str = "float32",
+                 threads: int = 1, timeout: float = 600.0):
+        from .models import resolve_model
+
+        check_chain(drafters)
+        resolve_model(model_name)  # a missing model fails here, before any process starts
+        if gamma < 1:
+            raise SpdError(f"gamma must be at least 1 (got {gamma})")
+        self.specs = list(drafters) + ["target"]
+        self.gamma, self.timeout = gamma, timeout
+        ctx = mp.get_context("spawn")  # fork after torch has run threads is unsafe
+        self.cond = ctx.Condition()
+        self.inboxes = [ctx.Queue() for _ in self.specs]
+        self.outbox = ctx.Queue()
+        self.procs = [ctx.Process(target=stage_main, name=f"pipespec-{i}-{s}", daemon=True,
+                                  args=(i, self.specs, model_name, dtype, gamma, threads, self.inboxes[i],
+                                        self.outbox, self.cond))
+                      for i, s in enumerate(self.specs)]
+        self.closed = False
+        self.shared: SharedChain | None = None
+        for p in self.procs:
+            p.start()
+        ready = self._collect("ready")
+        self.context_length, self.vocab_size = ready[len(self.specs) - 1]
+
+    @property
+    def n(self) -> int:
+        return len(self.specs)
+
+    def _fail(self, why: str):
+        if self.shared is not None:
+            self.shared.done[0] = 1  # survivors leave their loop at once
+        self.close(graceful=False)
+        raise SpdError(f"pipespec: {why}")
+
+    def _collect(self, kind: str) -> dict:
+        got, deadline = {}, time.monotonic() + self.timeout
+        while len(got) < self.n:
+            try:
+                k, i, payload = self.outbox.get(timeout=0.2)
+            except queue.Empty:
+                for i, p in enumerate(self.procs):
+                    if p.exitcode is not None and i not in got:
+                        self._fail(f"stage {i} ({self.specs[i]}) exited with code {p.exitcode}")
+                if time.monotonic() > deadline:
+                    self._fail(f"no answer from the stages within {self.timeout:.0f} s")
+                continue
+            if k == "error":
+                self._fail(f"stage {i} ({self.specs[i]}): {payload}")
+            got[i] = payload
+        return got
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, sampling: SamplingParams = GREEDY,
+                 eos=frozenset(), reference: list[int] | None = None) -> Generation:
+        if self.closed:
+            raise SpdError("pipespec: the chain is closed")
+        n, g = self.n, self.gamma
+        # Upstream stages run up to gamma tokens ahead of their downstream: keep them in context.
+        max_new_tokens = check_prompt(list(prompt_ids), max_new_tokens, self.context_length - n * g - 1)
+        P = len(prompt_ids)
+        vocab = 1 if sampling.greedy else self.vocab_size
+        self.shared = SharedChain(n, P + max_new_tokens + n * g + 2, max_new_tokens + n * g + 2, vocab,
+                                  not sampling.greedy)
+        req = {"prompt": list(prompt_ids), "max_new_tokens": max_new_tokens, "sampling": sampling,
+               "eos": sorted(eos), "reference": reference, "shared": self.shared}
+        for box in self.inboxes:
+            box.put(req)
+        stats = self._collect("done")
+        self.shared = None
+        target = stats[n - 1]
+        m = Metrics(method="pipespec", n_stages=1, prompt_tokens=P, new_tokens=len(target.tokens),
+                    cycles=target.steps, drafts_proposed=target.drafts_verified,
+                    drafts_verified=target.drafts_verified, drafts_accepted=target.drafts_accepted,
+                    prefill_s=target.prefill_s, decode_s=target.decode_s, stop_reason=target.stop_reason)
+        m.phase_s.update({f"stage{i}_busy": stats[i].busy_s for i in range(n)})
+        m.chain = [{"stage": self.specs[i], "steps": s.steps, "verify_steps": s.verify_steps,
+                    "drafts_verified": s.drafts_verified, "drafts_accepted": s.drafts_accepted,
+                    "rollbacks": s.rollbacks, "busy_s": s.busy_s} for i, s in sorted(stats.items())]
+        return Generation(target.tokens, m)
+
+    def close(self, graceful: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if graceful:
+            for box in self.inboxes:
+                box.put(None)
+            for p in self.procs:
+                p.join(10)
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

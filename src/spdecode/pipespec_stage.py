@@ -1,0 +1,179 @@
+"""One PipeSpec stage: the loop a stage process runs for a request (see `pipespec.py`).
+
+Shared state, one row per stage, guarded by one condition variable:
+  seq[i, :length[i]]  stage i's token list (prompt, then its output)
+  probs[i, pos - P]   the distribution stage i drew its token at pos from (sampling only)
+  done                set by the target when the request is over
+Only stage i writes row i. Every loop of stage i, under the lock:
+  1. downstream truth: if stage i+1's list is not a prefix of ours, ours is wrong from the first
+     difference on: adopt theirs (rollback; the cached prefix that still matches is kept).
+     Stage i-1 sees the same thing at its next loop, so rollbacks cascade upstream.
+  2. if stage i-1's list extends ours: verify up to gamma of its tokens in one forward pass;
+  3. else one token of its own. A stage that is gamma tokens ahead of stage i+1 waits instead,
+     and checks at most as many tokens as keep it within gamma (+1 bonus) of stage i+1.
+The target's list therefore only ever grows by tokens it checked itself: greedy output equals
+AR. With sampling, each check is the shared rejection-sampling rule against the upstream's
+published q, so every stage's tokens are distributed as its own model's (see pipespec.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .generation import StopRule
+from .sampling import Sampler, SamplingParams
+from .verify import Draft, verify
+
+WAIT_S = 0.02  # how long an idle stage sleeps on the condition before looking again
+
+
+@dataclass
+class StageStats:
+    steps: int = 0  # forward passes (stage 0: draft calls that proposed something)
+    verify_steps: int = 0  # steps that checked upstream tokens
+    drafts_verified: int = 0
+    drafts_accepted: int = 0
+    rollbacks: int = 0
+    busy_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+    stop_reason: str = ""
+
+
+def is_prefix(a: list[int], b: list[int]) -> bool:
+    return len(a) <= len(b) and b[: len(a)] == a
+
+
+class SharedChain:
+    """Per-request shared tensors (allocated by the parent, passed through the stage queues)."""
+
+    def __init__(self, n: int, capacity: int, new_capacity: int, vocab: int, sampling: bool):
+        self.seq = torch.zeros(n, capacity, dtype=torch.long).share_memory_()
+        self.length = torch.zeros(n, dtype=torch.long).share_memory_()
+        self.done = torch.zeros(1, dtype=torch.long).share_memory_()
+        self.probs = torch.zeros(n - 1, new_capacity, vocab).share_memory_() if sampling and n > 1 else None
+
+    def read(self, i: int) -> list[int]:
+        return self.seq[i, : int(self.length[i])].tolist()
+
+    def write(self, i: int, tokens: list[int], start: int) -> None:
+        self.seq[i, start : len(tokens)] = torch.tensor(tokens[start:], dtype=torch.long)
+        self.length[i] = len(tokens)
+
+
+class Stage:
+    """Stage `index` of `n`: stage 0 wraps a drafter with the candidates interface, every later
+    stage a `CachedLM` that verifies its upstream and drafts for its downstream."""
+
+    def __init__(self, index: int, n: int, gamma: int, candidates=None, lm=None, block: int = 1):
+        self.index, self.n, self.gamma = index, n, gamma
+        self.candidates, self.lm = candidates, lm
+        self.block = block  # tokens stage 0 drafts per call (1 for a model: publish each at once)
+
+    def pick(self, logits: torch.Tensor, sampler: Sampler) -> tuple[int, torch.Tensor | None]:
+        if sampler.params.greedy:
+            return int(torch.argmax(logits)), None
+        p = sampler.probs(logits)
+        return sampler.draw(p), p
+
+    def check(self, logits, drafts: list[int], qs, sampler: Sampler) -> list[tuple[int, object, bool | None]]:
+        """Verify `drafts` with the shared rule: (token, its q, accepted?) per emitted token, then
+        the bonus token (accepted None) when every draft passed."""
+        out = []
+        for j, x in enumerate(drafts):
+            ok, token = verify(logits[j], Draft(x, None if qs is None else qs[j]), sampler)
+            p = None if sampler.params.greedy else sampler.probs(logits[j])
+            out.append((token, p, ok))
+            if not ok:
+                return out
+        return out + [(*self.pick(logits[len(drafts)], sampler), None)]
+
+    @torch.inference_mode()
+    def serve(self, req: dict, cond) -> StageStats:
+        i, n, last = self.index, self.n, self.index == self.n - 1
+        sh: SharedChain = req["shared"]
+        prompt, P = list(req["prompt"]), len(req["prompt"])
+        s = req["sampling"]
+        sampler = Sampler(SamplingParams(s.temperature, s.top_k, s.top_p, None if s.seed is None else s.seed + 7919 * i))
+        stop = StopRule(set(req["eos"]), req["max_new_tokens"])
+        st = StageStats()
+        if self.candidates is not None:
+            if hasattr(self.candidates, "reset"):
+                self.candidates.reset()
+            if hasattr(self.candidates, "set_reference"):
+                self.candidates.set_reference(prompt, req.get("reference") or [])
+        if self.lm is not None:
+            self.lm.reset()
+        tokens = list(prompt)
+        t0 = time.perf_counter()
+        if last:  # the target starts: prefill, first token
+            token, _ = self.pick(self.lm.next_logits(tokens)[-1], sampler)
+            tokens.append(token)
+            st.prefill_s = time.perf_counter() - t0
+            with cond:
+                sh.write(i, tokens, 0)
+                if stop.done(tokens[P:]):
+                    sh.done[0] = 1
+                cond.notify_all()
+        t1 = time.perf_counter()
+        while True:
+            drafts, qs, ahead = None, None, 0
+            with cond:
+                if int(sh.done[0]):
+                    break
+                if not last:
+                    down = sh.read(i + 1)
+                    if not is_prefix(down, tokens):  # 1. downstream truth wins: roll back to it
+                        st.rollbacks += not is_prefix(tokens, down)  # (else: it only got ahead)
+                        tokens = down
+                        sh.write(i, tokens, 0)
+                        cond.notify_all()
+                    ahead = len(tokens) - len(down)
+                room = self.gamma - ahead  # a stage stays at most gamma (+1 bonus) ahead of downstream
+                if room <= 0:
+                    cond.wait(WAIT_S)  # far enough ahead: let downstream catch up
+                    continue
+                if i > 0:
+                    up = sh.read(i - 1)
+                    if len(up) > len(tokens) and up[: len(tokens)] == tokens:  # 2. upstream has news
+                        end = min(len(up), len(tokens) + room)
+                        drafts = up[len(tokens) : end]
+                        if sh.probs is not None:
+                            qs = sh.probs[i - 1, len(tokens) - P : end - P].clone()
+            busy = time.perf_counter()
+            if self.lm is None:  # stage 0: a drafter
+                got = self.candidates.propose(tokens, min(self.block, room), sampler)
+                new = [(d.token, d.q, None) for d in got]
+                if not new:  # nothing to propose (e.g. no n-gram match): wait for a change
+                    with cond:
+                        cond.wait(WAIT_S)
+                    continue
+            elif drafts:
+                new = self.check(self.lm.next_logits(tokens, drafts), drafts, qs, sampler)
+                st.verify_steps += 1
+            else:
+                new = [(*self.pick(self.lm.next_logits(tokens)[-1], sampler), None)]
+            st.steps += 1
+            st.busy_s += time.perf_counter() - busy
+            with cond:
+                start = len(tokens)
+                for token, p, ok in new:
+                    tokens.append(token)
+                    if p is not None and not last:
+                        sh.probs[i, len(tokens) - 1 - P] = p
+                    if ok is not None:
+                        st.drafts_verified += 1
+                        st.drafts_accepted += ok
+                    if last and stop.done(tokens[P:]):
+                        sh.done[0] = 1
+                        break
+                sh.write(i, tokens, start)
+                cond.notify_all()
+        st.decode_s = time.perf_counter() - t1
+        if last:
+            st.tokens, st.stop_reason = tokens[P:], stop.reason
+        return st

@@ -1,0 +1,105 @@
+"""PipeSpec: a chain of processes that equals AR (greedy), follows AR's distribution (sampling),
+and never leaves a process behind (on completion, on a killed stage, on a bad chain)."""
+
+import os
+import signal
+import time
+
+import pytest
+from conftest import tiny_model
+from distribution import sampled_vs_exact
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spdecode.ar import generate_ar
+from spdecode.errors import SpdError
+from spdecode.pipespec import PipeSpecChain, check_chain, expected_tokens_per_step, rho
+from spdecode.staged import StagedTarget
+
+PROMPTS = [[5, 17, 42, 8, 33, 71, 9, 5, 17, 42], [3, 3, 3, 60, 61, 3, 3], [90, 1, 44]]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipespec")
+    model = tiny_model("llama")
+    model.save_pretrained(root / "target")
+    tiny_model("llama", seed=1, num_hidden_layers=2).save_pretrained(root / "small")
+    refs = [generate_ar(StagedTarget(model), p, 40).tokens for p in PROMPTS]
+    return root, model, refs
+
+
+@pytest.mark.parametrize("chain", [["reference:1.0"], ["reference:0.0"], ["reference:0.5", "early-exit:3"],
+                                   ["prompt-lookup", "early-exit:2"], ["early-exit:1", "early-exit:3"],
+                                   ["model:SMALL"]])
+def test_greedy_equals_ar(tiny_dir, chain):
+    root, _, refs = tiny_dir
+    chain = [c.replace("SMALL", str(root / "small")) for c in chain]
+    with PipeSpecChain(str(root / "target"), chain, gamma=3) as ps:
+        for prompt, ref in zip(PROMPTS, refs, strict=True):
+            gen = ps.generate(prompt, 40, reference=ref)
+            assert gen.tokens == ref
+            m = gen.metrics
+            assert m.drafts_accepted <= m.drafts_verified and m.new_tokens == len(ref)
+            if chain == ["reference:1.0"]:
+                assert m.alpha == 1.0 and m.cycles < len(ref) - 1  # several tokens per target step
+            if chain == ["reference:0.0"]:
+                assert m.alpha in (0.0, None) and m.cycles == len(ref) - 1  # one token per step
+    assert all(not p.is_alive() for p in ps.procs) and all(p.exitcode == 0 for p in ps.procs)
+
+
+def test_stops_at_eos(tiny_dir):
+    root, _, refs = tiny_dir
+    eos = refs[0][5]  # a token the target emits early on
+    with PipeSpecChain(str(root / "target"), ["reference:1.0"], gamma=4) as ps:
+        gen = ps.generate(PROMPTS[0], 40, eos={eos}, reference=refs[0])
+    assert gen.tokens == refs[0][: refs[0].index(eos) + 1] and gen.metrics.stop_reason == "eos"
+
+
+def test_sampling_follows_ar_distribution(tiny_dir):
+    root, model, _ = tiny_dir
+    prompt = PROMPTS[1]
+    with PipeSpecChain(str(root / "target"), ["early-exit:1", "early-exit:3"], gamma=2) as ps:
+        tv, noise = sampled_vs_exact(model, prompt, 3, 1000, lambda params: ps.generate(prompt, 3, params).tokens)
+    assert tv < 1.6 * noise, (tv, noise)
+
+
+def test_a_killed_stage_stops_the_chain(tiny_dir):
+    root, _, refs = tiny_dir
+    ps = PipeSpecChain(str(root / "target"), ["early-exit:1", "early-exit:3"], gamma=3)
+    os.kill(ps.procs[1].pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(SpdError, match=r"stage 1 \(early-exit:3\) exited with code -9"):
+        ps.generate(PROMPTS[0], 40)
+    assert time.monotonic() - t0 < 10
+    assert all(not p.is_alive() for p in ps.procs)
+    with pytest.raises(SpdError, match="closed"):
+        ps.generate(PROMPTS[0], 4)
+
+
+def test_a_stage_that_fails_to_start_is_reported(tiny_dir, tmp_path):
+    root, _, _ = tiny_dir
+    with pytest.raises(SpdError, match="does not exist"):  # checked before any process starts
+        PipeSpecChain(str(tmp_path / "missing"), ["prompt-lookup"])
+    with pytest.raises(SpdError, match=r"stage 1 \(early-exit:9\): SpdError: early-exit needs 1..5 layers"):
+        PipeSpecChain(str(root / "target"), ["prompt-lookup", "early-exit:9"], timeout=60)
+
+
+@pytest.mark.parametrize("chain,message", [([], "at least one drafter"), (["early-exit:x"], "expected"),
+                                           (["early-exit:1", "prompt-lookup"], "only be the first")])
+def test_bad_chains_are_rejected_before_starting(chain, message):
+    with pytest.raises(SpdError, match=message):
+        check_chain(chain)
+
+
+@given(st.floats(0.01, 0.99), st.integers(1, 16))
+def test_analytic_model(alpha, gamma):
+    r = rho(alpha, gamma)
+    assert 0 < r < 1
+    assert expected_tokens_per_step(alpha, gamma) > 1  # the paper's guaranteed improvement
+    assert expected_tokens_per_step(alpha, gamma) <= gamma + 1
+
+
+def test_analytic_model_limits():
+    assert expected_tokens_per_step(0.0, 4) == 1.0
+    assert expected_tokens_per_step(1.0, 4) == 5.0
