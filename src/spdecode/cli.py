@@ -43,6 +43,14 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def add_chain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speed-depth", type=int, default=None,
+                   help="for speed: the early-exit depth d, within stage 0 (default: stage 0's last layer)")
+    p.add_argument("--chain", default="early-exit:8",
+                   help="for pipespec: the models before the target, comma-separated, smallest first "
+                        "(early-exit:K, model:PATH; the first may be prompt-lookup) (default early-exit:8)")
+
+
 def add_sd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default="early-exit:8",
                    help="for sd: early-exit:K (first K layers), prompt-lookup, or model:PATH (default early-exit:8)")
@@ -86,10 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
-    g.add_argument("--method", default="ar", choices=["ar", "spd", "sd"],
-                   help="ar: autoregressive; spd: speculative pipeline decoding; sd: classic speculative decoding")
+    g.add_argument("--method", default="ar", choices=["ar", "spd", "sd", "speed", "pipespec"],
+                   help="ar: autoregressive; spd: speculative pipeline decoding; sd: classic speculative "
+                        "decoding; speed: SPD's pipeline with SPEED's early-exit drafter; pipespec: a chain of "
+                        "model processes (--chain)")
     g.add_argument("--draft", default=None, help="trained PDM checkpoint directory for --method spd")
     add_sd_args(g)
+    add_chain_args(g)
     g.add_argument("--stages", type=stage_spec, default=1,
                    help="pipeline stages: a count or comma-separated layer counts (default 1)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -125,8 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(b)
     add_sampling_args(b)
     b.set_defaults(max_new_tokens=256)
-    b.add_argument("--method", default="ar,spd", help="comma-separated: ar, spd, sd (default ar,spd)")
+    b.add_argument("--method", default="ar,spd",
+                   help="comma-separated: ar, sd, pipespec, speed, spd (default ar,spd)")
+    b.add_argument("--plot", default=None, help="write a bar chart of the speedups per dataset (PNG)")
     add_sd_args(b)
+    add_chain_args(b)
     b.add_argument("--stages", type=stage_spec, default=4)
     b.add_argument("--draft", default=None, help="PDM checkpoint (default: the bundled draft, if any)")
     b.add_argument("--data", default="mt_bench,gsm8k,humaneval",
@@ -193,6 +207,8 @@ def cmd_generate(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, args.dtype, args.device)
+    if args.method == "pipespec":
+        return generate_pipespec(args, model, tok)
     target = StagedTarget(model, resolve_split(args, model) if args.method == "spd" else args.stages)
     prompt_ids = encode_prompt(tok, args.prompt, args.chat)
     streamer = None
@@ -208,6 +224,12 @@ def cmd_generate(args) -> int:
 
         pdm = pdm_for(target, args.model, weights_fingerprint(model), args.draft)
         gen = generate_spd(target, PDMDrafter(pdm), prompt_ids, args.max_new_tokens, sampling, eos, on_token)
+    elif args.method == "speed":
+        from .drafters import SpeedDrafter
+        from .spd import generate_spd
+
+        drafter = SpeedDrafter(target, args.speed_depth or target.stage_sizes[0])
+        gen = generate_spd(target, drafter, prompt_ids, args.max_new_tokens, sampling, eos, on_token)
     elif args.method == "sd":
         from .sd import generate_sd
 
@@ -228,6 +250,34 @@ def cmd_generate(args) -> int:
             "text": tok.decode(gen.tokens, skip_special_tokens=True),
             "metrics": gen.metrics.as_dict(),
         }))
+    return 0
+
+
+def generate_pipespec(args, model, tok) -> int:
+    import torch
+
+    from .generation import eos_ids
+    from .pipespec import PipeSpecChain
+    from .sampling import SamplingParams
+
+    prompt_ids = encode_prompt(tok, args.prompt, args.chat)
+    streamer = None
+    if not args.json:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tok, skip_special_tokens=True)
+    on_token = (lambda t: streamer.put(torch.tensor([t]))) if streamer else None
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    with PipeSpecChain(args.model, args.chain.split(","), args.gamma, args.dtype, args.threads or 1) as chain:
+        gen = chain.generate(prompt_ids, args.max_new_tokens, sampling, eos_ids(model, tok), on_token=on_token)
+    if streamer:
+        streamer.end()
+        print(gen.metrics.summary(), file=sys.stderr)
+    else:
+        print(json.dumps({"model": args.model, "method": "pipespec", "chain": args.chain.split(",") + ["target"],
+                          "prompt_tokens": len(prompt_ids), "tokens": gen.tokens,
+                          "text": tok.decode(gen.tokens, skip_special_tokens=True),
+                          "metrics": gen.metrics.as_dict()}))
     return 0
 
 
@@ -260,8 +310,8 @@ def generate_distributed(args) -> int:
     from .launch import run_distributed
     from .models import load_model
 
-    if args.method != "spd":
-        raise SpdError("--distributed runs SPD: add --method spd")
+    if args.method not in ("spd", "speed"):
+        raise SpdError("--distributed runs SPD's pipeline: add --method spd (or speed)")
     model, _ = load_model(args.model, args.dtype, "cpu")
     sizes = resolve_split(args, model, balance=True)
     del model
@@ -279,6 +329,8 @@ def worker_args(args, sizes: list[int]) -> list[str]:
               "--timeout", str(args.timeout)]
     worker += ["--seed", str(args.seed)] if args.seed is not None else []
     worker += ["--draft", args.draft] if args.draft else []
+    if getattr(args, "method", "spd") == "speed":
+        worker += ["--method", "speed"] + (["--speed-depth", str(args.speed_depth)] if args.speed_depth else [])
     worker += ["--threads", str(args.threads)] if args.threads else []
     return worker
 

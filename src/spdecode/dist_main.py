@@ -31,6 +31,8 @@ def parse(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--stages", required=True, help="comma-separated stage sizes, one per rank")
     ap.add_argument("--draft", default=None)
+    ap.add_argument("--method", default="spd", choices=["spd", "speed"])
+    ap.add_argument("--speed-depth", type=int, default=None, help="SPEED's early-exit depth (default: stage 0's end)")
     ap.add_argument("--prompt", default=None)
     ap.add_argument("--chat", action="store_true")
     ap.add_argument("--requests", default=None, help="file of JSON token-id lists, one request per line")
@@ -87,7 +89,12 @@ def run(args) -> int:
         if not args.requests:
             raise SpdError(f"{source} has no tokenizer; use --requests with token ids") from None
         tok = None
-    drafter = PDMDrafter(pdm_for(target, args.model, files_fingerprint(source), args.draft))
+    if args.method == "speed":
+        from .drafters import SpeedDrafter
+
+        drafter = SpeedDrafter(target, args.speed_depth or sizes[0])
+    else:
+        drafter = PDMDrafter(pdm_for(target, args.model, files_fingerprint(source), args.draft))
     root = RootRank(target, drafter, link)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     eos = eos_ids(model, tok)
@@ -113,7 +120,7 @@ def run(args) -> int:
                 streamer = TextStreamer(tok, skip_special_tokens=True)
             on_token = (lambda t: streamer.put(torch.tensor([t]))) if streamer else None
             gen = root.generate(ids, args.max_new_tokens, sampling, eos, on_token)
-            result = {"model": args.model, "method": "spd", "distributed": True, "stages": sizes,
+            result = {"model": args.model, "method": args.method, "distributed": True, "stages": sizes,
                       "prompt_tokens": len(ids), "tokens": gen.tokens,
                       "text": tok.decode(gen.tokens, skip_special_tokens=True), "metrics": gen.metrics.as_dict(),
                       "rank_stats": {f"rank{s + 1}": dict(zip(("compute_s", "wait_s", "send_s"), st, strict=True))

@@ -115,10 +115,13 @@ class RootRank:
         bounds = [hi for _, hi in target.stage_bounds]
         self.anchors = list(drafter.anchors)
         # Rank s reports its output h_{end of stage s}; the drafter may want it as an anchor.
-        extra = [j for j in self.anchors if j != 0 and j not in bounds]
+        # Anchors inside stage 0 (SPEED's early exit) are captured here on rank 0.
+        self.capture0 = {j for j in self.anchors if 0 < j < bounds[0]}
+        extra = [j for j in self.anchors if j != 0 and j not in bounds and j not in self.capture0]
         if extra:
             raise SpdError(f"distributed SPD needs PDM anchors at stage boundaries {bounds}; got {self.anchors}")
         self.anchor_of_rank = {s: bounds[s] for s in range(self.n) if bounds[s] in self.anchors}
+        self.late = getattr(drafter, "after_stage0", False)  # SPEED drafts after stage 0, from its output
         self.rank_stats: list[list[float]] = []
 
     def _gather(self, store: AnchorStore | None):
@@ -134,6 +137,11 @@ class RootRank:
                 verdict = (msg.pos, bool(msg.flag), msg.token)
         return verdict
 
+    def draft(self, tokens, start, store, sampler, m) -> Draft:
+        m.drafts_proposed += 1
+        return propose(self.drafter.propose(DraftContext(tokens, start, store)), sampler,
+                       self.drafter.vocab, self.target.config.vocab_size)
+
     @torch.inference_mode()
     def generate(self, prompt_ids, max_new_tokens=64, sampling=GREEDY, eos=frozenset(), on_token=None):
         t, n, link = self.target, self.n, self.link
@@ -141,7 +149,8 @@ class RootRank:
         draft_sampling = SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p,
                                         None if sampling.seed is None else sampling.seed + 1)
         max_new_tokens, sampler, stop, m = start_generation(t, prompt_ids, max_new_tokens, draft_sampling, eos,
-                                                            "spd-dist", lookahead=n - 1)
+                                                            getattr(self.drafter, "method", "spd") + "-dist",
+                                                            lookahead=n - 1)
         P = len(prompt_ids)
         store = AnchorStore(self.anchors, t.config.hidden_size, t.dtype, t.device, P + max_new_tokens + n) \
             if self.anchors else None
@@ -150,7 +159,9 @@ class RootRank:
         h0 = t.embed(torch.tensor([prompt_ids], device=t.device))
         if store and 0 in store.slot:
             store.put(0, 0, h0[0])
-        h = t.run_stage(0, h0, 0)
+        h, got = t.run_stage(0, h0, 0, self.capture0)
+        for j, hj in got.items():
+            store.put(j, 0, hj[0])
         if store and 0 in self.anchor_of_rank:
             store.put(self.anchor_of_rank[0], 0, h[0])
         link.send(1, Message(PREFILL, self.epoch, payload=h[0], extra=sampling_vector(sampling)), TAG_FORWARD)
@@ -173,14 +184,18 @@ class RootRank:
             e = t.embed(torch.tensor([[x]], device=t.device))
             if store and 0 in store.slot:
                 store.put(0, pos, e[0])
-            draft = propose(self.drafter.propose(DraftContext(tokens, sched.start, store)), sampler,
-                            self.drafter.vocab, t.config.vocab_size)
-            m.drafts_proposed += 1
-            clock.lap("draft")
-            h = t.run_stage(0, e, pos)
+            if not self.late:
+                draft = self.draft(tokens, sched.start, store, sampler, m)
+                clock.lap("draft")
+            h, got = t.run_stage(0, e, pos, self.capture0)
+            for j, hj in got.items():
+                store.put(j, pos, hj[0])
             if store and 0 in self.anchor_of_rank:
                 store.put(self.anchor_of_rank[0], pos, h[0])
             clock.lap("stage0")
+            if self.late:
+                draft = self.draft(tokens, sched.start, store, sampler, m)
+                clock.lap("draft")
             link.send(1, Message(TOKEN, self.epoch, pos, x, draft.token, payload=h[0], extra=draft.q), TAG_FORWARD)
             verdict = self._gather(store)
             link.end_cycle()

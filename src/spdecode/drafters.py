@@ -111,3 +111,34 @@ class ReferenceDrafter:
         logits = torch.zeros(self.vocab_size)
         logits[token] = 30.0
         return logits
+
+
+class SpeedDrafter:
+    """SPEED (Hooper et al., arXiv 2310.12072) as a drafter of the SPD pipeline: the next token is
+    predicted from the newest in-flight token's hidden state at an early depth d, through the
+    target's own final norm and LM head (an early exit, no trained parameters), and enters the
+    layer stack while that token is still in flight; a wrong guess flushes like a branch mispredict.
+
+    The newest token reaches depth d only inside stage 0's work of this cycle, so this drafter runs
+    after stage 0 (`after_stage0`), not concurrently with it as the PDM does: d must lie in stage 0.
+    """
+
+    method = "speed"
+    after_stage0 = True
+    vocab = None
+
+    def __init__(self, target, depth: int):
+        first = target.stage_sizes[0]
+        if not 1 <= depth <= first:
+            from .errors import SpdError
+
+            raise SpdError(f"SPEED reads the newest token at depth d, which stage 0 computes within a cycle: "
+                           f"d must be in 1..{first} (stage 0's layers; got {depth})")
+        self.target, self.anchors = target, [depth]
+
+    def reset(self, prompt_len: int) -> None:
+        pass
+
+    def propose(self, ctx: DraftContext) -> torch.Tensor:
+        h = ctx.store.rows(1, ctx.draft_position - 1, ctx.draft_position)[0]
+        return self.target.logits(h[None])[0, -1]

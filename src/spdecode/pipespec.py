@@ -152,11 +152,13 @@ class PipeSpecChain:
         self.close(graceful=False)
         raise SpdError(f"pipespec: {why}")
 
-    def _collect(self, kind: str) -> dict:
+    def _collect(self, kind: str, poll=None) -> dict:
         got, deadline = {}, time.monotonic() + self.timeout
         while len(got) < self.n:
+            if poll:
+                poll()
             try:
-                k, i, payload = self.outbox.get(timeout=0.2)
+                k, i, payload = self.outbox.get(timeout=0.05 if poll else 0.2)
             except queue.Empty:
                 for i, p in enumerate(self.procs):
                     if p.exitcode is not None and i not in got:
@@ -170,21 +172,34 @@ class PipeSpecChain:
         return got
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, sampling: SamplingParams = GREEDY,
-                 eos=frozenset(), reference: list[int] | None = None) -> Generation:
+                 eos=frozenset(), reference: list[int] | None = None, on_token=None) -> Generation:
+        """Decode one prompt; `on_token` streams the target's tokens as they are committed (the
+        target's list only grows), `reference` feeds a reference:ACC test drafter."""
         if self.closed:
             raise SpdError("pipespec: the chain is closed")
         n, g = self.n, self.gamma
-        # Upstream stages run up to gamma tokens ahead of their downstream: keep them in context.
-        max_new_tokens = check_prompt(list(prompt_ids), max_new_tokens, self.context_length - n * g - 1)
+        # Upstream stages run up to 2 gamma tokens ahead of their downstream: keep them in context.
+        max_new_tokens = check_prompt(list(prompt_ids), max_new_tokens, self.context_length - 2 * n * g - 1)
         P = len(prompt_ids)
         vocab = 1 if sampling.greedy else self.vocab_size
-        self.shared = SharedChain(n, P + max_new_tokens + n * g + 2, max_new_tokens + n * g + 2, vocab,
+        self.shared = SharedChain(n, P + max_new_tokens + 2 * n * g + 2, max_new_tokens + 2 * n * g + 2, vocab,
                                   not sampling.greedy)
         req = {"prompt": list(prompt_ids), "max_new_tokens": max_new_tokens, "sampling": sampling,
                "eos": sorted(eos), "reference": reference, "shared": self.shared}
         for box in self.inboxes:
             box.put(req)
-        stats = self._collect("done")
+        sh, streamed = self.shared, [0]
+
+        def stream():  # the target's committed tokens, as they come
+            length = int(sh.length[n - 1]) - P
+            for t in sh.seq[n - 1, P + streamed[0] : P + max(length, 0)].tolist():
+                on_token(t)
+            streamed[0] = max(streamed[0], length)
+
+        stats = self._collect("done", stream if on_token else None)
+        if on_token:
+            for t in stats[n - 1].tokens[streamed[0]:]:
+                on_token(t)
         self.shared = None
         target = stats[n - 1]
         m = Metrics(method="pipespec", n_stages=1, prompt_tokens=P, new_tokens=len(target.tokens),

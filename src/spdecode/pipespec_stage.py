@@ -9,8 +9,8 @@ Only stage i writes row i. Every loop of stage i, under the lock:
      difference on: adopt theirs (rollback; the cached prefix that still matches is kept).
      Stage i-1 sees the same thing at its next loop, so rollbacks cascade upstream.
   2. if stage i-1's list extends ours: verify up to gamma of its tokens in one forward pass;
-  3. else one token of its own. A stage that is gamma tokens ahead of stage i+1 waits instead,
-     and checks at most as many tokens as keep it within gamma (+1 bonus) of stage i+1.
+  3. else one token of its own. A stage 2*gamma tokens ahead of stage i+1 waits instead, and
+     checks at most gamma tokens, and no more than keep it within 2*gamma (+1) of stage i+1.
 The target's list therefore only ever grows by tokens it checked itself: greedy output equals
 AR. With sampling, each check is the shared rejection-sampling rule against the upstream's
 published q, so every stage's tokens are distributed as its own model's (see pipespec.py).
@@ -71,6 +71,8 @@ class Stage:
 
     def __init__(self, index: int, n: int, gamma: int, candidates=None, lm=None, block: int = 1):
         self.index, self.n, self.gamma = index, n, gamma
+        # Upstream runs ahead by up to two windows, so drafts are ready right after a full accept.
+        self.lookahead = 2 * gamma
         self.candidates, self.lm = candidates, lm
         self.block = block  # tokens stage 0 drafts per call (1 for a model: publish each at once)
 
@@ -133,14 +135,14 @@ class Stage:
                         sh.write(i, tokens, 0)
                         cond.notify_all()
                     ahead = len(tokens) - len(down)
-                room = self.gamma - ahead  # a stage stays at most gamma (+1 bonus) ahead of downstream
+                room = self.lookahead - ahead  # at most `lookahead` (+1 bonus) ahead of downstream
                 if room <= 0:
                     cond.wait(WAIT_S)  # far enough ahead: let downstream catch up
                     continue
                 if i > 0:
                     up = sh.read(i - 1)
                     if len(up) > len(tokens) and up[: len(tokens)] == tokens:  # 2. upstream has news
-                        end = min(len(up), len(tokens) + room)
+                        end = min(len(up), len(tokens) + min(room, self.gamma))
                         drafts = up[len(tokens) : end]
                         if sh.probs is not None:
                             qs = sh.probs[i - 1, len(tokens) - P : end - P].clone()

@@ -61,7 +61,8 @@ def generate_spd(
 ) -> Generation:
     n, dev = target.n_stages, target.device
     # In-flight drafts run up to n-1 positions past the last emitted token: keep them in context.
-    max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos, "spd",
+    max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos,
+                                                        getattr(drafter, "method", "spd"),
                                                         lookahead=n - 1)
     P = len(prompt_ids)
     anchors = list(drafter.anchors)
@@ -99,13 +100,21 @@ def generate_spd(
     drafter.reset(P)
     t1 = time.perf_counter()
     clock = Clock(m.phase_s)
+    # SPD's PDM drafts concurrently with the stages, from what exists before the cycle; SPEED's
+    # drafter needs the newest token's state from stage 0 of this very cycle, so it runs after.
+    late = getattr(drafter, "after_stage0", False)
+
+    def draft_next() -> Draft:
+        m.drafts_proposed += 1
+        return propose(drafter.propose(DraftContext(tokens, sched.start, store)), sampler,
+                       drafter.vocab, target.config.vocab_size)
+
     while not stop.done(emitted):
         m.cycles += 1
-        # 1. Draft the token after the newest, from features that exist before this cycle.
-        draft = propose(drafter.propose(DraftContext(tokens, sched.start, store)), sampler,
-                        drafter.vocab, target.config.vocab_size)
-        m.drafts_proposed += 1
-        clock.lap("draft")
+        # 1. Draft the token after the newest.
+        if not late:
+            draft = draft_next()
+            clock.lap("draft")
         # 2. Every busy stage advances its token by one stage (deepest first, see schedule.work).
         for s, pos in sched.work():
             h_in = stage0_input if s == 0 else carry[s - 1]
@@ -114,6 +123,9 @@ def generate_spd(
             for j, hj in got.items():
                 store.put(j, pos, hj[0])
         clock.lap("stages")
+        if late:
+            draft = draft_next()
+            clock.lap("draft")
         # 3. The oldest token left the last stage: its logits decide the next position.
         accepted = None
         if sched.exits:
