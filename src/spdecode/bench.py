@@ -8,6 +8,7 @@ also checked token for token against AR (`mismatches` must be 0).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 from pathlib import Path
@@ -20,7 +21,7 @@ from .errors import SpdError
 from .generation import eos_ids
 from .sampling import SamplingParams
 
-METHODS = ("ar", "spd", "sd")
+METHODS = ("ar", "sd", "pipespec", "speed", "spd")
 
 
 def encode_first_turn(tok, text: str) -> list[int]:
@@ -35,10 +36,11 @@ def load_sets(args) -> dict[str, list[dict]]:
     return {Path(d).stem if d.endswith(".jsonl") else d: load_prompt_set(d, args.limit) for d in datasets}
 
 
-def make_runners(methods, model, model_name: str, stages, draft, args=None):
-    """method -> callable(prompt_ids, max_new_tokens, sampling, eos) -> Generation."""
+def make_runners(methods, model, model_name: str, stages, draft, args=None, stack=None):
+    """method -> callable(prompt_ids, max_new_tokens, sampling, eos) -> Generation. Processes a
+    method starts (PipeSpec's chain) are closed by `stack` (a contextlib.ExitStack)."""
     from .ar import generate_ar
-    from .drafters import PDMDrafter
+    from .drafters import PDMDrafter, SpeedDrafter
     from .models import weights_fingerprint
     from .pdm import pdm_for
     from .spd import generate_spd
@@ -53,6 +55,10 @@ def make_runners(methods, model, model_name: str, stages, draft, args=None):
             spd_target = StagedTarget(model, stages)
             drafter = PDMDrafter(pdm_for(spd_target, model_name, weights_fingerprint(model), draft))
             runners[m] = lambda ids, k, s, e, t=spd_target, d=drafter: generate_spd(t, d, ids, k, s, e)
+        elif m == "speed":  # the same pipeline as SPD (equal n), SPEED's early-exit drafter
+            speed_target = StagedTarget(model, stages)
+            drafter = SpeedDrafter(speed_target, args.speed_depth or speed_target.stage_sizes[0])
+            runners[m] = lambda ids, k, s, e, t=speed_target, d=drafter: generate_spd(t, d, ids, k, s, e)
         elif m == "sd":
             from .cli import make_candidates
             from .sd import generate_sd
@@ -60,9 +66,33 @@ def make_runners(methods, model, model_name: str, stages, draft, args=None):
             sd_target, cands = StagedTarget(model), make_candidates(args.drafter, model, args.dtype, args.device)
             runners[m] = lambda ids, k, s, e, t=sd_target, c=cands: generate_sd(
                 t, c, ids, k, s, e, gamma=args.gamma, adaptive=args.adaptive_gamma)
+        elif m == "pipespec":
+            from .pipespec import PipeSpecChain
+
+            chain = stack.enter_context(PipeSpecChain(model_name, args.chain.split(","), args.gamma, args.dtype))
+            runners[m] = lambda ids, k, s, e, c=chain: c.generate(ids, k, s, e)
         else:
             raise SpdError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     return runners
+
+
+def predicted_tokens_per_cycle(method: str, alpha: float | None, n: int, gamma: int) -> float | None:
+    """What each method's analytic model predicts from the measured alpha, to set beside the
+    measured tokens per cycle (SPD/SPEED: a pipeline cycle; SD and PipeSpec: a target pass)."""
+    from .pipespec import expected_tokens_per_step
+    from .schedule import tau
+
+    if method == "ar":
+        return 1.0
+    if alpha is None:
+        return None
+    if method.startswith(("spd", "speed")):
+        return tau(alpha, n) / n
+    if method == "sd":  # Leviathan et al.: expected tokens per target pass with gamma drafts
+        return float(gamma + 1) if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    if method == "pipespec":
+        return expected_tokens_per_step(alpha, gamma)
+    return None
 
 
 def pooled(records: list[dict]) -> dict:
@@ -84,12 +114,15 @@ def pooled(records: list[dict]) -> dict:
     }
 
 
-def summarise(records: list[dict], methods, datasets) -> dict:
+def summarise(records: list[dict], methods, datasets, gamma: int = 4) -> dict:
     summary = {}
     for m in methods:
         mine = [r for r in records if r["method"] == m]
         summary[m] = {d: pooled([r for r in mine if r["dataset"] == d]) for d in datasets}
         summary[m]["overall"] = pooled(mine)
+        for row in summary[m].values():
+            row["predicted_tokens_per_cycle"] = predicted_tokens_per_cycle(m, row["alpha"], mine[0]["n_stages"],
+                                                                           gamma)
     if "ar" in summary:
         for m in methods:
             for d, row in summary[m].items():
@@ -103,14 +136,16 @@ def fmt(x, spec=".2f"):
 
 
 def print_table(summary: dict) -> None:
-    head = f"{'method':<8} {'dataset':<10} {'prompts':>7} {'tokens':>7} {'alpha':>6} {'tok/cyc':>7} {'tau':>5} " \
-           f"{'tok/s':>7} {'vs AR':>6}"
+    """tok/cyc: measured tokens per cycle (SPD, SPEED: pipeline cycle; SD, PipeSpec: target pass);
+    model: the method's analytic prediction of it from the measured alpha."""
+    head = f"{'method':<8} {'dataset':<10} {'prompts':>7} {'tokens':>7} {'alpha':>6} {'tok/cyc':>7} {'model':>6} " \
+           f"{'tau':>5} {'tok/s':>7} {'vs AR':>6}"
     print(head)
     print("-" * len(head))
     for m, rows in summary.items():
         for d, r in rows.items():
             print(f"{m:<8} {d:<10} {r['prompts']:>7} {r['new_tokens']:>7} {fmt(r['alpha']):>6} "
-                  f"{fmt(r['tokens_per_cycle']):>7} {fmt(r['tau']):>5} {fmt(r['decode_tok_s'], '.1f'):>7} "
+                  f"{fmt(r['tokens_per_cycle']):>7} {fmt(r.get('predicted_tokens_per_cycle')):>6} {fmt(r['tau']):>5} {fmt(r['decode_tok_s'], '.1f'):>7} "
                   f"{fmt(r.get('speedup_vs_ar')):>6}" + (f"  MISMATCHES {r['mismatches']}" if r["mismatches"] else ""))
 
 
@@ -157,6 +192,10 @@ def run_bench(args) -> int:
     if getattr(args, "distributed", False):
         return run_bench_distributed(args)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise SpdError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    methods.sort(key=lambda m: m != "ar")  # AR first: the others are checked against its tokens
     sets = load_sets(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,13 +203,31 @@ def run_bench(args) -> int:
     from .cli import resolve_split
 
     stages = resolve_split(args, model) if "spd" in methods else args.stages
-    runners = make_runners(methods, model, args.model, stages, args.draft, args)
-    eos = eos_ids(model, tok)
+    with contextlib.ExitStack() as stack:
+        runners = make_runners(methods, model, args.model, stages, args.draft, args, stack)
+        records = run_prompts(args, runners, tok, sets, eos_ids(model, tok))
+    summary = summarise(records, methods, list(sets), args.gamma)
+    print_table(summary)
+    if args.plot:
+        plot_speedups(summary, args.plot)
+    if args.json_out:
+        config = {k: v for k, v in vars(args).items() if k != "func"}
+        Path(args.json_out).write_text(json.dumps({"config": config, "summary": summary, "records": records},
+                                                  indent=1, default=str))
+    bad = sum(r["overall"]["mismatches"] for r in summary.values())
+    if bad:
+        print(f"error: {bad} greedy outputs differ from AR", flush=True)
+        return 1
+    return 0
+
+
+def run_prompts(args, runners, tok, sets, eos) -> list[dict]:
+    """Every method on every prompt, methods interleaved per prompt (same conditions for each)."""
     first = encode_first_turn(tok, next(iter(sets.values()))[0]["turns"][0])
     for run in runners.values():  # warm-up: first calls pay for allocation and lazy init
         run(first, 4, SamplingParams(), eos)
     records = []
-    total = sum(len(v) for v in sets.values()) * len(methods)
+    total = sum(len(v) for v in sets.values()) * len(runners)
     with tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True) as bar:
         for name, rows in sets.items():
             for row in rows:
@@ -188,17 +245,7 @@ def run_bench(args) -> int:
                         rec["matches_ar"] = gen.tokens == ar_tokens
                     records.append(rec)
                     bar.update(1)
-    summary = summarise(records, methods, list(sets))
-    print_table(summary)
-    if args.json_out:
-        config = {k: v for k, v in vars(args).items() if k != "func"}
-        Path(args.json_out).write_text(json.dumps({"config": config, "summary": summary, "records": records},
-                                                  indent=1, default=str))
-    bad = sum(r["overall"]["mismatches"] for r in summary.values())
-    if bad:
-        print(f"error: {bad} greedy outputs differ from AR", flush=True)
-        return 1
-    return 0
+    return records
 
 
 def run_bench_distributed(args) -> int:
@@ -230,7 +277,7 @@ def run_bench_distributed(args) -> int:
             r["matches_ar"] = r["tokens"] == ar_tokens[(r["dataset"], r["question_id"])]
     records += dist_records
     methods = ["ar-1t", "ar-2t", "spd-dist"]
-    summary = summarise(records, methods, list(sets))
+    summary = summarise(records, methods, list(sets), args.gamma)
     for row in summary.values():  # the baseline is the best AR configuration
         for d, r in row.items():
             base = summary[ar_best][d]["decode_tok_s"]
@@ -257,3 +304,29 @@ def run_bench_distributed(args) -> int:
         print(f"error: {bad} greedy outputs differ from AR", flush=True)
         return 1
     return 0
+
+
+def plot_speedups(summary: dict, path: str) -> None:
+    """Grouped bars: wall-clock speedup over AR per dataset (and overall), one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in summary if m != "ar"]
+    datasets = list(next(iter(summary.values())))
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(datasets), 3.6))
+    for i, m in enumerate(methods):
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(datasets))]
+        ys = [summary[m][d].get("speedup_vs_ar") or 0.0 for d in datasets]
+        bars = ax.bar(xs, ys, width, label=m)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set_ylabel("decode speedup vs AR (same run)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot written to {path}")

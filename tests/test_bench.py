@@ -1,0 +1,51 @@
+"""`spdecode bench`: every method on the same prompts in one invocation, one table, a plot, and
+greedy outputs that equal AR's (the command fails otherwise)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from spdecode.bench import predicted_tokens_per_cycle
+
+METHODS = ["ar", "sd", "pipespec", "speed", "spd"]
+
+
+@pytest.mark.integration
+def test_one_invocation_compares_every_method(tmp_path):
+    prompts = tmp_path / "mine.jsonl"  # a user's own prompt file, prompts the drafts never saw
+    prompts.write_text("".join(json.dumps({"question_id": i, "turns": [t]}) + "\n" for i, t in enumerate(
+        ["List three uses of a paperclip.", "Write a Python function that returns the square of x."])))
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    res = subprocess.run([sys.executable, "-m", "spdecode", "bench", "--method", ",".join(METHODS), "--stages", "2",
+                          "--data", str(prompts), "--max-new-tokens", "20", "--drafter", "prompt-lookup",
+                          "--chain", "prompt-lookup", "--json-out", str(out), "--plot", str(plot)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert list(summary) == METHODS
+    for m in METHODS:
+        row = summary[m]["overall"]
+        assert row["prompts"] == 2 and row["mismatches"] == 0 and row["speedup_vs_ar"] > 0
+        assert set(summary[m]) == {"mine", "overall"}
+        for line in res.stdout.splitlines():
+            if line.startswith(f"{m} ") and "overall" in line:
+                break
+        else:
+            pytest.fail(f"no overall row for {m} in the table")
+    assert plot.stat().st_size > 1000
+
+
+def test_bad_method_is_one_clear_line():
+    res = subprocess.run([sys.executable, "-m", "spdecode", "bench", "--method", "ar,warp"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "unknown method warp" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_predictions_at_the_extremes():
+    assert predicted_tokens_per_cycle("ar", None, 1, 4) == 1.0
+    assert predicted_tokens_per_cycle("spd", 1.0, 4, 4) == 1.0 and predicted_tokens_per_cycle("spd", 0.0, 4, 4) == 0.25
+    assert predicted_tokens_per_cycle("sd", 1.0, 1, 4) == 5.0 and predicted_tokens_per_cycle("sd", 0.0, 1, 4) == 1.0
+    assert predicted_tokens_per_cycle("pipespec", 0.0, 1, 4) == 1.0
+    assert predicted_tokens_per_cycle("pipespec", 1.0, 1, 4) == 5.0
