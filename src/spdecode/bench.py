@@ -145,7 +145,8 @@ def print_table(summary: dict) -> None:
     for m, rows in summary.items():
         for d, r in rows.items():
             print(f"{m:<8} {d:<10} {r['prompts']:>7} {r['new_tokens']:>7} {fmt(r['alpha']):>6} "
-                  f"{fmt(r['tokens_per_cycle']):>7} {fmt(r.get('predicted_tokens_per_cycle')):>6} {fmt(r['tau']):>5} {fmt(r['decode_tok_s'], '.1f'):>7} "
+                  f"{fmt(r['tokens_per_cycle']):>7} {fmt(r.get('predicted_tokens_per_cycle')):>6} "
+                  f"{fmt(r['tau']):>5} {fmt(r['decode_tok_s'], '.1f'):>7} "
                   f"{fmt(r.get('speedup_vs_ar')):>6}" + (f"  MISMATCHES {r['mismatches']}" if r["mismatches"] else ""))
 
 

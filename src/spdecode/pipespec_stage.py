@@ -96,11 +96,13 @@ class Stage:
 
     @torch.inference_mode()
     def serve(self, req: dict, cond) -> StageStats:
-        i, n, last = self.index, self.n, self.index == self.n - 1
+        i, last = self.index, self.index == self.n - 1
         sh: SharedChain = req["shared"]
         prompt, P = list(req["prompt"]), len(req["prompt"])
         s = req["sampling"]
-        sampler = Sampler(SamplingParams(s.temperature, s.top_k, s.top_p, None if s.seed is None else s.seed + 7919 * i))
+        # Each stage draws from its own seeded stream (exactness never needs shared randomness).
+        seed = None if s.seed is None else s.seed + 7919 * i
+        sampler = Sampler(SamplingParams(s.temperature, s.top_k, s.top_p, seed))
         stop = StopRule(set(req["eos"]), req["max_new_tokens"])
         st = StageStats()
         if self.candidates is not None:
