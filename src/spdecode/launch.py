@@ -37,7 +37,7 @@ def run_distributed(nproc: int, worker_args: list[str], master_port: int | None 
         raise
     if err:
         # Keep the ranks' own lines (errors, warnings, summaries); drop torchrun's banners and tracebacks.
-        lines = [line for line in err.splitlines() if line.startswith(("error:", "warning:", "[spd"))]
+        lines = [line for line in err.splitlines() if line.startswith(("error:", "warning:", "[spd", "[speed"))]
         if proc.returncode and not any(line.startswith("error:") for line in lines):
             failed = [line.strip() for line in err.splitlines() if "rank" in line and ":" in line][-3:]
             lines.append("error: a pipeline rank failed: " + " | ".join(failed))
