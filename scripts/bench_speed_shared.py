@@ -50,11 +50,11 @@ def main():
     seq = (torch.randn(args.tokens, model.config.hidden_size, generator=g) * 0.5).to(args.device, dtype)
     print(f"{args.model} layer {args.layer} shared, {args.dtype} on {args.device}, {torch.get_num_threads()} "
           f"thread(s), {args.tokens} tokens; time per token through all applications (median of {args.repeats})")
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     print(f"{'depth':>5} {'sequential ms':>14} {'pipelined ms':>13} {'speedup':>8} {'max |diff|':>11}")
     for depth in args.depth:
         dec = SharedWeightsDecoder(block, rotary, depth, capacity=args.tokens)
         diff = float((dec.run_sequential(seq) - dec.run_pipelined(seq)).abs().max())
-        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
         seq_s = timed(lambda d=dec: (d.run_sequential(seq), sync()), args.repeats) / args.tokens
         pipe_s = timed(lambda d=dec: (d.run_pipelined(seq), sync()), args.repeats) / args.tokens
         print(f"{depth:>5} {1e3 * seq_s:>14.2f} {1e3 * pipe_s:>13.2f} {seq_s / pipe_s:>7.2f}x {diff:>11.2e}")

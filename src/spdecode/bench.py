@@ -8,6 +8,7 @@ also checked token for token against AR (`mismatches` must be 0).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import statistics
@@ -163,7 +164,7 @@ def run_distributed_spd(args, model, tok, sets, eos) -> list[dict]:
         req, out = Path(tmp) / "requests.jsonl", Path(tmp) / "out.json"
         req.write_text("".join(json.dumps(encode_first_turn(tok, row["turns"][0])) + "\n" for _, row in order))
         worker = worker_args(args, sizes) + ["--requests", str(req), "--json-out", str(out)]
-        print(f"distributed SPD: {len(sizes)} processes, stages {sizes}", flush=True)
+        print(f"distributed {args.method}: {len(sizes)} processes, stages {sizes}", flush=True)
         code = run_distributed(len(sizes), worker, args.master_port, args.rdzv_endpoint)
         if code != 0:
             raise SpdError(f"the distributed run failed (exit code {code})")
@@ -171,7 +172,8 @@ def run_distributed_spd(args, model, tok, sets, eos) -> list[dict]:
     records = []
     for (name, row), res in zip(order, results, strict=True):
         rec = {"dataset": name, "question_id": row["question_id"], "stage_sizes": sizes,
-               **res["metrics"], "method": "spd-dist", "rank_stats": res["rank_stats"], "tokens": res["tokens"]}
+               **res["metrics"], "method": f"{args.method}-dist", "rank_stats": res["rank_stats"],
+               "tokens": res["tokens"]}
         records.append(rec)
     return records
 
@@ -270,37 +272,45 @@ def run_bench_distributed(args) -> int:
                 gen = generate_ar(target, encode_first_turn(tok, row["turns"][0]), args.max_new_tokens, sampling, eos)
                 records.append({"dataset": name, "question_id": row["question_id"], "tokens": gen.tokens,
                                 **gen.metrics.as_dict(), "method": f"ar-{threads}t"})
-    dist_records = run_distributed_spd(args, model, tok, sets, eos)
+    dist_methods = [m.strip() for m in args.method.split(",") if m.strip() in ("spd", "speed")] or ["spd"]
+    dist_records = []
+    for dm in dist_methods:  # SPD's PDM and SPEED's early exit on the same process pipeline
+        dist_records += run_distributed_spd(argparse.Namespace(**{**vars(args), "method": dm}), model, tok, sets, eos)
     ar_best = max(("ar-1t", "ar-2t"), key=lambda m: pooled([r for r in records if r["method"] == m])["decode_tok_s"])
     ar_tokens = {(r["dataset"], r["question_id"]): r["tokens"] for r in records if r["method"] == ar_best}
     for r in dist_records:
         if args.temperature == 0:
             r["matches_ar"] = r["tokens"] == ar_tokens[(r["dataset"], r["question_id"])]
     records += dist_records
-    methods = ["ar-1t", "ar-2t", "spd-dist"]
+    methods = ["ar-1t", "ar-2t"] + [f"{m}-dist" for m in dist_methods]
     summary = summarise(records, methods, list(sets), args.gamma)
     for row in summary.values():  # the baseline is the best AR configuration
         for d, r in row.items():
             base = summary[ar_best][d]["decode_tok_s"]
             r["speedup_vs_ar"] = r["decode_tok_s"] / base if base and r["decode_tok_s"] else None
     print_table(summary)
-    breakdown = rank_breakdown(dist_records)
-    print("per-cycle time by rank (ms): " + "; ".join(
-        f"{rank}: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) for rank, phases in breakdown.items()))
-    o = summary["spd-dist"]["overall"]
     ar_step = 1e3 / summary[ar_best]["overall"]["decode_tok_s"]
-    busiest = max(breakdown["rank0"].get("draft", 0) + breakdown["rank0"].get("stage0", 0),
-                  *(p["compute"] for k, p in breakdown.items() if k != "rank0"))
-    ideal = o["tokens_per_cycle"] * ar_step / busiest
-    o["ideal_speedup"], o["efficiency"] = ideal, o["speedup_vs_ar"] / ideal
-    print(f"best AR: {ar_best} ({ar_step:.1f} ms/token). distributed SPD: {o['speedup_vs_ar']:.2f}x wall clock, "
-          f"tau {o['tau']:.2f} (speedup/tau {o['speedup_vs_ar'] / o['tau']:.2f}); ideal given tokens/cycle and the "
-          f"busiest rank's compute ({busiest:.1f} ms/cycle): {ideal:.2f}x, efficiency {o['efficiency']:.2f}")
+    breakdowns = {}
+    for dm in dist_methods:
+        name = f"{dm}-dist"
+        breakdown = breakdowns[name] = rank_breakdown([r for r in dist_records if r["method"] == name])
+        print(f"{name} per-cycle time by rank (ms): " + "; ".join(
+            f"{rank}: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) for rank, phases in breakdown.items()))
+        o = summary[name]["overall"]
+        busiest = max(breakdown["rank0"].get("draft", 0) + breakdown["rank0"].get("stage0", 0),
+                      *(p["compute"] for k, p in breakdown.items() if k != "rank0"))
+        ideal = o["tokens_per_cycle"] * ar_step / busiest
+        o["ideal_speedup"], o["efficiency"] = ideal, o["speedup_vs_ar"] / ideal
+        print(f"best AR: {ar_best} ({ar_step:.1f} ms/token). {name}: {o['speedup_vs_ar']:.2f}x wall clock, "
+              f"tau {o['tau']:.2f} (speedup/tau {o['speedup_vs_ar'] / o['tau']:.2f}); ideal given tokens/cycle and "
+              f"the busiest rank's compute ({busiest:.1f} ms/cycle): {ideal:.2f}x, efficiency {o['efficiency']:.2f}")
+    if args.plot:
+        plot_speedups({m: summary[m] for m in methods if m != ar_best}, args.plot)
     if args.json_out:
         config = {k: v for k, v in vars(args).items() if k != "func"}
         Path(args.json_out).write_text(json.dumps({"config": config, "summary": summary, "rank_ms_per_cycle":
-                                                   breakdown, "records": records}, indent=1, default=str))
-    bad = summary["spd-dist"]["overall"]["mismatches"]
+                                                   breakdowns, "records": records}, indent=1, default=str))
+    bad = sum(summary[f"{dm}-dist"]["overall"]["mismatches"] for dm in dist_methods)
     if bad:
         print(f"error: {bad} greedy outputs differ from AR", flush=True)
         return 1
