@@ -115,15 +115,31 @@ def pooled(records: list[dict]) -> dict:
     }
 
 
+def pipespec_rho(records: list[dict], alpha: float, gamma: int) -> dict:
+    """PipeSpec's share of verification steps at the target, measured and as the paper's model has
+    it, and E[N] with the measured share (the model's other half, the accepted run length)."""
+    from .pipespec import expected_tokens_per_step, rho
+
+    steps = sum(r["chain"][-1]["steps"] for r in records)
+    measured = sum(r["chain"][-1]["verify_steps"] for r in records) / steps if steps else 0.0
+    block = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return {"rho_measured": measured, "rho_model": rho(alpha, gamma),
+            "model_tokens_per_step": expected_tokens_per_step(alpha, gamma),
+            "tokens_per_step_with_measured_rho": (1 - measured) + measured * block}
+
+
 def summarise(records: list[dict], methods, datasets, gamma: int = 4) -> dict:
     summary = {}
     for m in methods:
         mine = [r for r in records if r["method"] == m]
         summary[m] = {d: pooled([r for r in mine if r["dataset"] == d]) for d in datasets}
         summary[m]["overall"] = pooled(mine)
-        for row in summary[m].values():
+        for d, row in summary[m].items():
             row["predicted_tokens_per_cycle"] = predicted_tokens_per_cycle(m, row["alpha"], mine[0]["n_stages"],
                                                                            gamma)
+            if m == "pipespec" and row["alpha"] is not None:
+                row.update(pipespec_rho(mine if d == "overall" else [r for r in mine if r["dataset"] == d],
+                                        row["alpha"], gamma))
     if "ar" in summary:
         for m in methods:
             for d, row in summary[m].items():
@@ -211,6 +227,12 @@ def run_bench(args) -> int:
         records = run_prompts(args, runners, tok, sets, eos_ids(model, tok))
     summary = summarise(records, methods, list(sets), args.gamma)
     print_table(summary)
+    if "pipespec" in summary and "rho_measured" in summary["pipespec"]["overall"]:
+        o = summary["pipespec"]["overall"]
+        print(f"pipespec: share of target steps that verify: measured {o['rho_measured']:.2f}, model "
+              f"{o['rho_model']:.2f}; tokens per target step: measured {o['tokens_per_cycle']:.2f}, model "
+              f"{o['model_tokens_per_step']:.2f}, model with the measured share "
+              f"{o['tokens_per_step_with_measured_rho']:.2f}")
     if args.plot:
         plot_speedups(summary, args.plot)
     if args.json_out:
