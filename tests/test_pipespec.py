@@ -35,7 +35,10 @@ def tiny_dir(tmp_path_factory):
 def test_greedy_equals_ar(tiny_dir, chain):
     root, _, refs = tiny_dir
     chain = [c.replace("SMALL", str(root / "small")) for c in chain]
-    with PipeSpecChain(str(root / "target"), chain, gamma=3) as ps:
+    # The scripted drafters get a second to draft first, so the counts below do not depend on how
+    # the OS schedules the processes (a starved drafter would leave the target to generate alone).
+    scripted = chain[0].startswith("reference:") and len(chain) == 1
+    with PipeSpecChain(str(root / "target"), chain, gamma=3, patience=1.0 if scripted else 0.0) as ps:
         for prompt, ref in zip(PROMPTS, refs, strict=True):
             gen = ps.generate(prompt, 40, reference=ref)
             assert gen.tokens == ref
@@ -44,14 +47,14 @@ def test_greedy_equals_ar(tiny_dir, chain):
             if chain == ["reference:1.0"]:
                 assert m.alpha == 1.0 and m.cycles < len(ref) - 1  # several tokens per target step
             if chain == ["reference:0.0"]:
-                assert m.alpha in (0.0, None) and m.cycles == len(ref) - 1  # one token per step
+                assert m.alpha == 0.0 and m.cycles == len(ref) - 1  # one token per step
     assert all(not p.is_alive() for p in ps.procs) and all(p.exitcode == 0 for p in ps.procs)
 
 
 def test_stops_at_eos(tiny_dir):
     root, _, refs = tiny_dir
     eos = refs[0][5]  # a token the target emits early on
-    with PipeSpecChain(str(root / "target"), ["reference:1.0"], gamma=4) as ps:
+    with PipeSpecChain(str(root / "target"), ["reference:1.0"], gamma=4, patience=1.0) as ps:
         gen = ps.generate(PROMPTS[0], 40, eos={eos}, reference=refs[0])
     assert gen.tokens == refs[0][: refs[0].index(eos) + 1] and gen.metrics.stop_reason == "eos"
 

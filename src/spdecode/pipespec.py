@@ -59,7 +59,7 @@ def check_chain(drafters: list[str]) -> None:
             raise SpdError(f"pipespec stage {spec!r} has no model to verify with: it can only be the first stage")
 
 
-def build_stage(index: int, specs: list[str], model_name: str, dtype: str, gamma: int) -> Stage:
+def build_stage(index: int, specs: list[str], model_name: str, dtype: str, gamma: int, patience: float = 0.0) -> Stage:
     """In the stage's own process: load what this stage needs."""
     from .candidates import CachedLM, PromptLookupCandidates, ReferenceCandidates
     from .cli import make_candidates
@@ -74,18 +74,18 @@ def build_stage(index: int, specs: list[str], model_name: str, dtype: str, gamma
         cands = make_candidates(specs[0], model, dtype)
         return Stage(0, n, gamma, candidates=cands, block=gamma if isinstance(cands, PromptLookupCandidates) else 1)
     if kind == "target":
-        return Stage(index, n, gamma, lm=CachedLM(model))
+        return Stage(index, n, gamma, lm=CachedLM(model), patience=patience)
     if kind == "early-exit":
         if not 1 <= int(arg) < model.config.num_hidden_layers:
             raise SpdError(f"early-exit needs 1..{model.config.num_hidden_layers - 1} layers (got {arg})")
-        return Stage(index, n, gamma, lm=CachedLM(model, int(arg)))
+        return Stage(index, n, gamma, lm=CachedLM(model, int(arg)), patience=patience)
     draft, _ = load_model(arg, dtype, tokenizer=False)
     if draft.config.vocab_size != V:
         raise SpdError(f"model {arg} has another vocabulary ({draft.config.vocab_size}) than the target ({V})")
-    return Stage(index, n, gamma, lm=CachedLM(draft))
+    return Stage(index, n, gamma, lm=CachedLM(draft), patience=patience)
 
 
-def stage_main(index, specs, model_name, dtype, gamma, threads, inbox, outbox, cond) -> None:
+def stage_main(index, specs, model_name, dtype, gamma, patience, threads, inbox, outbox, cond) -> None:
     """A stage process: build, report ready, serve requests until told to stop or orphaned."""
     torch.set_num_threads(threads)
     parent = os.getppid()
@@ -94,7 +94,7 @@ def stage_main(index, specs, model_name, dtype, gamma, threads, inbox, outbox, c
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        stage = build_stage(index, specs, model_name, dtype, gamma)
+        stage = build_stage(index, specs, model_name, dtype, gamma, patience)
         info = (stage.lm.context_length, stage.lm.t.config.vocab_size) if stage.lm is not None else None
         outbox.put(("ready", index, info))
         while True:
@@ -118,7 +118,9 @@ class PipeSpecChain:
     """Owns the stage processes; one request at a time; `close()` (or `with`) ends them."""
 
     def __init__(self, model_name: str, drafters: list[str], gamma: int = 4, dtype: str = "float32",
-                 threads: int = 1, timeout: float = 600.0):
+                 threads: int = 1, timeout: float = 600.0, patience: float = 0.0):
+        """patience: seconds a verifying stage waits for its upstream before generating a token
+        itself (0, the paper's behaviour: never)."""
         from .models import resolve_model
 
         check_chain(drafters)
@@ -132,7 +134,7 @@ class PipeSpecChain:
         self.inboxes = [ctx.Queue() for _ in self.specs]
         self.outbox = ctx.Queue()
         self.procs = [ctx.Process(target=stage_main, name=f"pipespec-{i}-{s}", daemon=True,
-                                  args=(i, self.specs, model_name, dtype, gamma, threads, self.inboxes[i],
+                                  args=(i, self.specs, model_name, dtype, gamma, patience, threads, self.inboxes[i],
                                         self.outbox, self.cond))
                       for i, s in enumerate(self.specs)]
         self.closed = False
@@ -184,6 +186,9 @@ class PipeSpecChain:
         vocab = 1 if sampling.greedy else self.vocab_size
         self.shared = SharedChain(n, P + max_new_tokens + 2 * n * g + 2, max_new_tokens + 2 * n * g + 2, vocab,
                                   not sampling.greedy)
+        # Every stage's list starts as the prompt (a stage may publish drafts before anything else).
+        self.shared.seq[:, :P] = torch.tensor(prompt_ids, dtype=torch.long)
+        self.shared.length[:] = P
         req = {"prompt": list(prompt_ids), "max_new_tokens": max_new_tokens, "sampling": sampling,
                "eos": sorted(eos), "reference": reference, "shared": self.shared}
         for box in self.inboxes:

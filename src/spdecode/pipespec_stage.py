@@ -69,8 +69,12 @@ class Stage:
     """Stage `index` of `n`: stage 0 wraps a drafter with the candidates interface, every later
     stage a `CachedLM` that verifies its upstream and drafts for its downstream."""
 
-    def __init__(self, index: int, n: int, gamma: int, candidates=None, lm=None, block: int = 1):
+    def __init__(self, index: int, n: int, gamma: int, candidates=None, lm=None, block: int = 1,
+                 patience: float = 0.0):
         self.index, self.n, self.gamma = index, n, gamma
+        # Seconds a verifying stage waits for upstream drafts before generating a token itself
+        # (0: never wait, the paper's behaviour; tests use it to make the schedule deterministic).
+        self.patience = patience
         # Upstream runs ahead by up to two windows, so drafts are ready right after a full accept.
         self.lookahead = 2 * gamma
         self.candidates, self.lm = candidates, lm
@@ -123,7 +127,7 @@ class Stage:
                 if stop.done(tokens[P:]):
                     sh.done[0] = 1
                 cond.notify_all()
-        t1 = time.perf_counter()
+        t1 = idle_since = time.perf_counter()
         while True:
             drafts, qs, ahead = None, None, 0
             with cond:
@@ -148,6 +152,9 @@ class Stage:
                         drafts = up[len(tokens) : end]
                         if sh.probs is not None:
                             qs = sh.probs[i - 1, len(tokens) - P : end - P].clone()
+                    elif time.perf_counter() - idle_since < self.patience:
+                        cond.wait(WAIT_S)  # give the upstream a chance to draft first
+                        continue
             busy = time.perf_counter()
             if self.lm is None:  # stage 0: a drafter
                 got = self.candidates.propose(tokens, min(self.block, room), sampler)
@@ -163,6 +170,7 @@ class Stage:
                 new = [(*self.pick(self.lm.next_logits(tokens)[-1], sampler), None)]
             st.steps += 1
             st.busy_s += time.perf_counter() - busy
+            idle_since = time.perf_counter()
             with cond:
                 start = len(tokens)
                 for token, p, ok in new:
