@@ -207,15 +207,21 @@ def cmd_generate(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, args.dtype, args.device)
-    if args.method == "pipespec":
-        return generate_pipespec(args, model, tok)
-    target = StagedTarget(model, resolve_split(args, model) if args.method == "spd" else args.stages)
     prompt_ids = encode_prompt(tok, args.prompt, args.chat)
     streamer = None
     if not args.json:
         streamer = TextStreamer(tok, skip_special_tokens=True)
     on_token = (lambda t: streamer.put(torch.tensor([t]))) if streamer else None
     eos = eos_ids(model, tok)
+    stages = args.chain.split(",") + ["target"]  # pipespec: the chain of models, not a layer split
+    if args.method == "pipespec":
+        from .pipespec import PipeSpecChain
+
+        with PipeSpecChain(args.model, args.chain.split(","), args.gamma, args.dtype, args.threads or 1) as chain:
+            gen = chain.generate(prompt_ids, args.max_new_tokens, sampling, eos, on_token=on_token)
+    else:
+        target = StagedTarget(model, resolve_split(args, model) if args.method == "spd" else args.stages)
+        stages = target.stage_sizes
     if args.method == "spd":
         from .drafters import PDMDrafter
         from .models import weights_fingerprint
@@ -236,7 +242,7 @@ def cmd_generate(args) -> int:
         drafter = make_candidates(args.drafter, model, args.dtype, args.device)
         gen = generate_sd(target, drafter, prompt_ids, args.max_new_tokens, sampling, eos, on_token,
                           gamma=args.gamma, adaptive=args.adaptive_gamma)
-    else:
+    elif args.method == "ar":
         if args.draft:
             raise SpdError("--draft is only used with --method spd")
         gen = generate_ar(target, prompt_ids, args.max_new_tokens, sampling, eos, on_token)
@@ -245,39 +251,11 @@ def cmd_generate(args) -> int:
         print(gen.metrics.summary(), file=sys.stderr)
     else:
         print(json.dumps({
-            "model": args.model, "method": args.method, "stages": target.stage_sizes,
+            "model": args.model, "method": args.method, "stages": stages,
             "prompt_tokens": len(prompt_ids), "tokens": gen.tokens,
             "text": tok.decode(gen.tokens, skip_special_tokens=True),
             "metrics": gen.metrics.as_dict(),
         }))
-    return 0
-
-
-def generate_pipespec(args, model, tok) -> int:
-    import torch
-
-    from .generation import eos_ids
-    from .pipespec import PipeSpecChain
-    from .sampling import SamplingParams
-
-    prompt_ids = encode_prompt(tok, args.prompt, args.chat)
-    streamer = None
-    if not args.json:
-        from transformers import TextStreamer
-
-        streamer = TextStreamer(tok, skip_special_tokens=True)
-    on_token = (lambda t: streamer.put(torch.tensor([t]))) if streamer else None
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    with PipeSpecChain(args.model, args.chain.split(","), args.gamma, args.dtype, args.threads or 1) as chain:
-        gen = chain.generate(prompt_ids, args.max_new_tokens, sampling, eos_ids(model, tok), on_token=on_token)
-    if streamer:
-        streamer.end()
-        print(gen.metrics.summary(), file=sys.stderr)
-    else:
-        print(json.dumps({"model": args.model, "method": "pipespec", "chain": args.chain.split(",") + ["target"],
-                          "prompt_tokens": len(prompt_ids), "tokens": gen.tokens,
-                          "text": tok.decode(gen.tokens, skip_special_tokens=True),
-                          "metrics": gen.metrics.as_dict()}))
     return 0
 
 

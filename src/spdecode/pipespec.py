@@ -59,7 +59,8 @@ def check_chain(drafters: list[str]) -> None:
             raise SpdError(f"pipespec stage {spec!r} has no model to verify with: it can only be the first stage")
 
 
-def build_stage(index: int, specs: list[str], model_name: str, dtype: str, gamma: int, patience: float = 0.0) -> Stage:
+def build_stage(index: int, specs: list[str], model_name: str, dtype: str, gamma: int,
+                patience: float = 0.0) -> Stage:
     """In the stage's own process: load what this stage needs."""
     from .candidates import CachedLM, PromptLookupCandidates, ReferenceCandidates
     from .cli import make_candidates
@@ -73,16 +74,9 @@ def build_stage(index: int, specs: list[str], model_name: str, dtype: str, gamma
             return Stage(0, n, gamma, candidates=ReferenceCandidates(V, float(arg)), block=gamma)
         cands = make_candidates(specs[0], model, dtype)
         return Stage(0, n, gamma, candidates=cands, block=gamma if isinstance(cands, PromptLookupCandidates) else 1)
-    if kind == "target":
-        return Stage(index, n, gamma, lm=CachedLM(model), patience=patience)
-    if kind == "early-exit":
-        if not 1 <= int(arg) < model.config.num_hidden_layers:
-            raise SpdError(f"early-exit needs 1..{model.config.num_hidden_layers - 1} layers (got {arg})")
-        return Stage(index, n, gamma, lm=CachedLM(model, int(arg)), patience=patience)
-    draft, _ = load_model(arg, dtype, tokenizer=False)
-    if draft.config.vocab_size != V:
-        raise SpdError(f"model {arg} has another vocabulary ({draft.config.vocab_size}) than the target ({V})")
-    return Stage(index, n, gamma, lm=CachedLM(draft), patience=patience)
+    # A verifying stage: the target itself, or a drafter model checked as `--drafter` checks it.
+    lm = CachedLM(model) if kind == "target" else make_candidates(specs[index], model, dtype).lm
+    return Stage(index, n, gamma, lm=lm, patience=patience)
 
 
 def stage_main(index, specs, model_name, dtype, gamma, patience, threads, inbox, outbox, cond) -> None:
