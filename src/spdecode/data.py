@@ -27,8 +27,9 @@ ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assis
 BUILTIN_PROMPT_SETS = ("mt_bench", "gsm8k", "humaneval")
 
 
-def normalise(turns: list[dict]) -> list[dict] | None:
-    """Role/content messages from role/content or from/value turns; None if unusable."""
+def normalise(turns: list[dict], need_answer: bool = True) -> list[dict] | None:
+    """Role/content messages from role/content or from/value turns; None if unusable (or, with
+    need_answer, if no assistant turn is there to train on)."""
     out = []
     for t in turns:
         role = ROLE.get(str(t.get("role", t.get("from", ""))).lower())
@@ -36,7 +37,7 @@ def normalise(turns: list[dict]) -> list[dict] | None:
         if role is None or not isinstance(content, str) or not content.strip():
             return None
         out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
+    if need_answer and not any(m["role"] == "assistant" for m in out):
         return None
     return out
 
@@ -64,7 +65,8 @@ def sharegpt_path() -> Path:
     return Path(spec.origin).parent / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
 
 
-def load_conversations(source: str = "sharegpt", limit: int | None = None) -> list[list[dict]]:
+def load_conversations(source: str = "sharegpt", limit: int | None = None,
+                       need_answer: bool = True) -> list[list[dict]]:
     if source == "sharegpt":
         rows = stream_json_array(sharegpt_path().read_text(encoding="utf-8"))
         key = "conversations"
@@ -72,8 +74,11 @@ def load_conversations(source: str = "sharegpt", limit: int | None = None) -> li
         rows, key = _user_rows(source), None
     out = []
     for row in rows:
-        turns = row.get(key) if key else row.get("messages", row.get("conversations"))
-        conv = normalise(turns) if isinstance(turns, list) else None
+        if isinstance(row, list):  # a jsonl line that is itself the list of messages
+            turns = row
+        else:
+            turns = row.get(key) if key else row.get("messages", row.get("conversations"))
+        conv = normalise(turns, need_answer) if isinstance(turns, list) else None
         if conv:
             out.append(conv)
             if limit and len(out) >= limit:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
@@ -41,6 +42,8 @@ class TrainSettings:
     seed: int = 0
     val_every: int = 100
     save_every: int = 200
+    micro_batch: int = 1  # sequences per forward pass (padded); >1 pays off on a GPU
+    time_limit: float = 0.0  # seconds for this invocation (0: none); the lr decays by time as well
 
 
 def fill_for_step(n: int, seed: int, step: int) -> int:
@@ -67,32 +70,48 @@ class TeacherHead:
         return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
 
-def example_loss(pdm: PipelineDraftModule, head: TeacherHead, teacher: TeacherFeatures, feats, mask, k: int):
-    """(summed KL, rows counted, top-1 agreements, rows left out as out-of-vocabulary) for one sequence."""
+def batch_loss(pdm: PipelineDraftModule, head: TeacherHead, teacher: TeacherFeatures, items, k: int):
+    """(summed KL, rows counted, top-1 agreements, rows left out as out-of-vocabulary) for a micro-batch
+    of (features, assistant mask) pairs, right-padded to the longest (padding rows never count)."""
     t = pdm.target[0]
-    anchors = teacher.select(feats, pdm.cfg.anchors, t.dtype)
+    S = max(len(mask) for _, mask in items)
+    wanted = pdm.cfg.anchors + [t.n_layers]
     with torch.no_grad():
+        per_item = [teacher.select(feats, wanted, t.dtype) for feats, _ in items]
+        padded = [torch.stack([F.pad(f[j], (0, 0, 0, S - f[j].shape[0])) for f in per_item])
+                  for j in range(len(wanted))]
         # Row p predicts token p+1: it counts when the assistant wrote p+1 and the teacher's
         # favourite is in the draft vocabulary.
-        rows = torch.zeros(len(mask), dtype=torch.bool, device=t.device)
-        rows[:-1] = torch.tensor(mask[1:], device=t.device)
-        ok_vocab = head.in_vocab[feats["best"]]
+        rows = torch.zeros(len(items), S, dtype=torch.bool, device=t.device)
+        best = torch.zeros(len(items), S, dtype=torch.long, device=t.device)
+        for i, (feats, mask) in enumerate(items):
+            rows[i, : len(mask) - 1] = torch.tensor(mask[1:], device=t.device)
+            best[i, : len(mask)] = feats["best"]
+        ok_vocab = head.in_vocab[best]
         oov = int((rows & ~ok_vocab).sum())
         rows &= ok_vocab
         if not rows.any():
             return None, 0, 0, oov
-        log_p = torch.log_softmax(head(teacher.select(feats, [t.n_layers], t.dtype)[0][rows]), -1)
-    logits = layout_logits(pdm, anchors, k)[rows]
-    kl = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), log_p, log_target=True, reduction="sum")
+        log_p = F.log_softmax(head(padded[-1][rows]), -1)
+    logits = layout_logits(pdm, padded[:-1], k)[rows]
+    kl = F.kl_div(F.log_softmax(logits, -1), log_p, log_target=True, reduction="sum")
     agree = int((logits.argmax(-1) == log_p.argmax(-1)).sum())
     return kl, int(rows.sum()), agree, oov
 
 
+def micro_batches(indices: list[int], lengths: list[int], size: int) -> list[list[int]]:
+    """Split a step's sequences into groups of `size`, similar lengths together (less padding)."""
+    order = sorted(indices, key=lambda i: lengths[i])
+    return [order[j : j + size] for j in range(0, len(order), size)]
+
+
 @torch.no_grad()
-def evaluate(pdm, head, teacher, examples, offset: int, k: int) -> dict:
+def evaluate(pdm, head, teacher, examples, offset: int, k: int, micro_batch: int = 1) -> dict:
     tot = rows = agree = oov = 0
-    for i, (ids, mask) in enumerate(examples):
-        kl, r, a, o = example_loss(pdm, head, teacher, teacher.get(offset + i, ids), mask, k)
+    lengths = [len(ids) for ids, _ in examples]
+    for group in micro_batches(list(range(len(examples))), lengths, micro_batch):
+        items = [(teacher.get(offset + i, examples[i][0]), examples[i][1]) for i in group]
+        kl, r, a, o = batch_loss(pdm, head, teacher, items, k)
         tot += float(kl) if kl is not None else 0.0
         rows, agree, oov = rows + r, agree + a, oov + o
     return {"loss": tot / max(rows, 1), "top1": agree / max(rows, 1), "rows": rows,
@@ -118,10 +137,13 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
     tokens_total = sum(len(ids) for ids, _ in train_ex)
     step, history = 0, []
 
-    def lr_at(s):  # linear warm-up, then linear decay to 10%
+    def lr_at(s):  # linear warm-up, then linear decay to 10% (by steps or by the time limit, whichever is further)
         if s < settings.warmup:
             return settings.lr * (s + 1) / settings.warmup
-        return settings.lr * max(0.1, 1 - (s - settings.warmup) / max(1, total_steps - settings.warmup))
+        done = (s - settings.warmup) / max(1, total_steps - settings.warmup)
+        if settings.time_limit:
+            done = max(done, (time.perf_counter() - t_start) / settings.time_limit)
+        return settings.lr * max(0.1, 1 - done)
 
     def batches(epoch):
         order = list(range(len(train_ex)))
@@ -152,22 +174,36 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
     meta = {"settings": asdict(settings), "train_sequences": len(train_ex), "train_tokens": tokens_total}
     bar = tqdm(total=total_steps, initial=step, desc="train PDM", unit="step", dynamic_ncols=True)
     t_start, tok_done, last = time.perf_counter(), 0, {}
+    lengths = [len(ids) for ids, _ in train_ex]
+
+    def validate():
+        pdm.eval()
+        v = evaluate(pdm, head, teacher, val_ex, len(train_ex), n, settings.micro_batch)
+        pdm.train()
+        history.append({"step": step, **v})
+        bar.write(f"step {step}: val loss {v['loss']:.3f} top-1 {v['top1']:.3f} (k={n}, {v['rows']} rows, "
+                  f"oov {v['oov']:.3f})")
+
+    out_of_time = False
     pdm.train()
     try:
         while step < total_steps:
+            out_of_time = settings.time_limit and time.perf_counter() - t_start > settings.time_limit
+            if out_of_time:
+                break
             k = fill_for_step(n, settings.seed, step)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             opt.zero_grad(set_to_none=True)
             tot_kl = rows = agree = 0
-            for i in schedule[step]:
-                ids, mask = train_ex[i]
-                kl, r, a, _ = example_loss(pdm, head, teacher, teacher.get(i, ids), mask, k)
+            for group in micro_batches(schedule[step], lengths, settings.micro_batch):
+                items = [(teacher.get(i, train_ex[i][0]), train_ex[i][1]) for i in group]
+                kl, r, a, _ = batch_loss(pdm, head, teacher, items, k)
                 if kl is None:
                     continue
                 (kl / settings.batch_tokens).backward()
                 tot_kl, rows, agree = tot_kl + kl.item(), rows + r, agree + a
-                tok_done += len(ids)
+                tok_done += sum(lengths[i] for i in group)
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             opt.step()
             step += 1
@@ -176,14 +212,14 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
                             tok_s=f"{tok_done / (time.perf_counter() - t_start):.0f}")
             bar.update(1)
             if val_ex and (step % settings.val_every == 0 or step == total_steps):
-                pdm.eval()
-                v = evaluate(pdm, head, teacher, val_ex, len(train_ex), n)
-                pdm.train()
-                history.append({"step": step, **v})
-                bar.write(f"step {step}: val loss {v['loss']:.3f} top-1 {v['top1']:.3f} (k={n}, {v['rows']} rows, "
-                          f"oov {v['oov']:.3f})")
+                validate()
             if step % settings.save_every == 0 or step == total_steps:
                 save_checkpoint(pdm, opt, out, {"step": step, "history": history, **meta})
+        if out_of_time:
+            bar.write(f"time limit of {settings.time_limit:.0f} s reached at step {step}/{total_steps}")
+            if val_ex and (not history or history[-1]["step"] != step):
+                validate()
+            save_checkpoint(pdm, opt, out, {"step": step, "history": history, **meta})
     except KeyboardInterrupt:
         bar.close()
         save_checkpoint(pdm, opt, out, {"step": step, "history": history, **meta})

@@ -23,7 +23,7 @@ def examples_from(args, model, tok):
         # Regenerating is generation-bound: bfloat16 and batches of 32 make it ~2x faster on CPU.
         gen_model, _ = load_model(args.model, args.regen_dtype, args.device)
         name = f"{Path(args.model).name}-{Path(args.data).name}-{args.limit}-{args.regen_dtype}.jsonl"
-        convs = regenerate(gen_model, tok, convs, cache_dir() / "regenerated" / name, batch_size=32)
+        convs = regenerate(gen_model, tok, convs, cache_dir() / "regenerated" / name, batch_size=args.regen_batch)
         del gen_model
     examples = [ex for ex in (tokenize_conversation(tok, c, args.max_len) for c in convs) if ex]
     if not examples:
@@ -74,6 +74,8 @@ def run_train(args) -> int:
     fixed_mmap_threshold()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 for the draft's matmuls: it is an approximation anyway
     out = Path(args.out)
     if (out / CONFIG_FILE).exists() and not args.resume:
         raise SpdError(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
@@ -96,14 +98,29 @@ def run_train(args) -> int:
           f"draft vocabulary {pdm.lm_head.out_features} covers {coverage:.1%} of assistant tokens; "
           f"stages {target.stage_sizes}, anchors {pdm.cfg.anchors}, Ls {args.layers}")
     teacher = TeacherFeatures(target, pdm.cfg.anchors + [target.n_layers], args.cache_dir, pdm.cfg.base_fingerprint)
-    teacher.warm(train_ex + val_ex)
+    teacher.warm(train_ex + val_ex, batch_size=args.teacher_batch)
     settings = TrainSettings(args.epochs, args.lr, 50, args.batch_tokens, 1.0, args.seed, args.val_every,
-                             args.save_every)
+                             args.save_every, args.micro_batch, args.time_limit)
     result = train(pdm, teacher, train_ex, val_ex, out, settings, resume=args.resume)
     pdm.save(out / "export-fp16", dtype=torch.float16)
     last = result["history"][-1] if result["history"] else result["last"]
     print(f"done: step {result['step']}, val top-1 {last.get('top1', 0):.3f}, {result['seconds']:.0f} s; "
           f"draft in {out} (half-precision copy in {out / 'export-fp16'})")
+    return 0
+
+
+def run_regenerate(args) -> int:
+    from .data import load_conversations
+    from .models import load_model
+    from .train_data import regenerate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, args.dtype, args.device)
+    convs = load_conversations(args.data, args.limit, need_answer=False)  # only the first user turn is used
+    done = regenerate(model, tok, convs, Path(args.out), args.max_new_tokens, args.batch_size,
+                      time_limit=args.time_limit)
+    print(f"{len(done)} answered conversations in {args.out} (a .jsonl usable as --data)")
     return 0
 
 

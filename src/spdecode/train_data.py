@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -104,39 +105,97 @@ class TeacherFeatures:
         self.memory[i] = feats
         return feats
 
-    def warm(self, examples, desc="teacher features") -> None:
-        for i, (ids, _) in enumerate(tqdm(examples, desc=desc, unit="seq", leave=False)):
-            self.get(i, ids)
+    def warm(self, examples, desc="teacher features", batch_size: int = 1) -> None:
+        """Compute every example's features up front; batch_size > 1 (memory only, no cache dir)
+        runs right-padded batches of similar lengths through the target, which a GPU needs."""
+        if batch_size <= 1 or self.cache_dir:
+            for i, (ids, _) in enumerate(tqdm(examples, desc=desc, unit="seq", leave=False)):
+                self.get(i, ids)
+            return
+        order = sorted((i for i in range(len(examples)) if i not in self.memory), key=lambda i: len(examples[i][0]))
+        with tqdm(total=len(order), desc=desc, unit="seq", leave=False) as bar:
+            for j in range(0, len(order), batch_size):
+                group = order[j : j + batch_size]
+                for i, feats in zip(group, self.compute_batch([examples[i][0] for i in group]), strict=True):
+                    self.memory[i] = feats
+                bar.update(len(group))
+
+    @torch.no_grad()
+    def compute_batch(self, seqs: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+        """`compute` for several sequences in one pass of the HF model, right-padded (causal
+        attention keeps padding out of every real position); h_j is layer j's input, captured by
+        hooks, and h_L the last layer's raw output (before the final norm)."""
+        t = self.target
+        S = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), S, dtype=torch.long, device=t.device)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s, device=t.device)
+        got: dict[int, torch.Tensor] = {}
+
+        def grab_input(j):
+            return lambda _m, args, kwargs: got.__setitem__(j, args[0] if args else kwargs["hidden_states"])
+
+        hooks = [t.layers[j].register_forward_pre_hook(grab_input(j), with_kwargs=True)
+                 for j in self.anchors if j < t.n_layers]
+        hooks.append(t.layers[-1].register_forward_hook(
+            lambda _m, _a, out: got.__setitem__(t.n_layers, out[0] if isinstance(out, tuple) else out)))
+        try:
+            t.decoder(input_ids=ids, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        out = []
+        for r, s in enumerate(seqs):
+            n = len(s)
+            out.append({"anchors": torch.stack([got[j][r, :n] for j in self.anchors]).to(torch.float16),
+                        "best": t.logits(got[t.n_layers][r : r + 1, :n])[0].argmax(-1)})
+        return out
 
     def select(self, feats: dict, wanted: list[int], dtype) -> list[torch.Tensor]:
         return [feats["anchors"][self.anchors.index(j)].to(dtype) for j in wanted]
 
 
+def read_regenerated(path: Path) -> list[list[dict]]:
+    """The conversations a (possibly interrupted) regeneration wrote; a torn last line is dropped."""
+    done = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # only the last line can be torn: everything before it was flushed whole
+            done.append(row["messages"] if isinstance(row, dict) else row)
+    return done
+
+
 @torch.no_grad()
 def regenerate(model, tok, convs: list[list[dict]], out_file: Path, max_new_tokens: int = 256,
-               batch_size: int = 16, max_prompt: int = 384) -> list[list[dict]]:
+               batch_size: int = 16, max_prompt: int = 384, time_limit: float = 0.0) -> list[list[dict]]:
     """Single-turn conversations whose answers the target itself wrote (greedy), appended to
-    `out_file` as it goes so an interrupted run picks up where it stopped.
+    `out_file` as it goes so an interrupted run picks up where it stopped. With `time_limit`
+    (seconds), stops starting new batches after that long and returns what exists.
 
     Distilling on the target's own text matches what the drafter sees at inference (the target's
     greedy continuation), which the original human/ChatGPT answers do not.
     """
-    done = []
-    if out_file.exists():
-        done = [json.loads(line) for line in out_file.read_text().splitlines() if line.strip()]
+    done = read_regenerated(out_file)
     prompts = [c[0]["content"] for c in convs if c[0]["role"] == "user"]
     todo = prompts[len(done):]
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out_file.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     with out_file.open("a") as f, tqdm(total=len(prompts), initial=len(done), desc="regenerate", unit="conv") as bar:
         for i in range(0, len(todo), batch_size):
+            if time_limit and time.perf_counter() - t0 > time_limit:
+                bar.write(f"regenerate: time limit reached after {len(done)} of {len(prompts)} conversations")
+                break
             chunk = todo[i : i + batch_size]
             enc = [template_ids(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[-max_prompt:]
                    for p in chunk]
             width = max(map(len, enc))
-            ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])
-            attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
+            ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=model.device)
+            attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=model.device)
             out = model.generate(ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad)
             for p, row in zip(chunk, out[:, width:], strict=True):

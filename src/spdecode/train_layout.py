@@ -37,35 +37,38 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 def lag_block_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                         spd_blocks=None, **kwargs):
-    """query/key/value [1, heads, (k+1)*S, D] in the block layout above; returns ([1, (k+1)*S, heads, D], None)."""
+    """query/key/value [B, heads, (k+1)*S, D] in the block layout above; returns ([B, (k+1)*S, heads, D], None).
+
+    Sequences of a batch are right-padded to S: a row only ever sees positions at or before its own,
+    so padding never reaches a real row."""
     k, S = spd_blocks
-    heads, D = query.shape[1], query.shape[-1]
+    B, heads, D = query.shape[0], query.shape[1], query.shape[-1]
     scaling = scaling if scaling is not None else D**-0.5
     key = _repeat_kv(key, heads // key.shape[1])
     value = _repeat_kv(value, heads // value.shape[1])
-    Q = query[0].reshape(heads, k + 1, S, D)
-    K = key[0].reshape(heads, k + 1, S, D)
-    V = value[0].reshape(heads, k + 1, S, D)
+    Q = query.reshape(B, heads, k + 1, S, D)
+    K = key.reshape(B, heads, k + 1, S, D)
+    V = value.reshape(B, heads, k + 1, S, D)
     idx = torch.arange(S, device=query.device)
     outs = []
     for b in range(k + 1):
         offset = k - b if b < k else 0
-        tri = (Q[:, b] @ K[:, k].transpose(-1, -2)) * scaling  # [heads, S, S] against the completed block
+        tri = (Q[:, :, b] @ K[:, :, k].transpose(-1, -2)) * scaling  # [B, heads, S, S] vs the completed block
         tri = tri.masked_fill(idx[None, :] > idx[:, None] - offset, float("-inf"))
         diag_s, diag_v = [], []
         for c in range(b, k if b < k else b):
             e = c - b  # the row at depth c of the same window sits e positions earlier
-            kc = F.pad(K[:, c, : S - e], (0, 0, e, 0))
-            vc = F.pad(V[:, c, : S - e], (0, 0, e, 0))
-            s = (Q[:, b] * kc).sum(-1) * scaling
+            kc = F.pad(K[:, :, c, : S - e], (0, 0, e, 0))
+            vc = F.pad(V[:, :, c, : S - e], (0, 0, e, 0))
+            s = (Q[:, :, b] * kc).sum(-1) * scaling
             diag_s.append(s.masked_fill(idx < e, float("-inf"))[..., None])
             diag_v.append(vc)
         probs = torch.softmax(torch.cat([tri, *diag_s], dim=-1), dim=-1)
-        out = probs[..., :S] @ V[:, k]
+        out = probs[..., :S] @ V[:, :, k]
         for j, vc in enumerate(diag_v):
             out = out + probs[..., S + j, None] * vc
         outs.append(out)
-    return torch.stack(outs, dim=1).reshape(1, heads, (k + 1) * S, D).transpose(1, 2), None
+    return torch.stack(outs, dim=2).reshape(B, heads, (k + 1) * S, D).transpose(1, 2), None
 
 
 AttentionInterface.register(ATTN_NAME, lag_block_attention)
@@ -86,14 +89,18 @@ def layout_attention(pdm):
 
 
 def layout_logits(pdm, anchors: list[torch.Tensor], k: int) -> torch.Tensor:
-    """Draft logits [S, Vd] for every position as the newest of a window of k in-flight tokens.
+    """Draft logits [S, Vd] ([B, S, Vd]) for every position as the newest of a window of k in-flight tokens.
 
-    anchors: the PDM's anchors of one sequence, each [S, H] (h_0 first), from one teacher-forced pass.
+    anchors: the PDM's anchors from one teacher-forced pass, each [S, H] (h_0 first), or each
+    [B, S, H] for B right-padded sequences.
     """
-    S = anchors[0].shape[0]
+    batched = anchors[0].dim() == 3
+    if not batched:
+        anchors = [a[None] for a in anchors]
+    S = anchors[0].shape[1]
     m = pdm.cfg.n_types
     blocks = [pdm.project(pdm.type_of_depth[c], anchors) for c in range(k)] + [pdm.project(m - 1, anchors)]
-    hidden = torch.cat(blocks)[None]  # [1, (k+1)*S, H]
+    hidden = torch.cat(blocks, dim=1)  # [B, (k+1)*S, H]
     pos = torch.arange(S, device=hidden.device).repeat(k + 1)[None]
     target = pdm.target[0]
     rotary = target.decoder.rotary_emb
@@ -103,4 +110,5 @@ def layout_logits(pdm, anchors: list[torch.Tensor], k: int) -> torch.Tensor:
             out = layer(hidden, attention_mask=None, position_embeddings=pe, position_ids=pos,
                         past_key_values=None, use_cache=False, spd_blocks=(k, S))
             hidden = out[0] if isinstance(out, tuple) else out
-    return pdm.head(hidden[0, :S])
+    logits = pdm.head(hidden[:, :S])
+    return logits if batched else logits[0]
