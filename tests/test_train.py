@@ -208,3 +208,19 @@ def test_prompt_sets(tmp_path):
         load_prompt_set(str(bad))
     with pytest.raises(SpdError, match="neither"):
         load_prompt_set("no_such_set")
+
+
+@pytest.mark.integration
+def test_an_over_long_prompt_is_shortened_in_its_text_not_its_template():
+    from transformers import AutoTokenizer
+
+    from spdecode.models import resolve_model
+    from spdecode.train_data import fit_prompt, template_ids
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    short = template_ids(tok, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    text, ids = fit_prompt(tok, "hi", 64)
+    assert (text, ids) == ("hi", short)
+    text, ids = fit_prompt(tok, "word " * 500, 64)
+    assert len(ids) <= 64 and ids[:3] == short[:3] and ids[-3:] == short[-3:]
+    assert ids == template_ids(tok, [{"role": "user", "content": text}], add_generation_prompt=True)

@@ -155,6 +155,20 @@ class TeacherFeatures:
         return [feats["anchors"][self.anchors.index(j)].to(dtype) for j in wanted]
 
 
+def fit_prompt(tok, text: str, max_prompt: int) -> tuple[str, list[int]]:
+    """(text, templated ids) of a user prompt of at most max_prompt tokens: an over-long prompt loses
+    the end of its text, never the template's opening (cutting ids would drop the role header)."""
+    ids = template_ids(tok, [{"role": "user", "content": text}], add_generation_prompt=True)
+    while len(ids) > max_prompt:
+        content = tok(text, add_special_tokens=False)["input_ids"]
+        keep = len(content) - (len(ids) - max_prompt) - 4
+        if keep < 1:
+            raise ValueError(f"the chat template alone is longer than {max_prompt} tokens")
+        text = tok.decode(content[:keep])
+        ids = template_ids(tok, [{"role": "user", "content": text}], add_generation_prompt=True)
+    return text, ids
+
+
 def read_regenerated(path: Path) -> list[list[dict]]:
     """The conversations a (possibly interrupted) regeneration wrote; a torn last line is dropped."""
     done = []
@@ -190,9 +204,8 @@ def regenerate(model, tok, convs: list[list[dict]], out_file: Path, max_new_toke
             if time_limit and time.perf_counter() - t0 > time_limit:
                 bar.write(f"regenerate: time limit reached after {len(done)} of {len(prompts)} conversations")
                 break
-            chunk = todo[i : i + batch_size]
-            enc = [template_ids(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[-max_prompt:]
-                   for p in chunk]
+            # The stored prompt is the (possibly shortened) text the answer was written for.
+            chunk, enc = zip(*(fit_prompt(tok, p, max_prompt) for p in todo[i : i + batch_size]), strict=True)
             width = max(map(len, enc))
             ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=model.device)
             attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=model.device)
