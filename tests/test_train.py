@@ -194,6 +194,21 @@ def test_stream_parse_drops_the_truncated_tail():
     assert normalise(rows[0]["conversations"]) == [{"role": "user", "content": "hi"},
                                                    {"role": "assistant", "content": "hello"}]
     assert normalise([{"from": "human", "value": "only a question"}]) is None
+    # ...unless only the question is wanted (regeneration answers it).
+    assert normalise([{"from": "human", "value": "only a question"}], need_answer=False) == [
+        {"role": "user", "content": "only a question"}]
+
+
+def test_conversation_files(tmp_path):
+    from spdecode.data import load_conversations
+
+    f = tmp_path / "c.jsonl"
+    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    f.write_text(json.dumps(conv) + "\n" + json.dumps({"messages": conv[:1]}) + "\n")
+    assert load_conversations(str(f)) == [conv]  # a bare list per line is a conversation too
+    assert load_conversations(str(f), need_answer=False) == [conv, conv[:1]]
+    with pytest.raises(SpdError, match="does not exist"):
+        load_conversations(str(tmp_path / "missing.jsonl"))
 
 
 def test_prompt_sets(tmp_path):

@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--time-limit", type=float, default=0.0, help="stop starting new batches after this many seconds")
     r.add_argument("--out", required=True, help="jsonl of conversations, appended to (an interrupted run resumes)")
-    r.set_defaults(func=cmd_train)
+    r.set_defaults(func=cmd_regenerate)
 
     b = sub.add_parser("bench", help="compare decoding methods on prompt sets, side by side in one run")
     add_model_args(b)
@@ -331,9 +331,15 @@ def worker_args(args, sizes: list[int]) -> list[str]:
 
 
 def cmd_train(args) -> int:
-    from .train_cli import run_regenerate, run_train
+    from .train_cli import run_train
 
-    return run_train(args) if args.command == "train" else run_regenerate(args)
+    return run_train(args)
+
+
+def cmd_regenerate(args) -> int:
+    from .train_cli import run_regenerate
+
+    return run_regenerate(args)
 
 
 def cmd_bench(args) -> int:

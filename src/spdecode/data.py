@@ -90,6 +90,8 @@ def load_conversations(source: str = "sharegpt", limit: int | None = None,
 
 def _user_rows(source: str) -> Iterator[dict]:
     path = Path(source).expanduser()
+    if path.suffix in (".parquet", ".jsonl", ".json") and not path.exists():
+        raise SpdError(f"data file {path} does not exist")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq  # optional: only for parquet input
 

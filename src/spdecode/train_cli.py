@@ -116,8 +116,8 @@ def run_regenerate(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, args.dtype, args.device)
     convs = load_conversations(args.data, args.limit, need_answer=False)  # only the first user turn is used
+    model, tok = load_model(args.model, args.dtype, args.device)
     done = regenerate(model, tok, convs, Path(args.out), args.max_new_tokens, args.batch_size,
                       time_limit=args.time_limit)
     print(f"{len(done)} answered conversations in {args.out} (a .jsonl usable as --data)")
