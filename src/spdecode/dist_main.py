@@ -50,7 +50,8 @@ def parse(argv=None):
 
 def run(args) -> int:
     from .dist_comm import Link
-    from .dist_spd import RootRank, serve_stage
+    from .dist_spd import RootRank
+    from .dist_stage import serve_stage
     from .models import files_fingerprint, load_partial_model, resolve_model
     from .sampling import SamplingParams
     from .staged import StagedTarget

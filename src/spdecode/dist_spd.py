@@ -25,84 +25,15 @@ from collections import defaultdict
 import torch
 
 from .dist_comm import END, NONE, PREFILL, SHUTDOWN, TAG_FORWARD, TAG_TO_ROOT, TOKEN, VERDICT, Link, Message
+from .dist_stage import sampling_vector
 from .drafters import AnchorStore, DraftContext
 from .errors import SpdError
 from .generation import Generation, start_generation
-from .sampling import GREEDY, Sampler, SamplingParams
+from .sampling import GREEDY, SamplingParams
 from .schedule import PipelineSchedule
 from .spd import Clock, settle
 from .staged import StagedTarget
-from .verify import Draft, propose, verify
-
-
-def sampling_vector(s: SamplingParams) -> torch.Tensor:
-    return torch.tensor([s.temperature, s.top_k, s.top_p, -1 if s.seed is None else s.seed], dtype=torch.float)
-
-
-def sampling_from(v: torch.Tensor) -> SamplingParams:
-    t, k, p, seed = v.tolist()
-    return SamplingParams(t, int(k), p, None if seed < 0 else int(seed))
-
-
-def serve_stage(target: StagedTarget, link: Link, stage: int) -> None:
-    """Loop of a rank s >= 1 until SHUTDOWN: prefill, cycles, and an END ack after each request."""
-    last = stage == target.n_stages - 1
-    epoch, sampler, timer = 0, None, Clock(defaultdict(float))
-
-    def report(msg: Message) -> None:
-        link.send(0, msg, TAG_TO_ROOT)
-
-    def forward(msg: Message) -> None:
-        if not last:
-            link.send(stage + 1, msg, TAG_FORWARD)
-
-    while True:
-        timer.lap("other")
-        msg = link.recv(stage - 1, TAG_FORWARD)
-        timer.lap("wait")
-        if msg.kind == SHUTDOWN:
-            forward(Message(SHUTDOWN))
-            link.flush()
-            return
-        if msg.kind in (END, NONE):
-            forward(Message(msg.kind))
-            if msg.kind == END:  # the request is over: acknowledge with this rank's timers
-                report(Message(END, payload=torch.tensor([[timer.phases[k] for k in ("compute", "wait", "send")]])))
-                timer.phases.clear()
-            else:
-                report(Message(NONE))
-            link.end_cycle()
-            timer.lap("send")
-            continue
-        with torch.inference_mode():
-            if msg.kind == PREFILL:
-                epoch, sampler = msg.epoch, Sampler(sampling_from(msg.extra))
-                target.rollback(0)
-                target.reserve(msg.payload.shape[0] + 1)
-                h = target.run_stage(stage, msg.payload[None], 0)
-                timer.lap("compute")
-                if last:
-                    y0 = sampler.choose(target.logits(h[:, -1])[0])
-                    report(Message(VERDICT, epoch, 0, token=y0, payload=h[0]))
-                else:
-                    forward(Message(PREFILL, epoch, payload=h[0], extra=msg.extra))
-                    report(Message(TOKEN, epoch, 0, payload=h[0]))
-                    forward(Message(NONE))  # primes the next rank: in cycle c it consumes our cycle c-1
-            else:
-                if msg.epoch != epoch:  # first token after a rejection: drop the flushed positions
-                    target.rollback(msg.pos)
-                    epoch = msg.epoch
-                h = target.run_stage(stage, msg.payload[None], msg.pos)
-                if last:
-                    draft = Draft(msg.successor, msg.extra)
-                    accepted, token = verify(target.logits(h)[0, -1], draft, sampler)
-                    report(Message(VERDICT, epoch, msg.pos, token=token, flag=int(accepted), payload=h[0]))
-                else:
-                    forward(Message(TOKEN, epoch, msg.pos, msg.token, msg.successor, payload=h[0], extra=msg.extra))
-                    report(Message(TOKEN, epoch, msg.pos, payload=h[0]))
-                timer.lap("compute")
-        link.end_cycle()
-        timer.lap("send")
+from .verify import Draft, propose
 
 
 class RootRank:
@@ -164,9 +95,13 @@ class RootRank:
             store.put(j, 0, hj[0])
         if store and 0 in self.anchor_of_rank:
             store.put(self.anchor_of_rank[0], 0, h[0])
+        # Rank 0 always takes rank 1's report before sending rank 1 its next message: rank 1 sends its
+        # report before receiving, so both sides of the pair post their operations in the same order.
+        # NCCL serialises both directions of a rank pair on one stream, and the opposite order
+        # (send, then receive, on both sides) deadlocks there; gloo's buffered sends hide it.
         link.send(1, Message(PREFILL, self.epoch, payload=h[0], extra=sampling_vector(sampling)), TAG_FORWARD)
-        link.send(1, Message(NONE), TAG_FORWARD)
         verdict = self._gather(store)
+        link.send(1, Message(NONE), TAG_FORWARD)  # primes rank 1: in cycle c it consumes our cycle c-1
         link.flush()
         tokens = list(prompt_ids) + [verdict[2]]
         emitted = [verdict[2]]
@@ -196,8 +131,8 @@ class RootRank:
             if self.late:
                 draft = self.draft(tokens, sched.start, store, sampler, m)
                 clock.lap("draft")
+            verdict = self._gather(store)  # before the send: see the prefill
             link.send(1, Message(TOKEN, self.epoch, pos, x, draft.token, payload=h[0], extra=draft.q), TAG_FORWARD)
-            verdict = self._gather(store)
             link.end_cycle()
             clock.lap("wait")
             accepted = None
