@@ -30,6 +30,8 @@ PROMPTS = ["Explain how a bicycle stays upright.", "Write a short story about a 
 class PDMCostOracle:
     """Runs the PDM every cycle (its real cost) but proposes the reference token (always accepted)."""
 
+    method = "spd"
+    after_stage0 = False
     vocab = None
 
     def __init__(self, pdm_drafter: PDMDrafter, oracle: ReferenceDrafter):

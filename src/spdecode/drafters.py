@@ -55,6 +55,9 @@ class DraftContext:
 class PDMDrafter:
     """SPD's trained drafter: the Pipeline Draft Module over anchors of every depth."""
 
+    method = "spd"
+    after_stage0 = False
+
     def __init__(self, pdm: PipelineDraftModule):
         self.pdm = pdm
         self.anchors = pdm.cfg.anchors
@@ -90,6 +93,8 @@ class ReferenceDrafter:
     proposes a wrong token, which will be flushed anyway.
     """
 
+    method = "spd"
+    after_stage0 = False
     anchors: list[int] = []
     vocab = None
 

@@ -23,10 +23,48 @@ from tqdm import tqdm
 
 from .bench import encode_first_turn, pooled
 from .data import load_prompt_set
+from .generation import StopRule
+from .metrics import Metrics
 from .pdm import PipelineDraftModule
-from .schedule import PipelineSchedule
+from .spd_core import SpdRun, Verdict
 from .staged import StagedTarget
 from .train_layout import layout_logits
+from .verify import Draft
+
+
+class ReplayDrafts:
+    """The PDM's greedy drafts for every position and window size, read from the training layout."""
+
+    def __init__(self, by_window: dict[int, list[int]], length: int):
+        self.by_window, self.length = by_window, length
+
+    def reset(self, prompt_len: int) -> None:
+        pass
+
+    def propose(self, run: SpdRun) -> Draft:
+        pos = run.sched.draft_position
+        # Drafts past the teacher-forced sequence are never verified (they sit behind the last token).
+        return Draft(self.by_window[run.sched.k][pos - 1] if pos - 1 < self.length else -1, None)
+
+
+class Replay:
+    """The SpdRun executor that runs no stage: the teacher-forced pass already knows every verdict."""
+
+    def __init__(self, generated: list[int], prompt_len: int):
+        self.truth = [None] * prompt_len + list(generated)
+
+    def prefill(self, run: SpdRun) -> int:
+        return self.truth[run.prompt_len]
+
+    def cycle(self, run: SpdRun, token: int, position: int) -> Verdict | None:
+        run.propose_draft()
+        if not run.sched.exits:
+            return None
+        q = run.sched.verify_position
+        return Verdict.single(q, run.candidate.token == self.truth[q], self.truth[q])
+
+    def rollback(self, position: int) -> None:
+        pass
 
 
 @torch.no_grad()
@@ -43,32 +81,20 @@ def replay_greedy(target: StagedTarget, pdm: PipelineDraftModule, prompt: list[i
         if gen[-1] in eos or len(gen) == len(continuation) or ids[p + 1] != gen[-1]:
             break
         p += 1
-    truth = list(prompt) + gen
     anchors = [got[j] for j in pdm.cfg.anchors]
     drafts = {}
     for k in range(1, pdm.cfg.n_stages + 1):
         top = layout_logits(pdm, anchors, k).argmax(-1)
         drafts[k] = (top if pdm.vocab is None else pdm.vocab[top]).tolist()
     n = pdm.cfg.n_stages
-    sched, pending = PipelineSchedule(n, P), {}
-    verified = accepted = cycles = 0
-    while 1 + verified < len(gen):  # the first token comes from the prefill
-        cycles += 1
-        pos = sched.draft_position
-        # Drafts past the teacher-forced sequence are never verified (they sit behind the last token).
-        draft = drafts[sched.k][pos - 1] if pos - 1 < len(ids) else -1
-        acc = None
-        if sched.exits:
-            q = sched.verify_position
-            acc = pending.pop(q, draft) == truth[q]
-            verified, accepted = verified + 1, accepted + acc
-        out = sched.advance(acc)
-        if out.rollback_to is not None:
-            pending.clear()
-        elif out.verified_position != pos:  # (n == 1 verified this very draft already)
-            pending[pos] = draft
-    return {"method": "spd-replay", "n_stages": n, "new_tokens": len(gen), "cycles": cycles,
-            "drafts_verified": verified, "drafts_accepted": accepted, "decode_s": 0.0, "decode_tok_s": None}
+    # The generation ends where `gen` ends: at EOS, or where the teacher-forced pass stops vouching.
+    m = Metrics(method="spd-replay", n_stages=n, prompt_tokens=P)
+    run = SpdRun(n, prompt, ReplayDrafts(drafts, len(ids)), StopRule(set(eos), len(gen)), m)
+    if run.drive(Replay(gen, P)).tokens != gen:
+        raise RuntimeError("the replay emitted other tokens than the teacher-forced pass vouches for")
+    return {"method": "spd-replay", "n_stages": n, "new_tokens": m.new_tokens, "cycles": m.cycles,
+            "drafts_verified": m.drafts_verified, "drafts_accepted": m.drafts_accepted, "decode_s": 0.0,
+            "decode_tok_s": None}
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ per-prompt ratios):
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -71,3 +72,15 @@ class Metrics:
                 parts.append(f"tokens/cycle {self.tokens_per_cycle:.2f} tau {self.tau:.2f} (n={self.n_stages})")
         parts.append(f"stop: {self.stop_reason}")
         return f"[{self.method}] " + ", ".join(parts)
+
+
+class Clock:
+    """Adds wall time to named phases (a dict of seconds, e.g. Metrics.phase_s)."""
+
+    def __init__(self, phases):
+        self.phases, self.t = phases, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] += now - self.t
+        self.t = now

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 
 from .generation import Generation, start_generation
+from .metrics import Clock
 from .sampling import GREEDY, SamplingParams
-from .spd import Clock
 from .staged import StagedTarget
 from .verify import verify
 
