@@ -1,10 +1,18 @@
 """Point-to-point messages between pipeline ranks (torch.distributed: gloo on CPU, NCCL on GPU).
 
-A message is an int64 header and, when it carries rows, a float payload [rows, width]. Sends are
-non-blocking (isend) and waited for once per cycle, so two ranks sending to each other never
-deadlock; receives block, with the process group's timeout, and a failure names the peer rank.
+A message is an int64 header and, when it carries rows, a float payload [rows, width], then an
+optional flat `extra` tensor that keeps its dtype (float32 draft distributions, int64 sampling
+parameters). Sends are non-blocking (isend) and waited for once per cycle; receives block, with
+the process group's timeout, and a failure names the peer rank.
 
-Header fields: kind, epoch, position, token, successor token, payload rows and columns, flag, extra length.
+Both directions of a rank pair share one NCCL stream, and a send completes only once the peer
+has posted the matching receive: two ranks that each send and then receive from the other
+deadlock there (gloo's buffered sends hide it). Every pair must post its operations in the same
+order on both sides. The point-to-point primitives go through a transport object (default:
+torch.distributed), so that tests can run ranks as threads under NCCL-like ordering rules.
+
+Header fields: kind, epoch, position, token, successor token, payload rows and columns, flag, extra
+length, extra dtype.
 The epoch counts rollbacks: a rank that receives a newer epoch rolls its cache back to the
 message's position; rank 0 ignores anything from an older epoch (stale work of flushed tokens).
 """
@@ -19,8 +27,10 @@ import torch.distributed as dist
 from .errors import SpdError
 
 NONE, TOKEN, PREFILL, VERDICT, END, SHUTDOWN, STATS = range(7)
-HEADER = 9
+HEADER = 10
 TAG_FORWARD, TAG_TO_ROOT = 1, 2
+# dtypes an `extra` tensor may travel in, by wire code
+EXTRA_DTYPES = [torch.float32, torch.float64, torch.int64, torch.bfloat16, torch.float16]
 
 
 @dataclass
@@ -35,12 +45,25 @@ class Message:
     extra: torch.Tensor | None = None  # e.g. the successor draft's distribution q when sampling
 
 
+class TorchTransport:
+    """Point-to-point primitives of the default process group (gloo or NCCL)."""
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int):
+        """Start sending; returns a work object whose wait() blocks until the send completed."""
+        return dist.isend(tensor, dst, tag=tag)
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: int) -> None:
+        """Receive into `tensor`, blocking."""
+        dist.recv(tensor, src, tag=tag)
+
+
 class Link:
     """One rank's endpoints: pending sends, blocking receives, per-phase timers."""
 
-    def __init__(self, rank: int, world: int, device, dtype):
+    def __init__(self, rank: int, world: int, device, dtype, transport=None):
         self.rank, self.world = rank, world
         self.device, self.dtype = device, dtype
+        self.transport = transport if transport is not None else TorchTransport()
         self.pending: list = []  # (work, tensor) of this cycle's sends; tensors must outlive them
         self.previous: list = []  # last cycle's sends
 
@@ -48,32 +71,37 @@ class Link:
         rows = 0 if msg.payload is None else msg.payload.shape[0]
         cols = 0 if msg.payload is None else msg.payload.reshape(rows, -1).shape[1]
         extra = 0 if msg.extra is None else msg.extra.numel()
-        head = torch.tensor([msg.kind, msg.epoch, msg.pos, msg.token, msg.successor, rows, cols, msg.flag, extra],
-                            dtype=torch.long)
+        code = 0
+        if extra:
+            if msg.extra.dtype not in EXTRA_DTYPES:
+                raise SpdError(f"a message's extra tensor cannot travel as {msg.extra.dtype}")
+            code = EXTRA_DTYPES.index(msg.extra.dtype)
+        head = torch.tensor([msg.kind, msg.epoch, msg.pos, msg.token, msg.successor, rows, cols, msg.flag, extra,
+                             code], dtype=torch.long)
         parts = [head.to(self.device)]
         if rows:
-            parts.append(msg.payload.reshape(rows, -1).to(self.dtype).contiguous())
+            parts.append(msg.payload.reshape(rows, -1).to(self.device, self.dtype).contiguous())
         if extra:
-            parts.append(msg.extra.reshape(-1).float().contiguous())
+            parts.append(msg.extra.reshape(-1).to(self.device).contiguous())
         for t in parts:
-            self.pending.append((dist.isend(t, dst, tag=tag), t))
+            self.pending.append((self.transport.isend(t, dst, tag), t))
 
     def recv(self, src: int, tag: int) -> Message:
         head = torch.empty(HEADER, dtype=torch.long, device=self.device)
         self._recv(head, src, tag)
-        kind, epoch, pos, token, successor, rows, cols, flag, extra = head.tolist()
+        kind, epoch, pos, token, successor, rows, cols, flag, extra, code = head.tolist()
         msg = Message(kind, epoch, pos, token, successor, flag)
         if rows:
             msg.payload = torch.empty(rows, cols, dtype=self.dtype, device=self.device)
             self._recv(msg.payload, src, tag)
         if extra:
-            msg.extra = torch.empty(extra, dtype=torch.float, device=self.device)
+            msg.extra = torch.empty(extra, dtype=EXTRA_DTYPES[code], device=self.device)
             self._recv(msg.extra, src, tag)
         return msg
 
     def _recv(self, t: torch.Tensor, src: int, tag: int) -> None:
         try:
-            dist.recv(t, src, tag=tag)
+            self.transport.recv(t, src, tag)
         except Exception as exc:  # gloo/NCCL report a dead or hung peer as a generic RuntimeError
             raise SpdError(f"rank {src} (stage {src}) failed, hung or disconnected while rank {self.rank} "
                            f"waited for it: {str(exc).splitlines()[0][:200]}") from exc

@@ -9,23 +9,57 @@ from collections import defaultdict
 import torch
 
 from .dist_comm import END, NONE, PREFILL, SHUTDOWN, TAG_FORWARD, TAG_TO_ROOT, TOKEN, VERDICT, Link, Message
+from .errors import SpdError
 from .sampling import Sampler, SamplingParams
 from .spd import Clock
 from .staged import StagedTarget
 from .verify import Draft, verify
 
 
-def sampling_vector(s: SamplingParams) -> torch.Tensor:
-    return torch.tensor([s.temperature, s.top_k, s.top_p, -1 if s.seed is None else s.seed], dtype=torch.float)
+def _float_bits(x: float) -> int:
+    return int(torch.tensor([x], dtype=torch.float64).view(torch.int64)[0])
+
+
+def _bits_float(b: int) -> float:
+    return float(torch.tensor([b], dtype=torch.int64).view(torch.float64)[0])
+
+
+def sampling_vector(s: SamplingParams, max_positions: int = 0) -> torch.Tensor:
+    """A request's sampling parameters, exactly, as an int64 vector (the PREFILL message's extra):
+    [temperature and top_p as float64 bits, top_k, seed kind (0 none, 1 int64, 2 wrapped uint64), seed,
+    max_positions]. `max_positions` (0: not given) is how many positions the request can reach
+    (prompt + max_new_tokens + n_stages): every rank reserves its KV cache for that at prefill."""
+    seed, kind = (0, 0) if s.seed is None else (int(s.seed), 1)
+    if kind and not -2**63 <= seed < 2**64:
+        raise SpdError(f"seed {seed} is out of range (a 64-bit integer)")
+    if seed >= 2**63:
+        seed, kind = seed - 2**64, 2
+    return torch.tensor([_float_bits(s.temperature), int(s.top_k), _float_bits(s.top_p), kind, seed,
+                         int(max_positions)], dtype=torch.int64)
 
 
 def sampling_from(v: torch.Tensor) -> SamplingParams:
-    t, k, p, seed = v.tolist()
-    return SamplingParams(t, int(k), p, None if seed < 0 else int(seed))
+    """Inverse of sampling_vector; also reads the old float32 vector [temperature, top_k, top_p, seed or -1]."""
+    return request_from(v)[0]
 
 
-def serve_stage(target: StagedTarget, link: Link, stage: int) -> None:
-    """Loop of a rank s >= 1 until SHUTDOWN: prefill, cycles, and an END ack after each request."""
+def request_from(v: torch.Tensor) -> tuple[SamplingParams, int]:
+    """(sampling parameters, max_positions or 0) of a PREFILL message's extra."""
+    if v.is_floating_point():  # a sender from before the exact encoding
+        t, k, p, seed = v.tolist()[:4]
+        return SamplingParams(t, int(k), p, None if seed < 0 else int(seed)), 0
+    t, k, p, kind, seed, *rest = v.tolist()
+    seed = None if kind == 0 else seed + (2**64 if kind == 2 else 0)
+    return SamplingParams(_bits_float(t), int(k), _bits_float(p), seed), int(rest[0]) if rest else 0
+
+
+def serve_stage(target: StagedTarget, link: Link, stage: int, max_new_tokens: int | None = None) -> None:
+    """Loop of a rank s >= 1 until SHUTDOWN: prefill, cycles, and an END ack after each request.
+
+    At prefill the rank reserves its KV cache once for the whole request: for the positions rank 0
+    names in the PREFILL message, else (a rank 0 that does not send them) for prompt +
+    `max_new_tokens` + n_stages, so that the cache never grows (allocate and copy) while decoding.
+    """
     last = stage == target.n_stages - 1
     epoch, sampler, timer = 0, None, Clock(defaultdict(float))
 
@@ -56,9 +90,13 @@ def serve_stage(target: StagedTarget, link: Link, stage: int) -> None:
             continue
         with torch.inference_mode():
             if msg.kind == PREFILL:
-                epoch, sampler = msg.epoch, Sampler(sampling_from(msg.extra))
+                params, positions = request_from(msg.extra)
+                epoch, sampler = msg.epoch, Sampler(params, target.device)
                 target.rollback(0)
-                target.reserve(msg.payload.shape[0] + 1)
+                prompt = msg.payload.shape[0]
+                if not positions and max_new_tokens:
+                    positions = prompt + max_new_tokens + target.n_stages
+                target.reserve(min(max(positions, prompt + 1), target.context_length))
                 h = target.run_stage(stage, msg.payload[None], 0)
                 timer.lap("compute")
                 if last:
