@@ -156,7 +156,7 @@ def model():
 
 # Rank 0's _drain (dist_spd.py) sends END before taking rank 1's report of the last cycle: both
 # sides of the pair then have a send at the head, which deadlocks under NCCL. The fix there is one
-# line, `self._gather(None)` before `self.link.send(1, Message(END), TAG_FORWARD)`; drop this mark then.
+# line, `self._gather()` before `self.link.send(1, Message(END), TAG_FORWARD)`; drop this mark then.
 @pytest.mark.xfail(strict=True, raises=SpdError, reason="rank 0 sends END before taking rank 1's last report")
 @pytest.mark.parametrize("sizes", [[3, 3], [2, 2, 2]])
 def test_rank_pair_exchange_cannot_deadlock_under_nccl_ordering(model, sizes):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,11 +11,13 @@ import time
 import pytest
 import torch
 from conftest import tiny_model, train_tiny_pdm
+from transformers import GenerationConfig
 
 from spdecode.ar import generate_ar
 from spdecode.drafters import PDMDrafter
+from spdecode.generation import eos_ids
 from spdecode.launch import torchrun_command
-from spdecode.models import weights_fingerprint
+from spdecode.models import load_model, weights_fingerprint
 from spdecode.pdm import load_pdm
 from spdecode.spd import generate_spd
 from spdecode.staged import StagedTarget
@@ -67,6 +70,30 @@ def test_distributed_equals_single_process_and_ar(tiny_setup, sizes):
         rejected += m["drafts_verified"] - m["drafts_accepted"]
         assert len(rec["rank_stats"]) == len(sizes) - 1
     assert accepted and rejected  # rollbacks across processes were exercised
+
+
+def test_distributed_ranks_take_eos_from_generation_config(tiny_setup, tmp_path):
+    """config.json and generation_config.json name different EOS ids: the distributed run stops where
+    the single-process decoder on load_model (from_pretrained: generation_config.json) stops."""
+    model, root, prompts, drafts, _ = tiny_setup
+    d = tmp_path / "model"
+    shutil.copytree(root / "model", d)
+    p = prompts[0]
+    free = generate_ar(StagedTarget(model), p, 30).tokens  # no EOS at all
+    k = next(i for i in range(2, 30) if free[i] not in free[:i] and free[i] != 2)
+    GenerationConfig(bos_token_id=1, eos_token_id=[free[k]], pad_token_id=0).save_pretrained(d)
+    assert json.loads((d / "config.json").read_text())["eos_token_id"] == 2
+    loaded, _ = load_model(str(d), tokenizer=False)
+    eos = eos_ids(loaded, None)
+    assert eos == {free[k]}
+    expected = generate_ar(StagedTarget(loaded), p, 30, eos=eos).tokens
+    assert expected == free[: k + 1]
+    requests, out = tmp_path / "r.jsonl", tmp_path / "o.json"
+    requests.write_text(json.dumps(p) + "\n")
+    res = launch(2, ["--model", str(d), "--stages", "3,3", "--draft", str(drafts[2]), "--requests", str(requests),
+                     "--max-new-tokens", "30", "--json-out", str(out), "--timeout", "60"], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(out.read_text())[0]["tokens"] == expected
 
 
 @pytest.mark.integration

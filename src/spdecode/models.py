@@ -205,7 +205,7 @@ def load_partial_model(name: str, layers: range, embed: bool, head: bool, dtype:
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     source = resolve_model(name)
     if isinstance(source, str):
@@ -214,6 +214,12 @@ def load_partial_model(name: str, layers: range, embed: bool, head: bool, dtype:
     config._attn_implementation = "sdpa"
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation="sdpa")
+    # from_config takes generation settings (EOS ids among them) from config.json; from_pretrained
+    # reads generation_config.json when there is one, and so must every rank, or they stop elsewhere.
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    except OSError:  # no generation_config.json: the model config's values, as from_pretrained keeps
+        pass
     tied = bool(getattr(config, "tie_word_embeddings", False))
     wanted = [f"model.layers.{i}." for i in layers]
     if embed or (head and tied):
