@@ -87,7 +87,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "spdecode_source.json").write_text(json.dumps({"gguf": gguf.name}))
+        write_source_info(tmp, gguf=gguf.name)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -174,26 +174,92 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return fingerprint_tensors(model.named_parameters())
 
 
+SOURCE_FILE = "spdecode_source.json"
+
+
 def files_fingerprint(directory: Path) -> str:
-    """The same fingerprint read from a model directory's safetensors, for processes that hold only a part."""
+    """The same fingerprint read from a model directory's safetensors, for processes that hold only a part.
+
+    The value stored at conversion is used while the weight files are the ones it was computed from
+    (same names, sizes and modification times); otherwise only the sampled rows of each tensor are
+    read, one tensor at a time: no process ever loads the whole model for this.
+    """
+    d = Path(directory)
+    try:
+        info = json.loads((d / SOURCE_FILE).read_text())
+        if info.get("fingerprint") and info.get("weights") == _weight_files(d):
+            return str(info["fingerprint"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    return scan_fingerprint(d)
+
+
+def _weight_files(d: Path) -> dict:
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(d.glob("*.safetensors"))}
+
+
+def scan_fingerprint(directory: Path) -> str:
+    """files_fingerprint computed from the files, reading only the sampled rows of each tensor."""
+    from contextlib import ExitStack
+
     from safetensors import safe_open
 
-    tensors = {}
-    for f in sorted(Path(directory).glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            tensors.update({k: st.get_tensor(k) for k in st.keys()})
-    return fingerprint_tensors(tensors.items())
+    with ExitStack() as stack:
+        where = {}  # tensor name -> open file (a later file wins, as a dict update of all of them would)
+        for f in sorted(Path(directory).glob("*.safetensors")):
+            st = stack.enter_context(safe_open(f, "pt"))
+            where.update(dict.fromkeys(st.keys(), st))
+        h = hashlib.sha256()
+        for name in sorted(where):
+            sl = where[name].get_slice(name)
+            shape = tuple(sl.get_shape())
+            _fingerprint_update(h, name, shape, _sampled_rows(sl, shape))
+    return h.hexdigest()[:16]
+
+
+def _sample_indices(numel: int) -> list[int]:
+    """Flat indices of a tensor's fingerprint sample: flat[::step][:64]."""
+    step = max(1, numel // 64)
+    return list(range(0, numel, step))[:64]
+
+
+def _sampled_rows(sl, shape: tuple) -> torch.Tensor:
+    """The fingerprint sample of a safetensors slice, reading only the rows (first dimension) it falls in."""
+    numel = 1
+    for x in shape:
+        numel *= x
+    if len(shape) < 2 or numel == 0:
+        return sl[:].reshape(-1)[_sample_indices(numel)]
+    row = numel // shape[0]
+    rows: dict[int, torch.Tensor] = {}
+    out = []
+    for i in _sample_indices(numel):
+        r = i // row
+        if r not in rows:
+            rows[r] = sl[r : r + 1].reshape(-1)
+        out.append(rows[r][i - r * row])
+    return torch.stack(out)
+
+
+def _fingerprint_update(h, name: str, shape: tuple, sample: torch.Tensor) -> None:
+    h.update(name.encode())
+    h.update(str(tuple(shape)).encode())
+    h.update(sample.to("cpu", torch.bfloat16).float().numpy().tobytes())
 
 
 def fingerprint_tensors(named) -> str:
     h = hashlib.sha256()
     for name, p in sorted(named, key=lambda kv: kv[0]):
         flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 64)][:64].to("cpu", torch.bfloat16).float()
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(sample.numpy().tobytes())
+        _fingerprint_update(h, name, tuple(p.shape), flat[:: max(1, flat.numel() // 64)][:64])
     return h.hexdigest()[:16]
+
+
+def write_source_info(directory: Path, **info) -> None:
+    """Write spdecode_source.json: `info`, the weights' fingerprint and the weight files it belongs to."""
+    d = Path(directory)
+    info.update(fingerprint=scan_fingerprint(d), weights=_weight_files(d))
+    (d / SOURCE_FILE).write_text(json.dumps(info))
 
 
 def load_partial_model(name: str, layers: range, embed: bool, head: bool, dtype: str = "float32",
