@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -117,29 +118,66 @@ def children(pid):
     return [int(x) for x in out.split()]
 
 
-def test_killed_rank_ends_the_run_with_a_message(tiny_setup, tmp_path):
-    """SIGKILL one rank mid-generation: the run ends non-zero, names a failed rank, leaves no process."""
+def start_launcher(nproc, args):
+    """What `spdecode generate/bench --distributed` run: spdecode.launch.run_distributed (torchrun under it)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    code = ("import sys; from spdecode.launch import run_distributed; "
+            "sys.exit(run_distributed(int(sys.argv[1]), sys.argv[2:]))")
+    return subprocess.Popen([sys.executable, "-c", code, str(nproc), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def rank_of(pid):
+    env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return int(next(e for e in env if e.startswith(b"RANK="))[5:])
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_killed_rank_ends_the_run_with_a_message(tiny_setup, tmp_path, victim):
+    """SIGKILL one rank mid-generation: the run ends non-zero within seconds (not after --timeout), with
+    spdecode's own `error: rank ...` line naming the dead rank, and leaves no process behind."""
     _, root, _, drafts, _ = tiny_setup
     requests = tmp_path / "long.jsonl"
     requests.write_text("".join(json.dumps([5, 6, 7]) + "\n" for _ in range(200)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = torchrun_command(2, ["--model", str(root / "model"), "--stages", "3,3", "--draft", str(drafts[2]),
-                               "--requests", str(requests), "--max-new-tokens", "200",
-                               "--json-out", str(tmp_path / "o.json"), "--timeout", "30"])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = start_launcher(2, ["--model", str(root / "model"), "--stages", "3,3", "--draft", str(drafts[2]),
+                              "--requests", str(requests), "--max-new-tokens", "200",
+                              "--json-out", str(tmp_path / "o.json"), "--timeout", "60"])
     workers = []
     deadline = time.time() + 60
     while len(workers) < 2 and time.time() < deadline:
         time.sleep(0.5)
-        workers = children(proc.pid)
+        workers = [w for t in children(proc.pid) for w in children(t)]
     assert len(workers) == 2, "torchrun did not start two ranks"
-    time.sleep(6)  # let them load and start decoding
-    os.kill(workers[-1], signal.SIGKILL)
+    time.sleep(8)  # let them load and start decoding
+    assert proc.poll() is None
+    victim_pid = next(w for w in workers if rank_of(w) == victim)
+    os.kill(victim_pid, signal.SIGKILL)
     t0 = time.time()
-    _, err = proc.communicate(timeout=90)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert time.time() - t0 < 60
-    assert "rank" in err and ("failed" in err or "exitcode" in err)
+    assert time.time() - t0 < 30, err  # not the 60 s --timeout
+    lines = err.splitlines()
+    assert any(line.startswith("error: rank") and f"rank {victim}" in line for line in lines), err
+    assert all(line.startswith(("error: rank", "warning:", "[spd")) for line in lines), err  # no torchrun noise
     time.sleep(1)
     for pid in workers:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_unexpected_exception_on_a_rank_shows_its_cause(tiny_setup, tmp_path):
+    """A failure that is no SpdError (here a corrupted weights file) shows its type, message and
+    traceback through the launcher, instead of only torchrun's 'a rank failed'."""
+    _, root, prompts, drafts, _ = tiny_setup
+    d = tmp_path / "model"
+    shutil.copytree(root / "model", d)
+    (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100])
+    requests = tmp_path / "r.jsonl"
+    requests.write_text(json.dumps(prompts[0]) + "\n")
+    proc = start_launcher(2, ["--model", str(d), "--stages", "3,3", "--draft", str(drafts[2]),
+                              "--requests", str(requests), "--json-out", str(tmp_path / "o.json"),
+                              "--timeout", "60"])
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    assert re.search(r"^error: rank \d: unexpected SafetensorError: \S", err, re.M), err
+    assert re.search(r"^  rank \d \| Traceback \(most recent call last\):$", err, re.M), err
+    assert re.search(r"^  rank \d \| .*in load_partial_model$", err, re.M), err

@@ -5,8 +5,8 @@
 Every rank loads only its own layers (rank 0 also the embedding, the final norm and the PDM; the
 last rank the norm and the head). Rank 0 runs the requests: one --prompt, or every line of
 --requests (JSON lists of prompt token ids) for `spdecode bench --distributed`, and writes results
-to --json-out. A rank that fails prints `error: rank R: ...` and exits non-zero; torchrun then
-stops the others.
+to --json-out. A rank that fails prints `error: rank R: ...` (an unexpected exception also its
+type and traceback) and exits at once, non-zero; torchrun then stops the others.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 import warnings
 from datetime import timedelta
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import SpdError
+from .launch import TRACE_PREFIX
 
 
 def parse(argv=None):
@@ -99,6 +101,7 @@ def run(args) -> int:
     root = RootRank(target, drafter, link)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     eos = eos_ids(model, tok)
+    done = False
     try:
         if args.requests:
             with open(args.requests) as f:
@@ -134,9 +137,27 @@ def run(args) -> int:
             if args.json_out:
                 with open(args.json_out, "w") as f:
                     json.dump(result, f)
+        done = True
     finally:
-        root.shutdown()
+        if done:  # a graceful SHUTDOWN only after success: after a failure a peer may be dead (see main)
+            root.shutdown()
     return 0
+
+
+def report_failure(rank, exc: Exception) -> None:
+    """`error: rank R: ...` on stderr; for anything but an SpdError also its type and traceback, each
+    line prefixed so that the launcher passes it on (one write per line: ranks share the stream)."""
+    if isinstance(exc, SpdError):
+        lines = [f"error: rank {rank}: {exc}"]
+    else:
+        first = (str(exc).splitlines() or [""])[0][:500]
+        lines = [f"error: rank {rank}: unexpected {type(exc).__name__}: {first}"]
+        lines += [TRACE_PREFIX.format(rank=rank) + line
+                  for line in "".join(traceback.format_exception(exc)).splitlines()]
+    sys.stdout.flush()
+    for line in lines:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 def main(argv=None) -> int:
@@ -149,15 +170,13 @@ def main(argv=None) -> int:
     hf_logging.set_verbosity_error()
     try:
         code = run(args)
-    except SpdError as exc:
-        print(f"error: rank {rank}: {exc}", file=sys.stderr, flush=True)
-        code = 2
-    finally:
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # a dead peer can make teardown fail; we are exiting anyway
-                pass
+    except Exception as exc:
+        report_failure(rank, exc)
+        # Exit at once: flushing sends or tearing the process group down could wait on a dead peer
+        # for the whole --timeout (and then report that instead); torchrun stops the other ranks.
+        os._exit(2)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return code
 
 

@@ -1,14 +1,23 @@
 """Start a distributed run on this machine: torchrun with one process per stage.
 
 torchrun (torch.distributed.run) does the rendezvous and, when a rank fails, stops the others
-and reports which one failed; we only build its command line.
+and reports which one failed. We build its command line and, from its stderr, keep the ranks' own
+lines (errors with their tracebacks, warnings, summaries); a rank that died without a word (killed)
+is named from torchrun's failure report.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
+
+# Prefix of the traceback lines a rank prints under its `error: rank R: unexpected ...` line.
+TRACE_PREFIX = "  rank {rank} | "
+_TRACE = re.compile(r"^  rank \S+ \| ")
+_KEEP = ("error:", "warning:", "[spd", "[speed")
 
 
 def torchrun_command(nproc: int, worker_args: list[str], master_port: int | None = None,
@@ -36,11 +45,46 @@ def run_distributed(nproc: int, worker_args: list[str], master_port: int | None 
         proc.wait(30)
         raise
     if err:
-        # Keep the ranks' own lines (errors, warnings, summaries); drop torchrun's banners and tracebacks.
-        lines = [line for line in err.splitlines() if line.startswith(("error:", "warning:", "[spd", "[speed"))]
-        if proc.returncode and not any(line.startswith("error:") for line in lines):
-            failed = [line.strip() for line in err.splitlines() if "rank" in line and ":" in line][-3:]
-            lines.append("error: a pipeline rank failed: " + " | ".join(failed))
-        for line in lines:
+        for line in rank_lines(err, proc.returncode):
             print(line, file=sys.stderr)
     return proc.returncode
+
+
+def rank_lines(err: str, returncode: int) -> list[str]:
+    """The lines of torchrun's stderr to show: the ranks' own (errors and their tracebacks, warnings,
+    summaries), not torchrun's banners and tracebacks; plus `error: rank R: ...` for a rank that
+    torchrun reports failed but that said nothing itself (killed, or died before it could). Ranks
+    ended by SIGTERM are left out unless they are the first failure: that is torchrun stopping the rest."""
+    lines = [line for line in err.splitlines() if line.startswith(_KEEP) or _TRACE.match(line)]
+    if returncode:
+        for rank, code, root in torchrun_failures(err):
+            if code == -signal.SIGTERM and not root:
+                continue
+            if not any(line.startswith(f"error: rank {rank}:") for line in lines):
+                try:
+                    what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+                except ValueError:
+                    what = f"exited with code {code}"
+                lines.append(f"error: rank {rank}: {what}")
+        if not any(line.startswith("error:") for line in lines):
+            failed = [line.strip() for line in err.splitlines() if "rank" in line and ":" in line][-3:]
+            lines.append("error: a pipeline rank failed: " + " | ".join(failed))
+    return lines
+
+
+def torchrun_failures(err: str) -> list[tuple[int, int, bool]]:
+    """(rank, exit code, whether it is the root cause) of each failure in torchrun's report
+    (`rank : R (local_rank: ...)` then `exitcode : X (pid: ...)`, the first failure under `Root Cause`)."""
+    out, rank, root = [], None, False
+    for line in err.splitlines():
+        if line.startswith("Root Cause"):
+            root = True
+        m = re.match(r"^\s*rank\s*:\s*(\d+)", line)
+        if m:
+            rank = int(m.group(1))
+            continue
+        m = re.match(r"^\s*exitcode\s*:\s*(-?\d+)", line)
+        if m and rank is not None:
+            out.append((rank, int(m.group(1)), root))
+            rank = None
+    return out
