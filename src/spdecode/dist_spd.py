@@ -73,7 +73,9 @@ class RootRank:
                                         None if sampling.seed is None else sampling.seed + 1)
         max_new_tokens, sampler, stop, m = start_generation(t, prompt_ids, max_new_tokens, draft_sampling, eos,
                                                             self.drafter.method + "-dist", lookahead=n - 1)
-        self.store = anchor_store(t, self.drafter, len(prompt_ids) + max_new_tokens + n)
+        # Every position this request can write, in every rank's cache: each reserves it once.
+        self.positions = len(prompt_ids) + max_new_tokens + n
+        self.store = anchor_store(t, self.drafter, self.positions)
         self.sampling = sampling
         self.epoch += 1
         source = DrafterSource(self.drafter, self.store, sampler, t.config.vocab_size)
@@ -91,7 +93,8 @@ class RootRank:
         # report before receiving, so both sides of the pair post their operations in the same order.
         # NCCL serialises both directions of a rank pair on one stream, and the opposite order
         # (send, then receive, on both sides) deadlocks there; gloo's buffered sends hide it.
-        link.send(1, Message(PREFILL, self.epoch, payload=h[0], extra=sampling_vector(self.sampling)), TAG_FORWARD)
+        link.send(1, Message(PREFILL, self.epoch, payload=h[0], extra=sampling_vector(self.sampling, self.positions)),
+                  TAG_FORWARD)
         verdict = self._gather()
         link.send(1, Message(NONE), TAG_FORWARD)  # primes rank 1: in cycle c it consumes our cycle c-1
         link.flush()
@@ -128,6 +131,7 @@ class RootRank:
 
     def _drain(self) -> None:
         """End the request: every rank finishes its in-flight cycles, then acknowledges with its timers."""
+        self._gather()  # rank 1's report of the last cycle comes before our next send (see prefill)
         self.link.send(1, Message(END), TAG_FORWARD)
         stats, open_ranks = {}, list(range(1, self.n))
         while open_ranks:  # round-robin, one report per rank, as in a cycle: draining one rank
