@@ -35,11 +35,18 @@ def test_stops_at_eos_and_includes_it():
     assert gen.tokens == hf_greedy(model, ids, 30, eos=eos)
 
 
-def test_metrics_are_consistent():
-    gen = generate_ar(StagedTarget(tiny_model("llama")), [5, 6, 7], 12)
+def test_ar_cycles_are_counted_target_passes():
+    """A cycle is one target pass after the prefill: counted from the passes the target really ran
+    (not from tokens_per_cycle, which is defined from the same counters)."""
+    target = StagedTarget(tiny_model("llama"))
+    passes, forward = [], target.forward
+    target.forward = lambda ids, start, *a, **k: passes.append((ids.shape[1], start)) or forward(ids, start, *a, **k)
+    gen = generate_ar(target, [5, 6, 7], 12)
     m = gen.metrics
-    assert m.new_tokens == len(gen.tokens) == 12 and m.cycles == 11
-    assert m.tokens_per_cycle == 1.0 and m.stop_reason == "length" and m.prompt_tokens == 3
+    # One prefill of the 3 prompt tokens, then one pass per further token, each at the next position.
+    assert passes == [(3, 0)] + [(1, 3 + i) for i in range(11)]
+    assert m.new_tokens == len(gen.tokens) == 12 and m.cycles == len(passes) - 1
+    assert m.stop_reason == "length" and m.prompt_tokens == 3
 
 
 def test_sampling_is_seeded_and_respects_top_k():

@@ -30,14 +30,57 @@ def test_greedy_equals_ar_with_scripted_drafters(tiny, n, accuracy):
     assert gen.tokens == ref
     m = gen.metrics
     assert m.new_tokens == len(ref) == 1 + m.drafts_verified  # first token + one per verification
-    assert m.drafts_accepted == round((m.alpha or 0) * m.drafts_verified)
-    assert m.tau == pytest.approx(n * (m.new_tokens - 1) / m.cycles)
     if accuracy == 1.0:
         # Oracle: after the n-1 fill cycles every cycle emits a token (tokens/cycle 1, tau -> n).
         assert m.alpha == 1.0 and m.cycles == (m.new_tokens - 1) + (n - 1)
     if accuracy == 0.0 and n > 1:
         # Always wrong: every verification is a rejection followed by a full refill.
         assert m.alpha == 0.0 and m.cycles == n * (m.new_tokens - 1)
+
+
+class LoggedReferenceDrafter(ReferenceDrafter):
+    """A ReferenceDrafter that records each proposal: (position, tokens before it, token)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log = []
+
+    def propose(self, ctx):
+        logits = super().propose(ctx)
+        self.log.append((ctx.draft_position, list(ctx.tokens), int(torch.argmax(logits))))
+        return logits
+
+
+def verdicts(log, prompt: list[int], ref: list[int]) -> list[bool]:
+    """Whether each verified draft was right, from the drafter's own proposals and the reference
+    alone: the draft verified at position j is the one proposed after the right tokens (a draft
+    proposed after a wrong one is flushed unverified), and it is right iff it is the reference's."""
+    expected = list(prompt) + list(ref)
+    out = []
+    for j in range(len(prompt) + 1, len(expected)):
+        made = [token for pos, before, token in log if pos == j and before == expected[:j]]
+        assert len(made) == 1, (j, made)
+        out.append(made[0] == expected[j])
+    return out
+
+
+@pytest.mark.parametrize("n", range(1, 7))
+@pytest.mark.parametrize("accuracy", [1.0, 0.0, 0.5])
+def test_spd_counts_follow_from_the_drafts_and_the_schedule(tiny, n, accuracy):
+    """alpha's counts and the cycle count (hence tokens/cycle and tau) checked against what the
+    drafter proposed and the schedule's rule, never against the formulas that define them."""
+    model, ref = tiny
+    drafter = LoggedReferenceDrafter(PROMPT, ref, 97, accuracy, seed=n)
+    m = generate_spd(StagedTarget(model, n), drafter, PROMPT, 40).metrics
+    outcomes = verdicts(drafter.log, PROMPT, ref)
+    if accuracy == 0.5:
+        assert 0 < sum(outcomes) < len(outcomes)  # both branches were taken
+    assert (m.drafts_verified, m.drafts_accepted) == (len(outcomes), sum(outcomes))
+    # One cycle per verification, plus n-1 to fill the pipeline at the start and after each
+    # rejection that another verification follows (test_schedule checks this rule).
+    cycles = len(outcomes) + (n - 1) * (1 + sum(1 for ok in outcomes[:-1] if not ok))
+    assert m.cycles == cycles
+    assert m.tau == pytest.approx(n * len(outcomes) / cycles)
 
 
 @pytest.mark.parametrize("n", range(1, 7))
