@@ -38,8 +38,9 @@ def load_sets(args) -> dict[str, list[dict]]:
 
 
 def make_runners(methods, model, model_name: str, stages, draft, args=None, stack=None):
-    """method -> callable(prompt_ids, max_new_tokens, sampling, eos) -> Generation. Processes a
-    method starts (PipeSpec's chain) are closed by `stack` (a contextlib.ExitStack)."""
+    """method -> callable(prompt_ids, max_new_tokens, sampling, eos) -> Generation. `stages`: SPD's
+    split; SPEED's is `cli.speed_split` (the same as in `generate`). Processes a method starts
+    (PipeSpec's chain) are closed by `stack` (a contextlib.ExitStack)."""
     from .ar import generate_ar
     from .drafters import PDMDrafter, SpeedDrafter
     from .models import weights_fingerprint
@@ -56,8 +57,10 @@ def make_runners(methods, model, model_name: str, stages, draft, args=None, stac
             spd_target = StagedTarget(model, stages)
             drafter = PDMDrafter(pdm_for(spd_target, model_name, weights_fingerprint(model), draft))
             runners[m] = lambda ids, k, s, e, t=spd_target, d=drafter: generate_spd(t, d, ids, k, s, e)
-        elif m == "speed":  # the same pipeline as SPD (equal n), SPEED's early-exit drafter
-            speed_target = StagedTarget(model, stages)
+        elif m == "speed":  # the SPD pipeline with SPEED's early-exit drafter, on SPEED's split (speed_split)
+            from .cli import speed_split
+
+            speed_target = StagedTarget(model, speed_split(args, model))
             drafter = SpeedDrafter(speed_target, args.speed_depth or speed_target.stage_sizes[0])
             runners[m] = lambda ids, k, s, e, t=speed_target, d=drafter: generate_spd(t, d, ids, k, s, e)
         elif m == "sd":
@@ -70,7 +73,8 @@ def make_runners(methods, model, model_name: str, stages, draft, args=None, stac
         elif m == "pipespec":
             from .pipespec import PipeSpecChain
 
-            chain = stack.enter_context(PipeSpecChain(model_name, args.chain.split(","), args.gamma, args.dtype))
+            chain = stack.enter_context(PipeSpecChain(model_name, args.chain.split(","), args.gamma, args.dtype,
+                                                      device=args.device))
             runners[m] = lambda ids, k, s, e, c=chain: c.generate(ids, k, s, e)
         else:
             raise SpdError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
@@ -171,10 +175,10 @@ def run_distributed_spd(args, model, tok, sets, eos) -> list[dict]:
     """SPD with one process per stage (torchrun) over every prompt; records like the in-process ones."""
     import tempfile
 
-    from .cli import resolve_split, worker_args
+    from .cli import distributed_split, worker_args
     from .launch import run_distributed
 
-    sizes = resolve_split(args, model, balance=True)
+    sizes = distributed_split(args, model)
     order = [(name, row) for name, rows in sets.items() for row in rows]
     with tempfile.TemporaryDirectory() as tmp:
         req, out = Path(tmp) / "requests.jsonl", Path(tmp) / "out.json"
@@ -208,9 +212,15 @@ def rank_breakdown(records: list[dict]) -> dict:
 def run_bench(args) -> int:
     from .models import load_model
 
-    if getattr(args, "distributed", False):
-        return run_bench_distributed(args)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    distributed = getattr(args, "distributed", False)
+    # What runs: in one process the listed methods; distributed, its spd/speed ones (spd if none).
+    runs = (distributed_methods(args) if distributed else methods)
+    if args.draft and "spd" not in runs:
+        raise SpdError(f"--draft is a PDM checkpoint, used only by spd, which --method {args.method} does not "
+                       "run (add spd or drop --draft)")
+    if distributed:
+        return run_bench_distributed(args)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise SpdError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
@@ -221,7 +231,7 @@ def run_bench(args) -> int:
     model, tok = load_model(args.model, args.dtype, args.device)
     from .cli import resolve_split
 
-    stages = resolve_split(args, model) if "spd" in methods else args.stages
+    stages = resolve_split(args, model) if "spd" in methods else None  # SPD's split (speed has its own rule)
     with contextlib.ExitStack() as stack:
         runners = make_runners(methods, model, args.model, stages, args.draft, args, stack)
         records = run_prompts(args, runners, tok, sets, eos_ids(model, tok))
@@ -273,6 +283,11 @@ def run_prompts(args, runners, tok, sets, eos) -> list[dict]:
     return records
 
 
+def distributed_methods(args) -> list[str]:
+    """The methods `bench --distributed` runs across processes: the listed spd/speed, else spd."""
+    return [m.strip() for m in args.method.split(",") if m.strip() in ("spd", "speed")] or ["spd"]
+
+
 def run_bench_distributed(args) -> int:
     """Distributed SPD against the best in-process AR (1 and 2 threads), same prompts, one invocation."""
     from .ar import generate_ar
@@ -294,7 +309,7 @@ def run_bench_distributed(args) -> int:
                 gen = generate_ar(target, encode_first_turn(tok, row["turns"][0]), args.max_new_tokens, sampling, eos)
                 records.append({"dataset": name, "question_id": row["question_id"], "tokens": gen.tokens,
                                 **gen.metrics.as_dict(), "method": f"ar-{threads}t"})
-    dist_methods = [m.strip() for m in args.method.split(",") if m.strip() in ("spd", "speed")] or ["spd"]
+    dist_methods = distributed_methods(args)
     dist_records = []
     for dm in dist_methods:  # SPD's PDM and SPEED's early exit on the same process pipeline
         dist_records += run_distributed_spd(argparse.Namespace(**{**vars(args), "method": dm}), model, tok, sets, eos)

@@ -4,7 +4,8 @@ The interface follows HF's candidate generators, two methods:
   propose(tokens, gamma, sampler) -> [Draft]   up to gamma drafted tokens after `tokens`, each with
                                                the distribution it was drawn from (None: greedy)
   update(tokens, accepted)                     what verification kept (a drafter may adapt)
-A deterministic drafter (prompt lookup) gives a one-hot q, which keeps rejection sampling exact.
+A deterministic drafter (prompt lookup) gives a one-hot q, which keeps rejection sampling exact;
+q lives on the target's device (verification subtracts it from the target's p there).
 """
 
 from __future__ import annotations
@@ -18,17 +19,19 @@ from .staged import StagedTarget
 from .verify import Draft, propose
 
 
-def one_hot(token: int, size: int) -> torch.Tensor:
-    q = torch.zeros(size)
+def one_hot(token: int, size: int, device="cpu") -> torch.Tensor:
+    q = torch.zeros(size, device=device)
     q[token] = 1.0
     return q
 
 
 class PromptLookupCandidates:
-    """Copy what followed the latest earlier occurrence of the context's last n-gram (no parameters)."""
+    """Copy what followed the latest earlier occurrence of the context's last n-gram (no parameters).
+    `device`: the target's, where its one-hot q must be when sampling."""
 
-    def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1, device="cpu"):
         self.vocab_size, self.max_ngram, self.min_ngram = vocab_size, max_ngram, min_ngram
+        self.device = device
 
     def propose(self, tokens: list[int], gamma: int, sampler: Sampler) -> list[Draft]:
         for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
@@ -36,8 +39,8 @@ class PromptLookupCandidates:
             for start in range(len(tokens) - n - 1, -1, -1):  # the most recent match first
                 if tokens[start : start + n] == tail:
                     follow = tokens[start + n : start + n + gamma]
-                    q = (lambda t: None) if sampler.params.greedy else (lambda t: one_hot(t, self.vocab_size))
-                    return [Draft(t, q(t)) for t in follow]
+                    greedy = sampler.params.greedy
+                    return [Draft(t, None if greedy else one_hot(t, self.vocab_size, self.device)) for t in follow]
         return []
 
     def update(self, tokens: list[int], accepted: int) -> None:
@@ -114,10 +117,11 @@ def early_exit_candidates(model, layers: int) -> ModelCandidates:
 class ReferenceCandidates:
     """Test and benchmark drafter that knows the target's greedy continuation (`set_reference`):
     each drafted token is right with probability `accuracy` (1.0: always right, 0.0: always
-    wrong: the reference token + 1). Off the reference path it proposes nothing."""
+    wrong: the reference token + 1). Off the reference path it proposes nothing. `device`: the
+    target's, where its one-hot q must be when sampling."""
 
-    def __init__(self, vocab_size: int, accuracy: float = 1.0, seed: int = 0):
-        self.vocab_size, self.accuracy = vocab_size, accuracy
+    def __init__(self, vocab_size: int, accuracy: float = 1.0, seed: int = 0, device="cpu"):
+        self.vocab_size, self.accuracy, self.device = vocab_size, accuracy, device
         self.rng = random.Random(seed)
         self.expected: list[int] = []
 
@@ -131,7 +135,7 @@ class ReferenceCandidates:
         out = []
         for t in self.expected[n : n + gamma]:
             token = t if self.rng.random() < self.accuracy else (t + 1) % self.vocab_size
-            out.append(Draft(token, None if sampler.params.greedy else one_hot(token, self.vocab_size)))
+            out.append(Draft(token, None if sampler.params.greedy else one_hot(token, self.vocab_size, self.device)))
             if token != t:
                 break
         return out

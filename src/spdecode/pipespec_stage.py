@@ -88,7 +88,10 @@ class Stage:
 
     def check(self, logits, drafts: list[int], qs, sampler: Sampler) -> list[tuple[int, object, bool | None]]:
         """Verify `drafts` with the shared rule: (token, its q, accepted?) per emitted token, then
-        the bonus token (accepted None) when every draft passed."""
+        the bonus token (accepted None) when every draft passed. The upstream's q comes from shared
+        (CPU) memory: it is compared on the device of this stage's logits."""
+        if qs is not None:
+            qs = qs.to(logits.device)
         out = []
         for j, x in enumerate(drafts):
             ok, token = verify(logits[j], Draft(x, None if qs is None else qs[j]), sampler)

@@ -34,12 +34,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def generator(self, device="cpu") -> torch.Generator | None:
-        if self.greedy:
-            return None
-        g = torch.Generator(device=device)
-        g.manual_seed(self.seed if self.seed is not None else torch.seed())
-        return g
 
     def warpers(self) -> LogitsProcessorList:
         procs = LogitsProcessorList()
@@ -53,12 +47,37 @@ class SamplingParams:
 
 
 class Sampler:
-    """Turns logits into a token (greedy) or into warped probabilities and a seeded draw."""
+    """Turns logits into a token (greedy) or into warped probabilities and a seeded draw.
 
-    def __init__(self, params: SamplingParams, device="cpu"):
+    Every random draw uses a generator on the device of the tensor it draws for (a CUDA draw
+    needs a CUDA generator), made on first use there and seeded with the sampler's one seed; so
+    a sampler works wherever its logits live, whatever device it was created for.
+    """
+
+    def __init__(self, params: SamplingParams, device=None):
+        """`device`: where the draws will happen, if known (its generator is made at once)."""
         self.params = params
         self._warpers = params.warpers()
-        self.generator = params.generator(device)
+        # One seed for the whole run (a missing one: drawn now), whichever devices draw with it.
+        self.seed = None if params.greedy else (params.seed if params.seed is not None else torch.seed())
+        self._generators: dict[torch.device, torch.Generator] = {}
+        if device is not None and not params.greedy:
+            self.generator_for(device)
+
+    def generator_for(self, device) -> torch.Generator | None:
+        """The seeded generator for draws on `device` (None when greedy: nothing is drawn)."""
+        if self.params.greedy:
+            return None
+        device = torch.device(device)
+        g = self._generators.get(device)
+        if g is None:
+            g = self._generators[device] = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+        return g
+
+    def uniform(self, device) -> float:
+        """One U(0, 1) draw, made on `device` (the device of the tensors it is compared with)."""
+        return float(torch.rand((), generator=self.generator_for(device), device=device))
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Warped distribution over the vocabulary, for logits [..., V] (fp32)."""
@@ -66,7 +85,7 @@ class Sampler:
         return torch.softmax(self._warpers(None, flat), dim=-1).reshape(logits.shape)
 
     def draw(self, probs: torch.Tensor) -> int:
-        return int(torch.multinomial(probs.reshape(-1), 1, generator=self.generator))
+        return int(torch.multinomial(probs.reshape(-1), 1, generator=self.generator_for(probs.device)))
 
     def choose(self, logits: torch.Tensor) -> int:
         """Next token from one position's logits [V]."""

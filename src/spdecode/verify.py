@@ -46,7 +46,7 @@ def verify(target_logits: torch.Tensor, draft: Draft, sampler: Sampler) -> tuple
         return best == draft.token, best
     p = sampler.probs(target_logits)
     x = draft.token
-    u = float(torch.rand((), generator=sampler.generator, device=p.device))
+    u = sampler.uniform(p.device)
     # u * q(x) <= p(x) is u <= p/q without dividing by a tiny q.
     if u * float(draft.q[x]) <= float(p[x]):
         return True, x
