@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from spdecode.ar import generate_ar
-from spdecode.generation import eos_ids
-from spdecode.models import load_model
-from spdecode.staged import StagedTarget
+from spdecode.methods.ar import generate_ar
+from spdecode.runtime.generation import eos_ids
+from spdecode.runtime.models import load_model
+from spdecode.runtime.staged import StagedTarget
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "eval_data" / "mt_bench" / "question.jsonl"
 FALLBACK_PROMPTS = ["Explain speculative decoding in two sentences.", "Write a Python function that reverses a list.",

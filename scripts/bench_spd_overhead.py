@@ -15,13 +15,13 @@ import statistics
 
 import torch
 
-from spdecode.ar import generate_ar
-from spdecode.drafters import PDMDrafter, ReferenceDrafter
-from spdecode.generation import eos_ids
-from spdecode.models import load_model
-from spdecode.pdm import new_pdm
-from spdecode.spd import generate_spd
-from spdecode.staged import StagedTarget
+from spdecode.drafting.drafters import PDMDrafter, ReferenceDrafter
+from spdecode.drafting.pdm import new_pdm
+from spdecode.methods.ar import generate_ar
+from spdecode.methods.spd import generate_spd
+from spdecode.runtime.generation import eos_ids
+from spdecode.runtime.models import load_model
+from spdecode.runtime.staged import StagedTarget
 
 PROMPTS = ["Explain how a bicycle stays upright.", "Write a short story about a lighthouse keeper.",
            "List five uses of a paperclip.", "Why is the sky blue?"]

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from spdecode.models import load_model
-from spdecode.speed_shared import SharedWeightsDecoder
+from spdecode.methods.speed_shared import SharedWeightsDecoder
+from spdecode.runtime.models import load_model
 
 
 def timed(fn, repeats: int) -> float:

@@ -49,19 +49,19 @@ def family(request):
 
 @pytest.fixture(scope="session")
 def default_model():
-    from spdecode.models import load_model
+    from spdecode.runtime.models import load_model
 
     return load_model("smollm2-135m", "float32", "cpu")
 
 
 def train_tiny_pdm(model, stage_sizes, prompts, out_dir, layers=1):
     """A PDM trained a little on the model's own greedy text, so that drafts are sometimes right."""
-    from spdecode.ar import generate_ar
-    from spdecode.models import weights_fingerprint
-    from spdecode.pdm import new_pdm
-    from spdecode.staged import StagedTarget
-    from spdecode.train import TrainSettings, train
-    from spdecode.train_data import TeacherFeatures
+    from spdecode.drafting.pdm import new_pdm
+    from spdecode.methods.ar import generate_ar
+    from spdecode.runtime.models import weights_fingerprint
+    from spdecode.runtime.staged import StagedTarget
+    from spdecode.training.features import TeacherFeatures
+    from spdecode.training.loop import TrainSettings, train
 
     examples = []
     for p in prompts:

@@ -7,7 +7,7 @@ distribution itself, so the test does not depend on a hand-tuned absolute bound.
 
 import torch
 
-from spdecode.sampling import Sampler, SamplingParams
+from spdecode.runtime.sampling import Sampler, SamplingParams
 
 PARAMS = dict(temperature=0.9, top_k=4, top_p=1.0)
 

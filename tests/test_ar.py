@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from spdecode.ar import generate_ar
-from spdecode.errors import SpdError
-from spdecode.sampling import Sampler, SamplingParams
-from spdecode.staged import StagedTarget
+from spdecode.methods.ar import generate_ar
+from spdecode.runtime.errors import SpdError
+from spdecode.runtime.sampling import Sampler, SamplingParams
+from spdecode.runtime.staged import StagedTarget
 
 
 def hf_greedy(model, ids, n, eos=None):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from spdecode.bench import predicted_tokens_per_cycle
+from spdecode.bench.report import predicted_tokens_per_cycle
 
 METHODS = ["ar", "sd", "pipespec", "speed", "spd"]
 

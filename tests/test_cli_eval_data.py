@@ -10,7 +10,7 @@ import pytest
 import spdecode.data as data
 from spdecode.cli import main
 from spdecode.data import BUILTIN_PROMPT_SETS, load_prompt_set
-from spdecode.errors import SpdError
+from spdecode.runtime.errors import SpdError
 
 ENV = "SPDECODE_EVAL_DATA"
 

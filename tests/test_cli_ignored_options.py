@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import spdecode.models
-import spdecode.pipespec
+import spdecode.methods.pipespec
+import spdecode.runtime.models
 from spdecode.cli import main
-from spdecode.errors import SpdError
+from spdecode.runtime.errors import SpdError
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def no_loading(monkeypatch):
     def load_model(*args, **kwargs):
         raise AssertionError(f"a model was loaded: {args}")
 
-    monkeypatch.setattr(spdecode.models, "load_model", load_model)
+    monkeypatch.setattr(spdecode.runtime.models, "load_model", load_model)
 
 
 @pytest.mark.parametrize("argv", [
@@ -53,7 +53,7 @@ def test_bench_keeps_draft_where_spd_runs(monkeypatch, capsys, argv):
     def load_model(*args, **kwargs):
         raise SpdError("got as far as loading")
 
-    monkeypatch.setattr(spdecode.models, "load_model", load_model)
+    monkeypatch.setattr(spdecode.runtime.models, "load_model", load_model)
     code = main(["bench", "--draft", "some/pdm", "--data", "mt_bench", "--limit", "1", *argv])
     assert code == 2 and "got as far as loading" in capsys.readouterr().err
 
@@ -73,8 +73,8 @@ def test_pipespec_device_generate_passes_device_to_every_stage(monkeypatch, caps
             chains.append(kwargs)
             raise SpdError("chain stopped here")
 
-    monkeypatch.setattr(spdecode.models, "load_model", lambda *a, **k: (None, FakeTokenizer()))
-    monkeypatch.setattr(spdecode.pipespec, "PipeSpecChain", Chain)
+    monkeypatch.setattr(spdecode.runtime.models, "load_model", lambda *a, **k: (None, FakeTokenizer()))
+    monkeypatch.setattr(spdecode.methods.pipespec, "PipeSpecChain", Chain)
     code = main(["generate", "--method", "pipespec", "--device", "cuda", "--prompt", "hi", "--json"])
     assert code == 2 and "chain stopped here" in capsys.readouterr().err
     assert [c.get("device") for c in chains] == ["cuda"]
@@ -89,7 +89,7 @@ def test_pipespec_device_reaches_the_stage_processes(tmp_path):
     clear SpdError (a tiny model, so that the stages start quickly)."""
     from conftest import tiny_model
 
-    from spdecode.pipespec import PipeSpecChain
+    from spdecode.methods.pipespec import PipeSpecChain
 
     tiny_model("llama").save_pretrained(tmp_path / "model")
     with pytest.raises(SpdError, match=r"pipespec: stage \d .*CUDA is not available"):

@@ -5,16 +5,14 @@ distributed. The rule (see --speed-depth's help): --stages' sizes as given, a co
 Each path runs for real up to the point where it has chosen: the SpeedDrafter it builds, or the
 sizes it hands the distributed launcher, are recorded, and the run stops there."""
 
-import argparse
-
 import pytest
 
-import spdecode.drafters
-import spdecode.launch
-import spdecode.models
-from spdecode import bench
-from spdecode.cli import build_parser, main
-from spdecode.staged import split_layers
+import spdecode.distributed.launch
+import spdecode.drafting.drafters
+import spdecode.runtime.models
+from spdecode.bench import run as bench
+from spdecode.cli import build_parser, config_from, main
+from spdecode.runtime.staged import split_layers
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +25,7 @@ class Chosen(Exception):
 def chosen(monkeypatch, default_model):
     """(stage sizes, exit depth) of every SPEED set-up the command makes, in order."""
     seen = []
-    real = spdecode.drafters.SpeedDrafter
+    real = spdecode.drafting.drafters.SpeedDrafter
 
     class Recording(real):
         def __init__(self, target, depth):
@@ -41,9 +39,9 @@ def chosen(monkeypatch, default_model):
         seen.append((sizes, sizes[0]))  # dist_main: args.speed_depth or sizes[0]
         raise Chosen
 
-    monkeypatch.setattr(spdecode.drafters, "SpeedDrafter", Recording)
-    monkeypatch.setattr(spdecode.launch, "run_distributed", launcher)
-    monkeypatch.setattr(spdecode.models, "load_model", lambda *a, **k: default_model)
+    monkeypatch.setattr(spdecode.drafting.drafters, "SpeedDrafter", Recording)
+    monkeypatch.setattr(spdecode.distributed.launch, "run_distributed", launcher)
+    monkeypatch.setattr(spdecode.runtime.models, "load_model", lambda *a, **k: default_model)
     return seen
 
 
@@ -61,6 +59,6 @@ def test_speed_split_is_the_same_in_every_mode(chosen, default_model, n):
     args = build_parser().parse_args(["bench", "--distributed", "--method", "speed", *common])
     sets = {"mine": [{"question_id": 1, "turns": ["hi"]}]}
     with pytest.raises(Chosen):
-        bench.run_distributed_spd(argparse.Namespace(**vars(args)), model, tok, sets, set())
+        bench.run_distributed_spd(config_from(bench.BenchConfig, args), model, tok, sets, set())
     even = split_layers(model.config.num_hidden_layers, n)
     assert chosen == [(even, even[0])] * 5, chosen

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from spdecode.ar import generate_ar
-from spdecode.generation import eos_ids
-from spdecode.staged import StagedTarget
+from spdecode.methods.ar import generate_ar
+from spdecode.runtime.generation import eos_ids
+from spdecode.runtime.staged import StagedTarget
 
 pytestmark = pytest.mark.integration
 

@@ -5,13 +5,13 @@ import json
 import pytest
 from test_default_model import spdecode
 
-from spdecode.ar import generate_ar
-from spdecode.drafters import PDMDrafter, ReferenceDrafter
-from spdecode.generation import eos_ids
-from spdecode.models import weights_fingerprint
-from spdecode.pdm import new_pdm
-from spdecode.spd import generate_spd
-from spdecode.staged import StagedTarget
+from spdecode.drafting.drafters import PDMDrafter, ReferenceDrafter
+from spdecode.drafting.pdm import new_pdm
+from spdecode.methods.ar import generate_ar
+from spdecode.methods.spd import generate_spd
+from spdecode.runtime.generation import eos_ids
+from spdecode.runtime.models import weights_fingerprint
+from spdecode.runtime.staged import StagedTarget
 
 pytestmark = pytest.mark.integration
 

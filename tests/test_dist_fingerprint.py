@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_model
 from safetensors.torch import save_file
 
-from spdecode.models import files_fingerprint, resolve_model, weights_fingerprint, write_source_info
+from spdecode.runtime.models import files_fingerprint, resolve_model, weights_fingerprint, write_source_info
 
 
 class TensorCounter:

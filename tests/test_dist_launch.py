@@ -1,6 +1,6 @@
 """What the launcher keeps of torchrun's stderr: the ranks' own lines, and a name for a rank that died silently."""
 
-from spdecode.launch import TRACE_PREFIX, rank_lines
+from spdecode.distributed.launch import TRACE_PREFIX, rank_lines
 
 REPORT = """\
 [W1129 12:00:00.000] torchrun banner

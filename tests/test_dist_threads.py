@@ -15,14 +15,14 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from spdecode.ar import generate_ar
-from spdecode.dist_comm import NONE, PREFILL, TAG_FORWARD, TAG_TO_ROOT, TOKEN, Link, Message
-from spdecode.dist_spd import RootRank
-from spdecode.dist_stage import sampling_from, sampling_vector, serve_stage
-from spdecode.drafters import ReferenceDrafter
-from spdecode.errors import SpdError
-from spdecode.sampling import GREEDY, SamplingParams
-from spdecode.staged import StagedTarget
+from spdecode.distributed.comm import NONE, PREFILL, TAG_FORWARD, TAG_TO_ROOT, TOKEN, Link, Message
+from spdecode.distributed.root import RootRank
+from spdecode.distributed.stage import sampling_from, sampling_vector, serve_stage
+from spdecode.drafting.drafters import ReferenceDrafter
+from spdecode.methods.ar import generate_ar
+from spdecode.runtime.errors import SpdError
+from spdecode.runtime.sampling import GREEDY, SamplingParams
+from spdecode.runtime.staged import StagedTarget
 
 EOS = {2}
 

@@ -14,14 +14,14 @@ import torch
 from conftest import tiny_model, train_tiny_pdm
 from transformers import GenerationConfig
 
-from spdecode.ar import generate_ar
-from spdecode.drafters import PDMDrafter
-from spdecode.generation import eos_ids
-from spdecode.launch import torchrun_command
-from spdecode.models import load_model, weights_fingerprint
-from spdecode.pdm import load_pdm
-from spdecode.spd import generate_spd
-from spdecode.staged import StagedTarget
+from spdecode.distributed.launch import torchrun_command
+from spdecode.drafting.drafters import PDMDrafter
+from spdecode.drafting.pdm import load_pdm
+from spdecode.methods.ar import generate_ar
+from spdecode.methods.spd import generate_spd
+from spdecode.runtime.generation import eos_ids
+from spdecode.runtime.models import load_model, weights_fingerprint
+from spdecode.runtime.staged import StagedTarget
 
 EOS = {2}
 
@@ -119,9 +119,9 @@ def children(pid):
 
 
 def start_launcher(nproc, args):
-    """What `spdecode generate/bench --distributed` run: spdecode.launch.run_distributed (torchrun under it)."""
+    """What `spdecode generate/bench --distributed` run: run_distributed (torchrun under it)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    code = ("import sys; from spdecode.launch import run_distributed; "
+    code = ("import sys; from spdecode.distributed.launch import run_distributed; "
             "sys.exit(run_distributed(int(sys.argv[1]), sys.argv[2:]))")
     return subprocess.Popen([sys.executable, "-c", code, str(nproc), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)

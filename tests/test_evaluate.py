@@ -3,11 +3,11 @@
 import torch
 from conftest import tiny_model, train_tiny_pdm
 
-from spdecode.ar import generate_ar
-from spdecode.drafters import PDMDrafter
-from spdecode.evaluate import replay_greedy
-from spdecode.spd import generate_spd
-from spdecode.staged import StagedTarget
+from spdecode.bench.replay import replay_greedy
+from spdecode.drafting.drafters import PDMDrafter
+from spdecode.methods.ar import generate_ar
+from spdecode.methods.spd import generate_spd
+from spdecode.runtime.staged import StagedTarget
 
 
 def test_replay_matches_the_decoder(tmp_path):

@@ -11,10 +11,10 @@ from distribution import sampled_vs_exact
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spdecode.ar import generate_ar
-from spdecode.errors import SpdError
-from spdecode.pipespec import PipeSpecChain, check_chain, expected_tokens_per_step, rho
-from spdecode.staged import StagedTarget
+from spdecode.methods.ar import generate_ar
+from spdecode.methods.pipespec import PipeSpecChain, check_chain, expected_tokens_per_step, rho
+from spdecode.runtime.errors import SpdError
+from spdecode.runtime.staged import StagedTarget
 
 PROMPTS = [[5, 17, 42, 8, 33, 71, 9, 5, 17, 42], [3, 3, 3, 60, 61, 3, 3], [90, 1, 44]]
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from spdecode.candidates import PromptLookupCandidates, ReferenceCandidates, one_hot
-from spdecode.sampling import Sampler, SamplingParams
-from spdecode.verify import Draft, verify
+from spdecode.drafting.candidates import PromptLookupCandidates, ReferenceCandidates, one_hot
+from spdecode.runtime.sampling import Sampler, SamplingParams
+from spdecode.runtime.verify import Draft, verify
 
 META = torch.device("meta")
 SAMPLING = SamplingParams(temperature=0.8, top_k=20, top_p=0.95, seed=3)
@@ -82,7 +82,7 @@ def test_cuda_sampling_one_hot_q_is_made_on_the_target_device():
 
 
 def test_cuda_sampling_prompt_lookup_from_the_cli_knows_the_target_device():
-    from spdecode.cli import make_candidates
+    from spdecode.drafting.build import make_candidates
 
     model = tiny_model("llama").to("meta")
     drafts = make_candidates("prompt-lookup", model).propose(TOKENS, 3, Sampler(SAMPLING))
@@ -91,7 +91,7 @@ def test_cuda_sampling_prompt_lookup_from_the_cli_knows_the_target_device():
 
 def test_cuda_sampling_pipespec_stage_compares_the_upstream_q_on_its_own_device(monkeypatch):
     """The upstream's q comes through shared CPU memory; the stage's logits may be on a GPU."""
-    import spdecode.pipespec_stage as ps
+    import spdecode.methods.pipespec_stage as ps
 
     seen = []
 

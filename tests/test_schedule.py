@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spdecode.schedule import PipelineSchedule, tau
+from spdecode.methods.schedule import PipelineSchedule, tau
 
 
 def run(n, outcomes, P=7):

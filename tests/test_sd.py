@@ -4,12 +4,12 @@ import pytest
 from conftest import tiny_model
 from distribution import sampled_vs_exact
 
-from spdecode.ar import generate_ar
-from spdecode.candidates import ModelCandidates, PromptLookupCandidates, early_exit_candidates
-from spdecode.errors import SpdError
-from spdecode.sd import generate_sd
-from spdecode.staged import StagedTarget
-from spdecode.verify import Draft
+from spdecode.drafting.candidates import ModelCandidates, PromptLookupCandidates, early_exit_candidates
+from spdecode.methods.ar import generate_ar
+from spdecode.methods.sd import generate_sd
+from spdecode.runtime.errors import SpdError
+from spdecode.runtime.staged import StagedTarget
+from spdecode.runtime.verify import Draft
 
 PROMPT = [5, 17, 42, 8, 33, 71, 9, 5, 17, 42]
 
@@ -64,7 +64,7 @@ def test_adaptive_gamma_is_lossless(tiny):
 
 def test_prompt_lookup_copies_the_latest_match_and_stops_at_eos(tiny):
     pl = PromptLookupCandidates(97)
-    from spdecode.sampling import Sampler, SamplingParams
+    from spdecode.runtime.sampling import Sampler, SamplingParams
 
     drafts = pl.propose([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 3, Sampler(SamplingParams()))
     assert [d.token for d in drafts] == [7, 8, 1]

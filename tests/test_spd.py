@@ -5,13 +5,13 @@ import torch
 from conftest import tiny_model
 from distribution import sampled_vs_exact
 
-from spdecode.ar import generate_ar
-from spdecode.drafters import PDMDrafter, ReferenceDrafter
-from spdecode.errors import SpdError
-from spdecode.pdm import depth_to_type, load_pdm, new_pdm
-from spdecode.sampling import SamplingParams
-from spdecode.spd import generate_spd
-from spdecode.staged import StagedTarget
+from spdecode.drafting.drafters import PDMDrafter, ReferenceDrafter
+from spdecode.drafting.pdm import depth_to_type, load_pdm, new_pdm
+from spdecode.methods.ar import generate_ar
+from spdecode.methods.spd import generate_spd
+from spdecode.runtime.errors import SpdError
+from spdecode.runtime.sampling import SamplingParams
+from spdecode.runtime.staged import StagedTarget
 
 PROMPT = [5, 17, 42, 8, 33, 71, 9]
 
@@ -145,9 +145,9 @@ def test_sampling_matches_ar_distribution(drafter_kind):
 
 def test_distribution_test_catches_a_biased_verifier(monkeypatch):
     """The threshold has power: a verifier that keeps every draft lands far outside the noise."""
-    import spdecode.spd
+    import spdecode.methods.spd
 
-    monkeypatch.setattr(spdecode.spd, "verify", lambda logits, draft, sampler: (True, draft.token))
+    monkeypatch.setattr(spdecode.methods.spd, "verify", lambda logits, draft, sampler: (True, draft.token))
     tv, noise = spd_vs_exact("peaked", samples=1000)
     assert tv > 3 * noise, (tv, noise)
 
@@ -167,8 +167,8 @@ def test_a_prompt_near_the_context_end_still_decodes(method):
     past its last emitted token (SPD: n-1 in flight; SD: gamma), and exactly that room is reserved."""
     import warnings
 
-    from spdecode.candidates import PromptLookupCandidates
-    from spdecode.sd import generate_sd
+    from spdecode.drafting.candidates import PromptLookupCandidates
+    from spdecode.methods.sd import generate_sd
 
     model = tiny_model("llama")  # context 256
     prompt = [5, 6, 7, 8, 9] * 50

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spdecode.errors import SpdError
-from spdecode.generation import StopRule
-from spdecode.metrics import Metrics
-from spdecode.spd_core import SpdRun, Verdict
-from spdecode.verify import Draft
+from spdecode.methods.spd_core import SpdRun, Verdict
+from spdecode.runtime.errors import SpdError
+from spdecode.runtime.generation import StopRule
+from spdecode.runtime.metrics import Metrics
+from spdecode.runtime.verify import Draft
 
 P = 5  # prompt length
 

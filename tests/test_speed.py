@@ -9,12 +9,12 @@ from conftest import tiny_model
 from distribution import sampled_vs_exact
 from test_distributed import EOS, launch
 
-from spdecode.ar import generate_ar
-from spdecode.drafters import SpeedDrafter
-from spdecode.errors import SpdError
-from spdecode.spd import generate_spd
-from spdecode.speed_shared import SharedWeightsDecoder
-from spdecode.staged import StagedTarget
+from spdecode.drafting.drafters import SpeedDrafter
+from spdecode.methods.ar import generate_ar
+from spdecode.methods.spd import generate_spd
+from spdecode.methods.speed_shared import SharedWeightsDecoder
+from spdecode.runtime.errors import SpdError
+from spdecode.runtime.staged import StagedTarget
 
 PROMPT = [5, 17, 42, 8, 33, 71, 9, 5, 17, 42]
 

@@ -6,8 +6,8 @@ from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spdecode.errors import SpdError
-from spdecode.staged import StagedTarget, split_layers
+from spdecode.runtime.errors import SpdError
+from spdecode.runtime.staged import StagedTarget, split_layers
 
 
 def hf_logits(model, ids):

@@ -9,13 +9,13 @@ from safetensors.torch import load_file
 
 from spdecode import train as train_mod
 from spdecode.data import load_prompt_set, normalise, stream_json_array
-from spdecode.drafters import AnchorStore, DraftContext, PDMDrafter
-from spdecode.errors import SpdError
-from spdecode.pdm import WEIGHTS_FILE, new_pdm
-from spdecode.staged import StagedTarget
-from spdecode.train import TrainSettings, train
-from spdecode.train_data import TeacherFeatures, build_draft_vocab
-from spdecode.train_layout import layout_logits
+from spdecode.drafting.drafters import AnchorStore, DraftContext, PDMDrafter
+from spdecode.drafting.pdm import WEIGHTS_FILE, new_pdm
+from spdecode.runtime.errors import SpdError
+from spdecode.runtime.staged import StagedTarget
+from spdecode.training.features import TeacherFeatures, build_draft_vocab
+from spdecode.training.layout import layout_logits
+from spdecode.training.loop import TrainSettings, train
 
 
 def anchors_of(target, pdm, ids):
@@ -179,7 +179,7 @@ def test_micro_batches_give_the_same_loss_and_time_limit_stops_with_a_checkpoint
 
 
 def test_regenerated_file_with_a_torn_last_line_is_read_up_to_it(tmp_path):
-    from spdecode.train_data import read_regenerated
+    from spdecode.training.features import read_regenerated
 
     f = tmp_path / "r.jsonl"
     conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
@@ -229,8 +229,9 @@ def test_prompt_sets(tmp_path):
 def test_an_over_long_prompt_is_shortened_in_its_text_not_its_template():
     from transformers import AutoTokenizer
 
-    from spdecode.models import resolve_model
-    from spdecode.train_data import fit_prompt, template_ids
+    from spdecode.runtime.models import resolve_model
+    from spdecode.runtime.prompts import template_ids
+    from spdecode.training.features import fit_prompt
 
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     short = template_ids(tok, [{"role": "user", "content": "hi"}], add_generation_prompt=True)

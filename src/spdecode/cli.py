@@ -10,10 +10,9 @@ import json
 import os
 import sys
 import warnings
-from pathlib import Path
 
-from .errors import SpdError
-from .models import DEFAULT_MODEL, DTYPES, alias_help
+from .runtime.errors import SpdError
+from .runtime.models import DEFAULT_MODEL, DTYPES, alias_help
 
 EXIT_BAD_INPUT = 2
 DATA_HELP = ("comma-separated prompt sets: mt_bench, gsm8k, humaneval, or {question_id, turns} jsonl files; the "
@@ -63,25 +62,6 @@ def add_sd_args(p: argparse.ArgumentParser) -> None:
                    help="for sd: early-exit:K (first K layers), prompt-lookup, or model:PATH (default early-exit:8)")
     p.add_argument("--gamma", type=int, default=4, help="for sd: tokens drafted per target step (default 4)")
     p.add_argument("--adaptive-gamma", action="store_true", help="for sd: adapt gamma to the acceptance")
-
-
-def make_candidates(spec: str, model, dtype: str = "float32", device: str = "cpu"):
-    """--drafter: early-exit:K | prompt-lookup | model:PATH."""
-    from .candidates import ModelCandidates, PromptLookupCandidates, early_exit_candidates
-    from .models import load_model
-
-    kind, _, arg = spec.partition(":")
-    if kind == "prompt-lookup":
-        return PromptLookupCandidates(model.config.vocab_size, device=model.device)  # q beside the target's p
-    if kind == "early-exit" and arg.isdigit():
-        return early_exit_candidates(model, int(arg))
-    if kind == "model" and arg:
-        draft_model, _ = load_model(arg, dtype, device, tokenizer=False)
-        if draft_model.config.vocab_size != model.config.vocab_size:
-            raise SpdError(f"draft model {arg} has another vocabulary ({draft_model.config.vocab_size} tokens) "
-                           f"than the target ({model.config.vocab_size})")
-        return ModelCandidates(draft_model)
-    raise SpdError(f"--drafter {spec!r}: expected early-exit:K, prompt-lookup or model:PATH")
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -198,27 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
-    if not prompt.strip():
-        raise SpdError("the prompt is empty")
-    if chat:
-        if not tokenizer.chat_template:
-            raise SpdError("this model has no chat template; drop --chat")
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                  add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"])
-    return list(tokenizer(prompt).input_ids)
-
-
 def cmd_generate(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from .ar import generate_ar
-    from .generation import eos_ids
-    from .models import load_model
-    from .sampling import SamplingParams
-    from .staged import StagedTarget
+    from .methods.ar import generate_ar
+    from .runtime.generation import eos_ids
+    from .runtime.models import load_model
+    from .runtime.prompts import encode_prompt
+    from .runtime.sampling import SamplingParams
+    from .runtime.staged import StagedTarget
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     if not args.prompt.strip():
@@ -243,7 +212,7 @@ def cmd_generate(args) -> int:
     eos = eos_ids(model, tok)
     stages = args.chain.split(",") + ["target"]  # pipespec: the chain of models, not a layer split
     if args.method == "pipespec":
-        from .pipespec import PipeSpecChain
+        from .methods.pipespec import PipeSpecChain
 
         with PipeSpecChain(args.model, args.chain.split(","), args.gamma, args.dtype, args.threads or 1,
                            device=args.device) as chain:
@@ -252,21 +221,22 @@ def cmd_generate(args) -> int:
         target = StagedTarget(model, method_split(args, model))
         stages = target.stage_sizes
     if args.method == "spd":
-        from .drafters import PDMDrafter
-        from .models import weights_fingerprint
-        from .pdm import pdm_for
-        from .spd import generate_spd
+        from .drafting.drafters import PDMDrafter
+        from .drafting.pdm import pdm_for
+        from .methods.spd import generate_spd
+        from .runtime.models import weights_fingerprint
 
         pdm = pdm_for(target, args.model, weights_fingerprint(model), args.draft)
         gen = generate_spd(target, PDMDrafter(pdm), prompt_ids, args.max_new_tokens, sampling, eos, on_token)
     elif args.method == "speed":
-        from .drafters import SpeedDrafter
-        from .spd import generate_spd
+        from .drafting.drafters import SpeedDrafter
+        from .methods.spd import generate_spd
 
         drafter = SpeedDrafter(target, args.speed_depth or target.stage_sizes[0])
         gen = generate_spd(target, drafter, prompt_ids, args.max_new_tokens, sampling, eos, on_token)
     elif args.method == "sd":
-        from .sd import generate_sd
+        from .drafting.build import make_candidates
+        from .methods.sd import generate_sd
 
         drafter = make_candidates(args.drafter, model, args.dtype, args.device)
         gen = generate_sd(target, drafter, prompt_ids, args.max_new_tokens, sampling, eos, on_token,
@@ -286,67 +256,30 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def resolve_split(args, model, balance: bool = False) -> list[int]:
-    """Stage sizes for SPD: explicit sizes as given; a count takes the split of the draft that will
-    be used (its anchors depend on it), else a balanced split (distributed) or an even one."""
-    from .pdm import CONFIG_FILE, bundled_draft
-    from .staged import split_layers
+def method_split(args, model, distributed: bool = False) -> list[int]:
+    """The stage sizes of args.method's target (one rule per method: `distributed.split`)."""
+    from .distributed.split import method_split
 
-    L = model.config.num_hidden_layers
-    if isinstance(args.stages, list):
-        return split_layers(L, args.stages)
-    even = split_layers(L, args.stages)
-    draft = args.draft or bundled_draft(args.model, None, args.stages)
-    if draft and (Path(draft) / CONFIG_FILE).exists():
-        sizes = json.loads((Path(draft) / CONFIG_FILE).read_text()).get("stage_sizes", [])
-        if len(sizes) == args.stages and sum(sizes) == L:
-            return sizes
-    if balance and args.stages > 1:
-        from .balance import balanced_split, measure_costs
-        from .pdm import new_pdm
-        from .staged import StagedTarget
-
-        target = StagedTarget(model, even)
-        return balanced_split(L, args.stages, **measure_costs(target, new_pdm(target, args.model, "-")))
-    return even
+    return method_split(args.method, model, args.model, args.stages, args.draft, distributed)
 
 
-def speed_split(args, model) -> list[int]:
-    """SPEED's stage sizes, by one rule in every mode (one process, --distributed, bench with or
-    without spd): explicit sizes as given, a count split evenly (`split_layers`: extra layers
-    first). SPEED uses no PDM, so neither a draft's split nor a PDM-cost balance applies; its
-    default exit depth, stage 0's size, is then the same in every mode too."""
-    from .staged import split_layers
+def worker_args(args, sizes: list[int]) -> list[str]:
+    from .distributed.split import worker_args
+    from .runtime.sampling import SamplingParams
 
-    return split_layers(model.config.num_hidden_layers, args.stages)
-
-
-def method_split(args, model) -> list[int]:
-    """Stage sizes of `args.method`'s target in one process (spd: `resolve_split`; speed:
-    `speed_split`; the others: --stages split evenly)."""
-    from .staged import split_layers
-
-    if args.method == "spd":
-        return resolve_split(args, model)
-    if args.method == "speed":
-        return speed_split(args, model)
-    return split_layers(model.config.num_hidden_layers, args.stages)
-
-
-def distributed_split(args, model) -> list[int]:
-    """Stage sizes, one rank each, for --distributed spd (`resolve_split`, cost-balanced for a count
-    without a matching draft) or speed (`speed_split`, as in one process)."""
-    return speed_split(args, model) if args.method == "speed" else resolve_split(args, model, balance=True)
+    return worker_args(args.model, sizes, args.max_new_tokens,
+                       SamplingParams(args.temperature, args.top_k, args.top_p, args.seed), args.dtype, args.device,
+                       args.timeout, args.draft, args.method, args.speed_depth, args.threads)
 
 
 def generate_distributed(args) -> int:
-    from .launch import run_distributed
-    from .models import load_model
+    from .distributed.launch import run_distributed
+    from .runtime.models import load_model
 
     if args.method not in ("spd", "speed"):
         raise SpdError("--distributed runs SPD's pipeline: add --method spd (or speed)")
     model, _ = load_model(args.model, args.dtype, "cpu")
-    sizes = distributed_split(args, model)
+    sizes = method_split(args, model, distributed=True)
     del model
     worker = worker_args(args, sizes) + ["--prompt", args.prompt]
     worker += ["--chat"] if args.chat else []
@@ -354,52 +287,46 @@ def generate_distributed(args) -> int:
     return run_distributed(len(sizes), worker, args.master_port, args.rdzv_endpoint)
 
 
-def worker_args(args, sizes: list[int]) -> list[str]:
-    """The spdecode.dist_main arguments every distributed command shares."""
-    worker = ["--model", args.model, "--dtype", args.dtype, "--device", args.device,
-              "--stages", ",".join(map(str, sizes)), "--max-new-tokens", str(args.max_new_tokens),
-              "--temperature", str(args.temperature), "--top-k", str(args.top_k), "--top-p", str(args.top_p),
-              "--timeout", str(args.timeout)]
-    worker += ["--seed", str(args.seed)] if args.seed is not None else []
-    worker += ["--draft", args.draft] if args.draft else []
-    if getattr(args, "method", "spd") == "speed":
-        worker += ["--method", "speed"] + (["--speed-depth", str(args.speed_depth)] if args.speed_depth else [])
-    worker += ["--threads", str(args.threads)] if args.threads else []
-    return worker
+def config_from(cls, args):
+    """A library config dataclass from the parsed options of the same names."""
+    import dataclasses
+
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def cmd_train(args) -> int:
-    from .train_cli import run_train
+    from .training.commands import TrainConfig, run_train
 
-    return run_train(args)
+    return run_train(config_from(TrainConfig, args))
 
 
 def cmd_regenerate(args) -> int:
-    from .train_cli import run_regenerate
+    from .training.commands import run_regenerate
 
-    return run_regenerate(args)
+    return run_regenerate(args.out, args.model, args.data, args.limit, args.max_new_tokens, args.batch_size,
+                          args.time_limit, args.dtype, args.device, args.threads)
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .bench.run import BenchConfig, run_bench
 
-    return run_bench(args)
+    return run_bench(config_from(BenchConfig, args))
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import run_eval
+    from .bench.replay import EvalConfig, run_eval
 
-    return run_eval(args)
+    return run_eval(config_from(EvalConfig, args))
 
 
 def cmd_vocab(args) -> int:
-    from .train_cli import run_vocab
+    from .training.commands import run_vocab
 
-    return run_vocab(args)
+    return run_vocab(args.out, args.model, args.data, args.limit, args.max_len, args.size)
 
 
 def cmd_prepare(args) -> int:
-    from .models import resolve_model
+    from .runtime.models import resolve_model
 
     print(resolve_model(args.model))
     return 0

@@ -23,7 +23,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import SpdError
+from .runtime.errors import SpdError
 
 ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
         "bard": "assistant", "bing": "assistant", "system": "system"}
@@ -111,7 +111,7 @@ def _user_rows(source: str) -> Iterator[dict]:
 
 
 def _hub_rows(name: str) -> Iterator[dict]:
-    from .models import hub_reachable
+    from .runtime.models import hub_reachable
 
     if "/" not in name or not hub_reachable():
         raise SpdError(f"data {name!r} is not sharegpt, not a local file, and no hub is reachable for it")

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .staged import StagedTarget
+from ..runtime.staged import StagedTarget
 
 
 def _time(fn, reps: int) -> float:

@@ -13,12 +13,12 @@ from collections.abc import Callable
 
 import torch
 
-from .generation import Generation, start_generation
-from .metrics import Clock  # noqa: F401  (re-exported for older imports)
-from .sampling import GREEDY, Sampler, SamplingParams
+from ..runtime.generation import Generation, start_generation
+from ..runtime.metrics import Clock  # noqa: F401  (re-exported for older imports)
+from ..runtime.sampling import GREEDY, Sampler, SamplingParams
+from ..runtime.staged import StagedTarget
+from ..runtime.verify import verify
 from .spd_core import DrafterSource, SpdRun, Verdict, anchor_store, enter, run_stage_keeping
-from .staged import StagedTarget
-from .verify import verify
 
 
 class LocalPipeline:

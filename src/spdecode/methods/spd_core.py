@@ -19,13 +19,13 @@ from typing import Protocol
 
 import torch
 
-from .drafters import AnchorStore, DraftContext
-from .errors import SpdError
-from .generation import Generation, StopRule
-from .metrics import Clock, Metrics
-from .sampling import Sampler
+from ..drafting.drafters import AnchorStore, DraftContext
+from ..runtime.errors import SpdError
+from ..runtime.generation import Generation, StopRule
+from ..runtime.metrics import Clock, Metrics
+from ..runtime.sampling import Sampler
+from ..runtime.verify import Draft, propose
 from .schedule import PipelineSchedule
-from .verify import Draft, propose
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .staged import StagedTarget
-
-
-def template_ids(tok, messages, add_generation_prompt=False) -> list[int]:
-    return list(tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                        return_dict=True)["input_ids"])
+from ..runtime.prompts import template_ids
+from ..runtime.staged import StagedTarget
 
 
 def tokenize_conversation(tok, conv: list[dict], max_len: int) -> tuple[list[int], list[bool]] | None:

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import torch
 
-from .generation import Generation, start_generation
-from .sampling import GREEDY, SamplingParams
-from .staged import StagedTarget
+from ..runtime.generation import Generation, start_generation
+from ..runtime.sampling import GREEDY, SamplingParams
+from ..runtime.staged import StagedTarget
 
 
 @torch.inference_mode()

@@ -14,9 +14,9 @@ import random
 
 import torch
 
-from .sampling import Sampler
-from .staged import StagedTarget
-from .verify import Draft, propose
+from ..runtime.sampling import Sampler
+from ..runtime.staged import StagedTarget
+from ..runtime.verify import Draft, propose
 
 
 def one_hot(token: int, size: int, device="cpu") -> torch.Tensor:
@@ -108,7 +108,7 @@ class ModelCandidates:
 def early_exit_candidates(model, layers: int) -> ModelCandidates:
     L = model.config.num_hidden_layers
     if not 1 <= layers < L:
-        from .errors import SpdError
+        from ..runtime.errors import SpdError
 
         raise SpdError(f"early-exit needs 1..{L - 1} layers (got {layers})")
     return ModelCandidates(model, layers)

@@ -135,7 +135,7 @@ class SpeedDrafter:
     def __init__(self, target, depth: int):
         first = target.stage_sizes[0]
         if not 1 <= depth <= first:
-            from .errors import SpdError
+            from ..runtime.errors import SpdError
 
             raise SpdError(f"SPEED reads the newest token at depth d, which stage 0 computes within a cycle: "
                            f"d must be in 1..{first} (stage 0's layers; got {depth})")

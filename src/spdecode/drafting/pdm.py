@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import SpdError
-from .kv_cache import StaticKVCache
-from .staged import StagedTarget, run_decoder_layers
+from ..runtime.errors import SpdError
+from ..runtime.kv_cache import StaticKVCache
+from ..runtime.staged import StagedTarget, run_decoder_layers
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "pdm_config.json", "pdm.safetensors"
@@ -162,7 +162,7 @@ def load_pdm(directory: str | Path, target: StagedTarget, fingerprint: str) -> P
     return pdm.eval().requires_grad_(False)
 
 
-BUNDLED = Path(__file__).parent / "drafts"
+BUNDLED = Path(__file__).parents[1] / "drafts"
 
 
 def bundled_draft(model_name: str, stage_sizes: list[int] | None, n: int | None = None) -> Path | None:

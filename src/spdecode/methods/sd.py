@@ -13,11 +13,11 @@ from collections.abc import Callable
 
 import torch
 
-from .generation import Generation, start_generation
-from .metrics import Clock
-from .sampling import GREEDY, SamplingParams
-from .staged import StagedTarget
-from .verify import verify
+from ..runtime.generation import Generation, start_generation
+from ..runtime.metrics import Clock
+from ..runtime.sampling import GREEDY, SamplingParams
+from ..runtime.staged import StagedTarget
+from ..runtime.verify import verify
 
 
 @torch.inference_mode()

@@ -8,12 +8,12 @@ from collections import defaultdict
 
 import torch
 
-from .dist_comm import END, NONE, PREFILL, SHUTDOWN, TAG_FORWARD, TAG_TO_ROOT, TOKEN, VERDICT, Link, Message
-from .errors import SpdError
-from .sampling import Sampler, SamplingParams
-from .spd import Clock
-from .staged import StagedTarget
-from .verify import Draft, verify
+from ..methods.spd import Clock
+from ..runtime.errors import SpdError
+from ..runtime.sampling import Sampler, SamplingParams
+from ..runtime.staged import StagedTarget
+from ..runtime.verify import Draft, verify
+from .comm import END, NONE, PREFILL, SHUTDOWN, TAG_FORWARD, TAG_TO_ROOT, TOKEN, VERDICT, Link, Message
 
 
 def _float_bits(x: float) -> int:

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .pdm import CONFIG_FILE, WEIGHTS_FILE, PipelineDraftModule
-from .train_data import TeacherFeatures
-from .train_layout import layout_logits
+from ..drafting.pdm import CONFIG_FILE, WEIGHTS_FILE, PipelineDraftModule
+from .features import TeacherFeatures
+from .layout import layout_logits
 
 STATE_FILE = "train_state.pt"
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generation import StopRule
-from .sampling import Sampler, SamplingParams
-from .verify import Draft, verify
+from ..runtime.generation import StopRule
+from ..runtime.sampling import Sampler, SamplingParams
+from ..runtime.verify import Draft, verify
 
 WAIT_S = 0.02  # how long an idle stage sleeps on the condition before looking again
 

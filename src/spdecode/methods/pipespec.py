@@ -26,11 +26,11 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from .errors import SpdError
-from .generation import Generation, check_prompt
-from .metrics import Metrics
+from ..runtime.errors import SpdError
+from ..runtime.generation import Generation, check_prompt
+from ..runtime.metrics import Metrics
+from ..runtime.sampling import GREEDY, SamplingParams
 from .pipespec_stage import SharedChain, Stage
-from .sampling import GREEDY, SamplingParams
 
 
 def rho(alpha: float, gamma: int) -> float:
@@ -62,9 +62,9 @@ def check_chain(drafters: list[str]) -> None:
 def build_stage(index: int, specs: list[str], model_name: str, dtype: str, gamma: int,
                 patience: float = 0.0, device: str = "cpu") -> Stage:
     """In the stage's own process: load what this stage needs, on `device`."""
-    from .candidates import CachedLM, PromptLookupCandidates, ReferenceCandidates
-    from .cli import make_candidates
-    from .models import load_model
+    from ..drafting.build import make_candidates
+    from ..drafting.candidates import CachedLM, PromptLookupCandidates, ReferenceCandidates
+    from ..runtime.models import load_model
 
     model, _ = load_model(model_name, dtype, device, tokenizer=False)
     kind, _, arg = specs[index].partition(":")
@@ -117,7 +117,7 @@ class PipeSpecChain:
         """patience: seconds a verifying stage waits for its upstream before generating a token
         itself (0, the paper's behaviour: never). device: where every stage loads its model (each
         stage process calls load_model with it; a device it cannot use is that stage's error)."""
-        from .models import resolve_model
+        from ..runtime.models import resolve_model
 
         check_chain(drafters)
         resolve_model(model_name)  # a missing model fails here, before any process starts

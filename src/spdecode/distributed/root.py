@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from .dist_comm import END, NONE, PREFILL, SHUTDOWN, TAG_FORWARD, TAG_TO_ROOT, TOKEN, VERDICT, Link, Message
-from .dist_stage import sampling_vector
-from .drafters import AnchorStore
-from .errors import SpdError
-from .generation import Generation, start_generation
-from .sampling import GREEDY, SamplingParams
-from .spd_core import DrafterSource, SpdRun, Verdict, anchor_store, enter, run_stage_keeping
-from .staged import StagedTarget
+from ..drafting.drafters import AnchorStore
+from ..methods.spd_core import DrafterSource, SpdRun, Verdict, anchor_store, enter, run_stage_keeping
+from ..runtime.errors import SpdError
+from ..runtime.generation import Generation, start_generation
+from ..runtime.sampling import GREEDY, SamplingParams
+from ..runtime.staged import StagedTarget
+from .comm import END, NONE, PREFILL, SHUTDOWN, TAG_FORWARD, TAG_TO_ROOT, TOKEN, VERDICT, Link, Message
+from .stage import sampling_vector
 
 
 class RootRank:

@@ -1,6 +1,6 @@
 """Entry point of one pipeline rank, started by torchrun (or by `spdecode ... --distributed`).
 
-    torchrun --nproc-per-node 2 -m spdecode.dist_main --stages 16,14 --prompt "def fib(n):"
+    torchrun --nproc-per-node 2 -m spdecode.distributed.worker --stages 16,14 --prompt "def fib(n):"
 
 Every rank loads only its own layers (rank 0 also the embedding, the final norm and the PDM; the
 last rank the norm and the head). Rank 0 runs the requests: one --prompt, or every line of
@@ -22,12 +22,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import SpdError
+from ..runtime.errors import SpdError
 from .launch import TRACE_PREFIX
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(prog="spdecode.dist_main")
+    ap = argparse.ArgumentParser(prog="spdecode.distributed.worker")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
@@ -51,12 +51,12 @@ def parse(argv=None):
 
 
 def run(args) -> int:
-    from .dist_comm import Link
-    from .dist_spd import RootRank
-    from .dist_stage import serve_stage
-    from .models import files_fingerprint, load_partial_model, resolve_model
-    from .sampling import SamplingParams
-    from .staged import StagedTarget
+    from ..runtime.models import files_fingerprint, load_partial_model, resolve_model
+    from ..runtime.sampling import SamplingParams
+    from ..runtime.staged import StagedTarget
+    from .comm import Link
+    from .root import RootRank
+    from .stage import serve_stage
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     sizes = [int(x) for x in args.stages.split(",")]
@@ -81,9 +81,9 @@ def run(args) -> int:
 
     from transformers import AutoTokenizer
 
-    from .drafters import PDMDrafter
-    from .generation import eos_ids
-    from .pdm import pdm_for
+    from ..drafting.drafters import PDMDrafter
+    from ..drafting.pdm import pdm_for
+    from ..runtime.generation import eos_ids
 
     source = resolve_model(args.model)
     try:
@@ -93,7 +93,7 @@ def run(args) -> int:
             raise SpdError(f"{source} has no tokenizer; use --requests with token ids") from None
         tok = None
     if args.method == "speed":
-        from .drafters import SpeedDrafter
+        from ..drafting.drafters import SpeedDrafter
 
         drafter = SpeedDrafter(target, args.speed_depth or sizes[0])
     else:
@@ -114,7 +114,7 @@ def run(args) -> int:
             with open(args.json_out, "w") as f:
                 json.dump(records, f)
         else:
-            from .cli import encode_prompt
+            from ..runtime.prompts import encode_prompt
 
             ids = encode_prompt(tok, args.prompt or "", args.chat)
             streamer = None

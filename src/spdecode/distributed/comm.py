@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import SpdError
+from ..runtime.errors import SpdError
 
 NONE, TOKEN, PREFILL, VERDICT, END, SHUTDOWN, STATS = range(7)
 HEADER = 10

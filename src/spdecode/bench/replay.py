@@ -16,20 +16,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .bench import encode_first_turn, pooled
-from .data import load_prompt_set
-from .generation import StopRule
-from .metrics import Metrics
-from .pdm import PipelineDraftModule
-from .spd_core import SpdRun, Verdict
-from .staged import StagedTarget
-from .train_layout import layout_logits
-from .verify import Draft
+from ..data import load_prompt_set
+from ..distributed.split import pdm_split
+from ..drafting.pdm import PipelineDraftModule
+from ..methods.spd_core import SpdRun, Verdict
+from ..runtime.generation import StopRule
+from ..runtime.metrics import Metrics
+from ..runtime.models import DEFAULT_MODEL
+from ..runtime.prompts import encode_prompt
+from ..runtime.staged import StagedTarget
+from ..runtime.verify import Draft
+from ..training.layout import layout_logits
+from .report import pooled
 
 
 class ReplayDrafts:
@@ -112,31 +116,45 @@ def greedy_continuations(model, tok, prompts: list[list[int]], max_new_tokens: i
     return out
 
 
-def run_eval(args) -> int:
-    from .generation import eos_ids
-    from .models import cache_dir, load_model, weights_fingerprint
-    from .pdm import pdm_for
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `spdecode eval-draft` replays (its options, with their defaults)."""
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from .cli import resolve_split
+    model: str = DEFAULT_MODEL
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+    stages: int | list[int] = 4
+    draft: str | None = None  # default: the bundled draft for the model and split
+    data: str = "mt_bench,gsm8k,humaneval"
+    limit: int | None = None
+    max_new_tokens: int = 256
+    json_out: str | None = None
 
-    model, tok = load_model(args.model, args.dtype, args.device)
-    target = StagedTarget(model, resolve_split(args, model))
-    pdm = pdm_for(target, args.model, weights_fingerprint(model), args.draft)
+
+def run_eval(cfg: EvalConfig) -> int:
+    from ..drafting.pdm import pdm_for
+    from ..runtime.generation import eos_ids
+    from ..runtime.models import cache_dir, load_model, weights_fingerprint
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+    target = StagedTarget(model, pdm_split(model, cfg.model, cfg.stages, cfg.draft))
+    pdm = pdm_for(target, cfg.model, weights_fingerprint(model), cfg.draft)
     eos = eos_ids(model, tok)
     summary, records = {}, []
-    for name in [d.strip() for d in args.data.split(",") if d.strip()]:
-        rows = load_prompt_set(name, args.limit)
-        prompts = [encode_first_turn(tok, r["turns"][0]) for r in rows]
+    for name in [d.strip() for d in cfg.data.split(",") if d.strip()]:
+        rows = load_prompt_set(name, cfg.limit)
+        prompts = [encode_prompt(tok, r["turns"][0]) for r in rows]
         # The continuations depend only on the target: cached, they serve every draft evaluated after.
-        key = hashlib.sha256(json.dumps([weights_fingerprint(model), args.dtype, prompts, args.max_new_tokens])
+        key = hashlib.sha256(json.dumps([weights_fingerprint(model), cfg.dtype, prompts, cfg.max_new_tokens])
                              .encode()).hexdigest()[:20]
         cached = cache_dir() / "continuations" / f"{key}.json"
         if cached.exists():
             conts = json.loads(cached.read_text())
         else:
-            conts = greedy_continuations(model, tok, prompts, args.max_new_tokens)
+            conts = greedy_continuations(model, tok, prompts, cfg.max_new_tokens)
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(conts))
         recs = []
@@ -152,6 +170,6 @@ def run_eval(args) -> int:
     s = summary["overall"]
     print(f"{'overall':<10} prompts {s['prompts']:>3}  replayed tokens {s['new_tokens']:>6}  alpha {s['alpha']:.3f}  "
           f"tokens/cycle {s['tokens_per_cycle']:.3f}  tau {s['tau']:.2f} (n={pdm.cfg.n_stages})")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"summary": summary, "records": records}, indent=1))
+    if cfg.json_out:
+        Path(cfg.json_out).write_text(json.dumps({"summary": summary, "records": records}, indent=1))
     return 0

@@ -29,7 +29,7 @@ def torchrun_command(nproc: int, worker_args: list[str], master_port: int | None
         cmd += ["--master-addr", "127.0.0.1", "--master-port", str(master_port)]
     else:
         cmd += ["--standalone"]  # a free port on localhost
-    return cmd + ["-m", "spdecode.dist_main", *worker_args]
+    return cmd + ["-m", "spdecode.distributed.worker", *worker_args]
 
 
 def run_distributed(nproc: int, worker_args: list[str], master_port: int | None = None,

@@ -1,0 +1,27 @@
+"""Drafters from their spec strings (`--drafter`, PipeSpec's `--chain`), with plain arguments."""
+
+from __future__ import annotations
+
+from ..runtime.errors import SpdError
+from ..runtime.models import load_model
+from .candidates import ModelCandidates, PromptLookupCandidates, early_exit_candidates
+
+DRAFTER_SPECS = "early-exit:K, prompt-lookup or model:PATH"
+
+
+def make_candidates(spec: str, model, dtype: str = "float32", device: str = "cpu"):
+    """A candidate generator for classic SD (and PipeSpec's stages) drafting for `model`:
+    early-exit:K (its first K layers), prompt-lookup, or model:PATH (a second model, loaded on
+    `device` in `dtype`, which must share the target's vocabulary)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "prompt-lookup":
+        return PromptLookupCandidates(model.config.vocab_size, device=model.device)  # q beside the target's p
+    if kind == "early-exit" and arg.isdigit():
+        return early_exit_candidates(model, int(arg))
+    if kind == "model" and arg:
+        draft_model, _ = load_model(arg, dtype, device, tokenizer=False)
+        if draft_model.config.vocab_size != model.config.vocab_size:
+            raise SpdError(f"draft model {arg} has another vocabulary ({draft_model.config.vocab_size} tokens) "
+                           f"than the target ({model.config.vocab_size})")
+        return ModelCandidates(draft_model)
+    raise SpdError(f"--drafter {spec!r}: expected {DRAFTER_SPECS}")

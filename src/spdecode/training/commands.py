@@ -1,0 +1,183 @@
+"""Training a draft end to end, regenerating answers, building a draft vocabulary: what the `train`,
+`regenerate` and `vocab` commands run, with plain arguments (`TrainConfig` holds train's)."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..runtime.errors import SpdError
+from ..runtime.models import DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One PDM training run (the `spdecode train` options, with their defaults)."""
+
+    out: str  # checkpoint directory (a usable --draft)
+    model: str = DEFAULT_MODEL
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+    stages: int | list[int] = 4
+    layers: int = 1  # PDM decoder layers Ls
+    anchors: str | None = None  # "0,8,16,23,30"; default: the stage ends
+    draft_vocab: str = "8192"  # a size, 0 for the full vocabulary, or a JSON file of token ids
+    data: str = "sharegpt"
+    limit: int | None = 2000
+    regenerate: bool = False  # train on the target's own greedy answers to the first user turns
+    regen_dtype: str = "bfloat16"
+    regen_batch: int = 32
+    max_len: int = 512
+    val_frac: float = 0.02
+    epochs: float = 1.0
+    lr: float = 5e-4
+    batch_tokens: int = 4096
+    seed: int = 0
+    val_every: int = 100
+    save_every: int = 100
+    cache_dir: str | None = None  # keep teacher features here across runs
+    resume: bool = False
+    micro_batch: int = 1
+    teacher_batch: int = 1
+    time_limit: float = 0.0  # seconds; 0: none
+
+
+def examples_from(tok, data: str, limit: int | None, max_len: int, regenerate_with: TrainConfig | None = None):
+    """Tokenised training conversations with their assistant masks; `regenerate_with`: first have
+    that run's model answer every first user turn itself (cached under the cache dir)."""
+    from ..data import load_conversations
+    from ..runtime.models import cache_dir
+    from .features import regenerate, tokenize_conversation
+
+    convs = load_conversations(data, limit)
+    if regenerate_with is not None:
+        from ..runtime.models import load_model
+
+        c = regenerate_with
+        # Regenerating is generation-bound: bfloat16 and batches of 32 make it ~2x faster on CPU.
+        gen_model, _ = load_model(c.model, c.regen_dtype, c.device)
+        name = f"{Path(c.model).name}-{Path(data).name}-{limit}-{c.regen_dtype}.jsonl"
+        convs = regenerate(gen_model, tok, convs, cache_dir() / "regenerated" / name, batch_size=c.regen_batch)
+        del gen_model
+    examples = [ex for ex in (tokenize_conversation(tok, c, max_len) for c in convs) if ex]
+    if not examples:
+        raise SpdError("no usable training sequences (every conversation lacked assistant tokens)")
+    return examples
+
+
+def read_vocab(spec: str, train_ex, vocab_size: int):
+    from .features import build_draft_vocab
+
+    if spec.isdigit():
+        size = int(spec)
+        if size == 0 or size >= vocab_size:
+            return None, 1.0
+        return build_draft_vocab(train_ex, size, vocab_size)
+    path = Path(spec)
+    if not path.exists():
+        raise SpdError(f"--draft-vocab {spec!r} is neither a size nor an existing JSON file")
+    ids = torch.tensor(sorted(json.loads(path.read_text())["token_ids"]), dtype=torch.long)
+    keep = set(ids.tolist())
+    counted = [t for i, k in train_ex for t, m in zip(i, k, strict=True) if m]
+    return ids, sum(t in keep for t in counted) / max(len(counted), 1)
+
+
+def fixed_mmap_threshold(size: int = 1 << 20) -> None:
+    """Make glibc serve every allocation above `size` with its own mmap, returned on free.
+
+    The teacher pass allocates large buffers of a different size per sequence; with glibc's
+    adaptive threshold they end up in the heap and fragment it: a 2400-sequence pass grew by
+    ~10 MB per sequence and would have run out of memory. No-op where glibc is absent."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, size)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def run_train(cfg: TrainConfig) -> int:
+    from ..drafting.pdm import CONFIG_FILE, new_pdm
+    from ..runtime.models import load_model, weights_fingerprint
+    from ..runtime.staged import StagedTarget
+    from .features import TeacherFeatures
+    from .loop import TrainSettings, train
+
+    fixed_mmap_threshold()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 for the draft's matmuls: it is an approximation anyway
+    out = Path(cfg.out)
+    if (out / CONFIG_FILE).exists() and not cfg.resume:
+        raise SpdError(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+    target = StagedTarget(model, cfg.stages)
+    examples = examples_from(tok, cfg.data, cfg.limit, cfg.max_len, cfg if cfg.regenerate else None)
+    random.Random(cfg.seed).shuffle(examples)
+    n_val = max(1, int(len(examples) * cfg.val_frac)) if len(examples) > 1 else 0
+    train_ex, val_ex = examples[n_val:], examples[:n_val]
+    vocab, coverage = read_vocab(cfg.draft_vocab, train_ex, model.config.vocab_size)
+    anchors = [int(x) for x in cfg.anchors.split(",")] if cfg.anchors else None
+    pdm = new_pdm(target, cfg.model, weights_fingerprint(model), cfg.layers, anchors, vocab)
+    if cfg.resume and (out / CONFIG_FILE).exists():
+        saved = json.loads((out / CONFIG_FILE).read_text())
+        mine = json.loads(json.dumps(pdm.cfg.__dict__))
+        if saved != mine:
+            raise SpdError(f"--resume: the checkpoint in {out} was made with other settings ({saved} vs {mine})")
+    n_tok = sum(len(i) for i, _ in train_ex)
+    print(f"{len(train_ex)} training sequences ({n_tok} tokens), {len(val_ex)} held out; "
+          f"draft vocabulary {pdm.lm_head.out_features} covers {coverage:.1%} of assistant tokens; "
+          f"stages {target.stage_sizes}, anchors {pdm.cfg.anchors}, Ls {cfg.layers}")
+    teacher = TeacherFeatures(target, pdm.cfg.anchors + [target.n_layers], cfg.cache_dir, pdm.cfg.base_fingerprint)
+    teacher.warm(train_ex + val_ex, batch_size=cfg.teacher_batch)
+    settings = TrainSettings(cfg.epochs, cfg.lr, 50, cfg.batch_tokens, 1.0, cfg.seed, cfg.val_every,
+                             cfg.save_every, cfg.micro_batch, cfg.time_limit)
+    result = train(pdm, teacher, train_ex, val_ex, out, settings, resume=cfg.resume)
+    pdm.save(out / "export-fp16", dtype=torch.float16)
+    last = result["history"][-1] if result["history"] else result["last"]
+    print(f"done: step {result['step']}, val top-1 {last.get('top1', 0):.3f}, {result['seconds']:.0f} s; "
+          f"draft in {out} (half-precision copy in {out / 'export-fp16'})")
+    return 0
+
+
+def run_regenerate(out: str, model: str = DEFAULT_MODEL, data: str = "sharegpt", limit: int | None = 2000,
+                   max_new_tokens: int = 256, batch_size: int = 32, time_limit: float = 0.0, dtype: str = "float32",
+                   device: str = "cpu", threads: int | None = None) -> int:
+    """Have `model` answer the first user turns of `data` (greedy), appended to the jsonl `out`."""
+    from ..data import load_conversations
+    from ..runtime.models import load_model
+    from .features import regenerate
+
+    if threads:
+        torch.set_num_threads(threads)
+    convs = load_conversations(data, limit, need_answer=False)  # only the first user turn is used
+    target, tok = load_model(model, dtype, device)
+    done = regenerate(target, tok, convs, Path(out), max_new_tokens, batch_size, time_limit=time_limit)
+    print(f"{len(done)} answered conversations in {out} (a .jsonl usable as --data)")
+    return 0
+
+
+def run_vocab(out: str, model: str = DEFAULT_MODEL, data: str = "sharegpt", limit: int | None = 2000,
+              max_len: int = 512, size: int = 8192) -> int:
+    """Write the `size` most frequent assistant tokens of `data` (a draft vocabulary) to the JSON `out`."""
+    from transformers import AutoTokenizer
+
+    from ..runtime.models import resolve_model
+    from .features import build_draft_vocab
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(model))
+    examples = examples_from(tok, data, limit, max_len)
+    ids, coverage = build_draft_vocab(examples, size, len(tok))
+    Path(out).write_text(json.dumps({"model": model, "size": len(ids), "coverage": coverage,
+                                     "token_ids": ids.tolist()}))
+    print(f"{len(ids)} tokens cover {coverage:.2%} of the assistant-token mass in {len(examples)} conversations "
+          f"-> {out}")
+    return 0
