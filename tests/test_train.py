@@ -7,12 +7,12 @@ import torch
 from conftest import tiny_model
 from safetensors.torch import load_file
 
-from spdecode import train as train_mod
 from spdecode.data import load_prompt_set, normalise, stream_json_array
 from spdecode.drafting.drafters import AnchorStore, DraftContext, PDMDrafter
 from spdecode.drafting.pdm import WEIGHTS_FILE, new_pdm
 from spdecode.runtime.errors import SpdError
 from spdecode.runtime.staged import StagedTarget
+from spdecode.training import loop as train_mod
 from spdecode.training.features import TeacherFeatures, build_draft_vocab
 from spdecode.training.layout import layout_logits
 from spdecode.training.loop import TrainSettings, train
