@@ -15,7 +15,7 @@ import statistics
 
 import torch
 
-from spdecode.drafting.drafters import PDMDrafter, ReferenceDrafter
+from spdecode.drafting.drafters import PDMDrafter
 from spdecode.drafting.pdm import new_pdm
 from spdecode.methods.ar import generate_ar
 from spdecode.methods.spd import generate_spd
@@ -28,14 +28,15 @@ PROMPTS = ["Explain how a bicycle stays upright.", "Write a short story about a 
 
 
 class PDMCostOracle:
-    """Runs the PDM every cycle (its real cost) but proposes the reference token (always accepted)."""
+    """Runs the PDM every cycle (its real cost) but proposes the AR reference's token, so every draft
+    is accepted (a draft past the reference's end is never verified)."""
 
     method = "spd"
     after_stage0 = False
     vocab = None
 
-    def __init__(self, pdm_drafter: PDMDrafter, oracle: ReferenceDrafter):
-        self.pdm, self.oracle = pdm_drafter, oracle
+    def __init__(self, pdm_drafter: PDMDrafter, prompt: list[int], reference: list[int], vocab_size: int):
+        self.pdm, self.expected, self.vocab_size = pdm_drafter, list(prompt) + list(reference), vocab_size
         self.anchors = pdm_drafter.anchors
 
     def reset(self, prompt_len):
@@ -43,7 +44,9 @@ class PDMCostOracle:
 
     def propose(self, ctx):
         self.pdm.propose(ctx)
-        return self.oracle.propose(ctx)
+        logits = torch.zeros(self.vocab_size)
+        logits[self.expected[min(ctx.draft_position, len(self.expected) - 1)]] = 30.0
+        return logits
 
 
 def main():
@@ -75,7 +78,7 @@ def main():
             ar_step, spd_cycle, phases = [], [], {}
             for p, ref in zip(prompts, refs, strict=True):
                 ar = generate_ar(ar_target, p, args.max_new_tokens, eos=eos)
-                drafter = PDMCostOracle(PDMDrafter(pdm), ReferenceDrafter(p, ref, model.config.vocab_size))
+                drafter = PDMCostOracle(PDMDrafter(pdm), p, ref, model.config.vocab_size)
                 spd = generate_spd(target, drafter, p, args.max_new_tokens, eos=eos)
                 assert spd.tokens == ar.tokens, "SPD must equal AR"
                 ar_step.append(ar.metrics.decode_s / ar.metrics.cycles)

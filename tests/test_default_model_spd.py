@@ -3,9 +3,10 @@
 import json
 
 import pytest
+from oracles import ReferenceDrafter
 from test_default_model import spdecode
 
-from spdecode.drafting.drafters import PDMDrafter, ReferenceDrafter
+from spdecode.drafting.drafters import PDMDrafter
 from spdecode.drafting.pdm import new_pdm
 from spdecode.methods.ar import generate_ar
 from spdecode.methods.spd import generate_spd

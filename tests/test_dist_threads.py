@@ -14,11 +14,11 @@ from collections import deque
 import pytest
 import torch
 from conftest import tiny_model
+from oracles import ReferenceDrafter
 
 from spdecode.distributed.comm import NONE, PREFILL, TAG_FORWARD, TAG_TO_ROOT, TOKEN, Link, Message
 from spdecode.distributed.root import RootRank
 from spdecode.distributed.stage import sampling_from, sampling_vector, serve_stage
-from spdecode.drafting.drafters import ReferenceDrafter
 from spdecode.methods.ar import generate_ar
 from spdecode.runtime.errors import SpdError
 from spdecode.runtime.sampling import GREEDY, SamplingParams

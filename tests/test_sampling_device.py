@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from spdecode.drafting.candidates import PromptLookupCandidates, ReferenceCandidates, one_hot
+from spdecode.drafting.candidates import PromptLookupCandidates, one_hot
+from spdecode.drafting.reference import ReferenceCandidates
 from spdecode.runtime.sampling import Sampler, SamplingParams
 from spdecode.runtime.verify import Draft, verify
 

@@ -25,7 +25,7 @@ class ScriptedCandidates:
         ref = self.expected[n : n + gamma]
         return [Draft(t if self.right else (t + 1) % 97, None) for t in ref]
 
-    def update(self, tokens, accepted):
+    def reset(self):
         pass
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 from conftest import tiny_model
 from distribution import sampled_vs_exact
+from oracles import ReferenceDrafter
 
-from spdecode.drafting.drafters import PDMDrafter, ReferenceDrafter
+from spdecode.drafting.drafters import PDMDrafter
 from spdecode.drafting.pdm import depth_to_type, load_pdm, new_pdm
 from spdecode.methods.ar import generate_ar
 from spdecode.methods.spd import generate_spd

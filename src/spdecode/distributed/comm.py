@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ..runtime.errors import SpdError
 
-NONE, TOKEN, PREFILL, VERDICT, END, SHUTDOWN, STATS = range(7)
+NONE, TOKEN, PREFILL, VERDICT, END, SHUTDOWN = range(6)
 HEADER = 10
 TAG_FORWARD, TAG_TO_ROOT = 1, 2
 # dtypes an `extra` tensor may travel in, by wire code

@@ -33,11 +33,11 @@ def torchrun_command(nproc: int, worker_args: list[str], master_port: int | None
 
 
 def run_distributed(nproc: int, worker_args: list[str], master_port: int | None = None,
-                    rdzv_endpoint: str | None = None, quiet_launcher: bool = True) -> int:
+                    rdzv_endpoint: str | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # one core per rank; silences torchrun's notice
     proc = subprocess.Popen(torchrun_command(nproc, worker_args, master_port, rdzv_endpoint), env=env,
-                            stderr=subprocess.PIPE if quiet_launcher else None, text=True)
+                            stderr=subprocess.PIPE, text=True)
     try:
         _, err = proc.communicate()
     except KeyboardInterrupt:

@@ -10,8 +10,6 @@ q lives on the target's device (verification subtracts it from the target's p th
 
 from __future__ import annotations
 
-import random
-
 import torch
 
 from ..runtime.sampling import Sampler
@@ -43,8 +41,8 @@ class PromptLookupCandidates:
                     return [Draft(t, None if greedy else one_hot(t, self.vocab_size, self.device)) for t in follow]
         return []
 
-    def update(self, tokens: list[int], accepted: int) -> None:
-        pass
+    def reset(self) -> None:
+        pass  # it keeps nothing between generations
 
 
 class CachedLM:
@@ -98,9 +96,6 @@ class ModelCandidates:
             out.append(propose(self.lm.next_logits(list(tokens) + [d.token for d in out])[-1], sampler))
         return out
 
-    def update(self, tokens: list[int], accepted: int) -> None:
-        pass  # the next propose() keeps the cached prefix that still matches the verified tokens
-
     def reset(self) -> None:
         self.lm.reset()
 
@@ -112,33 +107,3 @@ def early_exit_candidates(model, layers: int) -> ModelCandidates:
 
         raise SpdError(f"early-exit needs 1..{L - 1} layers (got {layers})")
     return ModelCandidates(model, layers)
-
-
-class ReferenceCandidates:
-    """Test and benchmark drafter that knows the target's greedy continuation (`set_reference`):
-    each drafted token is right with probability `accuracy` (1.0: always right, 0.0: always
-    wrong: the reference token + 1). Off the reference path it proposes nothing. `device`: the
-    target's, where its one-hot q must be when sampling."""
-
-    def __init__(self, vocab_size: int, accuracy: float = 1.0, seed: int = 0, device="cpu"):
-        self.vocab_size, self.accuracy, self.device = vocab_size, accuracy, device
-        self.rng = random.Random(seed)
-        self.expected: list[int] = []
-
-    def set_reference(self, prompt: list[int], reference: list[int]) -> None:
-        self.expected = list(prompt) + list(reference)
-
-    def propose(self, tokens: list[int], gamma: int, sampler: Sampler) -> list[Draft]:
-        n = len(tokens)
-        if tokens != self.expected[:n]:
-            return []
-        out = []
-        for t in self.expected[n : n + gamma]:
-            token = t if self.rng.random() < self.accuracy else (t + 1) % self.vocab_size
-            out.append(Draft(token, None if sampler.params.greedy else one_hot(token, self.vocab_size, self.device)))
-            if token != t:
-                break
-        return out
-
-    def update(self, tokens: list[int], accepted: int) -> None:
-        pass

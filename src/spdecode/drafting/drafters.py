@@ -1,15 +1,9 @@
-"""Drafters for the SPD pipeline: one class per way of proposing the next token.
-
-The interface (in the spirit of HF's candidate generators) is two methods:
-  reset(prompt_len)  -- a new generation starts; the prompt's anchors are in the store;
-  propose(ctx)       -- logits over the drafter's vocabulary for position ctx.draft_position,
-                        from what exists before this cycle (tokens, and anchors of every depth).
-`anchors` names the hidden-state indices the decoder must keep for the drafter ([] = none).
-"""
+"""Drafters for the SPD pipeline, one class per method, each a `protocols.SpdDrafter`: it proposes
+logits for position ctx.draft_position from what exists before this cycle (tokens, and the
+anchors of every depth, which the executor keeps in an AnchorStore)."""
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import torch
@@ -24,13 +18,6 @@ class AnchorStore:
         self.anchors = list(anchors)
         self.slot = {j: i for i, j in enumerate(anchors)}
         self.buf = [torch.zeros(capacity, hidden, dtype=dtype, device=device) for _ in anchors]
-
-    def ensure(self, capacity: int) -> None:
-        for i, b in enumerate(self.buf):
-            if b.shape[0] < capacity:
-                grown = b.new_zeros(max(capacity, 2 * b.shape[0]), b.shape[1])
-                grown[: b.shape[0]] = b
-                self.buf[i] = grown
 
     def put(self, j: int, start: int, h: torch.Tensor) -> None:
         """Store h_j [q, H] of the tokens at positions start..start+q-1."""
@@ -83,39 +70,6 @@ class PDMDrafter:
         out = pdm.run(torch.cat(rows)[None], self.completed)
         self.completed = ctx.start
         return pdm.head(out[:, -1])[0]
-
-
-class ReferenceDrafter:
-    """Test and benchmark drafter that knows the target's greedy continuation.
-
-    On the reference path it proposes the right token with probability `accuracy` (1.0: an
-    oracle, every draft accepted; 0.0: always wrong); off it (a wrong draft upstream), it
-    proposes a wrong token, which will be flushed anyway.
-    """
-
-    method = "spd"
-    after_stage0 = False
-    anchors: list[int] = []
-    vocab = None
-
-    def __init__(self, prompt: list[int], reference: list[int], vocab_size: int, accuracy: float = 1.0, seed=0):
-        self.expected = list(prompt) + list(reference)
-        self.vocab_size, self.accuracy = vocab_size, accuracy
-        self.rng = random.Random(seed)
-
-    def reset(self, prompt_len: int) -> None:
-        pass
-
-    def propose(self, ctx: DraftContext) -> torch.Tensor:
-        n = ctx.draft_position
-        right = self.expected[n] if n < len(self.expected) and ctx.tokens == self.expected[:n] else None
-        if right is not None and self.rng.random() < self.accuracy:
-            token = right
-        else:
-            token = ((right if right is not None else ctx.tokens[-1]) + 1) % self.vocab_size
-        logits = torch.zeros(self.vocab_size)
-        logits[token] = 30.0
-        return logits
 
 
 class SpeedDrafter:

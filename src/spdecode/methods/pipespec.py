@@ -63,7 +63,8 @@ def build_stage(index: int, specs: list[str], model_name: str, dtype: str, gamma
                 patience: float = 0.0, device: str = "cpu") -> Stage:
     """In the stage's own process: load what this stage needs, on `device`."""
     from ..drafting.build import make_candidates
-    from ..drafting.candidates import CachedLM, PromptLookupCandidates, ReferenceCandidates
+    from ..drafting.candidates import CachedLM, PromptLookupCandidates
+    from ..drafting.reference import ReferenceCandidates
     from ..runtime.models import load_model
 
     model, _ = load_model(model_name, dtype, device, tokenizer=False)

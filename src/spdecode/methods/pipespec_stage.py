@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..drafting.reference import ReferenceCandidates
 from ..runtime.generation import StopRule
 from ..runtime.sampling import Sampler, SamplingParams
 from ..runtime.verify import Draft, verify
@@ -113,9 +114,8 @@ class Stage:
         stop = StopRule(set(req["eos"]), req["max_new_tokens"])
         st = StageStats()
         if self.candidates is not None:
-            if hasattr(self.candidates, "reset"):
-                self.candidates.reset()
-            if hasattr(self.candidates, "set_reference"):
+            self.candidates.reset()
+            if isinstance(self.candidates, ReferenceCandidates):
                 self.candidates.set_reference(prompt, req.get("reference") or [])
         if self.lm is not None:
             self.lm.reset()

@@ -34,8 +34,7 @@ def generate_sd(
 ) -> Generation:
     max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos, "sd",
                                                         lookahead=gamma, n_stages=1)
-    if hasattr(drafter, "reset"):
-        drafter.reset()
+    drafter.reset()
 
     t0 = time.perf_counter()
     h = target.forward(torch.tensor([prompt_ids], device=target.device), 0)
@@ -77,7 +76,6 @@ def generate_sd(
                 on_token(token)
         # Valid K/V: everything up to the last verified token before this step, plus the kept drafts.
         target.rollback(start + 1 + kept)
-        drafter.update(tokens, kept)
         if adaptive:  # grow gamma after a full accept, shrink it after an early rejection (as HF does)
             gamma = gamma + 2 if kept == len(drafts) and drafts else max(1, gamma - 1)
         clock.lap("verify")

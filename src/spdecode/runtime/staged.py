@@ -129,12 +129,6 @@ class StagedTarget:
     def dtype(self) -> torch.dtype:
         return self.decoder.embed_tokens.weight.dtype
 
-    def stage_of_layer(self, layer: int) -> int:
-        for s, (lo, hi) in enumerate(self.stage_bounds):
-            if lo <= layer < hi:
-                return s
-        raise IndexError(layer)
-
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [1, q] -> h_0 [1, q, H] (Gemma's embedding scale included)."""
         return self.decoder.embed_tokens(ids)

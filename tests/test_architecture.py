@@ -1,0 +1,75 @@
+"""The package's import graph: no module but the CLI's entry points imports the CLI, no import
+circle, and every import runs from a layer to the same or a lower one."""
+
+import ast
+from pathlib import Path
+
+import spdecode
+
+ROOT = Path(spdecode.__file__).parent
+# Lower number = lower layer; a module may import from its own layer or below.
+LAYERS = {"runtime": 1, "data": 1, "drafting": 2, "methods": 3, "training": 3, "distributed": 4, "bench": 5,
+          "cli": 6, "__main__": 7}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports() -> dict[str, set[str]]:
+    """module -> spdecode modules it imports (at any depth: function-level imports count)."""
+    modules = {module_name(p): p for p in ROOT.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name.split(".")[:-1] if path.name != "__init__.py" else name.split(".") if name else []
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package[: len(package) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                elif node.module and node.module.startswith("spdecode"):
+                    target = node.module.removeprefix("spdecode").lstrip(".")
+                else:
+                    continue
+                for alias in node.names:  # `from .x import y` may name a submodule y
+                    sub = f"{target}.{alias.name}" if target else alias.name
+                    found.add(sub if sub in modules else target)
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_no_library_module_imports_the_cli():
+    users = {m for m, deps in imports().items() if "cli" in deps}
+    assert users <= {"__main__"}, users
+
+
+def test_the_import_graph_has_no_circle():
+    graph = {m: d - {""} for m, d in imports().items() if m}  # the package's own __init__ re-exports only
+    state, path = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        path.append(m)
+        for d in sorted(graph[m]):
+            assert state.get(d) != "open", " -> ".join(path[path.index(d):] + [d])
+            if d not in state:
+                visit(d)
+        path.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_imports_never_run_to_a_higher_layer():
+    wrong = []
+    for m, deps in imports().items():
+        if not m:
+            continue
+        for d in deps:
+            if d and LAYERS[d.split(".")[0]] > LAYERS[m.split(".")[0]]:
+                wrong.append(f"{m} -> {d}")
+    assert not wrong, wrong
