@@ -1,14 +1,20 @@
 """SPD on torch.distributed: one process per stage, the same schedule as the single-process decoder.
 
-Rank s runs stage s. Rank 0 also runs the PDM (so n processes suffice; give stage 0 fewer layers
-to balance it) and the schedule; the last rank also runs the LM head and verifies. A cycle:
+Rank s runs stage s. Rank 0 also runs the drafter (so n processes suffice; give stage 0 fewer
+layers to balance it) and drives the SPD core (methods/spd_core.py) as its executor; the last rank
+also runs the LM head and verifies. A cycle:
 
-  rank 0:  PDM drafts the token after the newest one (features from the previous cycle), runs
-           stage 0 on the newest token, sends it on with its draft successor attached, then
-           gathers one report from every other rank (anchors; the verdict from the last rank);
+  rank 0:  the drafter drafts the token after the newest one (features from the previous cycle),
+           stage 0 runs on the newest token, rank 0 gathers one report from every other rank
+           (anchors; the verdict from the last rank), then sends the token on with its draft
+           successor attached;
   rank s:  takes what rank s-1 sent in the previous cycle, runs its layers, passes it on and
            reports its output to rank 0; the last rank verifies the exiting token's successor
            (it travelled with it) and reports the verdict.
+
+Rank 0 receives from rank 1 before sending to it, and rank 1 sends before receiving: both sides
+of the one pair that talks both ways post in the same order, which NCCL needs (it runs both
+directions of a pair on one stream, and a send waits for its receive).
 
 So the draft reaches stage 0 with no wait for verification, verification happens where h_L is,
 and there is no collective: only point-to-point messages. A rejection bumps the epoch: rank 0

@@ -1,5 +1,5 @@
 """Ranks 1..n-1 of distributed SPD: run one stage on what the previous rank sent, pass it on,
-report to rank 0; the last rank also runs the LM head and verifies (see dist_spd.py for the protocol).
+report to rank 0; the last rank also runs the LM head and verifies (see root.py for the protocol).
 """
 
 from __future__ import annotations

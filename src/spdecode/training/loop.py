@@ -7,7 +7,7 @@ no draft from the subset could be accepted there; their share is reported as `oo
 
 Every step draws the number of tokens in flight k (n with probability 1/2, else uniform in
 1..n-1, the states right after a rollback) and trains every position as the newest token of
-such a window with the exact inference view (train_layout.py).
+such a window with the exact inference view (layout.py).
 """
 
 from __future__ import annotations
