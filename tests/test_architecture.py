@@ -25,7 +25,10 @@ def imports() -> dict[str, set[str]]:
         package = name.split(".")[:-1] if path.name != "__init__.py" else name.split(".") if name else []
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
+            if isinstance(node, ast.Import):  # import spdecode.x.y
+                found |= {a.name.removeprefix("spdecode").lstrip(".") for a in node.names
+                          if a.name.startswith("spdecode")}
+            elif isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = package[: len(package) - node.level + 1]
                     target = ".".join(base + ([node.module] if node.module else []))

@@ -8,7 +8,7 @@ sizes it hands the distributed launcher, are recorded, and the run stops there."
 import pytest
 
 import spdecode.distributed.launch
-import spdecode.drafting.drafters
+import spdecode.drafting.build
 import spdecode.runtime.models
 from spdecode.bench import run as bench
 from spdecode.cli import build_parser, config_from, main
@@ -25,7 +25,7 @@ class Chosen(Exception):
 def chosen(monkeypatch, default_model):
     """(stage sizes, exit depth) of every SPEED set-up the command makes, in order."""
     seen = []
-    real = spdecode.drafting.drafters.SpeedDrafter
+    real = spdecode.drafting.build.SpeedDrafter
 
     class Recording(real):
         def __init__(self, target, depth):
@@ -36,10 +36,10 @@ def chosen(monkeypatch, default_model):
         assert "--speed-depth" not in worker  # so each rank takes its default: stage 0's size
         sizes = [int(x) for x in worker[worker.index("--stages") + 1].split(",")]
         assert nprocs == len(sizes) and worker[worker.index("--method") + 1] == "speed"
-        seen.append((sizes, sizes[0]))  # dist_main: args.speed_depth or sizes[0]
+        seen.append((sizes, sizes[0]))  # the worker's make_pipeline_drafter: stage 0's size
         raise Chosen
 
-    monkeypatch.setattr(spdecode.drafting.drafters, "SpeedDrafter", Recording)
+    monkeypatch.setattr(spdecode.drafting.build, "SpeedDrafter", Recording)
     monkeypatch.setattr(spdecode.distributed.launch, "run_distributed", launcher)
     monkeypatch.setattr(spdecode.runtime.models, "load_model", lambda *a, **k: default_model)
     return seen

@@ -48,7 +48,7 @@ class Rendezvous:
     at once, so that all threads end.
     """
 
-    def __init__(self, timeout: float = 10.0, nccl: bool = True):
+    def __init__(self, timeout: float = 30.0, nccl: bool = True):
         self.timeout, self.nccl = timeout, nccl
         self.cv = threading.Condition()
         self.queues: dict[tuple, deque] = {}  # (rank, peer[, kind]) -> that rank's pending ops towards peer

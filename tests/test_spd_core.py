@@ -121,12 +121,18 @@ class Broken(FakeExecutor):
             return None
         if self.fault == "wrong position" and verdict is not None:
             return Verdict.single(verdict.position + 1, True, 0)
+        if self.fault == "accepts another token" and verdict is not None and verdict.accepted:
+            return Verdict.single(verdict.position, True, verdict.tokens[0] + 1)
+        if self.fault == "rejects the draft's own token" and verdict is not None:
+            return Verdict.single(verdict.position, False, run.candidate.token)
         return verdict
 
 
-@pytest.mark.parametrize("fault", ["no draft", "early verdict", "missing verdict", "wrong position"])
+@pytest.mark.parametrize("fault", ["no draft", "early verdict", "missing verdict", "wrong position",
+                                   "accepts another token", "rejects the draft's own token"])
 def test_a_confused_executor_is_an_error_not_a_wrong_answer(fault):
     truth = list(range(100, 140))
-    run = SpdRun(3, truth[:P], ScriptedDrafts(truth, {}), StopRule(set(), 10), Metrics())
+    right = dict.fromkeys(range(P, P + 40), True)
+    run = SpdRun(3, truth[:P], ScriptedDrafts(truth, right), StopRule(set(), 10), Metrics())
     with pytest.raises(SpdError):
         run.drive(Broken(truth, fault))

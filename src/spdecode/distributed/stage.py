@@ -8,8 +8,8 @@ from collections import defaultdict
 
 import torch
 
-from ..methods.spd import Clock
 from ..runtime.errors import SpdError
+from ..runtime.metrics import Clock
 from ..runtime.sampling import Sampler, SamplingParams
 from ..runtime.staged import StagedTarget
 from ..runtime.verify import Draft, verify
@@ -39,15 +39,12 @@ def sampling_vector(s: SamplingParams, max_positions: int = 0) -> torch.Tensor:
 
 
 def sampling_from(v: torch.Tensor) -> SamplingParams:
-    """Inverse of sampling_vector; also reads the old float32 vector [temperature, top_k, top_p, seed or -1]."""
+    """Inverse of sampling_vector."""
     return request_from(v)[0]
 
 
 def request_from(v: torch.Tensor) -> tuple[SamplingParams, int]:
     """(sampling parameters, max_positions or 0) of a PREFILL message's extra."""
-    if v.is_floating_point():  # a sender from before the exact encoding
-        t, k, p, seed = v.tolist()[:4]
-        return SamplingParams(t, int(k), p, None if seed < 0 else int(seed)), 0
     t, k, p, kind, seed, *rest = v.tolist()
     seed = None if kind == 0 else seed + (2**64 if kind == 2 else 0)
     return SamplingParams(_bits_float(t), int(k), _bits_float(p), seed), int(rest[0]) if rest else 0

@@ -81,8 +81,7 @@ def run(args) -> int:
 
     from transformers import AutoTokenizer
 
-    from ..drafting.drafters import PDMDrafter
-    from ..drafting.pdm import pdm_for
+    from ..drafting.build import make_pipeline_drafter
     from ..runtime.generation import eos_ids
 
     source = resolve_model(args.model)
@@ -92,12 +91,8 @@ def run(args) -> int:
         if not args.requests:
             raise SpdError(f"{source} has no tokenizer; use --requests with token ids") from None
         tok = None
-    if args.method == "speed":
-        from ..drafting.drafters import SpeedDrafter
-
-        drafter = SpeedDrafter(target, args.speed_depth or sizes[0])
-    else:
-        drafter = PDMDrafter(pdm_for(target, args.model, files_fingerprint(source), args.draft))
+    fingerprint = files_fingerprint(source) if args.method == "spd" else ""
+    drafter = make_pipeline_drafter(args.method, target, args.model, fingerprint, args.draft, args.speed_depth)
     root = RootRank(target, drafter, link)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     eos = eos_ids(model, tok)

@@ -5,8 +5,21 @@ from __future__ import annotations
 from ..runtime.errors import SpdError
 from ..runtime.models import load_model
 from .candidates import ModelCandidates, PromptLookupCandidates, early_exit_candidates
+from .drafters import PDMDrafter, SpeedDrafter
+from .pdm import pdm_for
 
 DRAFTER_SPECS = "early-exit:K, prompt-lookup or model:PATH"
+
+
+def make_pipeline_drafter(method: str, target, model_name: str, fingerprint: str, draft: str | None = None,
+                          speed_depth: int | None = None):
+    """The drafter of SPD's pipeline for `method`: spd, the PDM (`draft`, else the bundled one for
+    this model and split); speed, SPEED's early exit at `speed_depth` (default: stage 0's last layer)."""
+    if method == "spd":
+        return PDMDrafter(pdm_for(target, model_name, fingerprint, draft))
+    if method == "speed":
+        return SpeedDrafter(target, speed_depth or target.stage_sizes[0])
+    raise SpdError(f"{method!r} runs no drafter in SPD's pipeline (spd or speed)")
 
 
 def make_candidates(spec: str, model, dtype: str = "float32", device: str = "cpu"):

@@ -14,7 +14,6 @@ from collections.abc import Callable
 import torch
 
 from ..runtime.generation import Generation, start_generation
-from ..runtime.metrics import Clock  # noqa: F401  (re-exported for older imports)
 from ..runtime.sampling import GREEDY, Sampler, SamplingParams
 from ..runtime.staged import StagedTarget
 from ..runtime.verify import verify

@@ -35,8 +35,9 @@ class Verdict:
     `tokens` are final from `position` on. The first `accepted` of them are the drafts that were
     in flight there, taken as proposed. If every token is such a draft, all in-flight work behind
     them survives. Otherwise the last token is the target's correction, and everything in flight
-    after it is flushed. Today a verdict decides one token; a draft tree's verdict is a path of
-    several, and the settlement below already handles that.
+    after it is flushed. Today's schedule decides one token per verdict (the settlement refuses
+    more). A draft tree's verdict names a path of several tokens; the tree schedule will add
+    which in-flight branches survive it, beside the path, and settle both.
     """
 
     position: int
@@ -140,6 +141,10 @@ class SpdRun:
             if len(verdict.tokens) != 1:
                 raise SpdError("this schedule verifies one token per cycle")
             accepted = verdict.in_flight_survives
+            drafted = self.candidate.token
+            if accepted != (verdict.tokens[0] == drafted):
+                raise SpdError(f"protocol error: the verdict {verdict} contradicts the draft in flight there "
+                               f"({drafted})")
             m.drafts_verified += verdict.accepted + (not accepted)
             m.drafts_accepted += verdict.accepted
             self.pending.pop(verdict.position, None)
