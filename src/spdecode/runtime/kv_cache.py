@@ -4,6 +4,10 @@ The K/V of the token at position p live in slot p of its layer's buffer. Rolling
 lowering a layer's length: stale slots beyond it are never read and get overwritten by the next
 token at that position. No copies, no concatenation.
 
+The one exception is a draft tree's pass (tree.py): its nodes fill the slots after the prefix in
+node order while their positions follow the tree; `keep_slots` then moves the accepted path's
+K/V to slot == position and forgets the rest.
+
 HF attention modules call `cache.update(key, value, layer_idx)` and attend over what it returns.
 They do not pass positions, so the stage executor announces where the current chunk starts with
 `begin(start)` before running the layers.
@@ -74,6 +78,24 @@ class StaticKVCache:
         """First key position any query of a chunk starting at `start` can see in this layer."""
         w = self.windows[layer_idx]
         return 0 if w is None else max(0, start - w + 1)
+
+    def keep_slots(self, dst: int, src, layers=None) -> None:
+        """Move the K/V in slots `src` (ascending, each >= its destination) to dst, dst+1, ... and
+        make the length dst + len(src) in the given layers (default: all held): how a draft tree's
+        accepted path becomes an ordinary, position-indexed prefix. Everything after is forgotten."""
+        src = list(src)
+        end = dst + len(src)
+        # Slots already in place (a chain's accepted prefix) need no copy.
+        first = next((j for j, s in enumerate(src) if s != dst + j), len(src))
+        for i in self.windows if layers is None else layers:
+            if src and self.lengths[i] <= src[-1]:
+                raise RuntimeError(f"layer {i}: keeping slot {src[-1]} but the cache holds {self.lengths[i]}")
+            if first < len(src):
+                idx = torch.tensor(src[first:], device=self.k[i].device)
+                # Indexing copies the source rows before they are written, so overlaps are safe.
+                self.k[i][:, :, dst + first:end] = self.k[i].index_select(2, idx)
+                self.v[i][:, :, dst + first:end] = self.v[i].index_select(2, idx)
+            self.lengths[i] = min(self.lengths[i], end)
 
     def truncate(self, length: int, layers=None) -> None:
         """Roll back: keep positions [0, length) in the given layers (default: all held)."""

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Collection, Sequence
+from itertools import pairwise
 
 import torch
 
 from .errors import SpdError
 from .kv_cache import StaticKVCache
+from .tree import DraftTree, ancestor_mask
 
 
 def split_layers(n_layers: int, stages: int | Sequence[int]) -> list[int]:
@@ -58,14 +60,44 @@ def causal_mask(start: int, q: int, key_lo: int, window: int | None, device) -> 
     return allowed[None, None]
 
 
+def chunk_mask(start: int, positions: torch.Tensor, visible: torch.Tensor, key_lo: int,
+               window: int | None) -> torch.Tensor:
+    """Boolean [1, 1, q, k] mask for a chunk in slots start..start+q-1 with its own position ids.
+
+    Keys are slots key_lo..start+q-1: the committed ones (slot < start) sit at position == slot,
+    the chunk's own at `positions` [q] (all >= start). A query sees a key when the key's position
+    is not after its own and, in a sliding layer, lies within `window` POSITIONS of it; among the
+    chunk's own keys, only those that `visible` [q, q] allows (e.g. a tree's ancestor mask).
+    """
+    device = positions.device
+    kpos = torch.cat([torch.arange(key_lo, start, device=device), positions])[None, :]
+    qpos = positions[:, None]
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed &= kpos > qpos - window
+    allowed[:, start - key_lo:] &= visible
+    return allowed[None, None]
+
+
 def run_decoder_layers(layers, indices, layer_types, windows, rotary, rotary_per_type: bool, cache: StaticKVCache,
-                       hidden: torch.Tensor, start: int, capture: Collection[int] | None = None):
-    """Run HF decoder layers `indices` on tokens at positions start.. over a StaticKVCache.
+                       hidden: torch.Tensor, start: int, capture: Collection[int] | None = None,
+                       positions: torch.Tensor | None = None, visible: torch.Tensor | None = None):
+    """Run HF decoder layers `indices` on q tokens in cache slots start..start+q-1 over a StaticKVCache.
+
+    By default token j sits at position start + j and sees every earlier token (plain causal
+    decoding). `positions` [q] (each >= start) gives the tokens their own position ids (RoPE,
+    windows), and `visible` [q, q] says which of the chunk's tokens each one sees (default: the
+    earlier ones and itself); both are how a draft tree's nodes run (see tree.py).
 
     Shared by the staged target and the draft module (whose layers are built from the same class).
     """
     q = hidden.shape[1]
-    pos = torch.arange(start, start + q, device=hidden.device)[None]
+    explicit = positions is not None or visible is not None
+    if positions is None:
+        positions = torch.arange(start, start + q, device=hidden.device)
+    if explicit and visible is None:
+        visible = torch.ones(q, q, dtype=torch.bool, device=hidden.device).tril()
+    pos = positions[None]
     pe, masks, captured = {}, {}, {}
     cache.begin(start)
     for i in indices:
@@ -75,7 +107,9 @@ def run_decoder_layers(layers, indices, layer_types, windows, rotary, rotary_per
         window = windows[i]
         # A single query over a cache slice that ends at its own position needs no mask:
         # the slice already is exactly what it may see (the window included).
-        if q > 1 and window not in masks:
+        if explicit and window not in masks:
+            masks[window] = chunk_mask(start, positions, visible, cache.window_start(i, start), window)
+        elif q > 1 and window not in masks:
             masks[window] = causal_mask(start, q, cache.window_start(i, start), window, hidden.device)
         out = layers[i](
             hidden,
@@ -133,14 +167,16 @@ class StagedTarget:
         """Token ids [1, q] -> h_0 [1, q, H] (Gemma's embedding scale included)."""
         return self.decoder.embed_tokens(ids)
 
-    def run_layers(self, lo: int, hi: int, hidden: torch.Tensor, start: int, capture: Collection[int] | None = None):
+    def run_layers(self, lo: int, hi: int, hidden: torch.Tensor, start: int, capture: Collection[int] | None = None,
+                   positions: torch.Tensor | None = None, visible: torch.Tensor | None = None):
         """Run layers lo..hi-1 on tokens at positions start..start+q-1, writing their K/V.
 
         Returns the output hidden state, or (output, {j: h_j}) when `capture` is given: the
         hidden-state indices j in (lo, hi] to keep (the raw residual after layer j-1).
+        `positions` and `visible` (see run_decoder_layers) run tokens off the plain causal line.
         """
         return run_decoder_layers(self.layers, range(lo, hi), self.layer_types, self.windows, self.decoder.rotary_emb,
-                                  self._rotary_per_type, self.cache, hidden, start, capture)
+                                  self._rotary_per_type, self.cache, hidden, start, capture, positions, visible)
 
     def run_stage(self, stage: int, hidden: torch.Tensor, start: int, capture: Collection[int] | None = None):
         lo, hi = self.stage_bounds[stage]
@@ -149,6 +185,49 @@ class StagedTarget:
     def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """All stages on tokens `ids` [1, q] at positions start.. ; returns the final pre-norm hidden state."""
         return self.run_layers(0, self.n_layers, self.embed(ids), start)
+
+    # -- draft trees ---------------------------------------------------------------------------
+    def _tree_layers(self, lo: int, hi: int, hidden: torch.Tensor, start: int, tree: DraftTree,
+                     capture: Collection[int] | None = None):
+        if len(tree) == 0:  # the root alone is a plain single-token step (no mask needed)
+            return self.run_layers(lo, hi, hidden, start, capture)
+        if hidden.shape[1] != 1 + len(tree):
+            raise ValueError(f"a tree of {len(tree)} nodes needs {1 + len(tree)} rows (got {hidden.shape[1]})")
+        positions = torch.tensor(tree.positions(start), device=hidden.device)
+        return self.run_layers(lo, hi, hidden, start, capture, positions, ancestor_mask(tree, hidden.device))
+
+    def run_stage_tree(self, stage: int, hidden: torch.Tensor, start: int, tree: DraftTree,
+                       capture: Collection[int] | None = None):
+        """One stage's layers on the root and a tree's nodes: rows [1, 1+m, H] (row 0 the root).
+
+        The root goes in slot and position `start`, node i in slot start+1+i at position
+        start + depth(i); each sees the committed prefix (within each layer's window, counted in
+        positions), the root, its ancestors and itself. Afterwards the stage's cache holds all
+        1+m rows; `keep_path` keeps the accepted ones.
+        """
+        lo, hi = self.stage_bounds[stage]
+        return self._tree_layers(lo, hi, hidden, start, tree, capture)
+
+    def forward_tree(self, root_token: int, tree: DraftTree, start: int) -> torch.Tensor:
+        """The root (slot/position `start`, not yet cached) and every node of `tree` in ONE pass.
+
+        Returns the final pre-norm hidden states [1, 1+m, H] (row 0 the root, row 1+i node i):
+        `logits(h)[0]` is the target's distribution after the root and after each node's path.
+        """
+        ids = torch.tensor([[root_token, *tree.tokens]], device=self.device)
+        return self._tree_layers(0, self.n_layers, self.embed(ids), start, tree)
+
+    def keep_path(self, start: int, nodes: Sequence[int], stage: int | None = None) -> None:
+        """After a tree pass at `start`: keep the root and the accepted `nodes` (a path, in order).
+
+        Their K/V move to slots start+1, start+2, ... (slot == position again) in every layer (or
+        one stage's), whose length becomes start + 1 + len(nodes); every other node is forgotten.
+        """
+        nodes = [int(n) for n in nodes]
+        if any(n < 0 for n in nodes) or any(b <= a for a, b in pairwise(nodes)):
+            raise ValueError(f"a kept path lists distinct nodes from the root down (got {nodes})")
+        layers = None if stage is None else range(*self.stage_bounds[stage])
+        self.cache.keep_slots(start + 1, [start + 1 + n for n in nodes], layers)
 
     def teacher_pass(self, ids: list[int], keep) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """All layers over `ids` from position 0, cache reset: (h_L [1, S, H], {j: h_j [S, H]} for j in keep)."""

@@ -8,6 +8,9 @@ top-k, top-p), so "exactly p" means exactly what AR sampling with those settings
 
 A draft over a vocabulary subset is scattered into the full vocabulary with zeros outside it;
 the residual then covers the tokens the drafter can never propose.
+
+Draft trees (`verify_tree`): the target picks its own token at each node and the walk follows a
+child carrying it; see there for why that is exact.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .sampling import Sampler
+from .tree import DraftTree
 
 
 @dataclass
@@ -54,3 +58,31 @@ def verify(target_logits: torch.Tensor, draft: Draft, sampler: Sampler) -> tuple
     total = float(residual.sum())
     # A zero residual means p <= q everywhere, i.e. p == q up to rounding: p itself is right then.
     return False, sampler.draw(residual / total if total > 0 else p)
+
+
+def verify_tree(logits: torch.Tensor, tree: DraftTree, sampler: Sampler) -> tuple[list[int], int]:
+    """(accepted nodes along one path from the root, the target's own token after the path).
+
+    `logits` [1 + m, V]: row 0 is the target after the root, row 1 + i after node i's path.
+    From the root, the target chooses its token at the current node (greedy: the argmax;
+    sampling: one draw from the warped p of that row). If a child carries exactly that token,
+    the walk moves into it (accepted) and repeats; otherwise the chosen token is the target's
+    own token after the path and the walk stops.
+
+    Exact by construction, whatever the tree: each emitted token is a fresh draw from p given
+    the real prefix (the row of the node that IS that prefix), so the sequence is distributed
+    as AR sampling. Greedy accepts the longest path whose every node is the target's argmax at
+    its parent. The price of never using the drafter's q: a node is accepted with probability
+    p(token) rather than min(1, p/q), so this accepts less than a multi-draft rejection sampler
+    (SpecInfer / SpecTr style, which also recovers mass from rejected siblings) would.
+    EOS is the caller's: a returned path may run past an EOS token, which the caller cuts.
+    """
+    path, node = [], -1
+    while True:
+        row = logits[node + 1]
+        token = int(torch.argmax(row)) if sampler.params.greedy else sampler.draw(sampler.probs(row))
+        nxt = next((c for c in tree.children(node) if tree.tokens[c] == token), None)
+        if nxt is None:
+            return path, token
+        path.append(nxt)
+        node = nxt
