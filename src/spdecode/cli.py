@@ -62,6 +62,9 @@ def add_sd_args(p: argparse.ArgumentParser) -> None:
                    help="for sd: early-exit:K (first K layers), prompt-lookup, or model:PATH (default early-exit:8)")
     p.add_argument("--gamma", type=int, default=4, help="for sd: tokens drafted per target step (default 4)")
     p.add_argument("--adaptive-gamma", action="store_true", help="for sd: adapt gamma to the acceptance")
+    p.add_argument("--tree-budget", type=int, default=0,
+                   help="for sd with prompt-lookup: draft-tree nodes verified per target pass (default 0: a chain)")
+    p.add_argument("--tree-depth", type=int, default=4, help="for sd's draft tree: its depth at most (default 4)")
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -220,27 +223,21 @@ def cmd_generate(args) -> int:
     else:
         target = StagedTarget(model, method_split(args, model))
         stages = target.stage_sizes
-    if args.method == "spd":
-        from .drafting.drafters import PDMDrafter
-        from .drafting.pdm import pdm_for
+    if args.method in ("spd", "speed"):
+        from .drafting.build import make_pipeline_drafter
         from .methods.spd import generate_spd
         from .runtime.models import weights_fingerprint
 
-        pdm = pdm_for(target, args.model, weights_fingerprint(model), args.draft)
-        gen = generate_spd(target, PDMDrafter(pdm), prompt_ids, args.max_new_tokens, sampling, eos, on_token)
-    elif args.method == "speed":
-        from .drafting.drafters import SpeedDrafter
-        from .methods.spd import generate_spd
-
-        drafter = SpeedDrafter(target, args.speed_depth or target.stage_sizes[0])
+        drafter = make_pipeline_drafter(args.method, target, args.model, weights_fingerprint(model), args.draft,
+                                        args.speed_depth)
         gen = generate_spd(target, drafter, prompt_ids, args.max_new_tokens, sampling, eos, on_token)
     elif args.method == "sd":
         from .drafting.build import make_candidates
-        from .methods.sd import generate_sd
+        from .methods.sd import sd_generator
 
         drafter = make_candidates(args.drafter, model, args.dtype, args.device)
-        gen = generate_sd(target, drafter, prompt_ids, args.max_new_tokens, sampling, eos, on_token,
-                          gamma=args.gamma, adaptive=args.adaptive_gamma)
+        run = sd_generator(target, drafter, args.gamma, args.adaptive_gamma, args.tree_budget, args.tree_depth)
+        gen = run(prompt_ids, args.max_new_tokens, sampling, eos, on_token)
     elif args.method == "ar":
         gen = generate_ar(target, prompt_ids, args.max_new_tokens, sampling, eos, on_token)
     if streamer:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..data import load_prompt_set
 from ..distributed.split import method_split, pdm_split, speed_split, worker_args
-from ..drafting.build import make_candidates
+from ..drafting.build import make_candidates, make_pipeline_drafter
 from ..runtime.errors import SpdError
 from ..runtime.generation import eos_ids
 from ..runtime.models import DEFAULT_MODEL
@@ -50,6 +50,8 @@ class BenchConfig:
     drafter: str = "early-exit:8"  # sd's candidates (drafting.build.make_candidates)
     gamma: int = 4
     adaptive_gamma: bool = False
+    tree_budget: int = 0  # sd with prompt lookup: draft-tree nodes per target pass (0: a chain)
+    tree_depth: int = 4
     chain: str = "early-exit:8"  # pipespec's models before the target
     speed_depth: int | None = None
     plot: str | None = None
@@ -71,10 +73,8 @@ def load_sets(cfg) -> dict[str, list[dict]]:
 
 def make_runners(methods, model, model_name: str, stages, draft, cfg: BenchConfig, stack=None):
     """method -> callable(prompt_ids, max_new_tokens, sampling, eos) -> Generation. `stages`: SPD's
-    split; SPEED's is `cli.speed_split` (the same as in `generate`). Processes a method starts
+    split; SPEED's is `distributed.split.speed_split` (the same as in `generate`). Processes a method starts
     (PipeSpec's chain) are closed by `stack` (a contextlib.ExitStack)."""
-    from ..drafting.drafters import PDMDrafter, SpeedDrafter
-    from ..drafting.pdm import pdm_for
     from ..methods.ar import generate_ar
     from ..methods.spd import generate_spd
     from ..runtime.models import weights_fingerprint
@@ -87,18 +87,18 @@ def make_runners(methods, model, model_name: str, stages, draft, cfg: BenchConfi
             runners[m] = lambda ids, k, s, e, t=ar_target: generate_ar(t, ids, k, s, e)
         elif m == "spd":
             spd_target = StagedTarget(model, stages)
-            drafter = PDMDrafter(pdm_for(spd_target, model_name, weights_fingerprint(model), draft))
+            drafter = make_pipeline_drafter("spd", spd_target, model_name, weights_fingerprint(model), draft)
             runners[m] = lambda ids, k, s, e, t=spd_target, d=drafter: generate_spd(t, d, ids, k, s, e)
         elif m == "speed":  # the SPD pipeline with SPEED's early-exit drafter, on SPEED's split (speed_split)
             speed_target = StagedTarget(model, speed_split(model, cfg.stages))
-            drafter = SpeedDrafter(speed_target, cfg.speed_depth or speed_target.stage_sizes[0])
+            drafter = make_pipeline_drafter("speed", speed_target, model_name, "", speed_depth=cfg.speed_depth)
             runners[m] = lambda ids, k, s, e, t=speed_target, d=drafter: generate_spd(t, d, ids, k, s, e)
         elif m == "sd":
-            from ..methods.sd import generate_sd
+            from ..methods.sd import sd_generator
 
-            sd_target, cands = StagedTarget(model), make_candidates(cfg.drafter, model, cfg.dtype, cfg.device)
-            runners[m] = lambda ids, k, s, e, t=sd_target, c=cands: generate_sd(
-                t, c, ids, k, s, e, gamma=cfg.gamma, adaptive=cfg.adaptive_gamma)
+            cands = make_candidates(cfg.drafter, model, cfg.dtype, cfg.device)
+            runners[m] = sd_generator(StagedTarget(model), cands, cfg.gamma, cfg.adaptive_gamma, cfg.tree_budget,
+                                      cfg.tree_depth)
         elif m == "pipespec":
             from ..methods.pipespec import PipeSpecChain
 

@@ -1,11 +1,11 @@
 """Drafters for classic speculative decoding: one class per way of proposing a block of tokens.
 
-The interface follows HF's candidate generators, two methods:
-  propose(tokens, gamma, sampler) -> [Draft]   up to gamma drafted tokens after `tokens`, each with
-                                               the distribution it was drawn from (None: greedy)
-  update(tokens, accepted)                     what verification kept (a drafter may adapt)
-A deterministic drafter (prompt lookup) gives a one-hot q, which keeps rejection sampling exact;
-q lives on the target's device (verification subtracts it from the target's p there).
+Each is a `protocols.CandidateGenerator` (in the spirit of HF's candidate generators): `reset()`,
+and `propose(tokens, gamma, sampler)` -> up to gamma drafted tokens after `tokens`, each with the
+distribution it was drawn from (None: greedy). A deterministic drafter (prompt lookup) gives a
+one-hot q, which keeps rejection sampling exact; q lives on the target's device (verification
+subtracts it from the target's p there). Prompt lookup also proposes a draft tree (`propose_tree`):
+every earlier continuation of the context's tail as a branch.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from ..runtime.sampling import Sampler
 from ..runtime.staged import StagedTarget
+from ..runtime.tree import DraftTree
 from ..runtime.verify import Draft, propose
 
 
@@ -21,6 +22,24 @@ def one_hot(token: int, size: int, device="cpu") -> torch.Tensor:
     q = torch.zeros(size, device=device)
     q[token] = 1.0
     return q
+
+
+def trie(sequences: list[list[int]], budget: int) -> DraftTree | None:
+    """The token sequences as branches after one root, shared prefixes merged, in order, until
+    `budget` nodes; earlier sequences keep their nodes when the budget runs out."""
+    tokens, parents, index = [], [], {}  # index: (parent node, token) -> node
+    for seq in sequences:
+        parent = -1
+        for t in seq:
+            node = index.get((parent, t))
+            if node is None:
+                if len(tokens) == budget:
+                    break
+                node = index[(parent, t)] = len(tokens)
+                tokens.append(t)
+                parents.append(parent)
+            parent = node
+    return DraftTree(tuple(tokens), tuple(parents)) if tokens else None
 
 
 class PromptLookupCandidates:
@@ -43,6 +62,17 @@ class PromptLookupCandidates:
 
     def reset(self) -> None:
         pass  # it keeps nothing between generations
+
+    def propose_tree(self, tokens: list[int], budget: int, depth: int) -> DraftTree | None:
+        """Up to `budget` nodes, `depth` deep: what followed each earlier occurrence of the longest
+        tail n-gram that occurs before, most recent first, merged where continuations agree (a trie)."""
+        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
+            tail = tokens[-n:]
+            follows = [tokens[start + n : start + n + depth] for start in range(len(tokens) - n - 1, -1, -1)
+                       if tokens[start : start + n] == tail]
+            if follows:
+                return trie(follows, budget)
+        return None
 
 
 class CachedLM:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..drafting.candidates import PromptLookupCandidates
+from ..runtime.errors import SpdError
 from ..runtime.generation import Generation, start_generation
 from ..runtime.metrics import Clock
 from ..runtime.sampling import GREEDY, SamplingParams
@@ -82,3 +84,22 @@ def generate_sd(
     m.decode_s = time.perf_counter() - t1
     m.new_tokens, m.stop_reason = len(emitted), stop.reason
     return Generation(emitted, m)
+
+
+def sd_generator(target: StagedTarget, drafter, gamma: int = 4, adaptive: bool = False, tree_budget: int = 0,
+                 tree_depth: int = 4) -> Callable[..., Generation]:
+    """generate(prompt_ids, max_new_tokens, sampling, eos, on_token) for classic SD: a chain of
+    gamma drafts per target pass, or with tree_budget > 0 a draft tree of that many nodes and at
+    most tree_depth deep (drafters that propose trees: prompt lookup)."""
+    if tree_budget < 0 or tree_depth < 1 or gamma < 1:
+        raise SpdError(f"need gamma >= 1, tree budget >= 0 and tree depth >= 1 (got {gamma}, {tree_budget}, "
+                       f"{tree_depth})")
+    if not tree_budget:
+        return lambda ids, k, s=GREEDY, e=frozenset(), on_token=None: generate_sd(
+            target, drafter, ids, k, s, e, on_token, gamma=gamma, adaptive=adaptive)
+    if not isinstance(drafter, PromptLookupCandidates):
+        raise SpdError("--tree-budget: only the prompt-lookup drafter proposes trees so far (--drafter prompt-lookup)")
+    from .tree_sd import generate_tree_sd
+
+    return lambda ids, k, s=GREEDY, e=frozenset(), on_token=None: generate_tree_sd(
+        target, drafter, ids, k, s, e, on_token, budget=tree_budget, depth=tree_depth)

@@ -1,0 +1,122 @@
+"""Speculative decoding over draft trees: greedy equals AR, the tree's right path is taken whole,
+sampling follows AR's distribution; prompt lookup's trie of earlier continuations."""
+
+import random
+
+import pytest
+from conftest import tiny_model
+from distribution import sampled_vs_exact
+
+from spdecode.drafting.candidates import PromptLookupCandidates, trie
+from spdecode.methods.ar import generate_ar
+from spdecode.methods.sd import sd_generator
+from spdecode.methods.tree_sd import generate_tree_sd
+from spdecode.runtime.errors import SpdError
+from spdecode.runtime.staged import StagedTarget
+from spdecode.runtime.tree import DraftTree
+
+PROMPT = [5, 17, 42, 8, 33, 71, 9, 5, 17, 42, 8, 60, 5, 17]
+
+
+def test_trie_merges_shared_prefixes_in_order_within_the_budget():
+    tree = trie([[1, 2, 3], [1, 2, 4], [5], [1, 6, 7]], budget=10)
+    assert tree.tokens == (1, 2, 3, 4, 5, 6, 7)
+    assert tree.parents == (-1, 0, 1, 1, -1, 0, 5)
+    small = trie([[1, 2, 3], [1, 2, 4], [5]], budget=3)
+    assert small.tokens == (1, 2, 3)  # earlier sequences keep their nodes
+    assert trie([], 4) is None
+
+
+def test_prompt_lookup_tree_offers_every_earlier_continuation():
+    ctx = [9, 1, 2, 3, 9, 1, 2, 4, 8, 1, 2]  # "1 2" was followed by 3 and by 4
+    tree = PromptLookupCandidates(97).propose_tree(ctx, budget=8, depth=2)
+    firsts = {tree.tokens[i] for i in tree.children(-1)}
+    assert firsts == {3, 4}
+    assert max(tree.depth(i) for i in range(len(tree.tokens))) <= 2
+
+
+class OracleTree:
+    """A tree holding the target's greedy path (`right_depth` deep) among wrong siblings at every depth."""
+
+    def __init__(self, prompt, reference, right_depth, width=3, seed=0):
+        self.expected, self.right_depth, self.width = list(prompt) + list(reference), right_depth, width
+        self.rng = random.Random(seed)
+
+    def reset(self):
+        pass
+
+    def propose_tree(self, tokens, budget, depth):
+        n = len(tokens)
+        if tokens != self.expected[:n]:
+            return None
+        toks, parents, parent = [], [], -1
+        for d, t in enumerate(self.expected[n : n + depth]):
+            right = d < self.right_depth
+            wrong = [(t + k) % 97 for k in range(1, self.width)]
+            here = [t] + wrong if right else wrong
+            self.rng.shuffle(here)
+            for x in here:
+                toks.append(x)
+                parents.append(parent)
+            if not right:
+                break
+            parent = len(toks) - len(here) + here.index(t)
+        return DraftTree(tuple(toks), tuple(parents))
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def tiny(request):
+    model = tiny_model(request.param)
+    return model, generate_ar(StagedTarget(model), PROMPT, 40).tokens
+
+
+@pytest.mark.parametrize("budget", [4, 16])
+def test_prompt_lookup_tree_greedy_equals_ar(tiny, budget):
+    model, ref = tiny
+    gen = generate_tree_sd(StagedTarget(model), PromptLookupCandidates(97), PROMPT, 40, budget=budget, depth=4)
+    assert gen.tokens == ref
+
+
+@pytest.mark.parametrize("right_depth,depth", [(4, 4), (2, 4), (0, 3)])
+def test_the_trees_right_path_is_taken_whole(tiny, right_depth, depth):
+    model, ref = tiny
+    gen = generate_tree_sd(StagedTarget(model), OracleTree(PROMPT, ref, right_depth), PROMPT, 40, budget=16,
+                           depth=depth)
+    assert gen.tokens == ref
+    m = gen.metrics
+    # Every pass emits the right path plus the target's own token, except where the budget ends.
+    per_pass = min(right_depth, depth) + 1
+    assert m.cycles == -(-(len(ref) - 1) // per_pass)
+    assert m.drafts_accepted >= (m.cycles - 1) * min(right_depth, depth)
+
+
+def test_eos_inside_the_tree_is_never_passed(tiny):
+    model, ref = tiny
+    eos = ref[6]
+    gen = generate_tree_sd(StagedTarget(model), OracleTree(PROMPT, ref, 4), PROMPT, 40, eos={eos}, budget=16)
+    assert gen.tokens == ref[: ref.index(eos) + 1] and gen.metrics.stop_reason == "eos"
+
+
+def test_sd_generator_refuses_trees_from_a_drafter_that_has_none():
+    model = tiny_model("llama")
+    from spdecode.drafting.candidates import early_exit_candidates
+
+    with pytest.raises(SpdError, match="prompt-lookup"):
+        sd_generator(StagedTarget(model), early_exit_candidates(model, 2), tree_budget=8)
+
+
+def test_tree_sd_sampling_matches_ar_distribution():
+    model = tiny_model("llama", num_hidden_layers=3)
+    prompt, length = [5, 6, 7, 5, 6, 8, 5, 6], 3
+    target = StagedTarget(model)
+
+    class Branchy:  # the target's own top tokens as siblings: accepts often, both ways
+        def reset(self):
+            pass
+
+        def propose_tree(self, tokens, budget, depth):
+            return DraftTree((7, 8, 9, 7, 8), (-1, -1, -1, 0, 0))
+
+    tv, noise = sampled_vs_exact(model, prompt, length, 2500,
+                                 lambda params: generate_tree_sd(target, Branchy(), prompt, length, params).tokens)
+    assert tv < 1.6 * noise, (tv, noise)
