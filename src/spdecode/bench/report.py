@@ -45,6 +45,7 @@ def pooled(records: list[dict]) -> dict:
         "decode_tok_s": new / decode_s if decode_s else None,
         "median_prompt_tok_s": statistics.median(r["decode_tok_s"] or 0 for r in records),
         "mismatches": sum(1 for r in records if r.get("matches_ar") is False),
+        "checked_against_ar": sum(1 for r in records if "matches_ar" in r),
     }
 
 
