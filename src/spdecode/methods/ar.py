@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..runtime.generation import Generation, start_generation
+from ..runtime.generation import Generation, prefill, start_generation
 from ..runtime.sampling import GREEDY, SamplingParams
 from ..runtime.staged import StagedTarget
 
@@ -24,15 +24,7 @@ def generate_ar(
     max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos, "ar")
     P = len(prompt_ids)
 
-    t0 = time.perf_counter()
-    ids = torch.tensor([prompt_ids], device=target.device)
-    # Prefill in one batched forward; only the last position's logits are needed.
-    hidden = target.forward(ids, 0)
-    tokens = [sampler.choose(target.logits(hidden[:, -1])[0])]
-    m.prefill_s = time.perf_counter() - t0
-    if on_token:
-        on_token(tokens[-1])
-
+    tokens = [prefill(target, prompt_ids, sampler, m, on_token)]
     t1 = time.perf_counter()
     while not stop.done(tokens):
         pos = P + len(tokens) - 1

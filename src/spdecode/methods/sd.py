@@ -15,7 +15,7 @@ import torch
 
 from ..drafting.candidates import PromptLookupCandidates
 from ..runtime.errors import SpdError
-from ..runtime.generation import Generation, start_generation
+from ..runtime.generation import Generation, prefill, start_generation
 from ..runtime.metrics import Clock
 from ..runtime.sampling import GREEDY, SamplingParams
 from ..runtime.staged import StagedTarget
@@ -37,14 +37,8 @@ def generate_sd(
     max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos, "sd",
                                                         lookahead=gamma, n_stages=1)
     drafter.reset()
-
-    t0 = time.perf_counter()
-    h = target.forward(torch.tensor([prompt_ids], device=target.device), 0)
-    tokens = list(prompt_ids) + [sampler.choose(target.logits(h[:, -1])[0])]
+    tokens = list(prompt_ids) + [prefill(target, prompt_ids, sampler, m, on_token)]
     emitted = [tokens[-1]]
-    m.prefill_s = time.perf_counter() - t0
-    if on_token:
-        on_token(emitted[-1])
     t1 = time.perf_counter()
     clock = Clock(m.phase_s)
     while not stop.done(emitted):

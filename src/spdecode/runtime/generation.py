@@ -76,3 +76,19 @@ class StopRule:
         elif len(tokens) >= self.max_new_tokens:
             self.reason = "length"
         return bool(self.reason)
+
+
+def prefill(target, prompt_ids: list[int], sampler, metrics: Metrics, on_token=None) -> int:
+    """The prompt through every layer in one batched pass (its K/V cached), then the first token
+    from the last position's logits, timed as the metrics' prefill and streamed."""
+    import time
+
+    import torch
+
+    t0 = time.perf_counter()
+    hidden = target.forward(torch.tensor([prompt_ids], device=target.device), 0)
+    token = sampler.choose(target.logits(hidden[:, -1])[0])
+    metrics.prefill_s = time.perf_counter() - t0
+    if on_token:
+        on_token(token)
+    return token
