@@ -45,7 +45,7 @@ class OracleTree:
     def reset(self):
         pass
 
-    def propose_tree(self, tokens, budget, depth):
+    def propose_tree(self, tokens, budget, depth, topk=0):
         n = len(tokens)
         if tokens != self.expected[:n]:
             return None
@@ -99,10 +99,44 @@ def test_eos_inside_the_tree_is_never_passed(tiny):
 
 def test_sd_generator_refuses_trees_from_a_drafter_that_has_none():
     model = tiny_model("llama")
+
+    class ChainsOnly:
+        def reset(self):
+            pass
+
+        def propose(self, tokens, gamma, sampler):
+            return []
+
+    with pytest.raises(SpdError, match="proposes trees"):
+        sd_generator(StagedTarget(model), ChainsOnly(), tree_budget=8)
+
+
+def test_best_first_tree_keeps_the_most_likely_paths_and_their_ancestors():
+    """Fixed drafter: after any node, token 1 has probability 0.6, token 2 0.3, token 3 0.1."""
+    import math
+
+    import torch
+
+    from spdecode.drafting.tree_build import best_first_tree
+
+    lp = torch.log(torch.tensor([1e-9, 0.6, 0.3, 0.1]))
+    tree = best_first_tree(lambda t, frontier: lp.expand(len(frontier), 4), budget=5, depth=3, topk=2)
+    assert len(tree.tokens) == 5 and all(p < i for i, p in enumerate(tree.parents))
+    paths = sorted(tuple(tree.tokens[j] for j in tree.path_to(i)) for i in range(5))
+    # The five most likely paths of the expanded ones: 1 (.6), 1-1 (.36), 2 (.3), 1-1-1 (.216), 1-2 (.18).
+    assert paths == sorted([(1,), (1, 1), (2,), (1, 1, 1), (1, 2)])
+    assert math.isclose(sum(1 for i in range(5) if tree.parents[i] == -1), 2)
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_early_exit_dynamic_tree_greedy_equals_ar(tiny, layers):
+    model, ref = tiny
     from spdecode.drafting.candidates import early_exit_candidates
 
-    with pytest.raises(SpdError, match="prompt-lookup"):
-        sd_generator(StagedTarget(model), early_exit_candidates(model, 2), tree_budget=8)
+    gen = sd_generator(StagedTarget(model), early_exit_candidates(model, layers), tree_budget=8, tree_depth=3,
+                       tree_topk=3)(PROMPT, 40)
+    assert gen.tokens == ref
+    assert gen.metrics.cycles < len(ref) - 1 or layers == 2  # the 4-layer exit of 6 guesses right at times
 
 
 def test_tree_sd_sampling_matches_ar_distribution():
@@ -114,7 +148,7 @@ def test_tree_sd_sampling_matches_ar_distribution():
         def reset(self):
             pass
 
-        def propose_tree(self, tokens, budget, depth):
+        def propose_tree(self, tokens, budget, depth, topk=0):
             return DraftTree((7, 8, 9, 7, 8), (-1, -1, -1, 0, 0))
 
     tv, noise = sampled_vs_exact(model, prompt, length, 2500,

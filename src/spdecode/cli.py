@@ -63,8 +63,11 @@ def add_sd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=int, default=4, help="for sd: tokens drafted per target step (default 4)")
     p.add_argument("--adaptive-gamma", action="store_true", help="for sd: adapt gamma to the acceptance")
     p.add_argument("--tree-budget", type=int, default=0,
-                   help="for sd with prompt-lookup: draft-tree nodes verified per target pass (default 0: a chain)")
+                   help="for sd: draft-tree nodes verified per target pass (default 0: a chain of --gamma)")
     p.add_argument("--tree-depth", type=int, default=4, help="for sd's draft tree: its depth at most (default 4)")
+    p.add_argument("--tree-topk", type=int, default=4,
+                   help="for sd's draft tree from a model (early-exit:K, model:PATH): children per expanded node "
+                        "(default 4)")
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -236,7 +239,8 @@ def cmd_generate(args) -> int:
         from .methods.sd import sd_generator
 
         drafter = make_candidates(args.drafter, model, args.dtype, args.device)
-        run = sd_generator(target, drafter, args.gamma, args.adaptive_gamma, args.tree_budget, args.tree_depth)
+        run = sd_generator(target, drafter, args.gamma, args.adaptive_gamma, args.tree_budget, args.tree_depth,
+                           args.tree_topk)
         gen = run(prompt_ids, args.max_new_tokens, sampling, eos, on_token)
     elif args.method == "ar":
         gen = generate_ar(target, prompt_ids, args.max_new_tokens, sampling, eos, on_token)

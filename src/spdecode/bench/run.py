@@ -52,6 +52,7 @@ class BenchConfig:
     adaptive_gamma: bool = False
     tree_budget: int = 0  # sd with prompt lookup: draft-tree nodes per target pass (0: a chain)
     tree_depth: int = 4
+    tree_topk: int = 4  # sd's tree from a draft model: children per expanded node
     chain: str = "early-exit:8"  # pipespec's models before the target
     speed_depth: int | None = None
     plot: str | None = None
@@ -98,7 +99,7 @@ def make_runners(methods, model, model_name: str, stages, draft, cfg: BenchConfi
 
             cands = make_candidates(cfg.drafter, model, cfg.dtype, cfg.device)
             runners[m] = sd_generator(StagedTarget(model), cands, cfg.gamma, cfg.adaptive_gamma, cfg.tree_budget,
-                                      cfg.tree_depth)
+                                      cfg.tree_depth, cfg.tree_topk)
         elif m == "pipespec":
             from ..methods.pipespec import PipeSpecChain
 

@@ -16,6 +16,7 @@ from ..runtime.sampling import Sampler
 from ..runtime.staged import StagedTarget
 from ..runtime.tree import DraftTree
 from ..runtime.verify import Draft, propose
+from .tree_build import best_first_tree
 
 
 def one_hot(token: int, size: int, device="cpu") -> torch.Tensor:
@@ -63,7 +64,7 @@ class PromptLookupCandidates:
     def reset(self) -> None:
         pass  # it keeps nothing between generations
 
-    def propose_tree(self, tokens: list[int], budget: int, depth: int) -> DraftTree | None:
+    def propose_tree(self, tokens: list[int], budget: int, depth: int, topk: int = 0) -> DraftTree | None:
         """Up to `budget` nodes, `depth` deep: what followed each earlier occurrence of the longest
         tail n-gram that occurs before, most recent first, merged where continuations agree (a trie)."""
         for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
@@ -110,6 +111,18 @@ class CachedLM:
         self.held = seq
         return self.t.logits(h[:, -(len(extra) + 1):])[0]
 
+    @torch.inference_mode()
+    def tree_logits(self, tokens: list[int], tree: DraftTree) -> torch.Tensor:
+        """Logits [1 + m, V] after tokens[-1] (row 0) and after each node of a tree rooted there,
+        in one pass over the tree; afterwards the cache holds tokens[:-1] again."""
+        self.next_logits(tokens[:-1])  # the committed prefix in the cache; the root comes with the tree
+        start = len(tokens) - 1
+        self.t.reserve(start + 1 + len(tree.tokens))
+        ids = torch.tensor([[tokens[-1], *tree.tokens]], device=self.t.device)
+        h = self.t.run_stage_tree(0, self.t.embed(ids), start, tree)  # stage 0: the drafter's layers
+        self.t.rollback(start)
+        return self.t.logits(h)[0]
+
 
 class ModelCandidates:
     """A small causal LM drafts autoregressively over a cache of its own (`CachedLM`).
@@ -128,6 +141,15 @@ class ModelCandidates:
 
     def reset(self) -> None:
         self.lm.reset()
+
+    def propose_tree(self, tokens: list[int], budget: int, depth: int, topk: int = 4) -> DraftTree | None:
+        """A dynamic tree (`tree_build.best_first_tree`) from this model's distributions: one
+        pass over the tree grown so far per level."""
+        def expand(tree: DraftTree, frontier: list[int]) -> torch.Tensor:
+            logits = self.lm.tree_logits(tokens, tree)
+            return torch.log_softmax(logits[[1 + i for i in frontier]], dim=-1)
+
+        return best_first_tree(expand, budget, depth, topk)
 
 
 def early_exit_candidates(model, layers: int) -> ModelCandidates:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..drafting.candidates import PromptLookupCandidates
+from ..drafting.candidates import ModelCandidates, PromptLookupCandidates
 from ..runtime.errors import SpdError
 from ..runtime.generation import Generation, prefill, start_generation
 from ..runtime.metrics import Clock
@@ -81,19 +81,20 @@ def generate_sd(
 
 
 def sd_generator(target: StagedTarget, drafter, gamma: int = 4, adaptive: bool = False, tree_budget: int = 0,
-                 tree_depth: int = 4) -> Callable[..., Generation]:
+                 tree_depth: int = 4, tree_topk: int = 4) -> Callable[..., Generation]:
     """generate(prompt_ids, max_new_tokens, sampling, eos, on_token) for classic SD: a chain of
-    gamma drafts per target pass, or with tree_budget > 0 a draft tree of that many nodes and at
-    most tree_depth deep (drafters that propose trees: prompt lookup)."""
-    if tree_budget < 0 or tree_depth < 1 or gamma < 1:
-        raise SpdError(f"need gamma >= 1, tree budget >= 0 and tree depth >= 1 (got {gamma}, {tree_budget}, "
-                       f"{tree_depth})")
+    gamma drafts per target pass, or with tree_budget > 0 a draft tree of that many nodes, at most
+    tree_depth deep: prompt lookup's earlier continuations, or a draft model's (early exit's)
+    dynamic tree expanding tree_topk children per node."""
+    if tree_budget < 0 or tree_depth < 1 or gamma < 1 or tree_topk < 1:
+        raise SpdError(f"need gamma >= 1, tree budget >= 0, tree depth >= 1 and tree top-k >= 1 (got {gamma}, "
+                       f"{tree_budget}, {tree_depth}, {tree_topk})")
     if not tree_budget:
         return lambda ids, k, s=GREEDY, e=frozenset(), on_token=None: generate_sd(
             target, drafter, ids, k, s, e, on_token, gamma=gamma, adaptive=adaptive)
-    if not isinstance(drafter, PromptLookupCandidates):
-        raise SpdError("--tree-budget: only the prompt-lookup drafter proposes trees so far (--drafter prompt-lookup)")
+    if not isinstance(drafter, PromptLookupCandidates | ModelCandidates):
+        raise SpdError("--tree-budget needs a drafter that proposes trees: prompt-lookup, early-exit:K or model:PATH")
     from .tree_sd import generate_tree_sd
 
     return lambda ids, k, s=GREEDY, e=frozenset(), on_token=None: generate_tree_sd(
-        target, drafter, ids, k, s, e, on_token, budget=tree_budget, depth=tree_depth)
+        target, drafter, ids, k, s, e, on_token, budget=tree_budget, depth=tree_depth, topk=tree_topk)

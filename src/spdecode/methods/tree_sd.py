@@ -36,8 +36,10 @@ def generate_tree_sd(
     on_token: Callable[[int], None] | None = None,
     budget: int = 8,
     depth: int = 4,
+    topk: int = 4,
 ) -> Generation:
-    """`drafter.propose_tree(tokens, budget, depth)` gives a DraftTree (or None: no guess this step)."""
+    """`drafter.propose_tree(tokens, budget, depth, topk)` gives a DraftTree (None: no guess this
+    step); `topk`: children per expanded node, for drafters that grow trees from distributions."""
     # Tree nodes take up to `budget` slots past the root: they must fit in the cache and context.
     max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos, "sd-tree",
                                                         lookahead=budget, n_stages=1)
@@ -48,7 +50,7 @@ def generate_tree_sd(
     clock = Clock(m.phase_s)
     while not stop.done(emitted):
         m.cycles += 1
-        tree = drafter.propose_tree(tokens, budget, depth) or DraftTree((), ())
+        tree = drafter.propose_tree(tokens, budget, depth, topk) or DraftTree((), ())
         m.drafts_proposed += len(tree.tokens)
         clock.lap("draft")
         start = len(tokens) - 1  # the root: the last verified token, not in the cache yet
