@@ -34,7 +34,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-
     def warpers(self) -> LogitsProcessorList:
         procs = LogitsProcessorList()
         if not self.greedy and self.temperature != 1.0:

@@ -50,16 +50,6 @@ def layer_windows(config) -> list[int | None]:
     return [window] * n  # e.g. Mistral: one window for every layer when set
 
 
-def causal_mask(start: int, q: int, key_lo: int, window: int | None, device) -> torch.Tensor:
-    """Boolean [1, 1, q, k] mask for queries at start..start+q-1 over keys at key_lo..start+q-1."""
-    qpos = torch.arange(start, start + q, device=device)[:, None]
-    kpos = torch.arange(key_lo, start + q, device=device)[None, :]
-    allowed = kpos <= qpos
-    if window is not None:
-        allowed &= kpos > qpos - window
-    return allowed[None, None]
-
-
 def chunk_mask(start: int, positions: torch.Tensor, visible: torch.Tensor, key_lo: int,
                window: int | None) -> torch.Tensor:
     """Boolean [1, 1, q, k] mask for a chunk in slots start..start+q-1 with its own position ids.
@@ -92,10 +82,9 @@ def run_decoder_layers(layers, indices, layer_types, windows, rotary, rotary_per
     Shared by the staged target and the draft module (whose layers are built from the same class).
     """
     q = hidden.shape[1]
-    explicit = positions is not None or visible is not None
     if positions is None:
         positions = torch.arange(start, start + q, device=hidden.device)
-    if explicit and visible is None:
+    if visible is None and q > 1:
         visible = torch.ones(q, q, dtype=torch.bool, device=hidden.device).tril()
     pos = positions[None]
     pe, masks, captured = {}, {}, {}
@@ -107,10 +96,8 @@ def run_decoder_layers(layers, indices, layer_types, windows, rotary, rotary_per
         window = windows[i]
         # A single query over a cache slice that ends at its own position needs no mask:
         # the slice already is exactly what it may see (the window included).
-        if explicit and window not in masks:
+        if q > 1 and window not in masks:
             masks[window] = chunk_mask(start, positions, visible, cache.window_start(i, start), window)
-        elif q > 1 and window not in masks:
-            masks[window] = causal_mask(start, q, cache.window_start(i, start), window, hidden.device)
         out = layers[i](
             hidden,
             attention_mask=masks.get(window),

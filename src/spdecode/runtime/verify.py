@@ -80,7 +80,7 @@ def verify_tree(logits: torch.Tensor, tree: DraftTree, sampler: Sampler) -> tupl
     path, node = [], -1
     while True:
         row = logits[node + 1]
-        token = int(torch.argmax(row)) if sampler.params.greedy else sampler.draw(sampler.probs(row))
+        token = sampler.choose(row)
         nxt = next((c for c in tree.children(node) if tree.tokens[c] == token), None)
         if nxt is None:
             return path, token
