@@ -243,8 +243,7 @@ def test_sampling_seed_above_2_24_travels_exactly(seed):
     assert token.extra.dtype == torch.float32 and torch.equal(token.extra, q)  # a draft's q keeps its dtype
 
 
-@pytest.mark.parametrize("budget_from", ["rank0_message", "command_line"])
-def test_stage_kv_cache_never_grows_after_prefill(model, budget_from):
+def test_stage_kv_cache_never_grows_after_prefill(model):
     """Ranks >= 1 reserved only prompt + 1 positions and grew their cache (allocate and copy) while
     decoding; now they reserve prompt + max_new_tokens + n_stages once, at prefill."""
     sizes, p, max_new = [2, 2, 2], prompts(1)[0], 120
@@ -271,7 +270,7 @@ def test_stage_kv_cache_never_grows_after_prefill(model, budget_from):
 
         cache.ensure_capacity, target.reserve = watched_ensure, watched_reserve
         link = Link(rank, n, "cpu", target.dtype, fabric.endpoint(rank))
-        serve_stage(target, link, rank, max_new if budget_from == "command_line" else None)
+        serve_stage(target, link, rank)
         return cache.capacity
 
     def root():

@@ -54,18 +54,19 @@ class ReplayDrafts:
 class Replay:
     """The SpdRun executor that runs no stage: the teacher-forced pass already knows every verdict."""
 
-    def __init__(self, generated: list[int], prompt_len: int):
-        self.truth = [None] * prompt_len + list(generated)
+    def __init__(self, generated: list[int]):
+        self.generated = list(generated)  # the target's greedy tokens after the prompt
 
     def prefill(self, run: SpdRun) -> int:
-        return self.truth[run.prompt_len]
+        return self.generated[0]
 
     def cycle(self, run: SpdRun, token: int, position: int) -> Verdict | None:
         run.propose_draft()
         if not run.sched.exits:
             return None
         q = run.sched.verify_position
-        return Verdict.single(q, run.candidate.token == self.truth[q], self.truth[q])
+        truth = self.generated[q - run.prompt_len]
+        return Verdict.single(q, run.candidate.token == truth, truth)
 
     def rollback(self, position: int) -> None:
         pass
@@ -94,7 +95,7 @@ def replay_greedy(target: StagedTarget, pdm: PipelineDraftModule, prompt: list[i
     # The generation ends where `gen` ends: at EOS, or where the teacher-forced pass stops vouching.
     m = Metrics(method="spd-replay", n_stages=n, prompt_tokens=P)
     run = SpdRun(n, prompt, ReplayDrafts(drafts, len(ids)), StopRule(set(eos), len(gen)), m)
-    if run.drive(Replay(gen, P)).tokens != gen:
+    if run.drive(Replay(gen)).tokens != gen:
         raise RuntimeError("the replay emitted other tokens than the teacher-forced pass vouches for")
     return {"method": "spd-replay", "n_stages": n, "new_tokens": m.new_tokens, "cycles": m.cycles,
             "drafts_verified": m.drafts_verified, "drafts_accepted": m.drafts_accepted, "decode_s": 0.0,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..drafting.drafters import AnchorStore
-from ..methods.spd_core import DrafterSource, SpdRun, Verdict, anchor_store, enter, run_stage_keeping
+from ..methods.spd_core import DrafterSource, SpdRun, Verdict, anchor_store, enter, run_stage_keeping, stage_captures
 from ..runtime.errors import SpdError
 from ..runtime.generation import Generation, start_generation
 from ..runtime.sampling import GREEDY, SamplingParams
@@ -48,7 +48,7 @@ class RootRank:
         self.anchors = list(drafter.anchors)
         # Rank s reports its output h_{end of stage s}; the drafter may want it as an anchor. Anchors
         # within stage 0 (SPEED's early exit, and stage 0's own output) are captured here on rank 0.
-        self.capture0 = {j for j in self.anchors if 0 < j <= bounds[0]}
+        self.capture0 = stage_captures(target, self.anchors)[0]
         extra = [j for j in self.anchors if j != 0 and j not in bounds and j not in self.capture0]
         if extra:
             raise SpdError(f"distributed SPD needs PDM anchors at stage boundaries {bounds}; got {self.anchors}")

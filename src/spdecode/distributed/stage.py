@@ -50,12 +50,11 @@ def request_from(v: torch.Tensor) -> tuple[SamplingParams, int]:
     return SamplingParams(_bits_float(t), int(k), _bits_float(p), seed), int(rest[0]) if rest else 0
 
 
-def serve_stage(target: StagedTarget, link: Link, stage: int, max_new_tokens: int | None = None) -> None:
+def serve_stage(target: StagedTarget, link: Link, stage: int) -> None:
     """Loop of a rank s >= 1 until SHUTDOWN: prefill, cycles, and an END ack after each request.
 
-    At prefill the rank reserves its KV cache once for the whole request: for the positions rank 0
-    names in the PREFILL message, else (a rank 0 that does not send them) for prompt +
-    `max_new_tokens` + n_stages, so that the cache never grows (allocate and copy) while decoding.
+    At prefill the rank reserves its KV cache once for the whole request, for the positions rank 0
+    names in the PREFILL message, so that the cache never grows (allocate and copy) while decoding.
     """
     last = stage == target.n_stages - 1
     epoch, sampler, timer = 0, None, Clock(defaultdict(float))
@@ -91,8 +90,6 @@ def serve_stage(target: StagedTarget, link: Link, stage: int, max_new_tokens: in
                 epoch, sampler = msg.epoch, Sampler(params, target.device)
                 target.rollback(0)
                 prompt = msg.payload.shape[0]
-                if not positions and max_new_tokens:
-                    positions = prompt + max_new_tokens + target.n_stages
                 target.reserve(min(max(positions, prompt + 1), target.context_length))
                 h = target.run_stage(stage, msg.payload[None], 0)
                 timer.lap("compute")

@@ -76,7 +76,7 @@ def run(args) -> int:
     target = StagedTarget(model, sizes)
     link = Link(rank, world, device, target.dtype)
     if rank > 0:
-        serve_stage(target, link, rank, args.max_new_tokens)
+        serve_stage(target, link, rank)
         return 0
 
     from transformers import AutoTokenizer

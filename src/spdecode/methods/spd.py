@@ -17,7 +17,7 @@ from ..runtime.generation import Generation, start_generation
 from ..runtime.sampling import GREEDY, Sampler, SamplingParams
 from ..runtime.staged import StagedTarget
 from ..runtime.verify import verify
-from .spd_core import DrafterSource, SpdRun, Verdict, anchor_store, enter, run_stage_keeping
+from .spd_core import DrafterSource, SpdRun, Verdict, anchor_store, enter, run_stage_keeping, stage_captures
 
 
 class LocalPipeline:
@@ -26,9 +26,7 @@ class LocalPipeline:
     def __init__(self, target: StagedTarget, drafter, store, sampler: Sampler):
         self.target, self.store, self.sampler = target, store, sampler
         self.late = drafter.after_stage0
-        anchors = list(drafter.anchors)
-        # Which anchors each stage produces: h_j comes out of layer j-1.
-        self.capture = [{j for j in anchors if lo < j <= hi} for lo, hi in target.stage_bounds]
+        self.capture = stage_captures(target, list(drafter.anchors))
         self.carry: list[torch.Tensor | None] = [None] * target.n_stages  # what stage s produced last cycle
 
     def prefill(self, run: SpdRun) -> int:

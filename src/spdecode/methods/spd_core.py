@@ -77,16 +77,18 @@ class SpdRun:
 
     def __init__(self, n_stages: int, prompt_ids: list[int], drafts: DraftSource, stop: StopRule, metrics: Metrics,
                  on_token: Callable[[int], None] | None = None):
-        self.n = n_stages
-        self.prompt_len = len(prompt_ids)
         self.prompt = list(prompt_ids)
         self.tokens = list(prompt_ids)  # positions 0..: prompt, verified tokens, in-flight drafts
         self.emitted: list[int] = []
         self.pending: dict[int, Draft] = {}  # drafts in flight, not verified yet, by position
-        self.sched = PipelineSchedule(n_stages, self.prompt_len)
+        self.sched = PipelineSchedule(n_stages, len(prompt_ids))
         self.source, self.stop, self.metrics, self.on_token = drafts, stop, metrics, on_token
         self.clock = Clock(metrics.phase_s)
         self.draft: Draft | None = None  # this cycle's draft
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
 
     # -- called by executors ------------------------------------------------------------------
     def propose_draft(self) -> Draft:
@@ -187,6 +189,12 @@ def anchor_store(target, drafter, positions: int) -> AnchorStore | None:
     """Buffers for the hidden states the drafter reads, for every position a generation can write."""
     anchors = list(drafter.anchors)
     return AnchorStore(anchors, target.config.hidden_size, target.dtype, target.device, positions) if anchors else None
+
+
+def stage_captures(target, anchors: list[int]) -> list[set[int]]:
+    """Per stage, the anchors it produces: h_j comes out of layer j-1, so stage [lo, hi) gives
+    lo < j <= hi (h_0, the embedding, is stored on entry)."""
+    return [{j for j in anchors if lo < j <= hi} for lo, hi in target.stage_bounds]
 
 
 def enter(target, store: AnchorStore | None, ids: list[int], position: int) -> torch.Tensor:
