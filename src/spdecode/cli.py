@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences per batched teacher pass when features stay in memory (default 1)")
     t.add_argument("--time-limit", type=float, default=0.0,
                    help="stop training after this many seconds with a resumable checkpoint (default: none)")
+    t.add_argument("--eagle", default="", choices=["", "embed", "feedback"],
+                   help="train an EAGLE-style head for --method eagle (one stage) whose drafted tokens are "
+                        "embedding-only rows (embed) or carry the head's own output (feedback)")
+    t.add_argument("--chain-depth", type=int, default=4, help="--eagle: the deepest draft trained (default 4)")
+    t.add_argument("--init", default=None,
+                   help="start from this PDM checkpoint: its anchors, draft vocabulary and matching weights")
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("regenerate", help="answer conversations' first user turns with the model itself (greedy)")

@@ -12,6 +12,12 @@ run through `Ls` decoder layers of the target's own class over the PDM's own pos
 cache; the newest row goes through the target's final norm (shared, frozen) and the PDM's LM
 head over the full vocabulary or a draft-vocabulary subset. Rotary embedding and token embedding
 are the target's, shared and frozen.
+
+With one stage (n = 1) the PDM is an EAGLE-style head (Li et al., arXiv 2401.15077 / 2503.01840):
+`chain` says how it drafts several tokens in a row, when the tokens after the last one the
+target processed have no target features: "embed", each drafted token an embedding-only row
+(type 0, as the newest token always is); "feedback", a drafted token's row fuses its embedding
+with the head's own output at its parent (FC_fb: 2H -> H), EAGLE-3's "training-time test".
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from ..runtime.staged import StagedTarget, run_decoder_layers
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "pdm_config.json", "pdm.safetensors"
+CHAINS = ("", "embed", "feedback")
 
 
 def stage_boundaries(stage_sizes: list[int]) -> list[int]:
@@ -57,6 +64,7 @@ class PDMConfig:
     hidden_size: int = 0
     vocab_size: int = 0
     draft_vocab_size: int = 0  # 0: the full vocabulary
+    chain: str = ""  # "" (SPD's PDM), or an EAGLE-style head's way of chaining drafts: embed | feedback
     version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -68,6 +76,9 @@ class PDMConfig:
             raise SpdError(f"anchors {a} must start at 0, increase strictly and not exceed {L}")
         if self.num_layers < 1:
             raise SpdError("the PDM needs at least one decoder layer")
+        if self.chain not in CHAINS or (self.chain and len(self.stage_sizes) != 1):
+            raise SpdError(f"chain {self.chain!r}: an EAGLE-style head has one stage and chains by "
+                           f"{' or '.join(CHAINS[1:])}")
 
     @property
     def n_stages(self) -> int:
@@ -86,7 +97,9 @@ class PipelineDraftModule(nn.Module):
         H = target.config.hidden_size
         self.type_of_depth = depth_to_type(cfg.anchors, cfg.stage_sizes)
         self.fcs = nn.ModuleList(nn.Linear((i + 1) * H, H, bias=False) for i in range(cfg.n_types))
-        for fc in self.fcs:
+        # EAGLE-3's feedback row: a drafted token's embedding and the head's output at its parent.
+        self.fc_feedback = nn.Linear(2 * H, H, bias=False) if cfg.chain == "feedback" else None
+        for fc in [*self.fcs, *([self.fc_feedback] if self.fc_feedback is not None else [])]:
             nn.init.normal_(fc.weight, std=0.02)
         lcfg = copy.deepcopy(target.config)
         lcfg.num_hidden_layers = cfg.num_layers
@@ -113,11 +126,21 @@ class PipelineDraftModule(nn.Module):
         """g_t = FC_t(concat of the first t+1 anchors) for rows [..., H] -> [..., H]."""
         return self.fcs[t](torch.cat(anchor_feats[: t + 1], dim=-1))
 
-    def run(self, rows: torch.Tensor, start: int) -> torch.Tensor:
-        """Decoder layers over rows [1, r, H] at positions start.. (over the PDM cache); raw outputs."""
+    def drafted_rows(self, embedding: torch.Tensor, parent_out: torch.Tensor) -> torch.Tensor:
+        """Rows of drafted tokens the target has not processed (an EAGLE-style head's chain):
+        embedding-only (type 0), or with feedback fused with the head's raw output at the parent."""
+        if self.fc_feedback is None:
+            return self.project(0, [embedding])
+        return self.fc_feedback(torch.cat([embedding, parent_out], dim=-1))
+
+    def run(self, rows: torch.Tensor, start: int, positions: torch.Tensor | None = None,
+            visible: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder layers over rows [1, r, H] in slots start.. of the PDM cache; raw outputs.
+        `positions`/`visible` run a draft tree's rows (see runtime.staged.run_decoder_layers)."""
         t = self.target[0]
         return run_decoder_layers(self.layers, range(len(self.layers)), self._types, [None] * len(self.layers),
-                                  t.decoder.rotary_emb, t._rotary_per_type, self.cache, rows, start)
+                                  t.decoder.rotary_emb, t._rotary_per_type, self.cache, rows, start,
+                                  positions=positions, visible=visible)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft logits over the draft vocabulary (fp32)."""
@@ -134,10 +157,10 @@ class PipelineDraftModule(nn.Module):
 
 
 def new_pdm(target: StagedTarget, base_model: str, fingerprint: str, num_layers: int = 1,
-            anchors: list[int] | None = None, draft_vocab=None) -> PipelineDraftModule:
+            anchors: list[int] | None = None, draft_vocab=None, chain: str = "") -> PipelineDraftModule:
     cfg = PDMConfig(base_model, fingerprint, list(target.stage_sizes), list(anchors or []), num_layers,
                     target.config.hidden_size, target.config.vocab_size,
-                    0 if draft_vocab is None else len(draft_vocab))
+                    0 if draft_vocab is None else len(draft_vocab), chain)
     return PipelineDraftModule(cfg, target, draft_vocab)
 
 

@@ -8,6 +8,10 @@ covering several guesses per depth. The shared verification module walks the tre
 carries it, and so on; the first choice no child carries is the target's own token after the
 path. The K/V of the accepted path are gathered into place (`keep_path`) and the rest forgotten.
 Greedy output is AR's; sampled output follows AR's distribution exactly (see verify_tree).
+
+A feature-level drafter (EAGLE-style, drafting/eagle.py) lists `anchors`: the pass then also
+captures those hidden states, and the drafter `observe`s them for the root and the accepted path
+(the prompt's come from the prefill): the tokens the target has processed.
 """
 
 from __future__ import annotations
@@ -44,8 +48,11 @@ def generate_tree_sd(
     max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos, "sd-tree",
                                                         lookahead=budget, n_stages=1)
     drafter.reset()
-    tokens = list(prompt_ids) + [prefill(target, prompt_ids, sampler, m, on_token)]
+    anchors = getattr(drafter, "anchors", None)
+    observe = drafter.observe if anchors else None
+    tokens = list(prompt_ids) + [prefill(target, prompt_ids, sampler, m, on_token, observe, anchors or ())]
     emitted = [tokens[-1]]
+    m.verified_per_depth, m.accepted_per_depth = [0] * depth, [0] * depth
     t1 = time.perf_counter()
     clock = Clock(m.phase_s)
     while not stop.done(emitted):
@@ -54,14 +61,25 @@ def generate_tree_sd(
         m.drafts_proposed += len(tree.tokens)
         clock.lap("draft")
         start = len(tokens) - 1  # the root: the last verified token, not in the cache yet
-        logits = target.logits(target.forward_tree(tokens[-1], tree, start))[0]
+        if observe:
+            h, got = target.forward_tree(tokens[-1], tree, start, capture=anchors)
+        else:
+            h = target.forward_tree(tokens[-1], tree, start)
+        logits = target.logits(h)[0]
         clock.lap("target")
         path, token = verify_tree(logits, tree, sampler)
         # One verification per depth walked into: accepted when the walk went on into a child.
         last = path[-1] if path else -1
+        tried = len(path) + bool(tree.children(last))
         m.drafts_accepted += len(path)
-        m.drafts_verified += len(path) + bool(tree.children(last))
+        m.drafts_verified += tried
+        for d in range(min(tried, depth)):
+            m.verified_per_depth[d] += 1
+            m.accepted_per_depth[d] += d < len(path)
         target.keep_path(start, path)
+        if observe:
+            rows = [0] + [1 + i for i in path]
+            observe(start, {j: got[j][0, rows] for j in anchors})
         for t in [tree.tokens[i] for i in path] + [token]:
             emitted.append(t)
             tokens.append(t)

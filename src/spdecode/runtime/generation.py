@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from .errors import SpdError
@@ -78,15 +79,23 @@ class StopRule:
         return bool(self.reason)
 
 
-def prefill(target, prompt_ids: list[int], sampler, metrics: Metrics, on_token=None) -> int:
+def prefill(target, prompt_ids: list[int], sampler, metrics: Metrics, on_token=None, observe=None,
+            anchors: Collection[int] = ()) -> int:
     """The prompt through every layer in one batched pass (its K/V cached), then the first token
-    from the last position's logits, timed as the metrics' prefill and streamed."""
+    from the last position's logits, timed as the metrics' prefill and streamed. `observe(0, {j:
+    h_j [P, H]})` receives the prompt's hidden states at `anchors` (a feature-level drafter's)."""
     import time
 
     import torch
 
     t0 = time.perf_counter()
-    hidden = target.forward(torch.tensor([prompt_ids], device=target.device), 0)
+    ids = torch.tensor([prompt_ids], device=target.device)
+    if observe is None:
+        hidden = target.forward(ids, 0)
+    else:
+        h0 = target.embed(ids)
+        hidden, got = target.run_layers(0, target.n_layers, h0, 0, capture=set(anchors))
+        observe(0, {j: (h0 if j == 0 else got[j])[0] for j in anchors})
     token = sampler.choose(target.logits(hidden[:, -1])[0])
     metrics.prefill_s = time.perf_counter() - t0
     if on_token:

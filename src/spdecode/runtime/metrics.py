@@ -32,6 +32,16 @@ class Metrics:
     phase_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     stop_reason: str = ""
     chain: list[dict] | None = None  # PipeSpec: per-stage steps, verifications, rollbacks
+    # Draft trees: per depth d (index d-1), the passes whose walk tried a node at depth d (the
+    # path reached depth d-1 and had children there) and those that accepted one.
+    verified_per_depth: list[int] | None = None
+    accepted_per_depth: list[int] | None = None
+
+    @property
+    def alpha_per_depth(self) -> list[float] | None:
+        if self.verified_per_depth is None:
+            return None
+        return [a / v if v else None for a, v in zip(self.accepted_per_depth, self.verified_per_depth, strict=True)]
 
     @property
     def drafts_rejected(self) -> int:
@@ -57,7 +67,7 @@ class Metrics:
     def as_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "phase_s"}
         out["phase_s"] = dict(self.phase_s)
-        for name in ("drafts_rejected", "alpha", "tokens_per_cycle", "tau", "decode_tok_s"):
+        for name in ("drafts_rejected", "alpha", "tokens_per_cycle", "tau", "decode_tok_s", "alpha_per_depth"):
             out[name] = getattr(self, name)
         return out
 

@@ -195,14 +195,21 @@ class StagedTarget:
         lo, hi = self.stage_bounds[stage]
         return self._tree_layers(lo, hi, hidden, start, tree, capture)
 
-    def forward_tree(self, root_token: int, tree: DraftTree, start: int) -> torch.Tensor:
+    def forward_tree(self, root_token: int, tree: DraftTree, start: int, capture: Collection[int] | None = None):
         """The root (slot/position `start`, not yet cached) and every node of `tree` in ONE pass.
 
         Returns the final pre-norm hidden states [1, 1+m, H] (row 0 the root, row 1+i node i):
         `logits(h)[0]` is the target's distribution after the root and after each node's path.
+        With `capture` (hidden-state indices, 0 the embedding): (h, {j: h_j [1, 1+m, H]}).
         """
         ids = torch.tensor([[root_token, *tree.tokens]], device=self.device)
-        return self._tree_layers(0, self.n_layers, self.embed(ids), start, tree)
+        h0 = self.embed(ids)
+        if capture is None:
+            return self._tree_layers(0, self.n_layers, h0, start, tree)
+        h, got = self._tree_layers(0, self.n_layers, h0, start, tree, capture)
+        if 0 in capture:
+            got[0] = h0
+        return h, got
 
     def keep_path(self, start: int, nodes: Sequence[int], stage: int | None = None) -> None:
         """After a tree pass at `start`: keep the root and the accepted `nodes` (a path, in order).

@@ -45,6 +45,46 @@ class TrainConfig:
     micro_batch: int = 1
     teacher_batch: int = 1
     time_limit: float = 0.0  # seconds; 0: none
+    eagle: str = ""  # train an EAGLE-style head (one stage) that chains drafts by: embed | feedback
+    chain_depth: int = 4  # the head's deepest trained draft
+    init: str | None = None  # start from this PDM checkpoint (its anchors and draft vocabulary)
+
+
+def init_from(pdm, directory: str | Path) -> int:
+    """Copy every tensor of the checkpoint in `directory` that `pdm` has with the same name and shape
+    (e.g. an SPD draft's decoder layer, head and anchor projections into an EAGLE-style head).
+    A feedback head's FC_fb starts as the deepest projection with the head's output standing in for
+    the last anchor (h_L), which is what the output approximates. Returns the tensors copied."""
+    from safetensors.torch import load_file
+
+    from ..drafting.pdm import WEIGHTS_FILE
+
+    state = load_file(Path(directory) / WEIGHTS_FILE)
+    mine = pdm.state_dict()
+    same = {k: v for k, v in state.items() if k in mine and v.shape == mine[k].shape}
+    if pdm.fc_feedback is not None:
+        H = pdm.fc_feedback.weight.shape[0]
+        deepest = same.get(f"fcs.{pdm.cfg.n_types - 1}.weight")
+        if deepest is not None:
+            same["fc_feedback.weight"] = torch.cat([deepest[:, :H], deepest[:, -H:]], dim=1)
+    pdm.load_state_dict({k: v.to(mine[k].dtype) if v.is_floating_point() else v for k, v in same.items()},
+                        strict=False)
+    return len(same)
+
+
+def init_settings(directory: str | Path) -> tuple[list[int], torch.Tensor | None]:
+    """(anchors, draft vocabulary) of the checkpoint a run starts from."""
+    from safetensors.torch import safe_open
+
+    from ..drafting.pdm import CONFIG_FILE, WEIGHTS_FILE
+
+    d = Path(directory)
+    if not (d / CONFIG_FILE).exists() or not (d / WEIGHTS_FILE).exists():
+        raise SpdError(f"--init {d}: not a PDM checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    cfg = json.loads((d / CONFIG_FILE).read_text())
+    with safe_open(d / WEIGHTS_FILE, "pt") as f:
+        vocab = f.get_tensor("vocab") if "vocab" in f.keys() else None
+    return cfg["anchors"], vocab
 
 
 def examples_from(tok, data: str, limit: int | None, max_len: int, regenerate_with: TrainConfig | None = None):
@@ -82,9 +122,14 @@ def read_vocab(spec: str, train_ex, vocab_size: int):
     if not path.exists():
         raise SpdError(f"--draft-vocab {spec!r} is neither a size nor an existing JSON file")
     ids = torch.tensor(sorted(json.loads(path.read_text())["token_ids"]), dtype=torch.long)
+    return ids, vocab_coverage(ids, train_ex)
+
+
+def vocab_coverage(ids: torch.Tensor, train_ex) -> float:
+    """The share of assistant tokens in `train_ex` that the draft vocabulary `ids` holds."""
     keep = set(ids.tolist())
     counted = [t for i, k in train_ex for t, m in zip(i, k, strict=True) if m]
-    return ids, sum(t in keep for t in counted) / max(len(counted), 1)
+    return sum(t in keep for t in counted) / max(len(counted), 1)
 
 
 def fixed_mmap_threshold(size: int = 1 << 20) -> None:
@@ -118,15 +163,24 @@ def run_train(cfg: TrainConfig) -> int:
     out = Path(cfg.out)
     if (out / CONFIG_FILE).exists() and not cfg.resume:
         raise SpdError(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
+    if cfg.eagle and cfg.chain_depth < 1:
+        raise SpdError(f"--chain-depth must be at least 1 (got {cfg.chain_depth})")
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
-    target = StagedTarget(model, cfg.stages)
+    target = StagedTarget(model, 1 if cfg.eagle else cfg.stages)  # an EAGLE-style head is the n = 1 PDM
     examples = examples_from(tok, cfg.data, cfg.limit, cfg.max_len, cfg if cfg.regenerate else None)
     random.Random(cfg.seed).shuffle(examples)
     n_val = max(1, int(len(examples) * cfg.val_frac)) if len(examples) > 1 else 0
     train_ex, val_ex = examples[n_val:], examples[:n_val]
-    vocab, coverage = read_vocab(cfg.draft_vocab, train_ex, model.config.vocab_size)
     anchors = [int(x) for x in cfg.anchors.split(",")] if cfg.anchors else None
-    pdm = new_pdm(target, cfg.model, weights_fingerprint(model), cfg.layers, anchors, vocab)
+    if cfg.init:
+        init_anchors, vocab = init_settings(cfg.init)
+        anchors = anchors or init_anchors
+        coverage = vocab_coverage(vocab, train_ex) if vocab is not None else 1.0
+    else:
+        vocab, coverage = read_vocab(cfg.draft_vocab, train_ex, model.config.vocab_size)
+    pdm = new_pdm(target, cfg.model, weights_fingerprint(model), cfg.layers, anchors, vocab, cfg.eagle)
+    if cfg.init and not (cfg.resume and (out / CONFIG_FILE).exists()):
+        print(f"initialised {init_from(pdm, cfg.init)} tensors from {cfg.init}")
     if cfg.resume and (out / CONFIG_FILE).exists():
         saved = json.loads((out / CONFIG_FILE).read_text())
         mine = json.loads(json.dumps(pdm.cfg.__dict__))
@@ -139,7 +193,7 @@ def run_train(cfg: TrainConfig) -> int:
     teacher = TeacherFeatures(target, pdm.cfg.anchors + [target.n_layers], cfg.cache_dir, pdm.cfg.base_fingerprint)
     teacher.warm(train_ex + val_ex, batch_size=cfg.teacher_batch)
     settings = TrainSettings(cfg.epochs, cfg.lr, 50, cfg.batch_tokens, 1.0, cfg.seed, cfg.val_every,
-                             cfg.save_every, cfg.micro_batch, cfg.time_limit)
+                             cfg.save_every, cfg.micro_batch, cfg.time_limit, cfg.chain_depth)
     result = train(pdm, teacher, train_ex, val_ex, out, settings, resume=cfg.resume)
     pdm.save(out / "export-fp16", dtype=torch.float16)
     last = result["history"][-1] if result["history"] else result["last"]

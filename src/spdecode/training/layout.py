@@ -88,18 +88,15 @@ def layout_attention(pdm):
             c._attn_implementation = saved[i]
 
 
-def layout_logits(pdm, anchors: list[torch.Tensor], k: int) -> torch.Tensor:
-    """Draft logits [S, Vd] ([B, S, Vd]) for every position as the newest of a window of k in-flight tokens.
-
-    anchors: the PDM's anchors from one teacher-forced pass, each [S, H] (h_0 first), or each
-    [B, S, H] for B right-padded sequences.
-    """
+def _batched(anchors: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
     batched = anchors[0].dim() == 3
-    if not batched:
-        anchors = [a[None] for a in anchors]
-    S = anchors[0].shape[1]
-    m = pdm.cfg.n_types
-    blocks = [pdm.project(pdm.type_of_depth[c], anchors) for c in range(k)] + [pdm.project(m - 1, anchors)]
+    return (anchors if batched else [a[None] for a in anchors]), batched
+
+
+def run_blocks(pdm, blocks: list[torch.Tensor], k: int) -> torch.Tensor:
+    """The PDM's layers over k+1 blocks [B, S, H] each (k in-flight depths, then the completed
+    rows) in the lag-block layout; returns the raw output of block 0 (the newest rows) [B, S, H]."""
+    S = blocks[0].shape[1]
     hidden = torch.cat(blocks, dim=1)  # [B, (k+1)*S, H]
     pos = torch.arange(S, device=hidden.device).repeat(k + 1)[None]
     target = pdm.target[0]
@@ -110,5 +107,46 @@ def layout_logits(pdm, anchors: list[torch.Tensor], k: int) -> torch.Tensor:
             out = layer(hidden, attention_mask=None, position_embeddings=pe, position_ids=pos,
                         past_key_values=None, use_cache=False, spd_blocks=(k, S))
             hidden = out[0] if isinstance(out, tuple) else out
-    logits = pdm.head(hidden[:, :S])
+    return hidden[:, :S]
+
+
+def layout_logits(pdm, anchors: list[torch.Tensor], k: int) -> torch.Tensor:
+    """Draft logits [S, Vd] ([B, S, Vd]) for every position as the newest of a window of k in-flight tokens.
+
+    anchors: the PDM's anchors from one teacher-forced pass, each [S, H] (h_0 first), or each
+    [B, S, H] for B right-padded sequences. An EAGLE-style head (`pdm.cfg.chain`) is laid out
+    by `chain_logits` instead.
+    """
+    if pdm.cfg.chain:
+        return chain_logits(pdm, anchors, k)
+    anchors, batched = _batched(anchors)
+    m = pdm.cfg.n_types
+    blocks = [pdm.project(pdm.type_of_depth[c], anchors) for c in range(k)] + [pdm.project(m - 1, anchors)]
+    logits = pdm.head(run_blocks(pdm, blocks, k))
+    return logits if batched else logits[0]
+
+
+def chain_logits(pdm, anchors: list[torch.Tensor], k: int) -> torch.Tensor:
+    """An EAGLE-style head's draft logits for every position p as a node k-1 levels below a root
+    at p-k+1 (the last verified token, embedding-only), its ancestors the drafted tokens between.
+
+    "embed": every in-flight row is type 0 (one block layout). "feedback" unrolls as inference
+    runs (EAGLE-3's training-time test): pass j lays out a window of j, where the node at depth
+    d >= 1 is FC_fb(its embedding, pass d's output at p-1, its parent); gradients flow through
+    the unrolled outputs, so the head learns from its own features.
+    """
+    anchors, batched = _batched(anchors)
+    full = pdm.project(pdm.cfg.n_types - 1, anchors)
+    root = pdm.project(0, anchors)
+    if pdm.fc_feedback is None:
+        out = run_blocks(pdm, [root] * k + [full], k)
+    else:
+        emb = anchors[0]
+        fed: list[torch.Tensor] = []  # fed[d-1]: the rows of nodes at depth d
+        for j in range(1, k + 1):
+            out = run_blocks(pdm, [*reversed(fed), root, full], j)
+            if j < k:  # the next depth's rows: each token's parent is the position before it
+                parent = F.pad(out[:, :-1], (0, 0, 1, 0))
+                fed.append(pdm.drafted_rows(emb, parent))
+    logits = pdm.head(out)
     return logits if batched else logits[0]

@@ -7,7 +7,9 @@ no draft from the subset could be accepted there; their share is reported as `oo
 
 Every step draws the number of tokens in flight k (n with probability 1/2, else uniform in
 1..n-1, the states right after a rollback) and trains every position as the newest token of
-such a window with the exact inference view (layout.py).
+such a window with the exact inference view (layout.py). An EAGLE-style head (n = 1, chained)
+draws the depth of the drafted node instead, uniform in 1..chain_depth: every depth of a draft
+tree is proposed from such a window.
 """
 
 from __future__ import annotations
@@ -44,11 +46,15 @@ class TrainSettings:
     save_every: int = 200
     micro_batch: int = 1  # sequences per forward pass (padded); >1 pays off on a GPU
     time_limit: float = 0.0  # seconds for this invocation (0: none); the lr decays by time as well
+    chain_depth: int = 4  # an EAGLE-style head: the deepest drafted node trained
 
 
-def fill_for_step(n: int, seed: int, step: int) -> int:
-    """Tokens in flight for this step; a function of (seed, step) so a resumed run draws the same."""
+def fill_for_step(n: int, seed: int, step: int, chained: bool = False) -> int:
+    """Tokens in flight for this step; a function of (seed, step) so a resumed run draws the same.
+    `chained`: an EAGLE-style head's window, uniform in 1..n (n = its chain depth)."""
     rng = random.Random(seed * 1_000_003 + step)
+    if chained:
+        return rng.randint(1, n)
     return n if n == 1 or rng.random() < 0.5 else rng.randint(1, n - 1)
 
 
@@ -169,7 +175,8 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
         step, history = state["step"], state.get("history", [])
         log(f"resumed from {out} at step {step}/{total_steps}")
 
-    n = pdm.cfg.n_stages
+    chained = bool(pdm.cfg.chain)
+    n = settings.chain_depth if chained else pdm.cfg.n_stages
     head = TeacherHead(pdm)
     meta = {"settings": asdict(settings), "train_sequences": len(train_ex), "train_tokens": tokens_total}
     bar = tqdm(total=total_steps, initial=step, desc="train PDM", unit="step", dynamic_ncols=True)
@@ -179,10 +186,13 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
     def validate():
         pdm.eval()
         v = evaluate(pdm, head, teacher, val_ex, len(train_ex), n, settings.micro_batch)
+        if chained and n > 1:  # a head's first draft matters most: every tree starts there
+            v["top1_k1"] = evaluate(pdm, head, teacher, val_ex, len(train_ex), 1, settings.micro_batch)["top1"]
         pdm.train()
         history.append({"step": step, **v})
+        first = f", top-1 at k=1 {v['top1_k1']:.3f}" if "top1_k1" in v else ""
         bar.write(f"step {step}: val loss {v['loss']:.3f} top-1 {v['top1']:.3f} (k={n}, {v['rows']} rows, "
-                  f"oov {v['oov']:.3f})")
+                  f"oov {v['oov']:.3f}){first}")
 
     out_of_time = False
     pdm.train()
@@ -191,7 +201,7 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
             out_of_time = settings.time_limit and time.perf_counter() - t_start > settings.time_limit
             if out_of_time:
                 break
-            k = fill_for_step(n, settings.seed, step)
+            k = fill_for_step(n, settings.seed, step, chained)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             opt.zero_grad(set_to_none=True)
