@@ -14,9 +14,9 @@ from spdecode.runtime.errors import SpdError
 from spdecode.runtime.staged import StagedTarget
 from spdecode.runtime.tree import DraftTree
 from spdecode.training.commands import init_from
+from spdecode.training.features import TeacherFeatures
 from spdecode.training.layout import chain_logits
 from spdecode.training.loop import TrainSettings, evaluate, train
-from spdecode.training.features import TeacherFeatures
 
 
 def head(family="llama", chain="embed", anchors=(0, 3, 6), seed=0):
@@ -148,3 +148,28 @@ def test_training_a_head_learns_deep_drafts(tmp_path, chain):
     after = evaluate(pdm, TeacherHead(pdm), teacher, examples, 0, 3)
     assert after["top1"] > before["top1"] + 0.2
     assert after["loss"] < before["loss"]
+
+
+def test_the_method_builder_runs_eagle_from_a_saved_head(tmp_path):
+    from spdecode.generators import MethodOptions, make_generator
+    from spdecode.runtime.models import weights_fingerprint
+    from spdecode.runtime.sampling import GREEDY
+
+    model = tiny_model("qwen2")
+    target = StagedTarget(model, 1)
+    new_pdm(target, "tiny", weights_fingerprint(model), anchors=[0, 3, 6], chain="feedback").save(tmp_path / "head")
+    prompt = [5, 17, 42, 8, 33, 71, 9, 5, 17]
+    want = generate_ar(StagedTarget(model), prompt, 30).tokens
+    run, stages = make_generator("eagle", model, "tiny", MethodOptions(draft=str(tmp_path / "head"), tree_budget=6,
+                                                                       tree_depth=3, stages=3))
+    assert stages == [6]  # eagle verifies in one pass through every layer, whatever --stages says
+    assert run(prompt, 30, GREEDY, set()).tokens == want
+    with pytest.raises(SpdError, match="no EAGLE-style head is bundled"):
+        make_generator("eagle", model, "tiny", MethodOptions())
+    with pytest.raises(SpdError, match="tree budget of at least 1"):
+        make_generator("eagle", model, "tiny", MethodOptions(draft=str(tmp_path / "head"), tree_budget=0))
+    with pytest.raises(SpdError, match="takes none"):
+        make_generator("sd", model, "tiny", MethodOptions(draft=str(tmp_path / "head")))
+    other = tiny_model("qwen2", seed=1)  # a head trained for other weights is refused
+    with pytest.raises(SpdError, match="trained for"):
+        make_generator("eagle", other, "tiny", MethodOptions(draft=str(tmp_path / "head")))

@@ -62,12 +62,14 @@ def add_sd_args(p: argparse.ArgumentParser) -> None:
                    help="for sd: early-exit:K (first K layers), prompt-lookup, or model:PATH (default early-exit:8)")
     p.add_argument("--gamma", type=int, default=4, help="for sd: tokens drafted per target step (default 4)")
     p.add_argument("--adaptive-gamma", action="store_true", help="for sd: adapt gamma to the acceptance")
-    p.add_argument("--tree-budget", type=int, default=0,
-                   help="for sd: draft-tree nodes verified per target pass (default 0: a chain of --gamma)")
-    p.add_argument("--tree-depth", type=int, default=4, help="for sd's draft tree: its depth at most (default 4)")
-    p.add_argument("--tree-topk", type=int, default=4,
-                   help="for sd's draft tree from a model (early-exit:K, model:PATH): children per expanded node "
-                        "(default 4)")
+    p.add_argument("--tree-budget", type=int, default=None,
+                   help="for sd and eagle: draft-tree nodes verified per target pass (sd's default 0: a chain of "
+                        "--gamma; eagle's: tuned, see the drafts README)")
+    p.add_argument("--tree-depth", type=int, default=None, help="for sd and eagle: the tree's depth at most "
+                   "(default 4 for sd)")
+    p.add_argument("--tree-topk", type=int, default=None,
+                   help="for trees grown from a model's distributions (eagle, sd with early-exit:K or model:PATH): "
+                        "children per expanded node (default 4)")
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -87,11 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
-    g.add_argument("--method", default="ar", choices=["ar", "spd", "sd", "speed", "pipespec"],
+    g.add_argument("--method", default="ar", choices=["ar", "spd", "sd", "eagle", "speed", "pipespec"],
                    help="ar: autoregressive; spd: speculative pipeline decoding; sd: classic speculative "
-                        "decoding; speed: SPD's pipeline with SPEED's early-exit drafter; pipespec: a chain of "
+                        "decoding; eagle: a trained head on the target's features drafting a dynamic tree; "
+                        "speed: SPD's pipeline with SPEED's early-exit drafter; pipespec: a chain of "
                         "model processes (--chain)")
-    g.add_argument("--draft", default=None, help="trained PDM checkpoint directory for --method spd")
+    g.add_argument("--draft", default=None,
+                   help="trained draft: a PDM for --method spd, a head for eagle (default: the bundled one)")
     add_sd_args(g)
     add_chain_args(g)
     g.add_argument("--stages", type=stage_spec, default=1,
@@ -153,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(b)
     b.set_defaults(max_new_tokens=256)
     b.add_argument("--method", default="ar,spd",
-                   help="comma-separated: ar, sd, pipespec, speed, spd (default ar,spd)")
+                   help="comma-separated methods (ar, sd, eagle, pipespec, speed, spd), each with its own options "
+                        "after colons, e.g. ar,eagle:budget=16:depth=5,spd:stages=2 (default ar,spd)")
+    b.add_argument("--ar-sweep", action="store_true",
+                   help="run AR in float32 and bfloat16 with 1 and 2 threads; the fastest is the baseline")
     b.add_argument("--plot", default=None, help="write a bar chart of the speedups per dataset (PNG)")
     add_sd_args(b)
     add_chain_args(b)
@@ -190,23 +197,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def method_options(args, **changes):
+    """The library's MethodOptions from the parsed options of the same names."""
+    import dataclasses
+
+    from .generators import MethodOptions
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(MethodOptions)}
+    return MethodOptions(**{**values, **changes})
+
+
 def cmd_generate(args) -> int:
+    import contextlib
+
     import torch
     from transformers import TextStreamer
 
-    from .methods.ar import generate_ar
+    from .generators import make_generator
     from .runtime.generation import eos_ids
     from .runtime.models import load_model
     from .runtime.prompts import encode_prompt
     from .runtime.sampling import SamplingParams
-    from .runtime.staged import StagedTarget
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     if not args.prompt.strip():
         raise SpdError("the prompt is empty")
-    if args.draft and args.method != "spd":
-        raise SpdError(f"--draft is a PDM checkpoint, used only by --method spd; --method {args.method} "
-                       "takes no PDM (drop --draft)")
+    if args.draft and args.method not in ("spd", "eagle"):
+        raise SpdError(f"--draft is a trained draft for --method spd (a PDM) or eagle (a head); --method "
+                       f"{args.method} takes none (drop --draft)")
     if isinstance(args.stages, int) and args.stages < 1:
         raise SpdError(f"the number of stages must be at least 1 (got {args.stages})")
     if args.distributed:
@@ -221,35 +239,9 @@ def cmd_generate(args) -> int:
     if not args.json:
         streamer = TextStreamer(tok, skip_special_tokens=True)
     on_token = (lambda t: streamer.put(torch.tensor([t]))) if streamer else None
-    eos = eos_ids(model, tok)
-    stages = args.chain.split(",") + ["target"]  # pipespec: the chain of models, not a layer split
-    if args.method == "pipespec":
-        from .methods.pipespec import PipeSpecChain
-
-        with PipeSpecChain(args.model, args.chain.split(","), args.gamma, args.dtype, args.threads or 1,
-                           device=args.device) as chain:
-            gen = chain.generate(prompt_ids, args.max_new_tokens, sampling, eos, on_token=on_token)
-    else:
-        target = StagedTarget(model, method_split(args, model))
-        stages = target.stage_sizes
-    if args.method in ("spd", "speed"):
-        from .drafting.build import make_pipeline_drafter
-        from .methods.spd import generate_spd
-        from .runtime.models import weights_fingerprint
-
-        drafter = make_pipeline_drafter(args.method, target, args.model, weights_fingerprint(model), args.draft,
-                                        args.speed_depth)
-        gen = generate_spd(target, drafter, prompt_ids, args.max_new_tokens, sampling, eos, on_token)
-    elif args.method == "sd":
-        from .drafting.build import make_candidates
-        from .methods.sd import sd_generator
-
-        drafter = make_candidates(args.drafter, model, args.dtype, args.device)
-        run = sd_generator(target, drafter, args.gamma, args.adaptive_gamma, args.tree_budget, args.tree_depth,
-                           args.tree_topk)
-        gen = run(prompt_ids, args.max_new_tokens, sampling, eos, on_token)
-    elif args.method == "ar":
-        gen = generate_ar(target, prompt_ids, args.max_new_tokens, sampling, eos, on_token)
+    with contextlib.ExitStack() as stack:
+        run, stages = make_generator(args.method, model, args.model, method_options(args, threads=None), stack)
+        gen = run(prompt_ids, args.max_new_tokens, sampling, eos_ids(model, tok), on_token=on_token)
     if streamer:
         streamer.end()
         print(gen.metrics.summary(), file=sys.stderr)

@@ -16,9 +16,10 @@ from ..methods.schedule import tau
 def predicted_tokens_per_cycle(method: str, alpha: float | None, n: int, gamma: int) -> float | None:
     """What each method's analytic model predicts from the measured alpha, to set beside the
     measured tokens per cycle (SPD/SPEED: a pipeline cycle; SD and PipeSpec: a target pass)."""
+    method = method.split(":")[0]  # a spec's options do not change the model
     if method == "ar":
         return 1.0
-    if alpha is None:
+    if alpha is None or method == "eagle":  # no closed form for a dynamic tree's tokens per pass
         return None
     if method.startswith(("spd", "speed")):
         return tau(alpha, n) / n
@@ -46,7 +47,21 @@ def pooled(records: list[dict]) -> dict:
         "median_prompt_tok_s": statistics.median(r["decode_tok_s"] or 0 for r in records),
         "mismatches": sum(1 for r in records if r.get("matches_ar") is False),
         "checked_against_ar": sum(1 for r in records if "matches_ar" in r),
+        # Where the time of a cycle (a target pass for sd/eagle) goes, and, for draft trees, the
+        # acceptance at each depth the walk tried (pooled).
+        "ms_per_cycle": {k: 1e3 * sum(r["phase_s"].get(k, 0.0) for r in records) / cycles
+                         for k in records[0]["phase_s"]} if cycles else {},
+        "alpha_per_depth": per_depth(records),
     }
+
+
+def per_depth(records: list[dict]) -> list[float | None] | None:
+    trees = [r for r in records if r.get("verified_per_depth")]
+    if not trees:
+        return None
+    verified = [sum(x) for x in zip(*(r["verified_per_depth"] for r in trees), strict=True)]
+    accepted = [sum(x) for x in zip(*(r["accepted_per_depth"] for r in trees), strict=True)]
+    return [a / v if v else None for a, v in zip(accepted, verified, strict=True)]
 
 
 def pipespec_rho(records: list[dict], alpha: float, gamma: int) -> dict:
@@ -66,18 +81,27 @@ def summarise(records: list[dict], methods, datasets, gamma: int = 4) -> dict:
         mine = [r for r in records if r["method"] == m]
         summary[m] = {d: pooled([r for r in mine if r["dataset"] == d]) for d in datasets}
         summary[m]["overall"] = pooled(mine)
+        tree = mine[0].get("verified_per_depth") is not None  # sd over a tree: no chain formula
         for d, row in summary[m].items():
-            row["predicted_tokens_per_cycle"] = predicted_tokens_per_cycle(m, row["alpha"], mine[0]["n_stages"],
-                                                                           gamma)
+            row["predicted_tokens_per_cycle"] = None if tree else predicted_tokens_per_cycle(
+                m, row["alpha"], mine[0]["n_stages"], gamma)
             if m == "pipespec" and row["alpha"] is not None:
                 row.update(pipespec_rho(mine if d == "overall" else [r for r in mine if r["dataset"] == d],
                                         row["alpha"], gamma))
-    if "ar" in summary:
+    base_ar = best_ar(summary)
+    if base_ar:  # the baseline is the fastest AR configuration of the run
         for m in methods:
             for d, row in summary[m].items():
-                base = summary["ar"][d]["decode_tok_s"]
+                base = summary[base_ar][d]["decode_tok_s"]
                 row["speedup_vs_ar"] = row["decode_tok_s"] / base if base and row["decode_tok_s"] else None
+                row["baseline"] = base_ar
     return summary
+
+
+def best_ar(summary: dict) -> str | None:
+    """The AR configuration (`ar`, `ar:threads=1`, ...) with the highest overall decode tok/s."""
+    ars = [m for m in summary if m.split(":")[0] == "ar" and summary[m]["overall"]["decode_tok_s"]]
+    return max(ars, key=lambda m: summary[m]["overall"]["decode_tok_s"], default=None)
 
 
 def fmt(x, spec=".2f"):
@@ -87,16 +111,26 @@ def fmt(x, spec=".2f"):
 def print_table(summary: dict) -> None:
     """tok/cyc: measured tokens per cycle (SPD, SPEED: pipeline cycle; SD, PipeSpec: target pass);
     model: the method's analytic prediction of it from the measured alpha."""
-    head = f"{'method':<8} {'dataset':<10} {'prompts':>7} {'tokens':>7} {'alpha':>6} {'tok/cyc':>7} {'model':>6} " \
+    w = max(8, *map(len, summary))
+    head = f"{'method':<{w}} {'dataset':<10} {'prompts':>7} {'tokens':>7} {'alpha':>6} {'tok/cyc':>7} {'model':>6} " \
            f"{'tau':>5} {'tok/s':>7} {'vs AR':>6}"
     print(head)
     print("-" * len(head))
     for m, rows in summary.items():
         for d, r in rows.items():
-            print(f"{m:<8} {d:<10} {r['prompts']:>7} {r['new_tokens']:>7} {fmt(r['alpha']):>6} "
+            print(f"{m:<{w}} {d:<10} {r['prompts']:>7} {r['new_tokens']:>7} {fmt(r['alpha']):>6} "
                   f"{fmt(r['tokens_per_cycle']):>7} {fmt(r.get('predicted_tokens_per_cycle')):>6} "
                   f"{fmt(r['tau']):>5} {fmt(r['decode_tok_s'], '.1f'):>7} "
                   f"{fmt(r.get('speedup_vs_ar')):>6}" + (f"  MISMATCHES {r['mismatches']}" if r["mismatches"] else ""))
+    base = next(iter(summary.values()))["overall"].get("baseline")
+    if base:
+        print(f"vs AR: against the fastest AR configuration of this run, {base}")
+    for m, rows in summary.items():
+        o = rows["overall"]
+        if o.get("alpha_per_depth"):
+            times = ", ".join(f"{k} {v:.1f}" for k, v in o["ms_per_cycle"].items())
+            print(f"{m}: acceptance per depth " + " ".join(fmt(a) for a in o["alpha_per_depth"])
+                  + f"; ms per target pass: {times}")
 
 
 def rank_breakdown(records: list[dict]) -> dict:

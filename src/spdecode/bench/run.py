@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ..data import load_prompt_set
-from ..distributed.split import method_split, pdm_split, speed_split, worker_args
-from ..drafting.build import make_candidates, make_pipeline_drafter
+from ..distributed.split import method_split, worker_args
+from ..generators import MethodOptions, make_generator, parse_method_spec
 from ..runtime.errors import SpdError
 from ..runtime.generation import eos_ids
 from ..runtime.models import DEFAULT_MODEL
 from ..runtime.prompts import encode_prompt
 from ..runtime.sampling import SamplingParams
 from .report import plot_speedups, pooled, print_table, rank_breakdown, summarise
-
-METHODS = ("ar", "sd", "pipespec", "speed", "spd")
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,10 @@ class BenchConfig:
     dtype: str = "float32"
     device: str = "cpu"
     threads: int | None = None
-    method: str = "ar,spd"  # comma-separated, from METHODS
+    # Comma-separated method specs (generators.parse_method_spec): a method from generators.METHODS, each with
+    # its own options after colons, e.g. "ar,eagle:budget=16,spd:stages=2".
+    method: str = "ar,spd"
+    ar_sweep: bool = False  # AR in both dtypes (float32, bfloat16) with 1 and 2 threads: the best is the baseline
     data: str = "mt_bench,gsm8k,humaneval"  # comma-separated prompt sets (see data.load_prompt_set)
     limit: int | None = None  # prompts per set
     max_new_tokens: int = 256
@@ -50,9 +51,9 @@ class BenchConfig:
     drafter: str = "early-exit:8"  # sd's candidates (drafting.build.make_candidates)
     gamma: int = 4
     adaptive_gamma: bool = False
-    tree_budget: int = 0  # sd with prompt lookup: draft-tree nodes per target pass (0: a chain)
-    tree_depth: int = 4
-    tree_topk: int = 4  # sd's tree from a draft model: children per expanded node
+    tree_budget: int | None = None  # sd and eagle: draft-tree nodes per target pass (None: the method's default)
+    tree_depth: int | None = None
+    tree_topk: int | None = None  # trees grown from a model's distributions: children per expanded node
     chain: str = "early-exit:8"  # pipespec's models before the target
     speed_depth: int | None = None
     plot: str | None = None
@@ -66,49 +67,39 @@ class BenchConfig:
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
 
+    @property
+    def options(self) -> MethodOptions:
+        """The options every method shares unless its spec overrides them."""
+        shared = {f.name: getattr(self, f.name) for f in fields(MethodOptions) if hasattr(self, f.name)}
+        return MethodOptions(**{**shared, "threads": None})
+
 
 def load_sets(cfg) -> dict[str, list[dict]]:
     datasets = [d.strip() for d in cfg.data.split(",") if d.strip()]
     return {Path(d).stem if d.endswith(".jsonl") else d: load_prompt_set(d, cfg.limit) for d in datasets}
 
 
-def make_runners(methods, model, model_name: str, stages, draft, cfg: BenchConfig, stack=None):
-    """method -> callable(prompt_ids, max_new_tokens, sampling, eos) -> Generation. `stages`: SPD's
-    split; SPEED's is `distributed.split.speed_split` (the same as in `generate`). Processes a method starts
+def method_specs(cfg: BenchConfig) -> dict[str, tuple[str, MethodOptions]]:
+    """spec -> (method, its options), AR first (the others are checked against its tokens); with
+    ar_sweep, a plain `ar` becomes every AR configuration worth trying on a CPU."""
+    specs = [m.strip() for m in cfg.method.split(",") if m.strip()]
+    if not specs:
+        raise SpdError("no method to run: give --method, e.g. ar,eagle")
+    if cfg.ar_sweep and "ar" in specs:
+        other = "bfloat16" if cfg.dtype == "float32" else "float32"
+        specs.remove("ar")
+        specs[:0] = [f"ar:threads={t}" + ("" if d == cfg.dtype else f":dtype={d}")
+                     for d in (cfg.dtype, other) for t in (1, 2)]
+    out = {spec: parse_method_spec(spec, cfg.options) for spec in specs}
+    return dict(sorted(out.items(), key=lambda kv: kv[1][0] != "ar"))
+
+
+def make_runners(specs: dict[str, tuple[str, MethodOptions]], models: dict, model_name: str, stack=None):
+    """spec -> callable(prompt_ids, max_new_tokens, sampling, eos) -> Generation, built by the one
+    builder `generate` uses; `models`: dtype -> the model loaded in it. Processes a method starts
     (PipeSpec's chain) are closed by `stack` (a contextlib.ExitStack)."""
-    from ..methods.ar import generate_ar
-    from ..methods.spd import generate_spd
-    from ..runtime.models import weights_fingerprint
-    from ..runtime.staged import StagedTarget
-
-    runners = {}
-    for m in methods:
-        if m == "ar":
-            ar_target = StagedTarget(model)
-            runners[m] = lambda ids, k, s, e, t=ar_target: generate_ar(t, ids, k, s, e)
-        elif m == "spd":
-            spd_target = StagedTarget(model, stages)
-            drafter = make_pipeline_drafter("spd", spd_target, model_name, weights_fingerprint(model), draft)
-            runners[m] = lambda ids, k, s, e, t=spd_target, d=drafter: generate_spd(t, d, ids, k, s, e)
-        elif m == "speed":  # the SPD pipeline with SPEED's early-exit drafter, on SPEED's split (speed_split)
-            speed_target = StagedTarget(model, speed_split(model, cfg.stages))
-            drafter = make_pipeline_drafter("speed", speed_target, model_name, "", speed_depth=cfg.speed_depth)
-            runners[m] = lambda ids, k, s, e, t=speed_target, d=drafter: generate_spd(t, d, ids, k, s, e)
-        elif m == "sd":
-            from ..methods.sd import sd_generator
-
-            cands = make_candidates(cfg.drafter, model, cfg.dtype, cfg.device)
-            runners[m] = sd_generator(StagedTarget(model), cands, cfg.gamma, cfg.adaptive_gamma, cfg.tree_budget,
-                                      cfg.tree_depth, cfg.tree_topk)
-        elif m == "pipespec":
-            from ..methods.pipespec import PipeSpecChain
-
-            chain = stack.enter_context(PipeSpecChain(model_name, cfg.chain.split(","), cfg.gamma, cfg.dtype,
-                                                      device=cfg.device))
-            runners[m] = lambda ids, k, s, e, c=chain: c.generate(ids, k, s, e)
-        else:
-            raise SpdError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    return runners
+    return {spec: make_generator(method, models[opts.dtype], model_name, opts, stack)[0]
+            for spec, (method, opts) in specs.items()}
 
 
 def run_distributed_spd(cfg, model, tok, sets, eos) -> list[dict]:
@@ -142,28 +133,31 @@ def run_distributed_spd(cfg, model, tok, sets, eos) -> list[dict]:
 def run_bench(cfg) -> int:
     from ..runtime.models import load_model
 
-    methods = [m.strip() for m in cfg.method.split(",") if m.strip()]
     distributed = cfg.distributed
-    # What runs: in one process the listed methods; distributed, its spd/speed ones (spd if none).
-    runs = (distributed_methods(cfg) if distributed else methods)
-    if cfg.draft and "spd" not in runs:
-        raise SpdError(f"--draft is a PDM checkpoint, used only by spd, which --method {cfg.method} does not "
-                       "run (add spd or drop --draft)")
     if distributed:
+        if cfg.draft and "spd" not in distributed_methods(cfg):
+            raise SpdError(f"--draft is a PDM checkpoint, used only by spd, which --method {cfg.method} does not "
+                           "run (add spd or drop --draft)")
         return run_bench_distributed(cfg)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise SpdError(f"unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
-    methods.sort(key=lambda m: m != "ar")  # AR first: the others are checked against its tokens
+    specs = method_specs(cfg)
+    if cfg.draft and not any(m in ("spd", "eagle") for m, _ in specs.values()):
+        raise SpdError(f"--draft is a trained draft for spd or eagle, which --method {cfg.method} does not run "
+                       "(add one or drop --draft)")
+    if cfg.draft and {"spd", "eagle"} <= {m for m, _ in specs.values()}:
+        raise SpdError("--draft names one draft, but spd (a PDM) and eagle (a head) both run: give each its "
+                       "own with spd:draft=DIR and eagle:draft=DIR")
     sets = load_sets(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
-    # SPD's split (speed has its own rule, see distributed.split)
-    stages = pdm_split(model, cfg.model, cfg.stages, cfg.draft) if "spd" in methods else None
+    models, tok = {}, None
+    for _, opts in specs.values():
+        if opts.dtype not in models:
+            models[opts.dtype], tok = load_model(cfg.model, opts.dtype, cfg.device)
     with contextlib.ExitStack() as stack:
-        runners = make_runners(methods, model, cfg.model, stages, cfg.draft, cfg, stack)
-        records = run_prompts(cfg, runners, tok, sets, eos_ids(model, tok))
+        runners = make_runners(specs, models, cfg.model, stack)
+        records = run_prompts(cfg, runners, {s: o.dtype for s, (_, o) in specs.items()}, tok, sets,
+                              eos_ids(next(iter(models.values())), tok))
+    methods = list(specs)
     summary = summarise(records, methods, list(sets), cfg.gamma)
     print_table(summary)
     if "pipespec" in summary and "rho_measured" in summary["pipespec"]["overall"]:
@@ -178,26 +172,32 @@ def run_bench(cfg) -> int:
         config = asdict(cfg)
         Path(cfg.json_out).write_text(json.dumps({"config": config, "summary": summary, "records": records},
                                                   indent=1, default=str))
-    return check_identity(cfg, [r["overall"] for r in summary.values()])
+    return check_identity(cfg, {m: summary[m]["overall"] for m in methods}, {s: o.dtype for s, (_, o) in specs.items()})
 
 
-def check_identity(cfg: BenchConfig, rows: list[dict]) -> int:
+def check_identity(cfg: BenchConfig, rows: dict[str, dict], dtypes: dict[str, str] | None = None) -> int:
     """Exit code of a greedy run: in fp32 every output must be AR's (1 otherwise). In reduced
     precision a batched verification pass rounds differently from one-row AR, so outputs may
-    legitimately depart: the share identical to AR is reported instead."""
-    bad = sum(r["mismatches"] for r in rows)
-    if bad and cfg.dtype == "float32":
-        print(f"error: {bad} greedy outputs differ from AR", flush=True)
-        return 1
-    if cfg.temperature == 0 and cfg.dtype != "float32":
-        checked = sum(r["checked_against_ar"] for r in rows)
-        print(f"{cfg.dtype}: {checked - bad} of {checked} greedy outputs identical to AR (batched verification rounds "
-              "differently from one-row AR in reduced precision; exact identity is checked in float32)", flush=True)
-    return 0
+    legitimately depart: the share identical to AR is reported instead, per method."""
+    dtypes = dtypes or {}
+    failed = 0
+    for m, r in rows.items():
+        dtype, bad, checked = dtypes.get(m, cfg.dtype), r["mismatches"], r["checked_against_ar"]
+        if not checked or cfg.temperature != 0:
+            continue
+        if dtype == "float32" and bad:
+            print(f"error: {bad} greedy outputs of {m} differ from AR", flush=True)
+            failed = 1
+        elif dtype != "float32":
+            print(f"{m} ({dtype}): {checked - bad} of {checked} greedy outputs identical to AR in {dtype} (batched "
+                  "verification rounds differently from one-row AR in reduced precision; exact identity is checked "
+                  "in float32)", flush=True)
+    return failed
 
 
-def run_prompts(cfg, runners, tok, sets, eos) -> list[dict]:
-    """Every method on every prompt, methods interleaved per prompt (same conditions for each)."""
+def run_prompts(cfg, runners, dtypes: dict[str, str], tok, sets, eos) -> list[dict]:
+    """Every method on every prompt, methods interleaved per prompt (same conditions for each).
+    Greedy outputs are checked against the first AR of the same dtype."""
     first = encode_prompt(tok, next(iter(sets.values()))[0]["turns"][0])
     for run in runners.values():  # warm-up: first calls pay for allocation and lazy init
         run(first, 4, SamplingParams(), eos)
@@ -207,18 +207,17 @@ def run_prompts(cfg, runners, tok, sets, eos) -> list[dict]:
         for name, rows in sets.items():
             for row in rows:
                 ids = encode_prompt(tok, row["turns"][0])
-                ar_tokens = None
+                ar_tokens = {}
                 for m, run in runners.items():
                     # Same seed for every method: sampled runs are comparable draws, greedy runs identical.
-                    sampling = cfg.sampling
-                    gen = run(ids, cfg.max_new_tokens, sampling, eos)
-                    # The bench's method name wins over the one the metrics carry (e.g. sd-tree).
+                    gen = run(ids, cfg.max_new_tokens, cfg.sampling, eos)
+                    # The bench's method spec wins over the name the metrics carry (e.g. sd-tree).
                     rec = {"dataset": name, "question_id": row["question_id"], "prompt_tokens": len(ids),
-                           **gen.metrics.as_dict(), "method": m}
-                    if m == "ar":
-                        ar_tokens = gen.tokens
-                    elif ar_tokens is not None and cfg.temperature == 0:
-                        rec["matches_ar"] = gen.tokens == ar_tokens
+                           **gen.metrics.as_dict(), "method": m, "dtype": dtypes[m]}
+                    if m.split(":")[0] == "ar" and dtypes[m] not in ar_tokens:
+                        ar_tokens[dtypes[m]] = gen.tokens
+                    elif dtypes[m] in ar_tokens and cfg.temperature == 0:
+                        rec["matches_ar"] = gen.tokens == ar_tokens[dtypes[m]]
                     records.append(rec)
                     bar.update(1)
     return records
@@ -288,6 +287,6 @@ def run_bench_distributed(cfg) -> int:
         config = asdict(cfg)
         Path(cfg.json_out).write_text(json.dumps({"config": config, "summary": summary, "rank_ms_per_cycle":
                                                    breakdowns, "records": records}, indent=1, default=str))
-    return check_identity(cfg, [summary[f"{dm}-dist"]["overall"] for dm in dist_methods])
+    return check_identity(cfg, {f"{dm}-dist": summary[f"{dm}-dist"]["overall"] for dm in dist_methods})
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from ..runtime.errors import SpdError
 from ..runtime.models import load_model
 from .candidates import ModelCandidates, PromptLookupCandidates, early_exit_candidates
 from .drafters import PDMDrafter, SpeedDrafter
-from .pdm import pdm_for
+from .eagle import EagleCandidates
+from .pdm import CONFIG_FILE, bundled_head, load_pdm, pdm_for
 
 DRAFTER_SPECS = "early-exit:K, prompt-lookup or model:PATH"
 
@@ -20,6 +24,19 @@ def make_pipeline_drafter(method: str, target, model_name: str, fingerprint: str
     if method == "speed":
         return SpeedDrafter(target, speed_depth or target.stage_sizes[0])
     raise SpdError(f"{method!r} runs no drafter in SPD's pipeline (spd or speed)")
+
+
+def make_eagle_drafter(target, model_name: str, fingerprint: str, draft: str | None = None) -> EagleCandidates:
+    """eagle's drafter: the EAGLE-style head in `draft`, else the one bundled for this model."""
+    draft = draft or bundled_head(model_name)
+    if draft is None:
+        raise SpdError(f"no EAGLE-style head is bundled for {model_name}: train one with `spdecode train --eagle "
+                       "feedback --out DIR` and pass --draft DIR")
+    config = Path(draft) / CONFIG_FILE
+    if config.exists() and not json.loads(config.read_text()).get("chain"):
+        raise SpdError(f"{draft} is an SPD draft (a PDM for a pipeline), not an EAGLE-style head: train one with "
+                       "`spdecode train --eagle feedback`")
+    return EagleCandidates(load_pdm(draft, target, fingerprint))
 
 
 def make_candidates(spec: str, model, dtype: str = "float32", device: str = "cpu"):

@@ -110,6 +110,10 @@ class EagleCandidates:
     @torch.inference_mode()
     def propose_tree(self, tokens: list[int], budget: int, depth: int, topk: int = 8) -> DraftTree | None:
         """A dynamic tree (EAGLE-2's best-first growth) from the head's distributions."""
+        # The growth runs up to depth * topk^2 nodes before the budget prunes them; they sit in
+        # slots past the root, at positions within the context, so only the slot guard must widen.
+        room = self.target.context_length + 2 + depth * topk * topk
+        self.pdm.cache.max_positions = max(self.pdm.cache.max_positions, room)
         self._enter(tokens)
 
         def expand(tree: DraftTree, frontier: list[int]) -> torch.Tensor:

@@ -199,6 +199,12 @@ def bundled_draft(model_name: str, stage_sizes: list[int] | None, n: int | None 
     return d
 
 
+def bundled_head(model_name: str) -> Path | None:
+    """The EAGLE-style head shipped with spdecode for this model alias (--method eagle)."""
+    d = BUNDLED / f"{model_name}-eagle"
+    return d if (d / CONFIG_FILE).exists() else None
+
+
 def pdm_for(target: StagedTarget, model_name: str, fingerprint: str, draft: str | Path | None = None):
     """The PDM to use: `draft` if given, else the bundled draft for this model and split, else an
     untrained one (lossless, but its drafts are noise)."""

@@ -5,6 +5,9 @@ implements one of them; executors rely on nothing else.
   the token after the newest in-flight one, from the anchors of every depth, once per cycle.
 - `CandidateGenerator`: drafts a block for classic speculative decoding and PipeSpec's first stage
   (candidates.py: prompt lookup, a draft model, an early exit; reference.py for tests).
+- `TreeDrafter`: drafts a tree for one target pass (prompt lookup's trie, a draft model's or the
+  EAGLE-style head's dynamic tree); a `FeatureDrafter` (eagle.py) also reads the target's hidden
+  states of the tokens it processed.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 
 if TYPE_CHECKING:
     from ..runtime.sampling import Sampler
+    from ..runtime.tree import DraftTree
     from ..runtime.verify import Draft
     from .drafters import DraftContext
 
@@ -39,3 +43,18 @@ class CandidateGenerator(Protocol):
     def propose(self, tokens: list[int], gamma: int, sampler: Sampler) -> list[Draft]:
         """Up to gamma drafted tokens after `tokens`, each with the distribution it was drawn from
         (None when greedy; a deterministic drafter gives a one-hot q, which keeps sampling exact)."""
+
+
+class TreeDrafter(Protocol):
+    def reset(self) -> None:
+        """A generation starts."""
+
+    def propose_tree(self, tokens: list[int], budget: int, depth: int, topk: int) -> DraftTree | None:
+        """At most `budget` candidate nodes, `depth` deep, rooted at tokens[-1] (None: no guess)."""
+
+
+class FeatureDrafter(TreeDrafter, Protocol):
+    anchors: list[int]  # hidden-state indices (0: the embedding) the target's passes must capture
+
+    def observe(self, start: int, anchors: dict[int, torch.Tensor]) -> None:
+        """The target processed positions start..start+q-1; h_j [q, H] of each anchor j there."""

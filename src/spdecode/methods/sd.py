@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import torch
 
-from ..drafting.candidates import ModelCandidates, PromptLookupCandidates
 from ..runtime.errors import SpdError
 from ..runtime.generation import Generation, prefill, start_generation
 from ..runtime.metrics import Clock
@@ -90,9 +89,11 @@ def sd_generator(target: StagedTarget, drafter, gamma: int = 4, adaptive: bool =
         raise SpdError(f"need gamma >= 1, tree budget >= 0, tree depth >= 1 and tree top-k >= 1 (got {gamma}, "
                        f"{tree_budget}, {tree_depth}, {tree_topk})")
     if not tree_budget:
+        if not hasattr(drafter, "propose"):
+            raise SpdError("this drafter proposes draft trees only: give it a tree budget of at least 1")
         return lambda ids, k, s=GREEDY, e=frozenset(), on_token=None: generate_sd(
             target, drafter, ids, k, s, e, on_token, gamma=gamma, adaptive=adaptive)
-    if not isinstance(drafter, PromptLookupCandidates | ModelCandidates):
+    if not hasattr(drafter, "propose_tree"):
         raise SpdError("--tree-budget needs a drafter that proposes trees: prompt-lookup, early-exit:K or model:PATH")
     from .tree_sd import generate_tree_sd
 

@@ -44,12 +44,12 @@ def generate_tree_sd(
 ) -> Generation:
     """`drafter.propose_tree(tokens, budget, depth, topk)` gives a DraftTree (None: no guess this
     step); `topk`: children per expanded node, for drafters that grow trees from distributions."""
-    # Tree nodes take up to `budget` slots past the root: they must fit in the cache and context.
-    max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos, "sd-tree",
-                                                        lookahead=budget, n_stages=1)
-    drafter.reset()
-    anchors = getattr(drafter, "anchors", None)
+    anchors = getattr(drafter, "anchors", None)  # a FeatureDrafter's (protocols.py): eagle
     observe = drafter.observe if anchors else None
+    # Tree nodes take up to `budget` slots past the root: they must fit in the cache and context.
+    max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos,
+                                                        "eagle" if anchors else "sd-tree", lookahead=budget, n_stages=1)
+    drafter.reset()
     tokens = list(prompt_ids) + [prefill(target, prompt_ids, sampler, m, on_token, observe, anchors or ())]
     emitted = [tokens[-1]]
     m.verified_per_depth, m.accepted_per_depth = [0] * depth, [0] * depth

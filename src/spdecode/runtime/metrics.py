@@ -80,6 +80,11 @@ class Metrics:
                 parts.append(f"alpha {self.alpha:.2f}")
             if self.tokens_per_cycle is not None:
                 parts.append(f"tokens/cycle {self.tokens_per_cycle:.2f} tau {self.tau:.2f} (n={self.n_stages})")
+            per_depth = self.alpha_per_depth
+            if per_depth and any(a is not None for a in per_depth):
+                parts.append("acceptance per depth " + " ".join("-" if a is None else f"{a:.2f}" for a in per_depth))
+            if self.cycles and self.phase_s.get("draft"):
+                parts.append(f"drafting {1e3 * self.phase_s['draft'] / self.cycles:.1f} ms/cycle")
         parts.append(f"stop: {self.stop_reason}")
         return f"[{self.method}] " + ", ".join(parts)
 

@@ -1,0 +1,147 @@
+"""One builder for every in-process decoding method: from a method's options to a generate function.
+
+`spdecode generate` and `spdecode bench` both build their methods here, so a method runs the
+same way in both. A method spec names the method and, after colons, options that override the
+shared ones for that method alone (`eagle:budget=16:depth=5`, `ar:threads=1`, `ar:dtype=bfloat16`):
+bench runs each method at its own best settings in one invocation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from .runtime.errors import SpdError
+from .runtime.generation import Generation
+
+METHODS = ("ar", "sd", "eagle", "pipespec", "speed", "spd")
+
+# eagle's tree when none is given: chosen by the sweep recorded in src/spdecode/drafts/README.md.
+EAGLE_TREE = {"tree_budget": 16, "tree_depth": 5, "tree_topk": 4}
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """How a method runs (the `generate`/`bench` options of the same names). The tree options
+    left at None take the method's default: sd a chain (no tree), eagle EAGLE_TREE."""
+
+    stages: int | list[int] = 1
+    draft: str | None = None  # spd's PDM or eagle's head (default: the bundled one)
+    drafter: str = "early-exit:8"  # sd's candidates (drafting.build.make_candidates)
+    gamma: int = 4
+    adaptive_gamma: bool = False
+    tree_budget: int | None = None
+    tree_depth: int | None = None
+    tree_topk: int | None = None
+    chain: str = "early-exit:8"  # pipespec's models before the target
+    speed_depth: int | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None  # torch threads while this method runs (None: as the process has them)
+
+    def tree(self, method: str) -> tuple[int, int, int]:
+        base = EAGLE_TREE if method == "eagle" else {"tree_budget": 0, "tree_depth": 4, "tree_topk": 4}
+        return tuple(base[k] if getattr(self, k) is None else getattr(self, k) for k in base)
+
+
+# Short names for per-method options in a method spec.
+ALIASES = {"budget": "tree_budget", "depth": "tree_depth", "topk": "tree_topk", "adaptive": "adaptive_gamma"}
+
+
+def parse_method_spec(spec: str, base: MethodOptions) -> tuple[str, MethodOptions]:
+    """"eagle:budget=16:depth=5" -> ("eagle", base with those two options)."""
+    name, *pairs = spec.strip().split(":")
+    if name not in METHODS:
+        raise SpdError(f"unknown method {name}; choose from {', '.join(METHODS)}")
+    types = {f.name: f.type for f in fields(MethodOptions)}
+    changes = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        key = ALIASES.get(key, key).replace("-", "_")
+        if not eq or key not in types:
+            raise SpdError(f"method option {pair!r} in {spec!r}: expected KEY=VALUE with KEY one of "
+                           f"{', '.join(sorted(set(types) | set(ALIASES)))}")
+        changes[key] = _convert(key, value, types[key], spec)
+    return name, replace(base, **changes)
+
+
+def _convert(key: str, value: str, kind: str, spec: str):
+    try:
+        if key == "stages":
+            return [int(x) for x in value.split(",")] if "," in value else int(value)
+        if "bool" in kind:
+            return value.lower() in ("1", "true", "yes")
+        if "int" in kind:
+            return int(value)
+    except ValueError as exc:
+        raise SpdError(f"method option {key}={value!r} in {spec!r} is not a number") from exc
+    return value
+
+
+def split_for(method: str, model, model_name: str, opts: MethodOptions) -> list[int]:
+    """SPD's and SPEED's pipeline split (`distributed.split`); every other method runs one stage."""
+    from .distributed.split import method_split
+
+    if method not in ("spd", "speed"):
+        return [model.config.num_hidden_layers]
+    return method_split(method, model, model_name, opts.stages, opts.draft)
+
+
+def with_threads(run: Callable[..., Generation], threads: int | None) -> Callable[..., Generation]:
+    """`run` with torch's intra-op threads set to `threads` while it runs (restored afterwards)."""
+    if not threads:
+        return run
+
+    def wrapped(*args, **kwargs):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapped
+
+
+def make_generator(method: str, model, model_name: str, opts: MethodOptions,
+                   stack: contextlib.ExitStack | None = None) -> tuple[Callable[..., Generation], list]:
+    """(generate(prompt_ids, max_new_tokens, sampling, eos, on_token=None) -> Generation, stages):
+    `method` with `opts` on `model` (loaded in opts.dtype on opts.device). `stages`: the layer split,
+    or pipespec's chain of models. Processes a method starts (PipeSpec's chain) close with `stack`."""
+    from .drafting.build import make_candidates, make_eagle_drafter, make_pipeline_drafter
+    from .methods.ar import generate_ar
+    from .methods.sd import sd_generator
+    from .methods.spd import generate_spd
+    from .runtime.models import weights_fingerprint
+    from .runtime.staged import StagedTarget
+
+    if opts.draft and method not in ("spd", "eagle"):
+        raise SpdError(f"--draft is a trained draft for spd (a PDM) or eagle (a head); --method {method} takes "
+                       "none (drop --draft)")
+    if method == "pipespec":
+        from .methods.pipespec import PipeSpecChain
+
+        if stack is None:
+            raise ValueError("pipespec starts processes: pass an ExitStack to close them")
+        models = opts.chain.split(",")
+        chain = stack.enter_context(PipeSpecChain(model_name, models, opts.gamma, opts.dtype, opts.threads or 1,
+                                                  device=opts.device))
+        return chain.generate, models + ["target"]
+    target = StagedTarget(model, split_for(method, model, model_name, opts))
+    if method == "ar":
+        run = lambda ids, k, s, e, on_token=None: generate_ar(target, ids, k, s, e, on_token)  # noqa: E731
+    elif method in ("spd", "speed"):
+        drafter = make_pipeline_drafter(method, target, model_name, weights_fingerprint(model), opts.draft,
+                                        opts.speed_depth)
+        run = lambda ids, k, s, e, on_token=None: generate_spd(target, drafter, ids, k, s, e, on_token)  # noqa: E731
+    elif method in ("sd", "eagle"):
+        drafter = (make_eagle_drafter(target, model_name, weights_fingerprint(model), opts.draft) if method == "eagle"
+                   else make_candidates(opts.drafter, model, opts.dtype, opts.device))
+        budget, depth, topk = opts.tree(method)
+        run = sd_generator(target, drafter, opts.gamma, opts.adaptive_gamma, budget, depth, topk)
+    else:
+        raise SpdError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return with_threads(run, opts.threads), target.stage_sizes
