@@ -85,9 +85,17 @@ def test_method_specs_carry_their_own_options():
     assert [s for s in swept if s.startswith("ar")] == ["ar:threads=1", "ar:threads=2", "ar:threads=1:dtype=float32",
                                                         "ar:threads=2:dtype=float32"]
     assert swept["ar:threads=2:dtype=float32"][1].dtype == "float32" and swept["ar:threads=1"][1].threads == 1
-    for bad in ("eagle:budget", "eagle:wings=2", "eagle:budget=many", "warp"):
+    for bad in ("eagle:budget", "eagle:wings=2", "eagle:budget=many", "warp", "ar:threads=0", "ar,ar"):
         with pytest.raises(SpdError):
             method_specs(BenchConfig(method=bad))
+    # Values may hold colons and commas; a shared --draft reaches only the methods that take one.
+    odd = method_specs(BenchConfig(method="ar,sd:drafter=early-exit:8:budget=8,pipespec:chain=prompt-lookup,"
+                                          "early-exit:20,eagle", draft="heads/h"))
+    assert list(odd) == ["ar", "sd:drafter=early-exit:8:budget=8", "pipespec:chain=prompt-lookup,early-exit:20",
+                         "eagle"]
+    assert odd["sd:drafter=early-exit:8:budget=8"][1].drafter == "early-exit:8"
+    assert odd["pipespec:chain=prompt-lookup,early-exit:20"][1].chain == "prompt-lookup,early-exit:20"
+    assert odd["ar"][1].draft is None and odd["eagle"][1].draft == "heads/h"
 
 
 def test_the_fastest_ar_configuration_is_the_baseline():

@@ -31,7 +31,7 @@ def test_draft_ignored_generate_rejects_draft_without_spd(no_loading, capsys, ar
     code = main(["generate", "--prompt", "hi", "--draft", "some/pdm", *argv])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert err.startswith("error: --draft") and f"--method {argv[1]} takes no PDM" in err, err
+    assert err.startswith("error: --draft") and f"--method {argv[1]} takes none" in err, err
 
 
 @pytest.mark.parametrize("argv", [

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "embedding-only rows (embed) or carry the head's own output (feedback)")
     t.add_argument("--chain-depth", type=int, default=4, help="--eagle: the deepest draft trained (default 4)")
     t.add_argument("--init", default=None,
-                   help="start from this PDM checkpoint: its anchors, draft vocabulary and matching weights")
+                   help="start from this PDM checkpoint: its anchors, draft vocabulary (--draft-vocab is not used) "
+                        "and the weights that match by name and shape")
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("regenerate", help="answer conversations' first user turns with the model itself (greedy)")
@@ -240,7 +241,7 @@ def cmd_generate(args) -> int:
         streamer = TextStreamer(tok, skip_special_tokens=True)
     on_token = (lambda t: streamer.put(torch.tensor([t]))) if streamer else None
     with contextlib.ExitStack() as stack:
-        run, stages = make_generator(args.method, model, args.model, method_options(args, threads=None), stack)
+        run, stages = make_generator(args.method, model, args.model, method_options(args), stack)
         gen = run(prompt_ids, args.max_new_tokens, sampling, eos_ids(model, tok), on_token=on_token)
     if streamer:
         streamer.end()

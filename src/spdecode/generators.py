@@ -51,13 +51,37 @@ class MethodOptions:
 ALIASES = {"budget": "tree_budget", "depth": "tree_depth", "topk": "tree_topk", "adaptive": "adaptive_gamma"}
 
 
+DRAFTED = ("spd", "eagle")  # the methods that take a trained draft (--draft)
+
+
+def split_specs(text: str) -> list[str]:
+    """Method specs from a comma-separated list; a comma inside a spec's value (pipespec's
+    chain=a,b) stays with it: a piece that does not start with a method name continues a spec
+    whose last option has a value."""
+    specs: list[str] = []
+    for piece in text.split(","):
+        if specs and "=" in specs[-1] and piece.strip().split(":")[0] not in METHODS:
+            specs[-1] += "," + piece
+        elif piece.strip():
+            specs.append(piece.strip())
+    return specs
+
+
 def parse_method_spec(spec: str, base: MethodOptions) -> tuple[str, MethodOptions]:
-    """"eagle:budget=16:depth=5" -> ("eagle", base with those two options)."""
-    name, *pairs = spec.strip().split(":")
+    """"eagle:budget=16:depth=5" -> ("eagle", base with those two options). A value may hold a
+    colon (sd:drafter=early-exit:8): a piece without "=" continues the previous value. A shared
+    --draft applies to the methods that take one only."""
+    name, *pieces = spec.strip().split(":")
     if name not in METHODS:
         raise SpdError(f"unknown method {name}; choose from {', '.join(METHODS)}")
+    pairs: list[str] = []
+    for piece in pieces:
+        if pairs and "=" not in piece:
+            pairs[-1] += ":" + piece
+        else:
+            pairs.append(piece)
     types = {f.name: f.type for f in fields(MethodOptions)}
-    changes = {}
+    changes = {} if name in DRAFTED else {"draft": None}
     for pair in pairs:
         key, eq, value = pair.partition("=")
         key = ALIASES.get(key, key).replace("-", "_")
@@ -65,6 +89,8 @@ def parse_method_spec(spec: str, base: MethodOptions) -> tuple[str, MethodOption
             raise SpdError(f"method option {pair!r} in {spec!r}: expected KEY=VALUE with KEY one of "
                            f"{', '.join(sorted(set(types) | set(ALIASES)))}")
         changes[key] = _convert(key, value, types[key], spec)
+    if changes.get("threads") is not None and changes["threads"] < 1:
+        raise SpdError(f"threads must be at least 1 in {spec!r}")
     return name, replace(base, **changes)
 
 
@@ -118,7 +144,7 @@ def make_generator(method: str, model, model_name: str, opts: MethodOptions,
     from .runtime.models import weights_fingerprint
     from .runtime.staged import StagedTarget
 
-    if opts.draft and method not in ("spd", "eagle"):
+    if opts.draft and method not in DRAFTED:
         raise SpdError(f"--draft is a trained draft for spd (a PDM) or eagle (a head); --method {method} takes "
                        "none (drop --draft)")
     if method == "pipespec":

@@ -75,19 +75,22 @@ def pipespec_rho(records: list[dict], alpha: float, gamma: int) -> dict:
             "tokens_per_step_with_measured_rho": (1 - measured) + measured * block}
 
 
-def summarise(records: list[dict], methods, datasets, gamma: int = 4) -> dict:
+def summarise(records: list[dict], methods, datasets, gamma: int | dict[str, int] = 4) -> dict:
+    """Pooled rows per method and dataset; `gamma`: the drafts per pass of sd/pipespec (one for
+    all, or per method spec) for their analytic predictions."""
     summary = {}
     for m in methods:
+        g = gamma.get(m, 4) if isinstance(gamma, dict) else gamma
         mine = [r for r in records if r["method"] == m]
         summary[m] = {d: pooled([r for r in mine if r["dataset"] == d]) for d in datasets}
         summary[m]["overall"] = pooled(mine)
         tree = mine[0].get("verified_per_depth") is not None  # sd over a tree: no chain formula
         for d, row in summary[m].items():
             row["predicted_tokens_per_cycle"] = None if tree else predicted_tokens_per_cycle(
-                m, row["alpha"], mine[0]["n_stages"], gamma)
-            if m == "pipespec" and row["alpha"] is not None:
+                m, row["alpha"], mine[0]["n_stages"], g)
+            if m.split(":")[0] == "pipespec" and row["alpha"] is not None:
                 row.update(pipespec_rho(mine if d == "overall" else [r for r in mine if r["dataset"] == d],
-                                        row["alpha"], gamma))
+                                        row["alpha"], g))
     base_ar = best_ar(summary)
     if base_ar:  # the baseline is the fastest AR configuration of the run
         for m in methods:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..data import load_prompt_set
 from ..distributed.split import method_split, worker_args
-from ..generators import MethodOptions, make_generator, parse_method_spec
+from ..generators import DRAFTED, MethodOptions, make_generator, parse_method_spec, split_specs
 from ..runtime.errors import SpdError
 from ..runtime.generation import eos_ids
 from ..runtime.models import DEFAULT_MODEL
@@ -81,24 +81,27 @@ def load_sets(cfg) -> dict[str, list[dict]]:
 
 def method_specs(cfg: BenchConfig) -> dict[str, tuple[str, MethodOptions]]:
     """spec -> (method, its options), AR first (the others are checked against its tokens); with
-    ar_sweep, a plain `ar` becomes every AR configuration worth trying on a CPU."""
-    specs = [m.strip() for m in cfg.method.split(",") if m.strip()]
+    ar_sweep, a plain `ar` becomes AR in float32 and bfloat16 with 1 and 2 threads."""
+    specs = split_specs(cfg.method)
     if not specs:
         raise SpdError("no method to run: give --method, e.g. ar,eagle")
-    if cfg.ar_sweep and "ar" in specs:
-        other = "bfloat16" if cfg.dtype == "float32" else "float32"
+    if len(set(specs)) < len(specs):
+        raise SpdError(f"--method {cfg.method} lists a method spec twice")
+    if cfg.ar_sweep:
+        if "ar" not in specs:
+            raise SpdError("--ar-sweep replaces a plain `ar` in --method by every AR configuration: list ar")
+        dtypes = list(dict.fromkeys([cfg.dtype, "float32", "bfloat16"]))
         specs.remove("ar")
-        specs[:0] = [f"ar:threads={t}" + ("" if d == cfg.dtype else f":dtype={d}")
-                     for d in (cfg.dtype, other) for t in (1, 2)]
+        specs[:0] = [f"ar:threads={t}" + ("" if d == cfg.dtype else f":dtype={d}") for d in dtypes for t in (1, 2)]
     out = {spec: parse_method_spec(spec, cfg.options) for spec in specs}
     return dict(sorted(out.items(), key=lambda kv: kv[1][0] != "ar"))
 
 
 def make_runners(specs: dict[str, tuple[str, MethodOptions]], models: dict, model_name: str, stack=None):
     """spec -> callable(prompt_ids, max_new_tokens, sampling, eos) -> Generation, built by the one
-    builder `generate` uses; `models`: dtype -> the model loaded in it. Processes a method starts
-    (PipeSpec's chain) are closed by `stack` (a contextlib.ExitStack)."""
-    return {spec: make_generator(method, models[opts.dtype], model_name, opts, stack)[0]
+    builder `generate` uses; `models`: (dtype, device) -> the model loaded so. Processes a method
+    starts (PipeSpec's chain) are closed by `stack` (a contextlib.ExitStack)."""
+    return {spec: make_generator(method, models[opts.dtype, opts.device], model_name, opts, stack)[0]
             for spec, (method, opts) in specs.items()}
 
 
@@ -140,7 +143,7 @@ def run_bench(cfg) -> int:
                            "run (add spd or drop --draft)")
         return run_bench_distributed(cfg)
     specs = method_specs(cfg)
-    if cfg.draft and not any(m in ("spd", "eagle") for m, _ in specs.values()):
+    if cfg.draft and not any(m in DRAFTED for m, _ in specs.values()):
         raise SpdError(f"--draft is a trained draft for spd or eagle, which --method {cfg.method} does not run "
                        "(add one or drop --draft)")
     if cfg.draft and {"spd", "eagle"} <= {m for m, _ in specs.values()}:
@@ -151,18 +154,19 @@ def run_bench(cfg) -> int:
         torch.set_num_threads(cfg.threads)
     models, tok = {}, None
     for _, opts in specs.values():
-        if opts.dtype not in models:
-            models[opts.dtype], tok = load_model(cfg.model, opts.dtype, cfg.device)
+        if (opts.dtype, opts.device) not in models:
+            models[opts.dtype, opts.device], tok = load_model(cfg.model, opts.dtype, opts.device)
     with contextlib.ExitStack() as stack:
         runners = make_runners(specs, models, cfg.model, stack)
         records = run_prompts(cfg, runners, {s: o.dtype for s, (_, o) in specs.items()}, tok, sets,
                               eos_ids(next(iter(models.values())), tok))
     methods = list(specs)
-    summary = summarise(records, methods, list(sets), cfg.gamma)
+    gammas = {spec: opts.gamma for spec, (_, opts) in specs.items()}
+    summary = summarise(records, methods, list(sets), gammas)
     print_table(summary)
-    if "pipespec" in summary and "rho_measured" in summary["pipespec"]["overall"]:
-        o = summary["pipespec"]["overall"]
-        print(f"pipespec: share of target steps that verify: measured {o['rho_measured']:.2f}, model "
+    for m in (m for m in methods if "rho_measured" in summary[m]["overall"]):
+        o = summary[m]["overall"]
+        print(f"{m}: share of target steps that verify: measured {o['rho_measured']:.2f}, model "
               f"{o['rho_model']:.2f}; tokens per target step: measured {o['tokens_per_cycle']:.2f}, model "
               f"{o['model_tokens_per_step']:.2f}, model with the measured share "
               f"{o['tokens_per_step_with_measured_rho']:.2f}")
@@ -183,7 +187,10 @@ def check_identity(cfg: BenchConfig, rows: dict[str, dict], dtypes: dict[str, st
     failed = 0
     for m, r in rows.items():
         dtype, bad, checked = dtypes.get(m, cfg.dtype), r["mismatches"], r["checked_against_ar"]
-        if not checked or cfg.temperature != 0:
+        if cfg.temperature != 0 or m.split(":")[0] == "ar":
+            continue
+        if not checked:
+            print(f"{m}: not checked against AR (no AR in {dtype} ran)", flush=True)
             continue
         if dtype == "float32" and bad:
             print(f"error: {bad} greedy outputs of {m} differ from AR", flush=True)

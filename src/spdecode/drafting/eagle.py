@@ -89,6 +89,9 @@ class EagleCandidates:
             sub = DraftTree(tree.tokens[:hi], tree.parents[:hi])
             positions = torch.tensor(sub.positions(self.root)[1:], device=self.target.device)
             visible = ancestor_mask(sub, self.target.device)[1:, 1:]
+            # Nodes sit in slots past the root but at positions within the context: a tree grown
+            # before pruning (up to depth * topk^2 nodes) may need slots past it, so the guard widens.
+            pdm.cache.max_positions = max(pdm.cache.max_positions, self.root + 2 + hi)
             pdm.cache.ensure_capacity(self.root + 2 + hi)
             pdm.cache.truncate(self.root + 1)
             out = pdm.run(torch.stack(self.rows)[None], self.root + 1, positions, visible)
@@ -110,10 +113,6 @@ class EagleCandidates:
     @torch.inference_mode()
     def propose_tree(self, tokens: list[int], budget: int, depth: int, topk: int = 8) -> DraftTree | None:
         """A dynamic tree (EAGLE-2's best-first growth) from the head's distributions."""
-        # The growth runs up to depth * topk^2 nodes before the budget prunes them; they sit in
-        # slots past the root, at positions within the context, so only the slot guard must widen.
-        room = self.target.context_length + 2 + depth * topk * topk
-        self.pdm.cache.max_positions = max(self.pdm.cache.max_positions, room)
         self._enter(tokens)
 
         def expand(tree: DraftTree, frontier: list[int]) -> torch.Tensor:

@@ -62,7 +62,7 @@ def init_from(pdm, directory: str | Path) -> int:
     state = load_file(Path(directory) / WEIGHTS_FILE)
     mine = pdm.state_dict()
     same = {k: v for k, v in state.items() if k in mine and v.shape == mine[k].shape}
-    if pdm.fc_feedback is not None:
+    if pdm.fc_feedback is not None and "fc_feedback.weight" not in same:  # not already a feedback head
         H = pdm.fc_feedback.weight.shape[0]
         deepest = same.get(f"fcs.{pdm.cfg.n_types - 1}.weight")
         if deepest is not None:
@@ -72,8 +72,9 @@ def init_from(pdm, directory: str | Path) -> int:
     return len(same)
 
 
-def init_settings(directory: str | Path) -> tuple[list[int], torch.Tensor | None]:
-    """(anchors, draft vocabulary) of the checkpoint a run starts from."""
+def init_settings(directory: str | Path, fingerprint: str) -> tuple[list[int], torch.Tensor | None]:
+    """(anchors, draft vocabulary) of the checkpoint a run starts from, which must have been
+    trained for the same target weights (`fingerprint`)."""
     from safetensors.torch import safe_open
 
     from ..drafting.pdm import CONFIG_FILE, WEIGHTS_FILE
@@ -82,6 +83,9 @@ def init_settings(directory: str | Path) -> tuple[list[int], torch.Tensor | None
     if not (d / CONFIG_FILE).exists() or not (d / WEIGHTS_FILE).exists():
         raise SpdError(f"--init {d}: not a PDM checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     cfg = json.loads((d / CONFIG_FILE).read_text())
+    if cfg.get("base_fingerprint") != fingerprint:
+        raise SpdError(f"--init {d} was trained for {cfg.get('base_model')} (weights {cfg.get('base_fingerprint')}), "
+                       f"not for this model (weights {fingerprint})")
     with safe_open(d / WEIGHTS_FILE, "pt") as f:
         vocab = f.get_tensor("vocab") if "vocab" in f.keys() else None
     return cfg["anchors"], vocab
@@ -173,7 +177,7 @@ def run_train(cfg: TrainConfig) -> int:
     train_ex, val_ex = examples[n_val:], examples[:n_val]
     anchors = [int(x) for x in cfg.anchors.split(",")] if cfg.anchors else None
     if cfg.init:
-        init_anchors, vocab = init_settings(cfg.init)
+        init_anchors, vocab = init_settings(cfg.init, weights_fingerprint(model))
         anchors = anchors or init_anchors
         coverage = vocab_coverage(vocab, train_ex) if vocab is not None else 1.0
     else:
