@@ -6,10 +6,11 @@
 #      target's either way; raw text only widens the contexts) form the data;
 #   3. teacher features are computed once into a cache (every hidden state, ~3 MB per 100 tokens);
 #   4. one head per chain mode starts from the bundled n=2 SPD draft (its decoder layer, head,
-#      projections and draft vocabulary) and trains for TRAIN_S seconds, one thread each.
-# Usage: scripts/train_eagle_cpu.sh OUT_DIR [REGEN_S] [RAW] [TRAIN_S]
+#      projections and draft vocabulary) and trains for TRAIN_S seconds, one thread each;
+#   5. the embed head (the one bundled) goes on for RESUME_S seconds with both threads.
+# Usage: scripts/train_eagle_cpu.sh OUT_DIR [REGEN_S] [RAW] [TRAIN_S] [RESUME_S]
 set -euo pipefail
-OUT=$1 REGEN_S=${2:-900} RAW=${3:-400} TRAIN_S=${4:-1500}
+OUT=$1 REGEN_S=${2:-900} RAW=${3:-400} TRAIN_S=${4:-1500} RESUME_S=${5:-1260}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 $PY -m spdecode regenerate --dtype bfloat16 --threads 2 --data sharegpt --limit 4000 --batch-size 32 \
@@ -36,3 +37,5 @@ for mode in embed feedback; do
         --out "$OUT/head-$mode" > "$OUT/train-$mode.log" 2>&1 &
 done
 wait
+$PY -m spdecode train --eagle embed "${common[@]}" --threads 2 --time-limit "$RESUME_S" --resume \
+    --out "$OUT/head-embed" > "$OUT/train-embed-2.log" 2>&1

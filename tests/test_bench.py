@@ -9,7 +9,7 @@ import pytest
 
 from spdecode.bench.report import predicted_tokens_per_cycle
 
-METHODS = ["ar", "sd", "pipespec", "speed", "spd"]
+METHODS = ["ar", "sd", "eagle", "pipespec", "speed", "spd"]
 
 
 @pytest.mark.integration

@@ -113,8 +113,8 @@ def test_an_spd_draft_is_refused_as_a_head():
 
 
 def test_an_spd_draft_seeds_a_feedback_head(tmp_path):
-    """--init copies what matches by name and shape, and FC_fb starts as the deepest projection
-    with the head's output in the last anchor's place."""
+    """--init copies what matches by name and shape, and FC_fb starts as the embedding-only
+    projection (zero weight on the fed-back output): the new head drafts as an embed head does."""
     model = tiny_model("llama")
     spd = new_pdm(StagedTarget(model, [3, 3]), "tiny", "fp", draft_vocab=torch.arange(5, 90))
     spd.save(tmp_path / "spd", dtype=torch.float32)
@@ -122,9 +122,8 @@ def test_an_spd_draft_seeds_a_feedback_head(tmp_path):
     eagle = new_pdm(target, "tiny", "fp", anchors=[0, 3, 6], draft_vocab=torch.arange(5, 90), chain="feedback")
     assert init_from(eagle, tmp_path / "spd") >= 5
     torch.testing.assert_close(eagle.layers[0].mlp.up_proj.weight, spd.layers[0].mlp.up_proj.weight)
-    H = target.config.hidden_size
-    w = spd.fcs[2].weight
-    torch.testing.assert_close(eagle.fc_feedback.weight, torch.cat([w[:, :H], w[:, 2 * H :]], 1))
+    w = spd.fcs[0].weight
+    torch.testing.assert_close(eagle.fc_feedback.weight, torch.cat([w, torch.zeros_like(w)], 1))
     eagle.save(tmp_path / "eagle", dtype=torch.float32)
     again = load_pdm(tmp_path / "eagle", target, "fp")
     assert again.cfg.chain == "feedback"

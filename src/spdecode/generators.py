@@ -20,7 +20,7 @@ from .runtime.generation import Generation
 METHODS = ("ar", "sd", "eagle", "pipespec", "speed", "spd")
 
 # eagle's tree when none is given: chosen by the sweep recorded in src/spdecode/drafts/README.md.
-EAGLE_TREE = {"tree_budget": 16, "tree_depth": 5, "tree_topk": 4}
+EAGLE_TREE = {"tree_budget": 8, "tree_depth": 3, "tree_topk": 4}
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,6 @@ class EagleCandidates:
         def expand(tree: DraftTree, frontier: list[int]) -> torch.Tensor:
             self._run_nodes(tree)
             h = torch.stack([self.root_out if i < 0 else self.outs[i] for i in frontier])
-            return torch.log_softmax(self._full_vocab(self.pdm.head(h)), dim=-1)
+            return torch.log_softmax(self.pdm.head(h), dim=-1)  # over the draft vocabulary
 
-        return best_first_tree(expand, budget, depth, topk)
+        return best_first_tree(expand, budget, depth, topk, self.pdm.vocab)

@@ -21,7 +21,10 @@ from ..runtime.tree import DraftTree
 Expand = Callable[[DraftTree, list[int]], torch.Tensor]
 
 
-def best_first_tree(expand: Expand, budget: int, depth: int, topk: int) -> DraftTree | None:
+def best_first_tree(expand: Expand, budget: int, depth: int, topk: int,
+                    vocab: torch.Tensor | None = None) -> DraftTree | None:
+    """`vocab`: when expand's distributions are over a draft vocabulary, its token ids (index ->
+    the target's id); None: over the target's vocabulary."""
     tokens: list[int] = []
     parents: list[int] = []
     score: list[float] = []
@@ -32,7 +35,8 @@ def best_first_tree(expand: Expand, budget: int, depth: int, topk: int) -> Draft
         for row, node in enumerate(frontier):
             base = 0.0 if node < 0 else score[node]
             top = torch.topk(logprobs[row].float(), min(topk, logprobs.shape[-1]))
-            for lp, t in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            ids = top.indices if vocab is None else vocab[top.indices]
+            for lp, t in zip(top.values.tolist(), ids.tolist(), strict=True):
                 grown.append(len(tokens))
                 tokens.append(t)
                 parents.append(node)

@@ -53,8 +53,11 @@ class TrainConfig:
 def init_from(pdm, directory: str | Path) -> int:
     """Copy every tensor of the checkpoint in `directory` that `pdm` has with the same name and shape
     (e.g. an SPD draft's decoder layer, head and anchor projections into an EAGLE-style head).
-    A feedback head's FC_fb starts as the deepest projection with the head's output standing in for
-    the last anchor (h_L), which is what the output approximates. Returns the tensors copied."""
+    A new feedback head's FC_fb starts as the embedding-only projection FC_0 with zero weight on
+    the fed-back output, so it starts out drafting exactly as an "embed" head and learns what the
+    feedback adds (seeding it from the deepest projection, the output standing in for h_L, was
+    tried: the output's scale is not h_L's, and the loss at depth >= 2 started at ~13 nats).
+    Returns the tensors copied."""
     from safetensors.torch import load_file
 
     from ..drafting.pdm import WEIGHTS_FILE
@@ -62,11 +65,9 @@ def init_from(pdm, directory: str | Path) -> int:
     state = load_file(Path(directory) / WEIGHTS_FILE)
     mine = pdm.state_dict()
     same = {k: v for k, v in state.items() if k in mine and v.shape == mine[k].shape}
-    if pdm.fc_feedback is not None and "fc_feedback.weight" not in same:  # not already a feedback head
-        H = pdm.fc_feedback.weight.shape[0]
-        deepest = same.get(f"fcs.{pdm.cfg.n_types - 1}.weight")
-        if deepest is not None:
-            same["fc_feedback.weight"] = torch.cat([deepest[:, :H], deepest[:, -H:]], dim=1)
+    if pdm.fc_feedback is not None and "fc_feedback.weight" not in same and "fcs.0.weight" in same:
+        first = same["fcs.0.weight"]
+        same["fc_feedback.weight"] = torch.cat([first, torch.zeros_like(first)], dim=1)
     pdm.load_state_dict({k: v.to(mine[k].dtype) if v.is_floating_point() else v for k, v in same.items()},
                         strict=False)
     return len(same)
