@@ -79,7 +79,7 @@ def test_method_specs_carry_their_own_options():
     assert list(specs) == ["ar", "eagle:budget=16:depth=5", "spd:stages=2", "sd:drafter=prompt-lookup"]
     method, opts = specs["eagle:budget=16:depth=5"]
     assert method == "eagle" and opts.tree(method) == (16, 5, 3)
-    assert specs["spd:stages=2"][1].stages == 2 and specs["ar"][1].stages == 4
+    assert specs["spd:stages=2"][1].stages == 2 and specs["ar"][1].stages == 1  # --stages is the pipeline's
     assert specs["sd:drafter=prompt-lookup"][1].tree("sd") == (0, 4, 3)  # sd's default is a chain
     swept = method_specs(BenchConfig(method="ar,eagle", dtype="bfloat16", ar_sweep=True))
     assert [s for s in swept if s.startswith("ar")] == ["ar:threads=1", "ar:threads=2", "ar:threads=1:dtype=float32",

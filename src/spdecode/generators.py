@@ -52,6 +52,7 @@ ALIASES = {"budget": "tree_budget", "depth": "tree_depth", "topk": "tree_topk", 
 
 
 DRAFTED = ("spd", "eagle")  # the methods that take a trained draft (--draft)
+PIPELINED = ("spd", "speed")  # the methods that run a pipeline of --stages
 
 
 def split_specs(text: str) -> list[str]:
@@ -82,6 +83,8 @@ def parse_method_spec(spec: str, base: MethodOptions) -> tuple[str, MethodOption
             pairs.append(piece)
     types = {f.name: f.type for f in fields(MethodOptions)}
     changes = {} if name in DRAFTED else {"draft": None}
+    if name not in PIPELINED:  # a shared --stages is the pipeline's; ar and the others run one stage
+        changes["stages"] = 1
     for pair in pairs:
         key, eq, value = pair.partition("=")
         key = ALIASES.get(key, key).replace("-", "_")
@@ -108,12 +111,14 @@ def _convert(key: str, value: str, kind: str, spec: str):
 
 
 def split_for(method: str, model, model_name: str, opts: MethodOptions) -> list[int]:
-    """SPD's and SPEED's pipeline split (`distributed.split`); every other method runs one stage."""
+    """The target's stage sizes: SPD's and SPEED's pipeline split (`distributed.split`), AR's
+    --stages split evenly (the same tokens, staged); sd and eagle verify in one pass through every
+    layer, but a --stages no model could have is refused for them too."""
     from .distributed.split import method_split
+    from .runtime.staged import split_layers
 
-    if method not in ("spd", "speed"):
-        return [model.config.num_hidden_layers]
-    return method_split(method, model, model_name, opts.stages, opts.draft)
+    sizes = method_split(method, model, model_name, opts.stages, opts.draft)
+    return sizes if method in ("spd", "speed", "ar") else split_layers(model.config.num_hidden_layers, 1)
 
 
 def with_threads(run: Callable[..., Generation], threads: int | None) -> Callable[..., Generation]:
