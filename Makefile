@@ -33,6 +33,7 @@ run: model
 	$(VENV)/bin/spdecode generate --model $(MODEL) --chat --max-new-tokens 96 --prompt "$(PROMPT)"
 	$(VENV)/bin/spdecode generate --model $(MODEL) --chat --max-new-tokens 96 --prompt "$(PROMPT)" \
 		--method spd --distributed --stages 2
+	$(VENV)/bin/spdecode generate --model $(MODEL) --chat --max-new-tokens 96 --prompt "$(PROMPT)" --method eagle
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts
