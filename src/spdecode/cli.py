@@ -214,7 +214,7 @@ def cmd_generate(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from .generators import make_generator
+    from .generators import check_draft, make_generator
     from .runtime.generation import eos_ids
     from .runtime.models import load_model
     from .runtime.prompts import encode_prompt
@@ -223,9 +223,7 @@ def cmd_generate(args) -> int:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     if not args.prompt.strip():
         raise SpdError("the prompt is empty")
-    if args.draft and args.method not in ("spd", "eagle"):
-        raise SpdError(f"--draft is a trained draft for --method spd (a PDM) or eagle (a head); --method "
-                       f"{args.method} takes none (drop --draft)")
+    check_draft(args.method, args.draft)
     if isinstance(args.stages, int) and args.stages < 1:
         raise SpdError(f"the number of stages must be at least 1 (got {args.stages})")
     if args.distributed:

@@ -55,13 +55,26 @@ DRAFTED = ("spd", "eagle")  # the methods that take a trained draft (--draft)
 PIPELINED = ("spd", "speed")  # the methods that run a pipeline of --stages
 
 
+def base_method(spec: str) -> str:
+    """The method a spec runs: "eagle:budget=16" -> "eagle"."""
+    return spec.strip().split(":")[0]
+
+
+def check_draft(method: str, draft: str | None) -> None:
+    """A trained draft is for spd (a PDM) or eagle (a head); refuse it for any other method
+    (callers check before loading a model, so the error comes at once)."""
+    if draft and method not in DRAFTED:
+        raise SpdError(f"--draft is a trained draft for spd (a PDM) or eagle (a head); --method {method} takes "
+                       "none (drop --draft)")
+
+
 def split_specs(text: str) -> list[str]:
     """Method specs from a comma-separated list; a comma inside a spec's value (pipespec's
     chain=a,b) stays with it: a piece that does not start with a method name continues a spec
     whose last option has a value."""
     specs: list[str] = []
     for piece in text.split(","):
-        if specs and "=" in specs[-1] and piece.strip().split(":")[0] not in METHODS:
+        if specs and "=" in specs[-1] and base_method(piece) not in METHODS:
             specs[-1] += "," + piece
         elif piece.strip():
             specs.append(piece.strip())
@@ -118,7 +131,7 @@ def split_for(method: str, model, model_name: str, opts: MethodOptions) -> list[
     from .runtime.staged import split_layers
 
     sizes = method_split(method, model, model_name, opts.stages, opts.draft)
-    return sizes if method in ("spd", "speed", "ar") else split_layers(model.config.num_hidden_layers, 1)
+    return sizes if method in (*PIPELINED, "ar") else split_layers(model.config.num_hidden_layers, 1)
 
 
 def with_threads(run: Callable[..., Generation], threads: int | None) -> Callable[..., Generation]:
@@ -149,9 +162,7 @@ def make_generator(method: str, model, model_name: str, opts: MethodOptions,
     from .runtime.models import weights_fingerprint
     from .runtime.staged import StagedTarget
 
-    if opts.draft and method not in DRAFTED:
-        raise SpdError(f"--draft is a trained draft for spd (a PDM) or eagle (a head); --method {method} takes "
-                       "none (drop --draft)")
+    check_draft(method, opts.draft)
     if method == "pipespec":
         from .methods.pipespec import PipeSpecChain
 
@@ -164,7 +175,7 @@ def make_generator(method: str, model, model_name: str, opts: MethodOptions,
     target = StagedTarget(model, split_for(method, model, model_name, opts))
     if method == "ar":
         run = lambda ids, k, s, e, on_token=None: generate_ar(target, ids, k, s, e, on_token)  # noqa: E731
-    elif method in ("spd", "speed"):
+    elif method in PIPELINED:
         drafter = make_pipeline_drafter(method, target, model_name, weights_fingerprint(model), opts.draft,
                                         opts.speed_depth)
         run = lambda ids, k, s, e, on_token=None: generate_spd(target, drafter, ids, k, s, e, on_token)  # noqa: E731

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 
+from ..generators import base_method
 from ..methods.pipespec import expected_tokens_per_step, rho
 from ..methods.schedule import tau
 
@@ -16,10 +17,10 @@ from ..methods.schedule import tau
 def predicted_tokens_per_cycle(method: str, alpha: float | None, n: int, gamma: int) -> float | None:
     """What each method's analytic model predicts from the measured alpha, to set beside the
     measured tokens per cycle (SPD/SPEED: a pipeline cycle; SD and PipeSpec: a target pass)."""
-    method = method.split(":")[0]  # a spec's options do not change the model
+    method = base_method(method)  # a spec's options do not change the model
     if method == "ar":
         return 1.0
-    if alpha is None or method == "eagle":  # no closed form for a dynamic tree's tokens per pass
+    if alpha is None:
         return None
     if method.startswith(("spd", "speed")):
         return tau(alpha, n) / n
@@ -88,7 +89,7 @@ def summarise(records: list[dict], methods, datasets, gamma: int | dict[str, int
         for d, row in summary[m].items():
             row["predicted_tokens_per_cycle"] = None if tree else predicted_tokens_per_cycle(
                 m, row["alpha"], mine[0]["n_stages"], g)
-            if m.split(":")[0] == "pipespec" and row["alpha"] is not None:
+            if base_method(m) == "pipespec" and row["alpha"] is not None:
                 row.update(pipespec_rho(mine if d == "overall" else [r for r in mine if r["dataset"] == d],
                                         row["alpha"], g))
     base_ar = best_ar(summary)
@@ -103,7 +104,7 @@ def summarise(records: list[dict], methods, datasets, gamma: int | dict[str, int
 
 def best_ar(summary: dict) -> str | None:
     """The AR configuration (`ar`, `ar:threads=1`, ...) with the highest overall decode tok/s."""
-    ars = [m for m in summary if m.split(":")[0] == "ar" and summary[m]["overall"]["decode_tok_s"]]
+    ars = [m for m in summary if base_method(m) == "ar" and summary[m]["overall"]["decode_tok_s"]]
     return max(ars, key=lambda m: summary[m]["overall"]["decode_tok_s"], default=None)
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..data import load_prompt_set
 from ..distributed.split import method_split, worker_args
-from ..generators import DRAFTED, MethodOptions, make_generator, parse_method_spec, split_specs
+from ..generators import DRAFTED, MethodOptions, base_method, make_generator, parse_method_spec, split_specs
 from ..runtime.errors import SpdError
 from ..runtime.generation import eos_ids
 from ..runtime.models import DEFAULT_MODEL
@@ -146,7 +146,7 @@ def run_bench(cfg) -> int:
     if cfg.draft and not any(m in DRAFTED for m, _ in specs.values()):
         raise SpdError(f"--draft is a trained draft for spd or eagle, which --method {cfg.method} does not run "
                        "(add one or drop --draft)")
-    if cfg.draft and {"spd", "eagle"} <= {m for m, _ in specs.values()}:
+    if cfg.draft and set(DRAFTED) <= {m for m, _ in specs.values()}:
         raise SpdError("--draft names one draft, but spd (a PDM) and eagle (a head) both run: give each its "
                        "own with spd:draft=DIR and eagle:draft=DIR")
     sets = load_sets(cfg)
@@ -156,10 +156,10 @@ def run_bench(cfg) -> int:
     for _, opts in specs.values():
         if (opts.dtype, opts.device) not in models:
             models[opts.dtype, opts.device], tok = load_model(cfg.model, opts.dtype, opts.device)
+    dtypes = {spec: opts.dtype for spec, (_, opts) in specs.items()}
     with contextlib.ExitStack() as stack:
         runners = make_runners(specs, models, cfg.model, stack)
-        records = run_prompts(cfg, runners, {s: o.dtype for s, (_, o) in specs.items()}, tok, sets,
-                              eos_ids(next(iter(models.values())), tok))
+        records = run_prompts(cfg, runners, dtypes, tok, sets, eos_ids(next(iter(models.values())), tok))
     methods = list(specs)
     gammas = {spec: opts.gamma for spec, (_, opts) in specs.items()}
     summary = summarise(records, methods, list(sets), gammas)
@@ -176,7 +176,7 @@ def run_bench(cfg) -> int:
         config = asdict(cfg)
         Path(cfg.json_out).write_text(json.dumps({"config": config, "summary": summary, "records": records},
                                                   indent=1, default=str))
-    return check_identity(cfg, {m: summary[m]["overall"] for m in methods}, {s: o.dtype for s, (_, o) in specs.items()})
+    return check_identity(cfg, {m: summary[m]["overall"] for m in methods}, dtypes)
 
 
 def check_identity(cfg: BenchConfig, rows: dict[str, dict], dtypes: dict[str, str] | None = None) -> int:
@@ -187,7 +187,7 @@ def check_identity(cfg: BenchConfig, rows: dict[str, dict], dtypes: dict[str, st
     failed = 0
     for m, r in rows.items():
         dtype, bad, checked = dtypes.get(m, cfg.dtype), r["mismatches"], r["checked_against_ar"]
-        if cfg.temperature != 0 or m.split(":")[0] == "ar":
+        if cfg.temperature != 0 or base_method(m) == "ar":
             continue
         if not checked:
             print(f"{m}: not checked against AR (no AR in {dtype} ran)", flush=True)
@@ -221,7 +221,7 @@ def run_prompts(cfg, runners, dtypes: dict[str, str], tok, sets, eos) -> list[di
                     # The bench's method spec wins over the name the metrics carry (e.g. sd-tree).
                     rec = {"dataset": name, "question_id": row["question_id"], "prompt_tokens": len(ids),
                            **gen.metrics.as_dict(), "method": m, "dtype": dtypes[m]}
-                    if m.split(":")[0] == "ar" and dtypes[m] not in ar_tokens:
+                    if base_method(m) == "ar" and dtypes[m] not in ar_tokens:
                         ar_tokens[dtypes[m]] = gen.tokens
                     elif dtypes[m] in ar_tokens and cfg.temperature == 0:
                         rec["matches_ar"] = gen.tokens == ar_tokens[dtypes[m]]
