@@ -15,8 +15,8 @@ import statistics
 
 import torch
 
-from spdecode.drafting.drafters import PDMDrafter
 from spdecode.drafting.pdm import new_pdm
+from spdecode.drafting.pdm_tree import PdmTreeDrafter
 from spdecode.methods.ar import generate_ar
 from spdecode.methods.spd import generate_spd
 from spdecode.runtime.generation import eos_ids
@@ -28,25 +28,26 @@ PROMPTS = ["Explain how a bicycle stays upright.", "Write a short story about a 
 
 
 class PDMCostOracle:
-    """Runs the PDM every cycle (its real cost) but proposes the AR reference's token, so every draft
-    is accepted (a draft past the reference's end is never verified)."""
+    """Runs the PDM every cycle (its real cost: the rows in flight and the head at the newest) but
+    drafts the AR reference's token, so every draft is accepted (a draft past the reference's end
+    is never verified)."""
 
     method = "spd"
     after_stage0 = False
-    vocab = None
 
-    def __init__(self, pdm_drafter: PDMDrafter, prompt: list[int], reference: list[int], vocab_size: int):
-        self.pdm, self.expected, self.vocab_size = pdm_drafter, list(prompt) + list(reference), vocab_size
+    def __init__(self, pdm_drafter: PdmTreeDrafter, prompt: list[int], reference: list[int]):
+        self.pdm, self.expected = pdm_drafter, list(prompt) + list(reference)
         self.anchors = pdm_drafter.anchors
 
-    def reset(self, prompt_len):
-        self.pdm.reset(prompt_len)
+    def reset(self, run):
+        self.pdm.reset(run)
 
-    def propose(self, ctx):
-        self.pdm.propose(ctx)
-        logits = torch.zeros(self.vocab_size)
-        logits[self.expected[min(ctx.draft_position, len(self.expected) - 1)]] = 30.0
-        return logits
+    def grow(self, run, now):
+        sched = run.sched
+        out = self.pdm._in_flight(run, sched.live())
+        self.pdm.pdm.head(out[-1:])
+        leaf = sched.leaves(now)[-1]
+        sched.add(self.expected[min(sched.nodes[leaf].position + 1, len(self.expected) - 1)], leaf, now=now)
 
 
 def main():
@@ -78,7 +79,7 @@ def main():
             ar_step, spd_cycle, phases = [], [], {}
             for p, ref in zip(prompts, refs, strict=True):
                 ar = generate_ar(ar_target, p, args.max_new_tokens, eos=eos)
-                drafter = PDMCostOracle(PDMDrafter(pdm), p, ref, model.config.vocab_size)
+                drafter = PDMCostOracle(PdmTreeDrafter(pdm), p, ref)
                 spd = generate_spd(target, drafter, p, args.max_new_tokens, eos=eos)
                 assert spd.tokens == ar.tokens, "SPD must equal AR"
                 ar_step.append(ar.metrics.decode_s / ar.metrics.cycles)

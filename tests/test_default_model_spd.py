@@ -6,10 +6,11 @@ import pytest
 from oracles import ReferenceDrafter
 from test_default_model import spdecode
 
-from spdecode.drafting.drafters import PDMDrafter
 from spdecode.drafting.pdm import new_pdm
+from spdecode.drafting.pdm_tree import PdmTreeDrafter
 from spdecode.methods.ar import generate_ar
 from spdecode.methods.spd import generate_spd
+from spdecode.methods.spd_core import TreeShape
 from spdecode.runtime.generation import eos_ids
 from spdecode.runtime.models import weights_fingerprint
 from spdecode.runtime.staged import StagedTarget
@@ -38,13 +39,29 @@ def test_spd_equals_ar_on_default_model(default_model, chats, n, drafter):
     target = StagedTarget(model, n)
     for i, (ids, ref) in enumerate(chats):
         if drafter == "untrained-pdm":
-            d = PDMDrafter(new_pdm(target, "smollm2-135m", weights_fingerprint(model)))
+            d = PdmTreeDrafter(new_pdm(target, "smollm2-135m", weights_fingerprint(model)))
         else:
             d = ReferenceDrafter(ids, ref, model.config.vocab_size, 1.0 if drafter == "oracle" else 0.5, seed=i)
         gen = generate_spd(target, d, ids, 24, eos=eos_ids(model, tok))
         assert gen.tokens == ref, (drafter, n, PROMPTS[i])
         if drafter == "oracle":
             assert gen.metrics.alpha == 1.0 and gen.metrics.cycles == len(ref) - 1 + n - 1
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_spd_over_trees_equals_ar_with_the_bundled_draft(default_model, chats, n):
+    """Trees of the real model's drafts (the bundled PDM for n = 2 and 4, eagle's head at n = 1)."""
+    from spdecode.drafting.build import make_eagle_drafter, make_pipeline_drafter
+
+    model, tok = default_model
+    target = StagedTarget(model, {1: 1, 2: [16, 14], 4: [8, 8, 7, 7]}[n])
+    fp = weights_fingerprint(model)
+    d = make_eagle_drafter(target, "smollm2-135m", fp) if n == 1 else \
+        make_pipeline_drafter("spd", target, "smollm2-135m", fp)
+    for ids, ref in chats:
+        gen = generate_spd(target, d, ids, 24, eos=eos_ids(model, tok), shape=TreeShape(8, 3, 4))
+        assert gen.tokens == ref
+        assert gen.metrics.drafts_accepted > 0
 
 
 def test_cli_spd_json_equals_ar_and_warns_without_draft():

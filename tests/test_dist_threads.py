@@ -16,10 +16,11 @@ import torch
 from conftest import tiny_model
 from oracles import ReferenceDrafter
 
-from spdecode.distributed.comm import NONE, PREFILL, TAG_FORWARD, TAG_TO_ROOT, TOKEN, Link, Message
+from spdecode.distributed.comm import NONE, PREFILL, REPORT, SLOT, TAG_FORWARD, TAG_TO_ROOT, Link, Message
 from spdecode.distributed.root import RootRank
 from spdecode.distributed.stage import sampling_from, sampling_vector, serve_stage
 from spdecode.methods.ar import generate_ar
+from spdecode.methods.spd_core import TreeShape
 from spdecode.runtime.errors import SpdError
 from spdecode.runtime.sampling import GREEDY, SamplingParams
 from spdecode.runtime.staged import StagedTarget
@@ -154,8 +155,9 @@ def model():
     return tiny_model("llama")
 
 
+@pytest.mark.parametrize("shape", [TreeShape(), TreeShape(6, 3, 2)], ids=["one node per slot", "trees"])
 @pytest.mark.parametrize("sizes", [[3, 3], [2, 2, 2]])
-def test_rank_pair_exchange_cannot_deadlock_under_nccl_ordering(model, sizes):
+def test_rank_pair_exchange_cannot_deadlock_under_nccl_ordering(model, sizes, shape):
     """RootRank and serve_stage, three requests and a shutdown, under NCCL ordering: no deadlock,
     greedy tokens equal AR's, and drafts were both accepted and rejected (rollbacks crossed ranks)."""
     n, reqs, max_new = len(sizes), prompts(3), 24
@@ -168,8 +170,8 @@ def test_rank_pair_exchange_cannot_deadlock_under_nccl_ordering(model, sizes):
                                                                               fabric.endpoint(0)))
         out = []
         for i, (p, ref) in enumerate(zip(reqs, refs, strict=True)):
-            rr.drafter = ReferenceDrafter(p, ref, 97, accuracy=0.6, seed=i)
-            out.append(rr.generate(p, max_new, GREEDY, EOS))
+            rr.drafter = ReferenceDrafter(p, ref, 97, accuracy=0.6, seed=i, branches=2)
+            out.append(rr.generate(p, max_new, GREEDY, EOS, shape=shape))
             assert len(rr.rank_stats) == n - 1  # every rank acknowledged the request's END
         rr.shutdown()
         return out
@@ -198,7 +200,7 @@ def test_rendezvous_shim_detects_the_old_send_before_receive_order():
     def rank1():
         link = Link(1, 2, "cpu", torch.float32, fabric.endpoint(1))
         link.recv(0, TAG_FORWARD)
-        link.send(0, Message(TOKEN, 1, payload=h), TAG_TO_ROOT)
+        link.send(0, Message(REPORT, 1, payload=h), TAG_TO_ROOT)
         link.recv(0, TAG_FORWARD)
         link.flush()
 
@@ -231,7 +233,7 @@ def test_sampling_seed_above_2_24_travels_exactly(seed):
     def sender():
         link = Link(0, 2, "cpu", torch.float32, fabric.endpoint(0))
         link.send(1, Message(PREFILL, 1, payload=torch.zeros(3, 4), extra=sampling_vector(s)), TAG_FORWARD)
-        link.send(1, Message(TOKEN, 1, 3, 5, 6, payload=torch.zeros(1, 4), extra=q), TAG_FORWARD)
+        link.send(1, Message(SLOT, 3, payload=torch.zeros(1, 4), meta=[5, 6, 2**40], extra=q), TAG_FORWARD)
         link.flush()
 
     def receiver():
@@ -241,6 +243,7 @@ def test_sampling_seed_above_2_24_travels_exactly(seed):
     prefill, token = run_threads({0: sender, 1: receiver})[1]
     assert sampling_from(prefill.extra) == s
     assert token.extra.dtype == torch.float32 and torch.equal(token.extra, q)  # a draft's q keeps its dtype
+    assert token.slot == 3 and token.meta == [5, 6, 2**40]
 
 
 def test_stage_kv_cache_never_grows_after_prefill(model):
@@ -288,8 +291,8 @@ def test_stage_kv_cache_never_grows_after_prefill(model):
 
 
 def test_rank0_releases_unverified_drafts(model):
-    """Rank 0 verifies nothing itself (the last rank does), and kept every draft it ever sent; now each
-    is released once its verdict is in, so at most n-1 (those in flight) remain."""
+    """Rank 0 verifies nothing itself (the last rank does), and kept every draft it ever sent; now the
+    features of each are released once its verdict is in, so at most those in flight remain."""
     sizes, p, max_new = [2, 2, 2], prompts(1, seed=9)[0], 150
     n = len(sizes)
     ref = generate_ar(StagedTarget(model), p, max_new).tokens
@@ -297,12 +300,13 @@ def test_rank0_releases_unverified_drafts(model):
 
     def root():
         target = StagedTarget(model, sizes)
-        rr = RootRank(target, ReferenceDrafter(p, ref, 97, accuracy=0.7, seed=3),
-                      Link(0, n, "cpu", target.dtype, fabric.endpoint(0)))
+        drafter = ReferenceDrafter(p, ref, 97, accuracy=0.7, seed=3)
+        drafter.anchors = [0, 2, 4, 6]  # a drafter that reads features: rank 0 keeps those of every node
+        rr = RootRank(target, drafter, Link(0, n, "cpu", target.dtype, fabric.endpoint(0)))
         gen = rr.generate(p, max_new, GREEDY)
         rr.shutdown()
-        return gen, len(rr.run.pending)
+        return gen, len(rr.store.nodes)
 
-    gen, pending = run_threads({0: root, **{r: (lambda r=r: serve(model, sizes, fabric, r)) for r in range(1, n)}})[0]
+    gen, kept = run_threads({0: root, **{r: (lambda r=r: serve(model, sizes, fabric, r)) for r in range(1, n)}})[0]
     assert gen.tokens == ref and gen.metrics.drafts_accepted > 100
-    assert pending <= n - 1
+    assert kept <= n

@@ -15,10 +15,11 @@ from conftest import tiny_model, train_tiny_pdm
 from transformers import GenerationConfig
 
 from spdecode.distributed.launch import torchrun_command
-from spdecode.drafting.drafters import PDMDrafter
 from spdecode.drafting.pdm import load_pdm
+from spdecode.drafting.pdm_tree import PdmTreeDrafter
 from spdecode.methods.ar import generate_ar
 from spdecode.methods.spd import generate_spd
+from spdecode.methods.spd_core import TreeShape
 from spdecode.runtime.generation import eos_ids
 from spdecode.runtime.models import load_model, weights_fingerprint
 from spdecode.runtime.staged import StagedTarget
@@ -49,20 +50,25 @@ def tiny_setup(tmp_path_factory):
     return model, root, prompts[9:], drafts, requests
 
 
+@pytest.mark.parametrize("tree", [(1, 1, 1), (6, 3, 3)], ids=["one node per slot", "trees"])
 @pytest.mark.parametrize("sizes", [[3, 3], [2, 2, 2]])
-def test_distributed_equals_single_process_and_ar(tiny_setup, sizes):
+def test_distributed_equals_single_process_and_ar(tiny_setup, sizes, tree):
+    """The same tokens and counters as the single-process engine, with one node per slot and with
+    trees (the plans travel with the slots: compactions, layouts, sampled successors)."""
     model, root, prompts, drafts, requests = tiny_setup
-    out = root / f"out{len(sizes)}.json"
+    out = root / f"out{len(sizes)}-{tree[0]}.json"
     res = launch(len(sizes), ["--model", str(root / "model"), "--stages", ",".join(map(str, sizes)),
                               "--draft", str(drafts[len(sizes)]), "--requests", str(requests),
-                              "--max-new-tokens", "30", "--json-out", str(out), "--timeout", "60"], timeout=300)
+                              "--max-new-tokens", "30", "--json-out", str(out), "--timeout", "60",
+                              "--tree-budget", str(tree[0]), "--tree-depth", str(tree[1]),
+                              "--tree-topk", str(tree[2])], timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     records = json.loads(out.read_text())
     target = StagedTarget(model, sizes)
     pdm = load_pdm(drafts[len(sizes)], target, weights_fingerprint(model))
     accepted = rejected = 0
     for p, rec in zip(prompts, records, strict=True):
-        single = generate_spd(target, PDMDrafter(pdm), p, 30, eos=EOS)
+        single = generate_spd(target, PdmTreeDrafter(pdm), p, 30, eos=EOS, shape=TreeShape(*tree))
         assert rec["tokens"] == single.tokens == generate_ar(StagedTarget(model), p, 30, eos=EOS).tokens
         m = rec["metrics"]
         assert (m["cycles"], m["drafts_verified"], m["drafts_accepted"]) == \

@@ -1,15 +1,20 @@
 """The EAGLE-style head (the n = 1 PDM drafting trees from the target's features): its training
 layout is its inference view in both chaining modes, eagle decoding equals AR, training learns."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import tiny_model
 from distribution import sampled_vs_exact
 
-from spdecode.drafting.eagle import EagleCandidates
+from spdecode.drafting.drafters import AnchorStore
 from spdecode.drafting.pdm import load_pdm, new_pdm
+from spdecode.drafting.pdm_tree import PdmTreeDrafter
 from spdecode.methods.ar import generate_ar
-from spdecode.methods.tree_sd import generate_tree_sd
+from spdecode.methods.schedule import TreeSchedule
+from spdecode.methods.spd import generate_spd
+from spdecode.methods.spd_core import TreeShape
 from spdecode.runtime.errors import SpdError
 from spdecode.runtime.staged import StagedTarget
 from spdecode.runtime.tree import DraftTree
@@ -34,6 +39,20 @@ def features(target, anchors, ids):
     return {j: got[j][0] for j in anchors}
 
 
+def waiting_root(drafter, feats, ids, root):
+    """A run whose root (ids[root], not yet entered) follows positions < root, whose target
+    features are in the store: what the head sees at the start of a cycle."""
+    pdm = drafter.pdm
+    target = pdm.target[0]
+    store = AnchorStore(pdm.cfg.anchors, target.config.hidden_size, target.dtype, target.device, len(ids))
+    for j in pdm.cfg.anchors:
+        store.put(j, 0, feats[j][:root])
+    run = SimpleNamespace(sched=TreeSchedule(1, int(ids[root]), root), store=store, prompt_len=root, sampler=None,
+                          n=1)
+    drafter.reset(run)
+    return run
+
+
 @pytest.mark.parametrize("chain", ["embed", "feedback"])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_chain_layout_is_what_the_head_computes_when_drafting(family, chain):
@@ -43,53 +62,45 @@ def test_chain_layout_is_what_the_head_computes_when_drafting(family, chain):
     target, pdm = head(family, chain)
     ids = torch.randint(3, 97, (S,), generator=torch.Generator().manual_seed(1))
     feats = features(target, pdm.cfg.anchors, ids)
-    drafter = EagleCandidates(pdm)
+    drafter = PdmTreeDrafter(pdm)
     with torch.no_grad():
         layout = {k: chain_logits(pdm, [feats[j] for j in pdm.cfg.anchors], k) for k in range(1, depth + 1)}
         for root in range(3, S - depth):
-            drafter.reset()
-            drafter.observe(0, {j: f[:root] for j, f in feats.items()})
+            run = waiting_root(drafter, feats, ids, root)
             tree = DraftTree.chain(ids[root + 1 : root + depth].tolist())
-            got = drafter.tree_logits(ids[: root + 1].tolist(), tree)[:, pdm.vocab]
+            got = drafter.tree_logits(run, tree)[:, pdm.vocab]
             for k in range(1, depth + 1):
                 torch.testing.assert_close(got[k - 1], layout[k][root + k - 1], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("chain", ["embed", "feedback"])
 def test_a_branching_tree_gives_each_node_what_its_own_path_gives(chain):
-    """Siblings never see each other: every node's logits equal those of the chain to it alone, and
-    features observed step by step (root and accepted path) equal one observation of everything."""
+    """Siblings never see each other: every node's logits equal those of the chain to it alone."""
     target, pdm = head("gemma3", chain)
-    ids = torch.randint(3, 97, (12,), generator=torch.Generator().manual_seed(2)).tolist()
-    feats = features(target, pdm.cfg.anchors, torch.tensor(ids))
+    ids = torch.randint(3, 97, (12,), generator=torch.Generator().manual_seed(2))
+    feats = features(target, pdm.cfg.anchors, ids)
     tree = DraftTree((7, 8, 9, 10, 11, 12), (-1, -1, 0, 1, 2, 0))
-    drafter = EagleCandidates(pdm)
-    drafter.reset()
-    drafter.observe(0, {j: f[:5] for j, f in feats.items()})
-    drafter.observe(5, {j: f[5:9] for j, f in feats.items()})
+    drafter = PdmTreeDrafter(pdm)
     with torch.no_grad():
-        whole = drafter.tree_logits(ids[:10], tree)
+        whole = drafter.tree_logits(waiting_root(drafter, feats, ids, 9), tree)
         for node in range(len(tree)):
             path = tree.path_to(node)
-            drafter.reset()
-            drafter.observe(0, {j: f[:9] for j, f in feats.items()})
-            alone = drafter.tree_logits(ids[:10], DraftTree.chain([tree.tokens[i] for i in path]))
+            alone = drafter.tree_logits(waiting_root(drafter, feats, ids, 9),
+                                        DraftTree.chain([tree.tokens[i] for i in path]))
             torch.testing.assert_close(whole[1 + node], alone[len(path)], rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="position"):
-        drafter.observe(3, {j: f[3:4] for j, f in feats.items()})  # a gap or an overlap is a bug
 
 
 @pytest.mark.parametrize("chain", ["embed", "feedback"])
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
 def test_eagle_greedy_equals_ar(family, chain):
     model = tiny_model(family)
-    target, pdm = StagedTarget(model, 1), None
+    target = StagedTarget(model, 1)
     torch.manual_seed(0)
     pdm = new_pdm(target, "tiny", "fp", anchors=[0, 3, 6], chain=chain).eval()
     prompt = [5, 17, 42, 8, 33, 71, 9, 5, 17]
     want = generate_ar(StagedTarget(model), prompt, 40).tokens
     for budget, depth, topk in [(1, 1, 1), (6, 3, 2), (16, 5, 4)]:
-        got = generate_tree_sd(target, EagleCandidates(pdm), prompt, 40, budget=budget, depth=depth, topk=topk)
+        got = generate_spd(target, PdmTreeDrafter(pdm), prompt, 40, shape=TreeShape(budget, depth, topk))
         assert got.tokens == want
         m = got.metrics
         assert m.drafts_accepted == sum(m.accepted_per_depth)
@@ -100,16 +111,19 @@ def test_eagle_sampling_follows_the_target_distribution():
     prompt, length = [5, 6, 7, 5, 6, 8, 5, 6], 3
     target = StagedTarget(model, 1)
     torch.manual_seed(0)
-    drafter = EagleCandidates(new_pdm(target, "tiny", "fp", anchors=[0, 3], chain="feedback").eval())
-    tv, noise = sampled_vs_exact(model, prompt, length, 2500, lambda params: generate_tree_sd(
-        target, drafter, prompt, length, params, budget=6, depth=3, topk=3).tokens)
+    drafter = PdmTreeDrafter(new_pdm(target, "tiny", "fp", anchors=[0, 3], chain="feedback").eval())
+    tv, noise = sampled_vs_exact(model, prompt, length, 2500, lambda params: generate_spd(
+        target, drafter, prompt, length, params, shape=TreeShape(6, 3, 3)).tokens)
     assert tv < 1.6 * noise, (tv, noise)
 
 
-def test_an_spd_draft_is_refused_as_a_head():
+def test_an_spd_draft_is_refused_as_a_head(tmp_path):
+    from spdecode.drafting.build import make_eagle_drafter
+
     target = StagedTarget(tiny_model("llama"), 2)
-    with pytest.raises(SpdError, match="--eagle"):
-        EagleCandidates(new_pdm(target, "tiny", "fp"))
+    new_pdm(target, "tiny", "fp").save(tmp_path / "spd")
+    with pytest.raises(SpdError, match="not an EAGLE-style head"):
+        make_eagle_drafter(StagedTarget(tiny_model("llama"), 1), "tiny", "fp", str(tmp_path / "spd"))
 
 
 def test_an_spd_draft_seeds_a_feedback_head(tmp_path):
@@ -140,11 +154,11 @@ def test_training_a_head_learns_deep_drafts(tmp_path, chain):
     teacher = TeacherFeatures(target, pdm.cfg.anchors + [target.n_layers], None, "fp")
     from spdecode.training.loop import TeacherHead
 
-    before = evaluate(pdm, TeacherHead(pdm), teacher, examples, 0, 3)
+    before = evaluate(pdm, TeacherHead(pdm), teacher, examples, 0, (0, 0, 0))
     settings = TrainSettings(epochs=12, lr=3e-3, warmup=2, batch_tokens=200, val_every=1000, save_every=1000,
                              chain_depth=3)
     train(pdm, teacher, examples, [], tmp_path / "out", settings, log=lambda *_: None)
-    after = evaluate(pdm, TeacherHead(pdm), teacher, examples, 0, 3)
+    after = evaluate(pdm, TeacherHead(pdm), teacher, examples, 0, (0, 0, 0))
     assert after["top1"] > before["top1"] + 0.2
     assert after["loss"] < before["loss"]
 

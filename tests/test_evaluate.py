@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_model, train_tiny_pdm
 
 from spdecode.bench.replay import replay_greedy
-from spdecode.drafting.drafters import PDMDrafter
+from spdecode.drafting.pdm_tree import PdmTreeDrafter
 from spdecode.methods.ar import generate_ar
 from spdecode.methods.spd import generate_spd
 from spdecode.runtime.staged import StagedTarget
@@ -19,7 +19,7 @@ def test_replay_matches_the_decoder(tmp_path):
         pdm = train_tiny_pdm(model, target.stage_sizes, prompts[:10], tmp_path / f"n{n}")
         alphas = []
         for p in prompts[10:] + prompts[:2]:
-            real = generate_spd(target, PDMDrafter(pdm), p, 30).metrics
+            real = generate_spd(target, PdmTreeDrafter(pdm), p, 30).metrics
             rep = replay_greedy(target, pdm, p, generate_ar(StagedTarget(model), p, 30).tokens)
             got = (rep["new_tokens"], rep["cycles"], rep["drafts_verified"], rep["drafts_accepted"])
             assert got == (real.new_tokens, real.cycles, real.drafts_verified, real.drafts_accepted), (n, p)

@@ -6,10 +6,11 @@ from conftest import tiny_model
 from distribution import sampled_vs_exact
 from oracles import ReferenceDrafter
 
-from spdecode.drafting.drafters import PDMDrafter
 from spdecode.drafting.pdm import depth_to_type, load_pdm, new_pdm
+from spdecode.drafting.pdm_tree import PdmTreeDrafter
 from spdecode.methods.ar import generate_ar
 from spdecode.methods.spd import generate_spd
+from spdecode.methods.spd_core import TreeShape
 from spdecode.runtime.errors import SpdError
 from spdecode.runtime.sampling import SamplingParams
 from spdecode.runtime.staged import StagedTarget
@@ -39,19 +40,6 @@ def test_greedy_equals_ar_with_scripted_drafters(tiny, n, accuracy):
         assert m.alpha == 0.0 and m.cycles == n * (m.new_tokens - 1)
 
 
-class LoggedReferenceDrafter(ReferenceDrafter):
-    """A ReferenceDrafter that records each proposal: (position, tokens before it, token)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.log = []
-
-    def propose(self, ctx):
-        logits = super().propose(ctx)
-        self.log.append((ctx.draft_position, list(ctx.tokens), int(torch.argmax(logits))))
-        return logits
-
-
 def verdicts(log, prompt: list[int], ref: list[int]) -> list[bool]:
     """Whether each verified draft was right, from the drafter's own proposals and the reference
     alone: the draft verified at position j is the one proposed after the right tokens (a draft
@@ -71,7 +59,7 @@ def test_spd_counts_follow_from_the_drafts_and_the_schedule(tiny, n, accuracy):
     """alpha's counts and the cycle count (hence tokens/cycle and tau) checked against what the
     drafter proposed and the schedule's rule, never against the formulas that define them."""
     model, ref = tiny
-    drafter = LoggedReferenceDrafter(PROMPT, ref, 97, accuracy, seed=n)
+    drafter = ReferenceDrafter(PROMPT, ref, 97, accuracy, seed=n)
     m = generate_spd(StagedTarget(model, n), drafter, PROMPT, 40).metrics
     outcomes = verdicts(drafter.log, PROMPT, ref)
     if accuracy == 0.5:
@@ -85,11 +73,31 @@ def test_spd_counts_follow_from_the_drafts_and_the_schedule(tiny, n, accuracy):
 
 
 @pytest.mark.parametrize("n", range(1, 7))
-def test_greedy_equals_ar_with_untrained_pdm(tiny, n):
+@pytest.mark.parametrize("shape", [TreeShape(), TreeShape(6, 3, 3)], ids=["one node per slot", "trees"])
+def test_greedy_equals_ar_with_untrained_pdm(tiny, n, shape):
     model, ref = tiny
     target = StagedTarget(model, n)
     pdm = new_pdm(target, "tiny", "fp", num_layers=2)
-    assert generate_spd(target, PDMDrafter(pdm), PROMPT, 40).tokens == ref
+    assert generate_spd(target, PdmTreeDrafter(pdm), PROMPT, 40, shape=shape).tokens == ref
+
+
+@pytest.mark.parametrize("n", range(1, 7))
+@pytest.mark.parametrize("accuracy", [1.0, 0.0, 0.6])
+def test_greedy_trees_equal_ar_with_scripted_drafters(tiny, n, accuracy):
+    """Trees of right and wrong branches (always-right and always-wrong children, and mixed): AR's
+    tokens, rollbacks of every depth; an oracle's chain of three right nodes per slot gives three
+    tokens per verification once the pipeline is full."""
+    model, ref = tiny
+    drafter = ReferenceDrafter(PROMPT, ref, 97, accuracy, seed=n, branches=2)
+    gen = generate_spd(StagedTarget(model, n), drafter, PROMPT, 40, shape=TreeShape(6, 3, 2))
+    assert gen.tokens == ref
+    m = gen.metrics
+    if accuracy == 0.0:  # every walk stops at its root: one token per verdict, and the pipeline refills
+        assert m.drafts_accepted == 0 and m.cycles == n * (m.new_tokens - 1)
+    chain = generate_spd(StagedTarget(model, n), ReferenceDrafter(PROMPT, ref, 97, 1.0), PROMPT, 40,
+                         shape=TreeShape(3, 3, 1))
+    assert chain.tokens == ref
+    assert chain.metrics.cycles <= (len(ref) - 1 + 2) // 3 + n + 1
 
 
 def test_eos_inside_the_in_flight_window_is_cut_exactly(tiny):
@@ -129,9 +137,10 @@ def spd_vs_exact(drafter_kind, samples=3000):
     target = StagedTarget(model, 3)
     prompt, length = [5, 6, 7], 3
     if drafter_kind == "pdm-subset":  # untrained PDM over half the vocabulary: mostly residual draws
-        drafter = PDMDrafter(new_pdm(target, "tiny", "fp", draft_vocab=torch.arange(0, 97, 2)))
+        drafter = PdmTreeDrafter(new_pdm(target, "tiny", "fp", draft_vocab=torch.arange(0, 97, 2)))
     else:  # always proposes the greedy token, sharply: exercises accept and residual paths
-        drafter = ReferenceDrafter(prompt, generate_ar(StagedTarget(model), prompt, length).tokens, 97, 1.0)
+        drafter = ReferenceDrafter(prompt, generate_ar(StagedTarget(model), prompt, length).tokens, 97, 1.0,
+                                   sampled=True)
     return sampled_vs_exact(model, prompt, length, samples,
                             lambda params: generate_spd(target, drafter, prompt, length, params).tokens)
 
@@ -148,7 +157,10 @@ def test_distribution_test_catches_a_biased_verifier(monkeypatch):
     """The threshold has power: a verifier that keeps every draft lands far outside the noise."""
     import spdecode.methods.spd
 
-    monkeypatch.setattr(spdecode.methods.spd, "verify", lambda logits, draft, sampler: (True, draft.token))
+    def keep_drafts(logits, sampler, successors=None):
+        return [d.token if d is not None else sampler.choose(row) for row, d in zip(logits, successors, strict=True)]
+
+    monkeypatch.setattr(spdecode.methods.spd, "target_choices", keep_drafts)
     tv, noise = spd_vs_exact("peaked", samples=1000)
     assert tv > 3 * noise, (tv, noise)
 
@@ -156,7 +168,7 @@ def test_distribution_test_catches_a_biased_verifier(monkeypatch):
 def test_sampling_is_reproducible_with_a_seed(tiny):
     model, _ = tiny
     target = StagedTarget(model, 3)
-    drafter = PDMDrafter(new_pdm(target, "tiny", "fp"))
+    drafter = PdmTreeDrafter(new_pdm(target, "tiny", "fp"))
     params = SamplingParams(temperature=1.0, seed=7)
     runs = [generate_spd(target, drafter, PROMPT, 20, params).tokens for _ in range(2)]
     assert runs[0] == runs[1]
@@ -165,7 +177,8 @@ def test_sampling_is_reproducible_with_a_seed(tiny):
 @pytest.mark.parametrize("method", ["spd", "sd", "ar"])
 def test_a_prompt_near_the_context_end_still_decodes(method):
     """The last positions of the context are usable: the token budget is clamped by what a method writes
-    past its last emitted token (SPD: n-1 in flight; SD: gamma), and exactly that room is reserved."""
+    past its last emitted token (SPD as published: n-1 in flight; SD: gamma), and exactly that room is
+    reserved."""
     import warnings
 
     from spdecode.drafting.candidates import PromptLookupCandidates

@@ -1,6 +1,7 @@
 """Training the PDM: the training layout is the inference view, training learns, checkpoints resume."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,13 +9,14 @@ from conftest import tiny_model
 from safetensors.torch import load_file
 
 from spdecode.data import load_prompt_set, normalise, stream_json_array
-from spdecode.drafting.drafters import AnchorStore, DraftContext, PDMDrafter
+from spdecode.drafting.drafters import AnchorStore
 from spdecode.drafting.pdm import WEIGHTS_FILE, new_pdm
+from spdecode.drafting.pdm_tree import PdmTreeDrafter
 from spdecode.runtime.errors import SpdError
 from spdecode.runtime.staged import StagedTarget
 from spdecode.training import loop as train_mod
 from spdecode.training.features import TeacherFeatures, build_draft_vocab
-from spdecode.training.layout import layout_logits
+from spdecode.training.layout import layout_logits, profile_logits
 from spdecode.training.loop import TrainSettings, train
 
 
@@ -26,11 +28,33 @@ def anchors_of(target, pdm, ids):
     return [got[j][0] for j in pdm.cfg.anchors]
 
 
+class PathInFlight:
+    """The part of a schedule the PDM reads (methods.schedule.TreeSchedule's interface): one path
+    in flight, its root at position `root`, the node at position p at depths[t - p] (newest first)."""
+
+    def __init__(self, ids, root, t, depths):
+        self.nodes = {p: SimpleNamespace(token=int(ids[p]), parent=p - 1, position=p, score=0.0, children=[])
+                      for p in range(root, t + 1)}
+        self.nodes[root].parent = -1
+        self.root, self.drafted, self.t, self.depths = root, [], t, depths
+
+    def live(self):
+        return list(self.nodes)
+
+    def depth(self, i):
+        return self.depths[self.t - i]
+
+
+def path_run(store, ids, root, t, depths):
+    return SimpleNamespace(sched=PathInFlight(ids, root, t, depths), store=store, prompt_len=root, sampler=None, n=0)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
 @pytest.mark.parametrize("layers", [1, 2])
 def test_training_rows_see_exactly_what_inference_rows_see(family, layers):
-    """Layout logits for (position t, k tokens in flight) == what the SPD drafter computes there,
-    both from a fresh drafter and from one that advanced cycle by cycle (incremental cache)."""
+    """Layout logits for (position t, the depths of the rows in flight) == what the SPD drafter
+    computes there: SPD's published windows and paths through trees in flight (runs of rows per
+    depth), from a fresh drafter and from one that advanced cycle by cycle (incremental cache)."""
     n, S = 3, 20
     target = StagedTarget(tiny_model(family), n)
     pdm = new_pdm(target, "tiny", "fp", num_layers=layers, draft_vocab=torch.arange(10, 70))
@@ -39,21 +63,30 @@ def test_training_rows_see_exactly_what_inference_rows_see(family, layers):
     store = AnchorStore(pdm.cfg.anchors, target.config.hidden_size, torch.float32, "cpu", 64)
     for j, a in zip(pdm.cfg.anchors, anchors, strict=True):
         store.put(j, 0, a)
+        store.put_nodes(j, list(range(S)), a)  # node p is the token at position p
+    windows = [(0,), (0, 1), (0, 1, 2), (0, 0, 1, 1, 2), (1, 1), (0, 0, 0), (1, 2, 2)]
     with torch.no_grad():
-        layout = {k: layout_logits(pdm, anchors, k) for k in range(1, n + 1)}
-        for k in range(1, n + 1):
-            for t in range(k + 1, S):
-                fresh = PDMDrafter(pdm)
-                fresh.reset(t)
-                got = fresh.propose(DraftContext(ids[: t + 1].tolist(), t - k + 1, store))
-                torch.testing.assert_close(got, layout[k][t], rtol=1e-4, atol=1e-4)
+        for depths in windows:
+            layout = profile_logits(pdm, anchors, depths)
+            for t in range(len(depths) + 1, S):
+                drafter = PdmTreeDrafter(pdm)
+                run = path_run(store, ids, t - len(depths) + 1, t, depths)
+                run.n = n
+                drafter.reset(run)
+                got = pdm.head(drafter._in_flight(run, run.sched.live())[-1:])[0]
+                torch.testing.assert_close(got, layout[t], rtol=1e-4, atol=1e-4)
+        assert torch.equal(layout_logits(pdm, anchors, 3), profile_logits(pdm, anchors, (0, 1, 2)))
         # A drafter that lives through a fill (k = 1, 2, .., n), a steady state and a rollback.
-        live = PDMDrafter(pdm)
-        live.reset(8)
-        windows = [(8, 8), (9, 8), (10, 8), (11, 9), (12, 10), (13, 13), (14, 13), (15, 13), (16, 14)]
-        for t, start in windows:
-            got = live.propose(DraftContext(ids[: t + 1].tolist(), start, store))
-            torch.testing.assert_close(got, layout[t - start + 1][t], rtol=1e-4, atol=1e-4)
+        live = PdmTreeDrafter(pdm)
+        steps = [(8, 8), (9, 8), (10, 8), (11, 9), (12, 10), (13, 13), (14, 13), (15, 13), (16, 14)]
+        for i, (t, root) in enumerate(steps):
+            depths = tuple(range(t - root + 1))
+            run = path_run(store, ids, root, t, depths)
+            run.n = n
+            if i == 0:
+                live.reset(run)
+            got = pdm.head(live._in_flight(run, run.sched.live())[-1:])[0]
+            torch.testing.assert_close(got, profile_logits(pdm, anchors, depths)[t], rtol=1e-4, atol=1e-4)
 
 
 def repetitive_examples(count=24, length=40, seed=0):
@@ -83,10 +116,10 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     pdm, teacher, train_ex, val_ex, coverage = setup_training(tmp_path)
     assert coverage == 1.0  # 4 motifs of 5 tokens fit in 64 draft tokens
     head = train_mod.TeacherHead(pdm)
-    before = train_mod.evaluate(pdm, head, teacher, val_ex, len(train_ex), 2)
+    before = train_mod.evaluate(pdm, head, teacher, val_ex, len(train_ex), (0, 1))
     settings = TrainSettings(epochs=6, lr=3e-3, warmup=2, batch_tokens=200, val_every=1000, save_every=1000)
     train(pdm, teacher, train_ex, val_ex, tmp_path / "run", settings, log=lambda *_: None)
-    after = train_mod.evaluate(pdm, head, teacher, val_ex, len(train_ex), 2)
+    after = train_mod.evaluate(pdm, head, teacher, val_ex, len(train_ex), (0, 1))
     assert after["loss"] < 0.7 * before["loss"], (before, after)
     assert after["top1"] > before["top1"]
 
@@ -166,8 +199,8 @@ def test_batched_layout_and_teacher_equal_one_sequence_at_a_time(family):
 def test_micro_batches_give_the_same_loss_and_time_limit_stops_with_a_checkpoint(tmp_path):
     pdm, teacher, train_ex, val_ex, _ = setup_training(tmp_path)
     head = train_mod.TeacherHead(pdm)
-    one = train_mod.evaluate(pdm, head, teacher, train_ex, 0, 2, micro_batch=1)
-    many = train_mod.evaluate(pdm, head, teacher, train_ex, 0, 2, micro_batch=5)
+    one = train_mod.evaluate(pdm, head, teacher, train_ex, 0, (0, 1), micro_batch=1)
+    many = train_mod.evaluate(pdm, head, teacher, train_ex, 0, (0, 1), micro_batch=5)
     assert one["rows"] == many["rows"] and one["top1"] == pytest.approx(many["top1"])
     assert one["loss"] == pytest.approx(many["loss"], rel=1e-4)
     settings = TrainSettings(epochs=50, lr=1e-3, warmup=1, batch_tokens=200, val_every=1000, save_every=1000,

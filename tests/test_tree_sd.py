@@ -10,12 +10,19 @@ from distribution import sampled_vs_exact
 from spdecode.drafting.candidates import PromptLookupCandidates, trie
 from spdecode.methods.ar import generate_ar
 from spdecode.methods.sd import sd_generator
-from spdecode.methods.tree_sd import generate_tree_sd
 from spdecode.runtime.errors import SpdError
 from spdecode.runtime.staged import StagedTarget
 from spdecode.runtime.tree import DraftTree
 
 PROMPT = [5, 17, 42, 8, 33, 71, 9, 5, 17, 42, 8, 60, 5, 17]
+
+
+def generate_tree_sd(target, drafter, prompt, k, params=None, eos=frozenset(), budget=8, depth=4, topk=4):
+    """Speculative decoding over a tree from a token-level drafter: the SPD core with one stage."""
+    from spdecode.runtime.sampling import GREEDY
+
+    return sd_generator(target, drafter, tree_budget=budget, tree_depth=depth, tree_topk=topk)(
+        prompt, k, params or GREEDY, eos)
 
 
 def test_trie_merges_shared_prefixes_in_order_within_the_budget():

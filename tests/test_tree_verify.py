@@ -184,18 +184,6 @@ def test_greedy_tree_decoding_equals_ar(family):
     assert len(own.memo) <= 30 // 4 + 1  # every pass emits depth + 1 = 4 tokens
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_sampled_tree_decoding_reproduces_seeded_ar(family):
-    """verify_tree makes exactly one draw from p per emitted token, as AR does: with the same seed a
-    tree run emits AR's very tokens, however much of each tree it accepts."""
-    model = tiny_model(family)
-    params = SamplingParams(temperature=1.0, top_k=6, seed=11)
-    ref = generate_ar(StagedTarget(model), PROMPT, 30, params).tokens
-    build = TreeBuilder(near_drafter(family), [3, 2, 1])
-    assert tree_decode(StagedTarget(model, 2), Sampler(params), PROMPT, 30, build) == ref
-    assert len(build.memo) < 25  # trees were accepted along the way
-
-
 # -- sampling: exact AR distribution -------------------------------------------------------------
 
 LENGTH = 3  # the root drawn from the prompt's logits, then tokens from one or two tree passes

@@ -137,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eagle", default="", choices=["", "embed", "feedback"],
                    help="train an EAGLE-style head for --method eagle (one stage) whose drafted tokens are "
                         "embedding-only rows (embed) or carry the head's own output (feedback)")
-    t.add_argument("--chain-depth", type=int, default=4, help="--eagle: the deepest draft trained (default 4)")
+    t.add_argument("--chain-depth", type=int, default=4,
+                   help="--eagle: the deepest draft trained; --tree: the most rows per depth in a window (default 4)")
+    t.add_argument("--tree", action="store_true",
+                   help="train an SPD draft for --method spd --tree-budget N: windows are paths through draft trees "
+                        "in flight (runs of rows per depth, embedding-only rows for nodes grown this cycle)")
     t.add_argument("--init", default=None,
                    help="start from this PDM checkpoint: its anchors, draft vocabulary (--draft-vocab is not used) "
                         "and the weights that match by name and shape")
@@ -267,7 +271,8 @@ def worker_args(args, sizes: list[int]) -> list[str]:
 
     return worker_args(args.model, sizes, args.max_new_tokens,
                        SamplingParams(args.temperature, args.top_k, args.top_p, args.seed), args.dtype, args.device,
-                       args.timeout, args.draft, args.method, args.speed_depth, args.threads)
+                       args.timeout, args.draft, args.method, args.speed_depth, args.threads,
+                       method_options(args).tree(args.method))
 
 
 def generate_distributed(args) -> int:

@@ -19,8 +19,9 @@ from .runtime.generation import Generation
 
 METHODS = ("ar", "sd", "eagle", "pipespec", "speed", "spd")
 
-# eagle's tree when none is given: chosen by the sweep recorded in src/spdecode/drafts/README.md.
+# eagle's and spd's trees when none is given: chosen by the sweeps recorded in src/spdecode/drafts/README.md.
 EAGLE_TREE = {"tree_budget": 8, "tree_depth": 3, "tree_topk": 4}
+SPD_TREE = {"tree_budget": 1, "tree_depth": 1, "tree_topk": 1}
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,15 @@ class MethodOptions:
     threads: int | None = None  # torch threads while this method runs (None: as the process has them)
 
     def tree(self, method: str) -> tuple[int, int, int]:
-        base = EAGLE_TREE if method == "eagle" else {"tree_budget": 0, "tree_depth": 4, "tree_topk": 4}
-        return tuple(base[k] if getattr(self, k) is None else getattr(self, k) for k in base)
+        """(budget, depth, top-k) of the method's draft tree: eagle's and spd's tuned defaults,
+        sd's chain (budget 0), SPEED's single node."""
+        base = {"eagle": EAGLE_TREE, "spd": SPD_TREE}.get(method, {"tree_budget": 0, "tree_depth": 4, "tree_topk": 4})
+        if method == "speed":
+            base = {"tree_budget": 1, "tree_depth": 1, "tree_topk": 1}
+        out = tuple(base[k] if getattr(self, k) is None else getattr(self, k) for k in base)
+        if method in PIPELINED and out[0] == 1:  # one node per slot: SPD as published
+            return 1, 1, 1
+        return out
 
 
 # Short names for per-method options in a method spec.
@@ -159,6 +167,7 @@ def make_generator(method: str, model, model_name: str, opts: MethodOptions,
     from .methods.ar import generate_ar
     from .methods.sd import sd_generator
     from .methods.spd import generate_spd
+    from .methods.spd_core import TreeShape
     from .runtime.models import weights_fingerprint
     from .runtime.staged import StagedTarget
 
@@ -178,12 +187,15 @@ def make_generator(method: str, model, model_name: str, opts: MethodOptions,
     elif method in PIPELINED:
         drafter = make_pipeline_drafter(method, target, model_name, weights_fingerprint(model), opts.draft,
                                         opts.speed_depth)
-        run = lambda ids, k, s, e, on_token=None: generate_spd(target, drafter, ids, k, s, e, on_token)  # noqa: E731
+        shape = TreeShape(*opts.tree(method))
+        run = lambda ids, k, s, e, on_token=None: generate_spd(target, drafter, ids, k, s, e, on_token,  # noqa: E731
+                                                               shape=shape)
     elif method in ("sd", "eagle"):
         drafter = (make_eagle_drafter(target, model_name, weights_fingerprint(model), opts.draft) if method == "eagle"
                    else make_candidates(opts.drafter, model, opts.dtype, opts.device))
         budget, depth, topk = opts.tree(method)
-        run = sd_generator(target, drafter, opts.gamma, opts.adaptive_gamma, budget, depth, topk)
+        run = sd_generator(target, drafter, opts.gamma, opts.adaptive_gamma, budget, depth, topk,
+                           "eagle" if method == "eagle" else "sd-tree")
     else:
         raise SpdError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     return with_threads(run, opts.threads), target.stage_sizes

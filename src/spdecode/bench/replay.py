@@ -25,51 +25,57 @@ from tqdm import tqdm
 from ..data import load_prompt_set
 from ..distributed.split import pdm_split
 from ..drafting.pdm import PipelineDraftModule
-from ..methods.spd_core import SpdRun, Verdict
+from ..methods.spd_core import SpdRun
 from ..runtime.generation import StopRule
 from ..runtime.metrics import Metrics
 from ..runtime.models import DEFAULT_MODEL
 from ..runtime.prompts import encode_prompt
 from ..runtime.staged import StagedTarget
-from ..runtime.verify import Draft
 from ..training.layout import layout_logits
 from .report import pooled
 
 
 class ReplayDrafts:
-    """The PDM's greedy drafts for every position and window size, read from the training layout."""
+    """The PDM's greedy drafts for every position and window size, read from the training layout
+    (a SlotDrafter for one node per slot: the newest leaf's child)."""
+
+    method, after_stage0, anchors = "spd-replay", False, []
 
     def __init__(self, by_window: dict[int, list[int]], length: int):
         self.by_window, self.length = by_window, length
 
-    def reset(self, prompt_len: int) -> None:
+    def reset(self, run) -> None:
         pass
 
-    def propose(self, run: SpdRun) -> Draft:
-        pos = run.sched.draft_position
+    def grow(self, run, now: bool) -> None:
+        sched = run.sched
+        window = sched.live()  # the root and the drafts after it: the tokens in flight
+        leaf = window[-1]
+        pos = sched.nodes[leaf].position + 1
         # Drafts past the teacher-forced sequence are never verified (they sit behind the last token).
-        return Draft(self.by_window[run.sched.k][pos - 1] if pos - 1 < self.length else -1, None)
+        token = self.by_window[len(window)][pos - 1] if pos - 1 < self.length else -1
+        sched.add(token, leaf)
 
 
 class Replay:
-    """The SpdRun executor that runs no stage: the teacher-forced pass already knows every verdict."""
+    """The SpdRun executor that runs no stage: the teacher-forced pass already knows every verdict.
+    The target's choice after a row is the continuation's next token: exact for every row the
+    walk visits (each one's prefix is the emitted one, hence the teacher-forced one)."""
 
-    def __init__(self, generated: list[int]):
-        self.generated = list(generated)  # the target's greedy tokens after the prompt
+    def __init__(self, generated: list[int], prompt_len: int):
+        self.generated, self.prompt_len = list(generated), prompt_len  # the target's greedy tokens
 
     def prefill(self, run: SpdRun) -> int:
         return self.generated[0]
 
-    def cycle(self, run: SpdRun, token: int, position: int) -> Verdict | None:
-        run.propose_draft()
-        if not run.sched.exits:
-            return None
-        q = run.sched.verify_position
-        truth = self.generated[q - run.prompt_len]
-        return Verdict.single(q, run.candidate.token == truth, truth)
-
-    def rollback(self, position: int) -> None:
-        pass
+    def cycle(self, run: SpdRun, slot) -> None:
+        run.grow()
+        sched = run.sched
+        choices = None
+        if sched.exiting is not None:
+            later = [sched.nodes[i].position + 1 - self.prompt_len for i in sched.exit_rows()]
+            choices = [self.generated[k] if k < len(self.generated) else -1 for k in later]
+        run.settle(choices)
 
 
 @torch.no_grad()
@@ -95,7 +101,7 @@ def replay_greedy(target: StagedTarget, pdm: PipelineDraftModule, prompt: list[i
     # The generation ends where `gen` ends: at EOS, or where the teacher-forced pass stops vouching.
     m = Metrics(method="spd-replay", n_stages=n, prompt_tokens=P)
     run = SpdRun(n, prompt, ReplayDrafts(drafts, len(ids)), StopRule(set(eos), len(gen)), m)
-    if run.drive(Replay(gen)).tokens != gen:
+    if run.drive(Replay(gen, P)).tokens != gen:
         raise RuntimeError("the replay emitted other tokens than the teacher-forced pass vouches for")
     return {"method": "spd-replay", "n_stages": n, "new_tokens": m.new_tokens, "cycles": m.cycles,
             "drafts_verified": m.drafts_verified, "drafts_accepted": m.drafts_accepted, "decode_s": 0.0,

@@ -60,8 +60,12 @@ def per_depth(records: list[dict]) -> list[float | None] | None:
     trees = [r for r in records if r.get("verified_per_depth")]
     if not trees:
         return None
-    verified = [sum(x) for x in zip(*(r["verified_per_depth"] for r in trees), strict=True)]
-    accepted = [sum(x) for x in zip(*(r["accepted_per_depth"] for r in trees), strict=True)]
+    depth = max(len(r["verified_per_depth"]) for r in trees)  # a walk's depth varies by generation
+    verified, accepted = [0] * depth, [0] * depth
+    for r in trees:
+        for d, (v, a) in enumerate(zip(r["verified_per_depth"], r["accepted_per_depth"], strict=True)):
+            verified[d] += v
+            accepted[d] += a
     return [a / v if v else None for a, v in zip(accepted, verified, strict=True)]
 
 

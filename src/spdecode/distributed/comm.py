@@ -11,10 +11,10 @@ deadlock there (gloo's buffered sends hide it). Every pair must post its operati
 order on both sides. The point-to-point primitives go through a transport object (default:
 torch.distributed), so that tests can run ranks as threads under NCCL-like ordering rules.
 
-Header fields: kind, epoch, position, token, successor token, payload rows and columns, flag, extra
-length, extra dtype.
-The epoch counts rollbacks: a rank that receives a newer epoch rolls its cache back to the
-message's position; rank 0 ignores anything from an older epoch (stale work of flushed tokens).
+Header fields: kind, slot index, payload rows and columns, meta length, extra length, extra dtype.
+`meta` is an int64 vector: a slot's plan (`pack_plan`: the compaction to apply before it, where
+its rows go and what they see, and which rows carry a sampled child) on the way down, the
+target's choices on the way back to rank 0.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..runtime.cache_layout import ChunkLayout, Compaction
 from ..runtime.errors import SpdError
 
-NONE, TOKEN, PREFILL, VERDICT, END, SHUTDOWN = range(6)
-HEADER = 10
+NONE, SLOT, PREFILL, REPORT, END, SHUTDOWN = range(6)
+HEADER = 7
 TAG_FORWARD, TAG_TO_ROOT = 1, 2
 # dtypes an `extra` tensor may travel in, by wire code
 EXTRA_DTYPES = [torch.float32, torch.float64, torch.int64, torch.bfloat16, torch.float16]
@@ -36,13 +37,58 @@ EXTRA_DTYPES = [torch.float32, torch.float64, torch.int64, torch.bfloat16, torch
 @dataclass
 class Message:
     kind: int
-    epoch: int = 0
-    pos: int = 0
-    token: int = -1
-    successor: int = -1
-    flag: int = 0
-    payload: torch.Tensor | None = None  # [rows, width]
-    extra: torch.Tensor | None = None  # e.g. the successor draft's distribution q when sampling
+    slot: int = 0  # the slot the message is about (its entry cycle)
+    payload: torch.Tensor | None = None  # [rows, width]: hidden states of the slot's rows
+    meta: list[int] | None = None  # a plan (pack_plan) or the target's choices
+    extra: torch.Tensor | None = None  # e.g. sampled children's distributions q, sampling parameters
+
+
+def pack_plan(slot) -> tuple[list[int], torch.Tensor | None]:
+    """(meta, extra) of a slot leaving stage 0 (methods.schedule.Slot): its compaction, its
+    layout, and the rows whose only child was sampled (each with the child's token; the children's
+    q stacked in extra)."""
+    c, lay = slot.compaction, slot.layout
+    succ = [(k, d) for k, d in enumerate(slot.successors) if d is not None and d.q is not None]
+    meta = [c.dst, c.length, len(c.src), *c.src, lay.start, lay.committed, len(lay.positions), *lay.positions,
+            lay.rows, *(int(v) for row in lay.visible for v in row), len(succ), *(k for k, _ in succ),
+            *(d.token for _, d in succ)]
+    extra = torch.stack([d.q.float() for _, d in succ]) if succ else None
+    return meta, extra
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a rank >= 1 does with a slot: apply `compaction`, run the rows at `layout`; the last
+    rank verifies with `successors` (per row: a Draft of its sampled child, or None)."""
+
+    compaction: Compaction
+    layout: ChunkLayout
+    successors: list
+
+
+def unpack_plan(meta: list[int], extra: torch.Tensor | None) -> Plan:
+    from ..runtime.verify import Draft
+
+    it = iter(meta)
+
+    def take(k):
+        return [next(it) for _ in range(k)]
+
+    dst, length, n_src = take(3)
+    src = tuple(take(n_src))
+    start, committed, n_keys = take(3)
+    positions = tuple(take(n_keys))
+    (q,) = take(1)
+    flat = take(q * n_keys)
+    visible = tuple(tuple(bool(v) for v in flat[i * n_keys:(i + 1) * n_keys]) for i in range(q))
+    (n_succ,) = take(1)
+    rows, tokens = take(n_succ), take(n_succ)
+    successors: list = [None] * q
+    if n_succ:
+        extra = extra.reshape(n_succ, -1)
+    for i, (k, t) in enumerate(zip(rows, tokens, strict=True)):
+        successors[k] = Draft(t, extra[i])
+    return Plan(Compaction(dst, src, length), ChunkLayout(start, committed, positions, visible), successors)
 
 
 class TorchTransport:
@@ -68,17 +114,21 @@ class Link:
         self.previous: list = []  # last cycle's sends
 
     def send(self, dst: int, msg: Message, tag: int) -> None:
+        if msg.payload is not None and msg.payload.shape[0] == 0:
+            msg.payload = None  # no rows: nothing to send
         rows = 0 if msg.payload is None else msg.payload.shape[0]
         cols = 0 if msg.payload is None else msg.payload.reshape(rows, -1).shape[1]
+        meta = msg.meta or []
         extra = 0 if msg.extra is None else msg.extra.numel()
         code = 0
         if extra:
             if msg.extra.dtype not in EXTRA_DTYPES:
                 raise SpdError(f"a message's extra tensor cannot travel as {msg.extra.dtype}")
             code = EXTRA_DTYPES.index(msg.extra.dtype)
-        head = torch.tensor([msg.kind, msg.epoch, msg.pos, msg.token, msg.successor, rows, cols, msg.flag, extra,
-                             code], dtype=torch.long)
+        head = torch.tensor([msg.kind, msg.slot, rows, cols, len(meta), extra, code], dtype=torch.long)
         parts = [head.to(self.device)]
+        if meta:
+            parts.append(torch.tensor(meta, dtype=torch.long, device=self.device))
         if rows:
             parts.append(msg.payload.reshape(rows, -1).to(self.device, self.dtype).contiguous())
         if extra:
@@ -89,8 +139,12 @@ class Link:
     def recv(self, src: int, tag: int) -> Message:
         head = torch.empty(HEADER, dtype=torch.long, device=self.device)
         self._recv(head, src, tag)
-        kind, epoch, pos, token, successor, rows, cols, flag, extra, code = head.tolist()
-        msg = Message(kind, epoch, pos, token, successor, flag)
+        kind, slot, rows, cols, n_meta, extra, code = head.tolist()
+        msg = Message(kind, slot)
+        if n_meta:
+            meta = torch.empty(n_meta, dtype=torch.long, device=self.device)
+            self._recv(meta, src, tag)
+            msg.meta = meta.tolist()
         if rows:
             msg.payload = torch.empty(rows, cols, dtype=self.dtype, device=self.device)
             self._recv(msg.payload, src, tag)

@@ -1,26 +1,29 @@
-"""SPD on torch.distributed: one process per stage, the same schedule as the single-process decoder.
+"""SPD on torch.distributed: one process per stage, the same engine core and plans as the
+single-process decoder (methods/spd.py), draft trees included.
 
 Rank s runs stage s. Rank 0 also runs the drafter (so n processes suffice; give stage 0 fewer
-layers to balance it) and drives the SPD core (methods/spd_core.py) as its executor; the last rank
-also runs the LM head and verifies. A cycle:
+layers to balance it) and drives the SPD core as its executor; the last rank also runs the LM
+head and gives the target's choices for the rows of the slot leaving the pipeline. A cycle:
 
-  rank 0:  the drafter drafts the token after the newest one (features from the previous cycle),
-           stage 0 runs on the newest token, rank 0 gathers one report from every other rank
-           (anchors; the verdict from the last rank), then sends the token on with its draft
-           successor attached;
-  rank s:  takes what rank s-1 sent in the previous cycle, runs its layers, passes it on and
-           reports its output to rank 0; the last rank verifies the exiting token's successor
-           (it travelled with it) and reports the verdict.
+  rank 0:  the drafter grows the tree for the next slot (features from the previous cycle),
+           stage 0 runs this cycle's slot, rank 0 gathers one report from every other rank
+           (their output rows as anchors; from the last rank the choices), settles the cycle
+           (the core's walk, prune and plans), forgets stage 0's dead rows and sends the slot's
+           live rows on with its plan (schedule.Slot: the compaction to apply before it, where
+           its rows go and what they see);
+  rank s:  takes what rank s-1 sent in the previous cycle, applies the plan, runs its layers,
+           passes the rows and the plan on, and reports its output to rank 0; the last rank
+           computes the target's choice per row (verify.target_choices) instead of passing on.
 
 Rank 0 receives from rank 1 before sending to it, and rank 1 sends before receiving: both sides
 of the one pair that talks both ways post in the same order, which NCCL needs (it runs both
 directions of a pair on one stream, and a send waits for its receive).
 
-So the draft reaches stage 0 with no wait for verification, verification happens where h_L is,
-and there is no collective: only point-to-point messages. A rejection bumps the epoch: rank 0
-rolls back at once and injects the correction; every other rank rolls back when the first
-message of the new epoch reaches it, and rank 0 drops reports of the old epoch (work on flushed
-tokens). Greedy output and every counter equal the single-process decoder's.
+The draft reaches stage 0 with no wait for verification, verification happens where h_L is, and
+there is no collective: only point-to-point messages. Work on nodes that died after they were
+sent still runs downstream (rank 0 learns of a miss only when the slot exits); every stage
+forgets it when the plan of the next slot arrives. Greedy output and every counter equal the
+single-process decoder's.
 """
 
 from __future__ import annotations
@@ -28,28 +31,37 @@ from __future__ import annotations
 import torch
 
 from ..drafting.drafters import AnchorStore
-from ..methods.spd_core import DrafterSource, SpdRun, Verdict, anchor_store, enter, run_stage_keeping, stage_captures
+from ..methods.schedule import Slot
+from ..methods.spd import (
+    anchor_store,
+    embed_rows,
+    keep_nodes,
+    lookahead_rows,
+    prefill_keeping,
+    run_stage_keeping,
+    stage_captures,
+)
+from ..methods.spd_core import ONE_NODE, SpdRun, TreeShape
 from ..runtime.errors import SpdError
 from ..runtime.generation import Generation, start_generation
 from ..runtime.sampling import GREEDY, SamplingParams
 from ..runtime.staged import StagedTarget
-from .comm import END, NONE, PREFILL, SHUTDOWN, TAG_FORWARD, TAG_TO_ROOT, TOKEN, VERDICT, Link, Message
+from .comm import END, NONE, PREFILL, REPORT, SHUTDOWN, SLOT, TAG_FORWARD, TAG_TO_ROOT, Link, Message, pack_plan
 from .stage import sampling_vector
 
 
 class RootRank:
-    """Rank 0: stage 0, the PDM and the schedule; generate() mirrors spd.generate_spd."""
+    """Rank 0: stage 0, the drafter and the core; generate() mirrors spd.generate_spd."""
 
     def __init__(self, target: StagedTarget, drafter, link: Link):
         self.target, self.drafter, self.link = target, drafter, link
         self.n = target.n_stages
-        self.epoch = 0
         bounds = [hi for _, hi in target.stage_bounds]
         self.anchors = list(drafter.anchors)
         # Rank s reports its output h_{end of stage s}; the drafter may want it as an anchor. Anchors
         # within stage 0 (SPEED's early exit, and stage 0's own output) are captured here on rank 0.
-        self.capture0 = stage_captures(target, self.anchors)[0]
-        extra = [j for j in self.anchors if j != 0 and j not in bounds and j not in self.capture0]
+        self.capture = [stage_captures(target, self.anchors)[0]] + [set()] * (self.n - 1)
+        extra = [j for j in self.anchors if j != 0 and j not in bounds and j not in self.capture[0]]
         if extra:
             raise SpdError(f"distributed SPD needs PDM anchors at stage boundaries {bounds}; got {self.anchors}")
         self.anchor_of_rank = {s: bounds[s] for s in range(1, self.n) if bounds[s] in self.anchors}
@@ -58,34 +70,42 @@ class RootRank:
         self.store: AnchorStore | None = None
         self.run: SpdRun | None = None
 
-    def _gather(self):
-        """One report from every other rank for this cycle; the verdict (pos, accepted, token) if valid."""
-        verdict = None
+    def _gather(self, run: SpdRun | None):
+        """One report from every other rank for this cycle; stores their anchors and returns the
+        last rank's choices (None when it ran no exiting slot)."""
+        choices, by_index = None, {s.index: s for s in run.sched.in_flight} if run and run.sched else {}
         for s in range(1, self.n):
             msg = self.link.recv(s, TAG_TO_ROOT)
-            if msg.kind not in (TOKEN, VERDICT) or msg.epoch != self.epoch:
-                continue  # an idle stage, or work on tokens a rejection flushed
-            if self.store is not None and s in self.anchor_of_rank:
-                self.store.put(self.anchor_of_rank[s], msg.pos, msg.payload)
-            if msg.kind == VERDICT:
-                verdict = (msg.pos, bool(msg.flag), msg.token)
-        return verdict
+            if msg.kind != REPORT:
+                continue  # an idle stage
+            if msg.slot == 0:  # the prompt's rows (prefill), by position
+                if self.store is not None and s in self.anchor_of_rank:
+                    self.store.put(self.anchor_of_rank[s], 0, msg.payload)
+            else:
+                slot = by_index.get(msg.slot)
+                if slot is None:
+                    raise SpdError(f"protocol error: rank {s} reports slot {msg.slot}, which is not in flight")
+                if self.store is not None and s in self.anchor_of_rank and slot.down_rows:
+                    keep_nodes(self.store, run.sched, {self.anchor_of_rank[s]: msg.payload[None]}, slot.down_rows)
+            if s == self.n - 1:
+                choices = msg.meta or []
+        return choices
 
     @torch.inference_mode()
-    def generate(self, prompt_ids, max_new_tokens=64, sampling=GREEDY, eos=frozenset(), on_token=None) -> Generation:
+    def generate(self, prompt_ids, max_new_tokens=64, sampling=GREEDY, eos=frozenset(), on_token=None,
+                 shape: TreeShape = ONE_NODE) -> Generation:
         t, n = self.target, self.n
         # The draft sampler's stream differs from the last rank's (target side): exact in distribution.
         draft_sampling = SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p,
                                         None if sampling.seed is None else sampling.seed + 1)
+        extra = lookahead_rows(n, shape)
         max_new_tokens, sampler, stop, m = start_generation(t, prompt_ids, max_new_tokens, draft_sampling, eos,
-                                                            self.drafter.method + "-dist", lookahead=n - 1)
-        # Every position this request can write, in every rank's cache: each reserves it once.
-        self.positions = len(prompt_ids) + max_new_tokens + n
+                                                            self.drafter.method + "-dist", lookahead=extra)
+        # Every slot this request can fill, in every rank's cache: each reserves it once.
+        self.positions = len(prompt_ids) + max_new_tokens + extra
         self.store = anchor_store(t, self.drafter, self.positions)
         self.sampling = sampling
-        self.epoch += 1
-        source = DrafterSource(self.drafter, self.store, sampler, t.config.vocab_size)
-        self.run = SpdRun(n, prompt_ids, source, stop, m, on_token)
+        self.run = SpdRun(n, prompt_ids, self.drafter, stop, m, self.store, shape, on_token, sampler)
         gen = self.run.drive(self)
         self._drain()
         return gen
@@ -93,51 +113,45 @@ class RootRank:
     # -- the SpdRun executor hooks --------------------------------------------------------------
     def prefill(self, run: SpdRun) -> int:
         t, link = self.target, self.link
-        h = enter(t, self.store, run.prompt, 0)
-        h = run_stage_keeping(t, self.store, 0, h, 0, self.capture0)
+        h = prefill_keeping(t, self.store, run.prompt, [0], self.capture)
         # Rank 0 always takes rank 1's report before sending rank 1 its next message: rank 1 sends its
         # report before receiving, so both sides of the pair post their operations in the same order.
         # NCCL serialises both directions of a rank pair on one stream, and the opposite order
         # (send, then receive, on both sides) deadlocks there; gloo's buffered sends hide it.
-        link.send(1, Message(PREFILL, self.epoch, payload=h[0], extra=sampling_vector(self.sampling, self.positions)),
+        link.send(1, Message(PREFILL, payload=h[0], extra=sampling_vector(self.sampling, self.positions)),
                   TAG_FORWARD)
-        verdict = self._gather()
+        choices = self._gather(None)
         link.send(1, Message(NONE), TAG_FORWARD)  # primes rank 1: in cycle c it consumes our cycle c-1
         link.flush()
-        if verdict is None:
+        if not choices:
             raise SpdError("protocol error: the last rank sent no first token after the prefill")
-        return verdict[2]
+        return choices[0]
 
-    def cycle(self, run: SpdRun, token: int, position: int) -> Verdict | None:
+    def cycle(self, run: SpdRun, slot: Slot) -> None:
         t, clock = self.target, run.clock
-        e = enter(t, self.store, [token], position)
+        h0 = embed_rows(t, self.store, run, slot.rows)
         if not self.late:
-            run.propose_draft()
+            run.grow()
             clock.lap("draft")
-        h = run_stage_keeping(t, self.store, 0, e, position, self.capture0)
+        h = run_stage_keeping(t, self.store, 0, h0, slot.layout0, slot.rows, self.capture[0], run.sched)
         clock.lap("stage0")
         if self.late:
-            run.propose_draft()
+            run.grow()
             clock.lap("draft")
-        draft = run.draft
-        verdict = self._gather()  # before the send: see the prefill
-        self.link.send(1, Message(TOKEN, self.epoch, position, token, draft.token, payload=h[0], extra=draft.q),
+        choices = self._gather(run)  # before the send: see the prefill
+        clock.lap("wait")
+        done = run.settle(choices if run.sched.exiting is not None else None)
+        t.compact(done.stage0, 0)
+        leaving = done.leaving
+        meta, extra = pack_plan(leaving)
+        self.link.send(1, Message(SLOT, leaving.index, payload=h[0, leaving.keep], meta=meta, extra=extra),
                        TAG_FORWARD)
         self.link.end_cycle()
-        clock.lap("wait")
-        if verdict is None:
-            return None
-        # The last rank reports the position of the token that exited; its logits decided the next one.
-        pos, accepted, out = verdict
-        return Verdict.single(pos + 1, accepted, out)
-
-    def rollback(self, position: int) -> None:
-        self.epoch += 1  # everything in flight behind the rejected position is stale now
-        self.target.rollback(position)
+        clock.lap("send")
 
     def _drain(self) -> None:
         """End the request: every rank finishes its in-flight cycles, then acknowledges with its timers."""
-        self._gather()  # rank 1's report of the last cycle comes before our next send (see prefill)
+        self._gather(self.run)  # rank 1's report of the last cycle comes before our next send (see prefill)
         self.link.send(1, Message(END), TAG_FORWARD)
         stats, open_ranks = {}, list(range(1, self.n))
         while open_ranks:  # round-robin, one report per rank, as in a cycle: draining one rank

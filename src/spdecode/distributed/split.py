@@ -52,8 +52,10 @@ def method_split(method: str, model, model_name: str, stages: int | list[int], d
 
 def worker_args(model_name: str, sizes: list[int], max_new_tokens: int, sampling: SamplingParams,
                 dtype: str = "float32", device: str = "cpu", timeout: float = 120.0, draft: str | None = None,
-                method: str = "spd", speed_depth: int | None = None, threads: int | None = None) -> list[str]:
-    """The `spdecode.distributed.worker` arguments every distributed run shares (one rank per size)."""
+                method: str = "spd", speed_depth: int | None = None, threads: int | None = None,
+                tree: tuple[int, int, int] = (1, 1, 1)) -> list[str]:
+    """The `spdecode.distributed.worker` arguments every distributed run shares (one rank per size).
+    `tree`: the draft tree per slot, (budget, depth, top-k); (1, 1, 1) is SPD as published."""
     worker = ["--model", model_name, "--dtype", dtype, "--device", device,
               "--stages", ",".join(map(str, sizes)), "--max-new-tokens", str(max_new_tokens),
               "--temperature", str(sampling.temperature), "--top-k", str(sampling.top_k),
@@ -63,4 +65,6 @@ def worker_args(model_name: str, sizes: list[int], max_new_tokens: int, sampling
     if method == "speed":
         worker += ["--method", "speed"] + (["--speed-depth", str(speed_depth)] if speed_depth else [])
     worker += ["--threads", str(threads)] if threads else []
+    if tuple(tree) != (1, 1, 1):
+        worker += ["--tree-budget", str(tree[0]), "--tree-depth", str(tree[1]), "--tree-topk", str(tree[2])]
     return worker

@@ -12,8 +12,8 @@ from ..runtime.errors import SpdError
 from ..runtime.metrics import Clock
 from ..runtime.sampling import Sampler, SamplingParams
 from ..runtime.staged import StagedTarget
-from ..runtime.verify import Draft, verify
-from .comm import END, NONE, PREFILL, SHUTDOWN, TAG_FORWARD, TAG_TO_ROOT, TOKEN, VERDICT, Link, Message
+from ..runtime.verify import target_choices
+from .comm import END, NONE, PREFILL, REPORT, SHUTDOWN, SLOT, TAG_FORWARD, TAG_TO_ROOT, Link, Message, unpack_plan
 
 
 def _float_bits(x: float) -> int:
@@ -53,11 +53,13 @@ def request_from(v: torch.Tensor) -> tuple[SamplingParams, int]:
 def serve_stage(target: StagedTarget, link: Link, stage: int) -> None:
     """Loop of a rank s >= 1 until SHUTDOWN: prefill, cycles, and an END ack after each request.
 
-    At prefill the rank reserves its KV cache once for the whole request, for the positions rank 0
+    At prefill the rank reserves its KV cache once for the whole request, for the slots rank 0
     names in the PREFILL message, so that the cache never grows (allocate and copy) while decoding.
+    Each SLOT message carries a plan (comm.pack_plan): the compaction to apply first (what the
+    verdicts since the previous slot left alive), then where the slot's rows go and what they see.
     """
     last = stage == target.n_stages - 1
-    epoch, sampler, timer = 0, None, Clock(defaultdict(float))
+    sampler, timer = None, Clock(defaultdict(float))
 
     def report(msg: Message) -> None:
         link.send(0, msg, TAG_TO_ROOT)
@@ -87,31 +89,33 @@ def serve_stage(target: StagedTarget, link: Link, stage: int) -> None:
         with torch.inference_mode():
             if msg.kind == PREFILL:
                 params, positions = request_from(msg.extra)
-                epoch, sampler = msg.epoch, Sampler(params, target.device)
-                target.rollback(0)
+                sampler = Sampler(params, target.device)
+                target.rollback(0, stage)
                 prompt = msg.payload.shape[0]
                 target.reserve(min(max(positions, prompt + 1), target.context_length))
                 h = target.run_stage(stage, msg.payload[None], 0)
                 timer.lap("compute")
                 if last:
-                    y0 = sampler.choose(target.logits(h[:, -1])[0])
-                    report(Message(VERDICT, epoch, 0, token=y0, payload=h[0]))
+                    report(Message(REPORT, 0, payload=h[0], meta=[sampler.choose(target.logits(h[:, -1])[0])]))
                 else:
-                    forward(Message(PREFILL, epoch, payload=h[0], extra=msg.extra))
-                    report(Message(TOKEN, epoch, 0, payload=h[0]))
+                    forward(Message(PREFILL, payload=h[0], extra=msg.extra))
+                    report(Message(REPORT, 0, payload=h[0]))
                     forward(Message(NONE))  # primes the next rank: in cycle c it consumes our cycle c-1
-            else:
-                if msg.epoch != epoch:  # first token after a rejection: drop the flushed positions
-                    target.rollback(msg.pos)
-                    epoch = msg.epoch
-                h = target.run_stage(stage, msg.payload[None], msg.pos)
+            elif msg.kind == SLOT:
+                plan = unpack_plan(msg.meta, msg.extra)
+                target.compact(plan.compaction, stage)
+                h = msg.payload
+                if plan.layout.rows:
+                    h = target.run_stage_chunk(stage, msg.payload[None], plan.layout)[0]
                 if last:
-                    draft = Draft(msg.successor, msg.extra)
-                    accepted, token = verify(target.logits(h)[0, -1], draft, sampler)
-                    report(Message(VERDICT, epoch, msg.pos, token=token, flag=int(accepted), payload=h[0]))
+                    choices = target_choices(target.logits(h[None])[0], sampler, plan.successors) \
+                        if plan.layout.rows else []
+                    report(Message(REPORT, msg.slot, payload=h, meta=choices))
                 else:
-                    forward(Message(TOKEN, epoch, msg.pos, msg.token, msg.successor, payload=h[0], extra=msg.extra))
-                    report(Message(TOKEN, epoch, msg.pos, payload=h[0]))
+                    forward(Message(SLOT, msg.slot, payload=h, meta=msg.meta, extra=msg.extra))
+                    report(Message(REPORT, msg.slot, payload=h))
                 timer.lap("compute")
+            else:
+                raise SpdError(f"protocol error: rank {stage} got a message of kind {msg.kind}")
         link.end_cycle()
         timer.lap("send")

@@ -47,10 +47,14 @@ def parse(argv=None):
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for a peer (default 120)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    ap.add_argument("--tree-budget", type=int, default=1, help="draft-tree nodes per slot (default 1: one token)")
+    ap.add_argument("--tree-depth", type=int, default=1)
+    ap.add_argument("--tree-topk", type=int, default=1)
     return ap.parse_args(argv)
 
 
 def run(args) -> int:
+    from ..methods.spd_core import TreeShape
     from ..runtime.models import files_fingerprint, load_partial_model, resolve_model
     from ..runtime.sampling import SamplingParams
     from ..runtime.staged import StagedTarget
@@ -59,6 +63,7 @@ def run(args) -> int:
     from .stage import serve_stage
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    shape = TreeShape(args.tree_budget, args.tree_depth, args.tree_topk)  # a bad shape fails before any rank waits
     sizes = [int(x) for x in args.stages.split(",")]
     if len(sizes) != world:
         raise SpdError(f"{len(sizes)} stages given but {world} processes started: one process per stage")
@@ -101,10 +106,10 @@ def run(args) -> int:
         if args.requests:
             with open(args.requests) as f:
                 requests = [json.loads(line) for line in f if line.strip()]
-            root.generate(requests[0], 4, sampling, eos)  # warm-up
+            root.generate(requests[0], 4, sampling, eos, shape=shape)  # warm-up
             records = []
             for ids in requests:
-                gen = root.generate(ids, args.max_new_tokens, sampling, eos)
+                gen = root.generate(ids, args.max_new_tokens, sampling, eos, shape=shape)
                 records.append({"tokens": gen.tokens, "metrics": gen.metrics.as_dict(), "rank_stats": root.rank_stats})
             with open(args.json_out, "w") as f:
                 json.dump(records, f)
@@ -118,7 +123,7 @@ def run(args) -> int:
 
                 streamer = TextStreamer(tok, skip_special_tokens=True)
             on_token = (lambda t: streamer.put(torch.tensor([t]))) if streamer else None
-            gen = root.generate(ids, args.max_new_tokens, sampling, eos, on_token)
+            gen = root.generate(ids, args.max_new_tokens, sampling, eos, on_token, shape=shape)
             result = {"model": args.model, "method": args.method, "distributed": True, "stages": sizes,
                       "prompt_tokens": len(ids), "tokens": gen.tokens,
                       "text": tok.decode(gen.tokens, skip_special_tokens=True), "metrics": gen.metrics.as_dict(),

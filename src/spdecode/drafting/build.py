@@ -8,9 +8,9 @@ from pathlib import Path
 from ..runtime.errors import SpdError
 from ..runtime.models import load_model
 from .candidates import ModelCandidates, PromptLookupCandidates, early_exit_candidates
-from .drafters import PDMDrafter, SpeedDrafter
-from .eagle import EagleCandidates
+from .drafters import SpeedDrafter
 from .pdm import CONFIG_FILE, bundled_head, load_pdm, pdm_for
+from .pdm_tree import PdmTreeDrafter
 
 DRAFTER_SPECS = "early-exit:K, prompt-lookup or model:PATH"
 
@@ -20,14 +20,15 @@ def make_pipeline_drafter(method: str, target, model_name: str, fingerprint: str
     """The drafter of SPD's pipeline for `method`: spd, the PDM (`draft`, else the bundled one for
     this model and split); speed, SPEED's early exit at `speed_depth` (default: stage 0's last layer)."""
     if method == "spd":
-        return PDMDrafter(pdm_for(target, model_name, fingerprint, draft))
+        return PdmTreeDrafter(pdm_for(target, model_name, fingerprint, draft))
     if method == "speed":
         return SpeedDrafter(target, speed_depth or target.stage_sizes[0])
     raise SpdError(f"{method!r} runs no drafter in SPD's pipeline (spd or speed)")
 
 
-def make_eagle_drafter(target, model_name: str, fingerprint: str, draft: str | None = None) -> EagleCandidates:
-    """eagle's drafter: the EAGLE-style head in `draft`, else the one bundled for this model."""
+def make_eagle_drafter(target, model_name: str, fingerprint: str, draft: str | None = None) -> PdmTreeDrafter:
+    """eagle's drafter: the EAGLE-style head in `draft`, else the one bundled for this model (the
+    PDM with one stage, drafting a tree below the last verified token)."""
     draft = draft or bundled_head(model_name)
     if draft is None:
         raise SpdError(f"no EAGLE-style head is bundled for {model_name}: train one with `spdecode train --eagle "
@@ -36,7 +37,7 @@ def make_eagle_drafter(target, model_name: str, fingerprint: str, draft: str | N
     if config.exists() and not json.loads(config.read_text()).get("chain"):
         raise SpdError(f"{draft} is an SPD draft (a PDM for a pipeline), not an EAGLE-style head: train one with "
                        "`spdecode train --eagle feedback`")
-    return EagleCandidates(load_pdm(draft, target, fingerprint))
+    return PdmTreeDrafter(load_pdm(draft, target, fingerprint))
 
 
 def make_candidates(spec: str, model, dtype: str = "float32", device: str = "cpu"):

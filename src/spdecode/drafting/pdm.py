@@ -134,13 +134,13 @@ class PipelineDraftModule(nn.Module):
         return self.fc_feedback(torch.cat([embedding, parent_out], dim=-1))
 
     def run(self, rows: torch.Tensor, start: int, positions: torch.Tensor | None = None,
-            visible: torch.Tensor | None = None) -> torch.Tensor:
+            visible: torch.Tensor | None = None, committed: int | None = None) -> torch.Tensor:
         """Decoder layers over rows [1, r, H] in slots start.. of the PDM cache; raw outputs.
-        `positions`/`visible` run a draft tree's rows (see runtime.staged.run_decoder_layers)."""
+        `positions`/`visible`/`committed` run a draft tree's rows (runtime.staged.run_decoder_layers)."""
         t = self.target[0]
         return run_decoder_layers(self.layers, range(len(self.layers)), self._types, [None] * len(self.layers),
                                   t.decoder.rotary_emb, t._rotary_per_type, self.cache, rows, start,
-                                  positions=positions, visible=visible)
+                                  positions=positions, visible=visible, committed=committed)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft logits over the draft vocabulary (fp32)."""

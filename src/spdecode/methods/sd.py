@@ -80,11 +80,12 @@ def generate_sd(
 
 
 def sd_generator(target: StagedTarget, drafter, gamma: int = 4, adaptive: bool = False, tree_budget: int = 0,
-                 tree_depth: int = 4, tree_topk: int = 4) -> Callable[..., Generation]:
+                 tree_depth: int = 4, tree_topk: int = 4, method: str = "sd-tree") -> Callable[..., Generation]:
     """generate(prompt_ids, max_new_tokens, sampling, eos, on_token) for classic SD: a chain of
     gamma drafts per target pass, or with tree_budget > 0 a draft tree of that many nodes, at most
-    tree_depth deep: prompt lookup's earlier continuations, or a draft model's (early exit's)
-    dynamic tree expanding tree_topk children per node."""
+    tree_depth deep, verified in one pass: the SPD core with one stage (spd.generate_spd) with
+    prompt lookup's earlier continuations, a draft model's (early exit's) dynamic tree expanding
+    tree_topk children per node, or an engine-core drafter (a SlotDrafter: eagle's head)."""
     if tree_budget < 0 or tree_depth < 1 or gamma < 1 or tree_topk < 1:
         raise SpdError(f"need gamma >= 1, tree budget >= 0, tree depth >= 1 and tree top-k >= 1 (got {gamma}, "
                        f"{tree_budget}, {tree_depth}, {tree_topk})")
@@ -93,9 +94,15 @@ def sd_generator(target: StagedTarget, drafter, gamma: int = 4, adaptive: bool =
             raise SpdError("this drafter proposes draft trees only: give it a tree budget of at least 1")
         return lambda ids, k, s=GREEDY, e=frozenset(), on_token=None: generate_sd(
             target, drafter, ids, k, s, e, on_token, gamma=gamma, adaptive=adaptive)
-    if not hasattr(drafter, "propose_tree"):
-        raise SpdError("--tree-budget needs a drafter that proposes trees: prompt-lookup, early-exit:K or model:PATH")
-    from .tree_sd import generate_tree_sd
+    from ..drafting.drafters import TokenTreeDrafter
+    from .spd import generate_spd
+    from .spd_core import TreeShape
 
-    return lambda ids, k, s=GREEDY, e=frozenset(), on_token=None: generate_tree_sd(
-        target, drafter, ids, k, s, e, on_token, budget=tree_budget, depth=tree_depth, topk=tree_topk)
+    if not hasattr(drafter, "grow"):
+        if not hasattr(drafter, "propose_tree"):
+            raise SpdError("--tree-budget needs a drafter that proposes trees: prompt-lookup, early-exit:K or "
+                           "model:PATH")
+        drafter = TokenTreeDrafter(drafter, method)
+    shape = TreeShape(tree_budget, tree_depth, tree_topk)
+    return lambda ids, k, s=GREEDY, e=frozenset(), on_token=None: generate_spd(
+        target, drafter, ids, k, s, e, on_token, shape=shape, method=method)

@@ -1,13 +1,13 @@
-"""The one SPD cycle. Every executor (one process, rank 0 of torch.distributed, the exact replay)
-drives this core and keeps no cycle loop of its own.
+"""The one SPD cycle over draft trees. Every executor (one process, rank 0 of torch.distributed,
+the exact replay) drives this core and keeps no cycle loop of its own; eagle and tree SD are its
+n = 1 case, SPD as published its one-node-per-slot case.
 
-The core owns what does not depend on where the stages run: the schedule, the token list
-(prompt, verified tokens, in-flight drafts), the unverified drafts, the emitted tokens, the stop
-rule, the counters and the end-of-cycle settlement. An executor supplies three hooks
-(`SpdExecutor`): the prefill, one cycle of stage work, and the rollback of its caches.
-Within its cycle, the executor calls `run.propose_draft()` at the moment its drafter can run
-(before the stages for the PDM, after stage 0 for SPEED). It ends the cycle with a `Verdict` when
-the oldest in-flight token exits the last stage.
+The core owns what does not depend on where the stages run: the schedule (schedule.py: the tree,
+the slots, every cache's plan), the drafter's growth, the emitted tokens, the stop rule, the
+counters and the settlement. An executor supplies two hooks (`SpdExecutor`): the prefill, and one
+cycle of stage work, inside which it calls `run.grow()` once at the moment its drafter can run
+(before the stages for the PDM, after stage 0 for SPEED) and `run.settle(choices)` once with the
+target's token for each row of the exiting slot; it then applies the settlement's plans.
 """
 
 from __future__ import annotations
@@ -17,109 +17,147 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
-
-from ..drafting.drafters import AnchorStore, DraftContext
+from ..drafting.protocols import SlotDrafter
 from ..runtime.errors import SpdError
 from ..runtime.generation import Generation, StopRule
 from ..runtime.metrics import Clock, Metrics
-from ..runtime.sampling import Sampler
-from ..runtime.verify import Draft, propose
-from .schedule import PipelineSchedule
+from .schedule import Settlement, Slot, TreeSchedule
 
 
 @dataclass(frozen=True)
-class Verdict:
-    """What the target decided where a token left the pipeline.
+class TreeShape:
+    """How much the drafter adds per slot: `budget` nodes, grown `depth` levels deep, expanding
+    `topk` nodes into `topk` children per level. Budget 1 is SPD as published (one token per
+    slot, drawn from the drafter's distribution when sampling)."""
 
-    `tokens` are final from `position` on. The first `accepted` of them are the drafts that were
-    in flight there, taken as proposed. If every token is such a draft, all in-flight work behind
-    them survives. Otherwise the last token is the target's correction, and everything in flight
-    after it is flushed. Today's schedule decides one token per verdict (the settlement refuses
-    more). A draft tree's verdict names a path of several tokens; the tree schedule will add
-    which in-flight branches survive it, beside the path, and settle both.
-    """
+    budget: int = 1
+    depth: int = 1
+    topk: int = 1
 
-    position: int
-    tokens: tuple[int, ...]
-    accepted: int
-
-    @classmethod
-    def single(cls, position: int, accepted: bool, token: int) -> Verdict:
-        return cls(position, (token,), int(accepted))
+    def __post_init__(self):
+        if self.budget < 1 or self.depth < 1 or self.topk < 1:
+            raise SpdError(f"a draft tree needs budget, depth and top-k >= 1 (got {self.budget}, {self.depth}, "
+                           f"{self.topk})")
 
     @property
-    def in_flight_survives(self) -> bool:
-        return self.accepted == len(self.tokens)
+    def tree(self) -> bool:
+        return self.budget > 1
+
+
+ONE_NODE = TreeShape()  # SPD as published: one node per slot
 
 
 class SpdExecutor(Protocol):
     def prefill(self, run: SpdRun) -> int:
-        """Run the prompt through every stage; return the first generated token."""
+        """Run the prompt through every stage (its anchors into run.store); return the first token."""
 
-    def cycle(self, run: SpdRun, token: int, position: int) -> Verdict | None:
-        """One pipeline cycle: `token` enters stage 0 at `position`, every busy stage advances,
-        and `run.propose_draft()` is called once. Return the verdict iff `run.sched.exits`."""
-
-    def rollback(self, position: int) -> None:
-        """Forget every position >= `position` (the flushed in-flight work)."""
-
-
-class DraftSource(Protocol):
-    def reset(self, prompt_len: int) -> None: ...
-
-    def propose(self, run: SpdRun) -> Draft:
-        """The draft for position `run.sched.draft_position`."""
+    def cycle(self, run: SpdRun, slot: Slot) -> None:
+        """`slot` enters stage 0 and every busy stage runs its slot (schedule.stage_slots); call
+        run.grow() once and run.settle(choices) once, then apply the settlement's plans."""
 
 
 class SpdRun:
-    """One SPD generation: tokens, drafts, schedule, stop rule and counters."""
+    """One generation: the schedule, the drafter's growth, the stop rule and the counters."""
 
-    def __init__(self, n_stages: int, prompt_ids: list[int], drafts: DraftSource, stop: StopRule, metrics: Metrics,
-                 on_token: Callable[[int], None] | None = None):
-        self.prompt = list(prompt_ids)
-        self.tokens = list(prompt_ids)  # positions 0..: prompt, verified tokens, in-flight drafts
+    def __init__(self, n_stages: int, prompt_ids: list[int], drafter: SlotDrafter, stop: StopRule, metrics: Metrics,
+                 store=None, shape: TreeShape = ONE_NODE, on_token: Callable[[int], None] | None = None,
+                 sampler=None):
+        """`store`: the AnchorStore the executor fills (None: the drafter reads no features);
+        `sampler`: what the drafter draws with when sampling (SPD as published draws its draft)."""
+        self.n, self.prompt = n_stages, list(prompt_ids)
+        self.drafter, self.stop, self.metrics, self.store, self.shape = drafter, stop, metrics, store, shape
+        self.on_token, self.sampler = on_token, sampler
+        # The last position a token can be emitted at: nodes past it are never worth drafting.
+        self.max_position = len(prompt_ids) + stop.max_new_tokens - 1
         self.emitted: list[int] = []
-        self.pending: dict[int, Draft] = {}  # drafts in flight, not verified yet, by position
-        self.sched = PipelineSchedule(n_stages, len(prompt_ids))
-        self.source, self.stop, self.metrics, self.on_token = drafts, stop, metrics, on_token
+        self.sched: TreeSchedule | None = None
         self.clock = Clock(metrics.phase_s)
-        self.draft: Draft | None = None  # this cycle's draft
+        # SPD as published drafts the next slot's one node a cycle ahead, concurrently with the
+        # stages (the PDM on a device of its own). Here rank 0 runs the drafter and stage 0 one after
+        # the other on the same core either way, so a tree is drafted just in time instead: into the
+        # slot about to enter, after the last verdict and with one more stage of features, hedging
+        # over one verdict instead of two (n = 1: that is speculative decoding over a tree).
+        self.same_slot = shape.tree
+        self.ahead = not shape.tree
+        self._grown = self._settled = False
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt)
 
-    # -- called by executors ------------------------------------------------------------------
-    def propose_draft(self) -> Draft:
-        """Draft the token after the newest one, from what exists now."""
-        self.metrics.drafts_proposed += 1
-        self.draft = self.source.propose(self)
-        return self.draft
+    def tokens_to(self, node: int) -> list[int]:
+        """The prompt and the tokens from the first generated one down to `node`."""
+        out = []
+        while node >= 0:
+            out.append(self.sched.nodes[node].token)
+            node = self.sched.nodes[node].parent
+        return self.prompt + out[::-1]
 
-    @property
-    def candidate(self) -> Draft:
-        """The draft that the exiting token verifies (n == 1: this cycle's own draft)."""
-        return self.pending.get(self.sched.verify_position, self.draft)
+    # -- called by executors ------------------------------------------------------------------
+    def grow(self) -> None:
+        """One node per slot (SPD as published): the drafter drafts the next slot's node, from what
+        exists now. A tree shape drafts just in time instead (see __init__): nothing to do here."""
+        if self._grown:
+            raise SpdError("executor error: the drafter ran twice in one cycle")
+        self._grown = True
+        if self.ahead:
+            before = len(self.sched.nodes)
+            self.drafter.grow(self, now=False)
+            self.metrics.drafts_proposed += len(self.sched.nodes) - before
+
+    def settle(self, choices: list[int] | None) -> Settlement:
+        """End the cycle with the target's token per row of the exiting slot (None: none exits)."""
+        if self._settled:
+            raise SpdError("executor error: a cycle settled twice")
+        self._settled = True
+        sched, m = self.sched, self.metrics
+        old_root = sched.root
+        try:
+            done = sched.finish(choices)
+        except ValueError as exc:
+            raise SpdError(f"protocol error: {exc}") from exc
+        v = done.verdict
+        if v is not None:
+            stepped = len(v.accepted) + (v.node is not None)
+            m.drafts_verified += v.tried
+            m.drafts_accepted += stepped
+            if self.shape.tree:  # one node per slot: one verification per verdict, alpha says it all
+                m.record_walk(v.tried, stepped)
+            for t in v.tokens:
+                if self.stop.done(self.emitted):
+                    break
+                self._emit(t)
+        if self.store is not None:
+            if v is not None:  # the root and the accepted nodes left the pipeline: their anchors are complete
+                for i in (old_root, *v.accepted):
+                    self.store.commit(i, sched.nodes[i].position)
+            self.store.forget(sched.settled_nodes())
+        m.wasted_rows = sched.wasted
+        return done
 
     # -- the loop -------------------------------------------------------------------------
     def drive(self, executor: SpdExecutor) -> Generation:
         m = self.metrics
         t0 = time.perf_counter()
         first = executor.prefill(self)
-        self.tokens.append(first)
+        self.sched = TreeSchedule(self.n, first, self.prompt_len)
         self._emit(first)
         m.prefill_s = time.perf_counter() - t0
-        self.source.reset(self.prompt_len)
-        token, position = first, self.prompt_len
+        self.drafter.reset(self)
         t1 = self.clock.t = time.perf_counter()
         while not self.stop.done(self.emitted):
             m.cycles += 1
-            self.draft = None
-            verdict = executor.cycle(self, token, position)
-            if self.draft is None:
-                raise SpdError("executor error: the cycle proposed no draft")
-            token, position = self._settle(verdict, executor)
+            self._grown = self._settled = False
+            if self.same_slot:
+                before = len(self.sched.nodes)
+                self.drafter.grow(self, now=True)
+                m.drafts_proposed += len(self.sched.nodes) - before
+                self.clock.lap("draft")
+            slot = self.sched.enter()
+            m.nodes_entered += len(slot.rows)
+            executor.cycle(self, slot)
+            if not self._settled or (self.ahead and not self._grown):
+                raise SpdError("executor error: a cycle must grow the draft once and settle once")
             self.clock.lap("bookkeeping")
         m.decode_s = time.perf_counter() - t1
         m.new_tokens, m.stop_reason = len(self.emitted), self.stop.reason
@@ -129,86 +167,3 @@ class SpdRun:
         self.emitted.append(token)
         if self.on_token:
             self.on_token(token)
-
-    def _settle(self, verdict: Verdict | None, executor: SpdExecutor) -> tuple[int, int]:
-        """End of a cycle: count and emit the verdict, advance the schedule, and return the
-        (token, position) that enters stage 0 next cycle: this cycle's draft, or the correction
-        after a rejection (then every layer forgets the flushed positions)."""
-        sched, m = self.sched, self.metrics
-        accepted = None
-        if sched.exits:
-            if verdict is None or verdict.position != sched.verify_position:
-                raise SpdError(f"protocol error: expected the verdict for position {sched.verify_position}, "
-                               f"got {verdict}")
-            if len(verdict.tokens) != 1:
-                raise SpdError("this schedule verifies one token per cycle")
-            accepted = verdict.in_flight_survives
-            drafted = self.candidate.token
-            if accepted != (verdict.tokens[0] == drafted):
-                raise SpdError(f"protocol error: the verdict {verdict} contradicts the draft in flight there "
-                               f"({drafted})")
-            m.drafts_verified += verdict.accepted + (not accepted)
-            m.drafts_accepted += verdict.accepted
-            self.pending.pop(verdict.position, None)
-            for t in verdict.tokens:
-                if self.stop.done(self.emitted):
-                    break
-                self._emit(t)
-        elif verdict is not None:
-            raise SpdError(f"protocol error: unexpected verdict {verdict} while the pipeline fills")
-        outcome = sched.advance(accepted)
-        if outcome.rollback_to is None:  # accepted, or still filling: the draft enters
-            if outcome.verified_position != len(self.tokens):  # (n == 1 verified this draft already)
-                self.pending[len(self.tokens)] = self.draft
-            self.tokens.append(self.draft.token)
-            return self.draft.token, len(self.tokens) - 1
-        q = outcome.rollback_to
-        executor.rollback(q)
-        del self.tokens[q:]
-        self.tokens.extend(verdict.tokens)
-        self.pending.clear()
-        return verdict.tokens[-1], q
-
-
-# -- shared by the executors that run real stages ----------------------------------------------
-class DrafterSource:
-    """Drafts from an SPD drafter (`drafters.py`): its logits, warped and drawn by the sampler."""
-
-    def __init__(self, drafter, store: AnchorStore | None, sampler: Sampler, vocab_size: int):
-        self.drafter, self.store, self.sampler, self.vocab_size = drafter, store, sampler, vocab_size
-
-    def reset(self, prompt_len: int) -> None:
-        self.drafter.reset(prompt_len)
-
-    def propose(self, run: SpdRun) -> Draft:
-        logits = self.drafter.propose(DraftContext(run.tokens, run.sched.start, self.store))
-        return propose(logits, self.sampler, self.drafter.vocab, self.vocab_size)
-
-
-def anchor_store(target, drafter, positions: int) -> AnchorStore | None:
-    """Buffers for the hidden states the drafter reads, for every position a generation can write."""
-    anchors = list(drafter.anchors)
-    return AnchorStore(anchors, target.config.hidden_size, target.dtype, target.device, positions) if anchors else None
-
-
-def stage_captures(target, anchors: list[int]) -> list[set[int]]:
-    """Per stage, the anchors it produces: h_j comes out of layer j-1, so stage [lo, hi) gives
-    lo < j <= hi (h_0, the embedding, is stored on entry)."""
-    return [{j for j in anchors if lo < j <= hi} for lo, hi in target.stage_bounds]
-
-
-def enter(target, store: AnchorStore | None, ids: list[int], position: int) -> torch.Tensor:
-    """Tokens entering stage 0 at `position`..: their embedding is stage 0's input and anchor h_0."""
-    h = target.embed(torch.tensor([ids], device=target.device))
-    if store is not None and 0 in store.slot:
-        store.put(0, position, h[0])
-    return h
-
-
-def run_stage_keeping(target, store: AnchorStore | None, stage: int, h: torch.Tensor, position: int,
-                      capture: set[int]) -> torch.Tensor:
-    """Run one stage and keep the anchors it produces (h_j comes out of layer j-1)."""
-    out, got = target.run_stage(stage, h, position, capture)
-    for j, hj in got.items():
-        store.put(j, position, hj[0])
-    return out

@@ -27,11 +27,15 @@ class StaticKVCache:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self.lengths = dict.fromkeys(windows, 0)
-        self._start = 0
+        self._start = self._committed = self._first = 0
 
-    def begin(self, start: int) -> None:
-        """The next update of every layer writes a chunk whose first token is at position `start`."""
+    def begin(self, start: int, committed: int | None = None, first_position: int | None = None) -> None:
+        """The next update of every layer writes a chunk at slots start..; slots < `committed`
+        (default start) hold verified tokens at slot == position, and the chunk's earliest
+        position is `first_position` (default start): what sliding windows are counted from."""
         self._start = start
+        self._committed = start if committed is None else committed
+        self._first = start if first_position is None else first_position
 
     def ensure_capacity(self, n: int) -> None:
         if n > self.max_positions:
@@ -75,21 +79,27 @@ class StaticKVCache:
         return kbuf[:, :, lo:end], vbuf[:, :, lo:end]
 
     def window_start(self, layer_idx: int, start: int) -> int:
-        """First key position any query of a chunk starting at `start` can see in this layer."""
+        """First slot any query of the chunk begun at `start` can see in this layer: within the
+        window of its earliest position among the verified slots, and every in-flight row after
+        them (their positions are masked one by one)."""
         w = self.windows[layer_idx]
-        return 0 if w is None else max(0, start - w + 1)
+        if w is None:
+            return 0
+        committed, first = (self._committed, self._first) if start == self._start else (start, start)
+        return min(committed, max(0, first - w + 1))
 
     def keep_slots(self, dst: int, src, layers=None) -> None:
-        """Move the K/V in slots `src` (ascending, each >= its destination) to dst, dst+1, ... and
-        make the length dst + len(src) in the given layers (default: all held): how a draft tree's
-        accepted path becomes an ordinary, position-indexed prefix. Everything after is forgotten."""
+        """Move the K/V in slots `src` (each >= its destination) to dst, dst+1, ... and make the
+        length dst + len(src) in the given layers (default: all held): how a draft tree's accepted
+        path becomes an ordinary, position-indexed prefix, with the surviving in-flight rows after
+        it. Everything else is forgotten."""
         src = list(src)
         end = dst + len(src)
         # Slots already in place (a chain's accepted prefix) need no copy.
         first = next((j for j, s in enumerate(src) if s != dst + j), len(src))
         for i in self.windows if layers is None else layers:
-            if src and self.lengths[i] <= src[-1]:
-                raise RuntimeError(f"layer {i}: keeping slot {src[-1]} but the cache holds {self.lengths[i]}")
+            if src and self.lengths[i] <= max(src):
+                raise RuntimeError(f"layer {i}: keeping slot {max(src)} but the cache holds {self.lengths[i]}")
             if first < len(src):
                 idx = torch.tensor(src[first:], device=self.k[i].device)
                 # Indexing copies the source rows before they are written, so overlaps are safe.

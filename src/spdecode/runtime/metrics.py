@@ -8,6 +8,9 @@ per-prompt ratios):
 - tokens_per_cycle: (new_tokens - 1) / cycles, the first token costing no cycle.
 - tau: n_stages * tokens_per_cycle, the speedup over AR if a cycle cost 1/n of an AR step and
   drafting were free (a theoretical number: always shown beside the measured decode tok/s).
+- Draft trees (SPD's engine core): nodes_entered, the rows that entered stage 0; wasted_rows,
+  the stage-rows spent on nodes that died (pruned work); a verification is one step of a walk
+  from a node with draft children, accepted when the walk went on into one of them.
 """
 
 from __future__ import annotations
@@ -36,6 +39,19 @@ class Metrics:
     # path reached depth d-1 and had children there) and those that accepted one.
     verified_per_depth: list[int] | None = None
     accepted_per_depth: list[int] | None = None
+    nodes_entered: int = 0
+    wasted_rows: int = 0
+
+    def record_walk(self, tried: int, accepted: int) -> None:
+        """One walk's verifications by depth: the first `tried` steps tried, the first `accepted` went on."""
+        if self.verified_per_depth is None:
+            self.verified_per_depth, self.accepted_per_depth = [], []
+        while len(self.verified_per_depth) < tried:
+            self.verified_per_depth.append(0)
+            self.accepted_per_depth.append(0)
+        for d in range(tried):
+            self.verified_per_depth[d] += 1
+            self.accepted_per_depth[d] += d < accepted
 
     @property
     def alpha_per_depth(self) -> list[float] | None:

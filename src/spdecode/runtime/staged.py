@@ -19,7 +19,7 @@ import torch
 
 from .errors import SpdError
 from .kv_cache import StaticKVCache
-from .tree import DraftTree, ancestor_mask
+from .tree import DraftTree, ancestor_mask, chunk_tensors
 
 
 def split_layers(n_layers: int, stages: int | Sequence[int]) -> list[int]:
@@ -51,53 +51,62 @@ def layer_windows(config) -> list[int | None]:
 
 
 def chunk_mask(start: int, positions: torch.Tensor, visible: torch.Tensor, key_lo: int,
-               window: int | None) -> torch.Tensor:
+               window: int | None, committed: int | None = None) -> torch.Tensor:
     """Boolean [1, 1, q, k] mask for a chunk in slots start..start+q-1 with its own position ids.
 
-    Keys are slots key_lo..start+q-1: the committed ones (slot < start) sit at position == slot,
-    the chunk's own at `positions` [q] (all >= start). A query sees a key when the key's position
-    is not after its own and, in a sliding layer, lies within `window` POSITIONS of it; among the
-    chunk's own keys, only those that `visible` [q, q] allows (e.g. a tree's ancestor mask).
+    Keys are slots key_lo..start+q-1. The verified ones (slot < committed, default start) sit at
+    position == slot; slots committed..start+q-1 (in-flight rows of a draft tree, then the
+    chunk) at `positions` [start - committed + q] (all >= committed). A query sees a key when the
+    key's position is not after its own and, in a sliding layer, lies within `window` POSITIONS of
+    it; among the rows from `committed` on, only those that `visible` [q, start - committed + q]
+    allows (a tree's ancestors).
     """
+    committed = start if committed is None else committed
     device = positions.device
-    kpos = torch.cat([torch.arange(key_lo, start, device=device), positions])[None, :]
-    qpos = positions[:, None]
+    q = visible.shape[0]
+    kpos = torch.cat([torch.arange(key_lo, committed, device=device), positions])[None, :]
+    qpos = positions[-q:, None]
     allowed = kpos <= qpos
     if window is not None:
         allowed &= kpos > qpos - window
-    allowed[:, start - key_lo:] &= visible
+    allowed[:, committed - key_lo:] &= visible
     return allowed[None, None]
 
 
 def run_decoder_layers(layers, indices, layer_types, windows, rotary, rotary_per_type: bool, cache: StaticKVCache,
                        hidden: torch.Tensor, start: int, capture: Collection[int] | None = None,
-                       positions: torch.Tensor | None = None, visible: torch.Tensor | None = None):
+                       positions: torch.Tensor | None = None, visible: torch.Tensor | None = None,
+                       committed: int | None = None):
     """Run HF decoder layers `indices` on q tokens in cache slots start..start+q-1 over a StaticKVCache.
 
     By default token j sits at position start + j and sees every earlier token (plain causal
-    decoding). `positions` [q] (each >= start) gives the tokens their own position ids (RoPE,
-    windows), and `visible` [q, q] says which of the chunk's tokens each one sees (default: the
-    earlier ones and itself); both are how a draft tree's nodes run (see tree.py).
+    decoding). A draft tree's rows run off that line: `committed` (default start) says how many
+    slots hold verified tokens at slot == position; `positions` gives the position of every row
+    from there on (in-flight rows already cached, then the chunk's q); `visible` [q, that many]
+    which of them each chunk row sees (default: the earlier ones and itself). See tree.py.
 
     Shared by the staged target and the draft module (whose layers are built from the same class).
     """
     q = hidden.shape[1]
+    committed = start if committed is None else committed
     if positions is None:
         positions = torch.arange(start, start + q, device=hidden.device)
     if visible is None and q > 1:
         visible = torch.ones(q, q, dtype=torch.bool, device=hidden.device).tril()
-    pos = positions[None]
+    qpos = positions[-q:]
+    pos = qpos[None]
     pe, masks, captured = {}, {}, {}
-    cache.begin(start)
+    cache.begin(start, committed, int(qpos.min()))
+    # A single query over a cache slice that ends at its own position needs no mask: the slice
+    # already is exactly what it may see (the window included). In-flight rows before it do.
+    masked = q > 1 or committed < start
     for i in indices:
         kind = layer_types[i]
         if kind not in pe:
             pe[kind] = rotary(hidden, pos, kind) if rotary_per_type else rotary(hidden, pos)
         window = windows[i]
-        # A single query over a cache slice that ends at its own position needs no mask:
-        # the slice already is exactly what it may see (the window included).
-        if q > 1 and window not in masks:
-            masks[window] = chunk_mask(start, positions, visible, cache.window_start(i, start), window)
+        if masked and window not in masks:
+            masks[window] = chunk_mask(start, positions, visible, cache.window_start(i, start), window, committed)
         out = layers[i](
             hidden,
             attention_mask=masks.get(window),
@@ -155,19 +164,38 @@ class StagedTarget:
         return self.decoder.embed_tokens(ids)
 
     def run_layers(self, lo: int, hi: int, hidden: torch.Tensor, start: int, capture: Collection[int] | None = None,
-                   positions: torch.Tensor | None = None, visible: torch.Tensor | None = None):
+                   positions: torch.Tensor | None = None, visible: torch.Tensor | None = None,
+                   committed: int | None = None):
         """Run layers lo..hi-1 on tokens at positions start..start+q-1, writing their K/V.
 
         Returns the output hidden state, or (output, {j: h_j}) when `capture` is given: the
         hidden-state indices j in (lo, hi] to keep (the raw residual after layer j-1).
-        `positions` and `visible` (see run_decoder_layers) run tokens off the plain causal line.
+        `positions`, `visible` and `committed` (see run_decoder_layers) run tokens off the plain
+        causal line: a draft tree's nodes, over rows of other nodes still in flight.
         """
         return run_decoder_layers(self.layers, range(lo, hi), self.layer_types, self.windows, self.decoder.rotary_emb,
-                                  self._rotary_per_type, self.cache, hidden, start, capture, positions, visible)
+                                  self._rotary_per_type, self.cache, hidden, start, capture, positions, visible,
+                                  committed)
 
     def run_stage(self, stage: int, hidden: torch.Tensor, start: int, capture: Collection[int] | None = None):
         lo, hi = self.stage_bounds[stage]
         return self.run_layers(lo, hi, hidden, start, capture)
+
+    def run_stage_chunk(self, stage: int, hidden: torch.Tensor, layout, capture: Collection[int] | None = None):
+        """One stage's layers on rows [1, q, H] of draft-tree nodes placed by `layout` (a
+        cache_layout.ChunkLayout: after the verified prefix and the in-flight rows the stage holds,
+        each row at its position, seeing its ancestors only)."""
+        lo, hi = self.stage_bounds[stage]
+        positions, visible = chunk_tensors(layout, hidden.device)
+        return self.run_layers(lo, hi, hidden, layout.start, capture, positions, visible, layout.committed)
+
+    def compact(self, plan, stage: int | None = None) -> None:
+        """Apply a cache_layout.Compaction to every layer (or one stage's): keep the verified rows at
+        slot == position, then the surviving in-flight rows; forget the rest."""
+        if plan.is_identity:
+            return
+        layers = None if stage is None else range(*self.stage_bounds[stage])
+        self.cache.keep_slots(plan.dst, plan.src, layers)
 
     def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """All stages on tokens `ids` [1, q] at positions start.. ; returns the final pre-norm hidden state."""

@@ -86,3 +86,11 @@ def ancestor_mask(tree: DraftTree, device=None) -> torch.Tensor:
             mask[1 + i] = mask[1 + p]
         mask[1 + i, 1 + i] = True
     return mask if device is None else mask.to(device)
+
+
+def chunk_tensors(layout, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache_layout.ChunkLayout as tensors: positions [k] of every row from `committed` on, and
+    visibility [q, k] of those rows for each chunk row (what run_decoder_layers takes)."""
+    positions = torch.tensor(layout.positions, dtype=torch.long, device=device)
+    visible = torch.tensor(layout.visible, dtype=torch.bool, device=device).reshape(layout.rows, len(layout.positions))
+    return positions, visible

@@ -9,8 +9,9 @@ top-k, top-p), so "exactly p" means exactly what AR sampling with those settings
 A draft over a vocabulary subset is scattered into the full vocabulary with zeros outside it;
 the residual then covers the tokens the drafter can never propose.
 
-Draft trees (`verify_tree`): the target picks its own token at each node and the walk follows a
-child carrying it; see there for why that is exact.
+Draft trees (`target_choices`, the engine core's walk in methods/schedule.py, `verify_tree` for one
+tree): the target picks its own token at each node and the walk follows a child carrying it; see
+there for why that is exact.
 """
 
 from __future__ import annotations
@@ -60,27 +61,43 @@ def verify(target_logits: torch.Tensor, draft: Draft, sampler: Sampler) -> tuple
     return False, sampler.draw(residual / total if total > 0 else p)
 
 
-def verify_tree(logits: torch.Tensor, tree: DraftTree, sampler: Sampler) -> tuple[list[int], int]:
-    """(accepted nodes along one path from the root, the target's own token after the path).
+def target_choices(logits: torch.Tensor, sampler: Sampler, successors=None) -> list[int]:
+    """The target's token after each row of a draft-tree chunk, from its logits [q, V]: what the
+    engine core's walk follows (methods/schedule.py).
 
-    `logits` [1 + m, V]: row 0 is the target after the root, row 1 + i after node i's path.
-    From the root, the target chooses its token at the current node (greedy: the argmax;
-    sampling: one draw from the warped p of that row). If a child carries exactly that token,
-    the walk moves into it (accepted) and repeats; otherwise the chosen token is the target's
-    own token after the path and the walk stops.
-
-    Exact by construction, whatever the tree: each emitted token is a fresh draw from p given
-    the real prefix (the row of the node that IS that prefix), so the sequence is distributed
-    as AR sampling. Greedy accepts the longest path whose every node is the target's argmax at
-    its parent. The price of never using the drafter's q: a node is accepted with probability
-    p(token) rather than min(1, p/q), so this accepts less than a multi-draft rejection sampler
-    (SpecInfer / SpecTr style, which also recovers mass from rejected siblings) would.
-    EOS is the caller's: a returned path may run past an EOS token, which the caller cuts.
+    Greedy: the argmax. Sampling: a fresh draw from the warped p of the row, except where the
+    row's only child was itself drawn from a distribution q (`successors[i]`, a Draft: SPD as
+    published, one draft per slot): then the single-draft rejection rule decides (`verify`),
+    which accepts that child with probability min(1, p/q) instead of p. Either way the token is
+    distributed exactly as p given the row's prefix, and the walk goes on into a child only when
+    the token is that child's: so the emitted sequence follows AR's distribution.
     """
+    if sampler.params.greedy:
+        return logits.argmax(-1).tolist()
+    successors = successors or [None] * logits.shape[0]
+    out = []
+    for row, d in zip(logits, successors, strict=True):
+        out.append(verify(row, d, sampler)[1] if d is not None and d.q is not None else sampler.choose(row))
+    return out
+
+
+def verify_tree(logits: torch.Tensor, tree: DraftTree, sampler: Sampler) -> tuple[list[int], int]:
+    """(accepted nodes along one path from the root, the target's own token after the path) for
+    one pass over a root and `tree` (`logits` [1 + m, V]: row 0 after the root, row 1 + i after
+    node i's path): the walk of the engine core (methods/schedule.py) on a single tree.
+
+    The target's choice at every row comes from `target_choices` (greedy: the argmax; sampling:
+    a draw from the warped p of that row, independent of every other row's); from the root, the
+    walk moves into the child that carries the choice, and stops at the first choice no child
+    carries. Exact by construction: each emitted token is a draw from p given the real prefix.
+    Greedy accepts the longest path whose every node is the target's argmax at its parent. The
+    price of never using the drafter's q: a node is accepted with probability p(token) rather
+    than min(1, p/q). EOS is the caller's: a returned path may run past an EOS token.
+    """
+    choices = target_choices(logits, sampler)
     path, node = [], -1
     while True:
-        row = logits[node + 1]
-        token = sampler.choose(row)
+        token = choices[node + 1]
         nxt = next((c for c in tree.children(node) if tree.tokens[c] == token), None)
         if nxt is None:
             return path, token

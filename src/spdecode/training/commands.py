@@ -46,7 +46,8 @@ class TrainConfig:
     teacher_batch: int = 1
     time_limit: float = 0.0  # seconds; 0: none
     eagle: str = ""  # train an EAGLE-style head (one stage) that chains drafts by: embed | feedback
-    chain_depth: int = 4  # the head's deepest trained draft
+    chain_depth: int = 4  # the head's deepest trained draft; a tree-ready draft's rows per depth
+    tree: bool = False  # a tree-ready SPD draft: trained on paths through draft trees in flight
     init: str | None = None  # start from this PDM checkpoint (its anchors and draft vocabulary)
 
 
@@ -168,8 +169,11 @@ def run_train(cfg: TrainConfig) -> int:
     out = Path(cfg.out)
     if (out / CONFIG_FILE).exists() and not cfg.resume:
         raise SpdError(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
-    if cfg.eagle and cfg.chain_depth < 1:
+    if (cfg.eagle or cfg.tree) and cfg.chain_depth < 1:
         raise SpdError(f"--chain-depth must be at least 1 (got {cfg.chain_depth})")
+    if cfg.eagle and cfg.tree:
+        raise SpdError("--tree trains an SPD draft for a pipeline of trees; --eagle a one-stage head (it drafts "
+                       "trees anyway): choose one")
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
     target = StagedTarget(model, 1 if cfg.eagle else cfg.stages)  # an EAGLE-style head is the n = 1 PDM
     examples = examples_from(tok, cfg.data, cfg.limit, cfg.max_len, cfg if cfg.regenerate else None)
@@ -198,7 +202,7 @@ def run_train(cfg: TrainConfig) -> int:
     teacher = TeacherFeatures(target, pdm.cfg.anchors + [target.n_layers], cfg.cache_dir, pdm.cfg.base_fingerprint)
     teacher.warm(train_ex + val_ex, batch_size=cfg.teacher_batch)
     settings = TrainSettings(cfg.epochs, cfg.lr, 50, cfg.batch_tokens, 1.0, cfg.seed, cfg.val_every,
-                             cfg.save_every, cfg.micro_batch, cfg.time_limit, cfg.chain_depth)
+                             cfg.save_every, cfg.micro_batch, cfg.time_limit, cfg.chain_depth, cfg.tree)
     result = train(pdm, teacher, train_ex, val_ex, out, settings, resume=cfg.resume)
     pdm.save(out / "export-fp16", dtype=torch.float16)
     last = result["history"][-1] if result["history"] else result["last"]

@@ -119,10 +119,22 @@ def layout_logits(pdm, anchors: list[torch.Tensor], k: int) -> torch.Tensor:
     """
     if pdm.cfg.chain:
         return chain_logits(pdm, anchors, k)
+    return profile_logits(pdm, anchors, tuple(range(k)))
+
+
+def profile_logits(pdm, anchors: list[torch.Tensor], depths: tuple[int, ...]) -> torch.Tensor:
+    """Draft logits for every position as the newest row of a window whose row at offset e (0 the
+    newest) sits at depth depths[e] (non-decreasing in e: older rows have passed more stages).
+
+    One node per slot (SPD as published) has depths 0, 1, ..., k-1. A path through a draft tree in
+    flight has runs: the rows of one slot share a depth, and nodes not yet in the pipeline (grown
+    this cycle, or waiting to enter) are embedding-only rows at depth 0, e.g. (0, 0, 1, 1, 1).
+    Under the tree mask every node sees exactly one such path, so these windows cover branching.
+    """
     anchors, batched = _batched(anchors)
     m = pdm.cfg.n_types
-    blocks = [pdm.project(pdm.type_of_depth[c], anchors) for c in range(k)] + [pdm.project(m - 1, anchors)]
-    logits = pdm.head(run_blocks(pdm, blocks, k))
+    blocks = [pdm.project(pdm.type_of_depth[d], anchors) for d in depths] + [pdm.project(m - 1, anchors)]
+    logits = pdm.head(run_blocks(pdm, blocks, len(depths)))
     return logits if batched else logits[0]
 
 

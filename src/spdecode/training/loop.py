@@ -5,11 +5,16 @@ vocabulary (the teacher renormalised over it), at rows whose next token the assi
 Rows whose teacher argmax lies outside the draft vocabulary are left out: under greedy decoding
 no draft from the subset could be accepted there; their share is reported as `oov`.
 
-Every step draws the number of tokens in flight k (n with probability 1/2, else uniform in
-1..n-1, the states right after a rollback) and trains every position as the newest token of
-such a window with the exact inference view (layout.py). An EAGLE-style head (n = 1, chained)
-draws the depth of the drafted node instead, uniform in 1..chain_depth: every depth of a draft
-tree is proposed from such a window.
+Every step draws one window, the depths of the rows from the newest back to the oldest token
+still in flight, and trains every position as the newest row of such a window with the exact
+inference view (layout.py):
+- SPD as published: k tokens in flight (n with probability 1/2, else uniform in 1..n-1, the
+  states right after a rollback), at depths 0, 1, ..., k-1;
+- an EAGLE-style head (n = 1, chained): the depth of the drafted node, uniform in
+  1..chain_depth, every row embedding-only: every depth of a draft tree is proposed so;
+- a tree-ready SPD draft (`tree`): a path through a draft tree in flight, 0..chain_depth rows
+  at each depth 0..n-1 (not all none): the rows of a slot share a depth, the nodes grown this
+  cycle are embedding-only rows at depth 0 (methods/schedule.py).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from tqdm import tqdm
 
 from ..drafting.pdm import CONFIG_FILE, WEIGHTS_FILE, PipelineDraftModule
 from .features import TeacherFeatures
-from .layout import layout_logits
+from .layout import chain_logits, profile_logits
 
 STATE_FILE = "train_state.pt"
 
@@ -46,7 +51,8 @@ class TrainSettings:
     save_every: int = 200
     micro_batch: int = 1  # sequences per forward pass (padded); >1 pays off on a GPU
     time_limit: float = 0.0  # seconds for this invocation (0: none); the lr decays by time as well
-    chain_depth: int = 4  # an EAGLE-style head: the deepest drafted node trained
+    chain_depth: int = 4  # an EAGLE-style head: the deepest drafted node; a tree-ready draft: rows per depth
+    tree: bool = False  # a tree-ready SPD draft: windows are paths through draft trees in flight
 
 
 def fill_for_step(n: int, seed: int, step: int, chained: bool = False) -> int:
@@ -56,6 +62,36 @@ def fill_for_step(n: int, seed: int, step: int, chained: bool = False) -> int:
     if chained:
         return rng.randint(1, n)
     return n if n == 1 or rng.random() < 0.5 else rng.randint(1, n - 1)
+
+
+def window_for_step(pdm, settings: TrainSettings, step: int) -> tuple[int, ...]:
+    """The depths of this step's window, newest row first (a function of seed and step)."""
+    n = pdm.cfg.n_stages
+    if pdm.cfg.chain:
+        return (0,) * fill_for_step(settings.chain_depth, settings.seed, step, chained=True)
+    if not settings.tree:
+        return tuple(range(fill_for_step(n, settings.seed, step)))
+    rng = random.Random(settings.seed * 1_000_003 + step)
+    while True:
+        counts = [rng.randint(0, settings.chain_depth) for _ in range(n)]
+        if sum(counts):
+            return tuple(d for d in range(n) for _ in range(counts[d]))
+
+
+def validation_windows(pdm, settings: TrainSettings) -> dict[str, tuple[int, ...]]:
+    """Windows reported at validation: the one trained most deeply, and the first a tree starts from."""
+    n = pdm.cfg.n_stages
+    if pdm.cfg.chain:
+        return {"": (0,) * settings.chain_depth, "_k1": (0,)}
+    if settings.tree:  # a node grown below two rows of each slot in flight, and the published window
+        return {"": (0,) + tuple(d for d in range(1, n) for _ in range(2)), "_k1": tuple(range(n))}
+    return {"": tuple(range(n))}
+
+
+def window_logits(pdm, anchors, window: tuple[int, ...]) -> torch.Tensor:
+    if pdm.cfg.chain:  # a head's chain: "feedback" unrolls its own outputs pass by pass
+        return chain_logits(pdm, anchors, len(window))
+    return profile_logits(pdm, anchors, window)
 
 
 class TeacherHead:
@@ -76,7 +112,7 @@ class TeacherHead:
         return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
 
-def batch_loss(pdm: PipelineDraftModule, head: TeacherHead, teacher: TeacherFeatures, items, k: int):
+def batch_loss(pdm: PipelineDraftModule, head: TeacherHead, teacher: TeacherFeatures, items, window: tuple[int, ...]):
     """(summed KL, rows counted, top-1 agreements, rows left out as out-of-vocabulary) for a micro-batch
     of (features, assistant mask) pairs, right-padded to the longest (padding rows never count)."""
     t = pdm.target[0]
@@ -99,7 +135,7 @@ def batch_loss(pdm: PipelineDraftModule, head: TeacherHead, teacher: TeacherFeat
         if not rows.any():
             return None, 0, 0, oov
         log_p = F.log_softmax(head(padded[-1][rows]), -1)
-    logits = layout_logits(pdm, padded[:-1], k)[rows]
+    logits = window_logits(pdm, padded[:-1], window)[rows]
     kl = F.kl_div(F.log_softmax(logits, -1), log_p, log_target=True, reduction="sum")
     agree = int((logits.argmax(-1) == log_p.argmax(-1)).sum())
     return kl, int(rows.sum()), agree, oov
@@ -112,12 +148,12 @@ def micro_batches(indices: list[int], lengths: list[int], size: int) -> list[lis
 
 
 @torch.no_grad()
-def evaluate(pdm, head, teacher, examples, offset: int, k: int, micro_batch: int = 1) -> dict:
+def evaluate(pdm, head, teacher, examples, offset: int, window: tuple[int, ...], micro_batch: int = 1) -> dict:
     tot = rows = agree = oov = 0
     lengths = [len(ids) for ids, _ in examples]
     for group in micro_batches(list(range(len(examples))), lengths, micro_batch):
         items = [(teacher.get(offset + i, examples[i][0]), examples[i][1]) for i in group]
-        kl, r, a, o = batch_loss(pdm, head, teacher, items, k)
+        kl, r, a, o = batch_loss(pdm, head, teacher, items, window)
         tot += float(kl) if kl is not None else 0.0
         rows, agree, oov = rows + r, agree + a, oov + o
     return {"loss": tot / max(rows, 1), "top1": agree / max(rows, 1), "rows": rows,
@@ -175,8 +211,7 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
         step, history = state["step"], state.get("history", [])
         log(f"resumed from {out} at step {step}/{total_steps}")
 
-    chained = bool(pdm.cfg.chain)
-    n = settings.chain_depth if chained else pdm.cfg.n_stages
+    windows = validation_windows(pdm, settings)
     head = TeacherHead(pdm)
     meta = {"settings": asdict(settings), "train_sequences": len(train_ex), "train_tokens": tokens_total}
     bar = tqdm(total=total_steps, initial=step, desc="train PDM", unit="step", dynamic_ncols=True)
@@ -185,14 +220,15 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
 
     def validate():
         pdm.eval()
-        v = evaluate(pdm, head, teacher, val_ex, len(train_ex), n, settings.micro_batch)
-        if chained and n > 1:  # a head's first draft matters most: every tree starts there
-            v["top1_k1"] = evaluate(pdm, head, teacher, val_ex, len(train_ex), 1, settings.micro_batch)["top1"]
+        v = evaluate(pdm, head, teacher, val_ex, len(train_ex), windows[""], settings.micro_batch)
+        if "_k1" in windows and windows["_k1"] != windows[""]:  # where a tree starts, or the published window
+            v["top1_k1"] = evaluate(pdm, head, teacher, val_ex, len(train_ex), windows["_k1"],
+                                    settings.micro_batch)["top1"]
         pdm.train()
         history.append({"step": step, **v})
-        first = f", top-1 at k=1 {v['top1_k1']:.3f}" if "top1_k1" in v else ""
-        bar.write(f"step {step}: val loss {v['loss']:.3f} top-1 {v['top1']:.3f} (k={n}, {v['rows']} rows, "
-                  f"oov {v['oov']:.3f}){first}")
+        first = f", top-1 at {windows['_k1']} {v['top1_k1']:.3f}" if "top1_k1" in v else ""
+        bar.write(f"step {step}: val loss {v['loss']:.3f} top-1 {v['top1']:.3f} (window {windows['']}, "
+                  f"{v['rows']} rows, oov {v['oov']:.3f}){first}")
 
     out_of_time = False
     pdm.train()
@@ -201,14 +237,14 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
             out_of_time = settings.time_limit and time.perf_counter() - t_start > settings.time_limit
             if out_of_time:
                 break
-            k = fill_for_step(n, settings.seed, step, chained)
+            window = window_for_step(pdm, settings, step)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             opt.zero_grad(set_to_none=True)
             tot_kl = rows = agree = 0
             for group in micro_batches(schedule[step], lengths, settings.micro_batch):
                 items = [(teacher.get(i, train_ex[i][0]), train_ex[i][1]) for i in group]
-                kl, r, a, _ = batch_loss(pdm, head, teacher, items, k)
+                kl, r, a, _ = batch_loss(pdm, head, teacher, items, window)
                 if kl is None:
                     continue
                 (kl / settings.batch_tokens).backward()
@@ -218,7 +254,7 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
             opt.step()
             step += 1
             last = {"loss": tot_kl / max(rows, 1), "top1": agree / max(rows, 1)}
-            bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last['top1']:.3f}", k=k,
+            bar.set_postfix(loss=f"{last['loss']:.3f}", top1=f"{last['top1']:.3f}", k=len(window),
                             tok_s=f"{tok_done / (time.perf_counter() - t_start):.0f}")
             bar.update(1)
             if val_ex and (step % settings.val_every == 0 or step == total_steps):
