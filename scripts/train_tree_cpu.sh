@@ -6,7 +6,7 @@
 #   2. those answers plus RAW raw ShareGPT first exchanges form the data (as for the eagle head);
 #   3. teacher features are computed once into a cache with both threads;
 #   4. the draft starts from the bundled n=2 SPD draft and trains on paths through draft trees in
-#      flight (`--tree`: 0..3 rows at each depth) for TRAIN_S seconds on THREADS threads.
+#      flight (`--tree`: 0..2 rows at each depth) for TRAIN_S seconds on THREADS threads.
 # Usage: scripts/train_tree_cpu.sh OUT_DIR [REGEN_S] [RAW] [TRAIN_S] [THREADS]
 set -euo pipefail
 OUT=$1 REGEN_S=${2:-900} RAW=${3:-400} TRAIN_S=${4:-3000} THREADS=${5:-1}
@@ -28,7 +28,8 @@ with open(f"{out}/mix.jsonl", "w") as f:
         f.write(json.dumps({"messages": c}) + "\n")
 print(len(regen), "regenerated +", len(raw), "raw conversations")
 PYEOF
-common=(--tree --chain-depth 3 --stages 16,14 --init src/spdecode/drafts/smollm2-135m-n2 --data "$OUT/mix.jsonl"
+common=(--tree --chain-depth 2 --stages 13,17 --anchors 0,13,30 --init src/spdecode/drafts/smollm2-135m-n2
+        --data "$OUT/mix.jsonl"
         --limit 100000 --max-len 512 --val-frac 0.03 --epochs 100 --lr 1e-3 --batch-tokens 4096 --val-every 50
         --save-every 25 --cache-dir "$OUT/features")
 # Warm the feature cache once with both cores (a 1-second run), then train.

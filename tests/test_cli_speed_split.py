@@ -58,7 +58,9 @@ def test_speed_split_is_the_same_in_every_mode(chosen, default_model, n):
     # bench --distributed: its SPEED run, given the same arguments (its AR runs are not the point here)
     args = build_parser().parse_args(["bench", "--distributed", "--method", "speed", *common])
     sets = {"mine": [{"question_id": 1, "turns": ["hi"]}]}
+    cfg = config_from(bench.BenchConfig, args)
+    method, opts = bench.method_specs(cfg)["speed"]
     with pytest.raises(Chosen):
-        bench.run_distributed_spd(config_from(bench.BenchConfig, args), model, tok, sets, set())
+        bench.run_distributed_spd(cfg, method, opts, "speed-dist", model, tok, sets)
     even = split_layers(model.config.num_hidden_layers, n)
     assert chosen == [(even, even[0])] * 5, chosen

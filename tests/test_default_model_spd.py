@@ -98,3 +98,20 @@ def test_cli_rejects_a_draft_for_another_model(tmp_path, default_model):
     assert res.returncode == 2 and "trained for other-model" in res.stderr and "Traceback" not in res.stderr
     res = spdecode("generate", "--prompt", "hi", "--method", "spd", "--stages", "3", "--draft", str(tmp_path / "draft"))
     assert res.returncode == 2 and "error:" in res.stderr
+
+
+def test_cli_spd_over_trees_equals_ar_in_one_process_and_distributed():
+    prompt = "Name three primary colours."
+    ar = spdecode("generate", "--chat", "--prompt", prompt, "--max-new-tokens", "24", "--json")
+    trees = ["--method", "spd", "--stages", "2", "--tree-budget", "8", "--tree-depth", "3", "--tree-topk", "4"]
+    one = spdecode("generate", "--chat", "--prompt", prompt, "--max-new-tokens", "24", "--json", *trees)
+    dist = spdecode("generate", "--chat", "--prompt", prompt, "--max-new-tokens", "24", "--json", "--distributed",
+                    *trees)
+    for res in (ar, one, dist):
+        assert res.returncode == 0, res.stderr[-3000:]
+    want = json.loads(ar.stdout)["tokens"]
+    for res in (one, dist):
+        out = json.loads(res.stdout)
+        m = out["metrics"]
+        assert out["tokens"] == want and m["nodes_entered"] > m["cycles"]  # several nodes per slot
+        assert m["verified_per_depth"] is not None

@@ -131,21 +131,27 @@ def test_pdm_round_trip_and_wrong_base(tmp_path):
         load_pdm(tmp_path, target, "fp-a")
 
 
-def spd_vs_exact(drafter_kind, samples=3000):
+def spd_vs_exact(drafter_kind, samples=3000, n=3):
     """(TV distance of SPD samples to the exact AR distribution, TV of as many exact samples)."""
     model = tiny_model("llama", num_hidden_layers=3)
-    target = StagedTarget(model, 3)
+    target = StagedTarget(model, n)
     prompt, length = [5, 6, 7], 3
+    shape = TreeShape()
     if drafter_kind == "pdm-subset":  # untrained PDM over half the vocabulary: mostly residual draws
         drafter = PdmTreeDrafter(new_pdm(target, "tiny", "fp", draft_vocab=torch.arange(0, 97, 2)))
+    elif drafter_kind.startswith("trees"):  # the target's greedy path among wrong siblings, or an untrained PDM's
+        ref = generate_ar(StagedTarget(model), prompt, length).tokens
+        drafter = ReferenceDrafter(prompt, ref, 97, 0.7, branches=2) if drafter_kind == "trees" else \
+            PdmTreeDrafter(new_pdm(target, "tiny", "fp"))
+        shape = TreeShape(6, 3, 2)
     else:  # always proposes the greedy token, sharply: exercises accept and residual paths
         drafter = ReferenceDrafter(prompt, generate_ar(StagedTarget(model), prompt, length).tokens, 97, 1.0,
                                    sampled=True)
     return sampled_vs_exact(model, prompt, length, samples,
-                            lambda params: generate_spd(target, drafter, prompt, length, params).tokens)
+                            lambda params: generate_spd(target, drafter, prompt, length, params, shape=shape).tokens)
 
 
-@pytest.mark.parametrize("drafter_kind", ["pdm-subset", "peaked"])
+@pytest.mark.parametrize("drafter_kind", ["pdm-subset", "peaked", "trees", "trees-pdm"])
 def test_sampling_matches_ar_distribution(drafter_kind):
     """Relative threshold: SPD's distance to the exact AR distribution must be within sampling noise,
     measured by drawing the same number of samples from the exact distribution itself."""
@@ -162,6 +168,35 @@ def test_distribution_test_catches_a_biased_verifier(monkeypatch):
 
     monkeypatch.setattr(spdecode.methods.spd, "target_choices", keep_drafts)
     tv, noise = spd_vs_exact("peaked", samples=1000)
+    assert tv > 3 * noise, (tv, noise)
+
+
+def test_distribution_test_catches_a_tree_verifier_that_prefers_drafted_children(monkeypatch):
+    """The threshold has power over trees in a pipeline too: a verifier that, when the target's draw
+    misses every child, takes the first drafted child anyway (as if children were the target's
+    top guesses) lands far outside the noise."""
+    import spdecode.methods.spd
+
+    exact = spdecode.methods.spd.target_choices
+    children = {}
+
+    def biased(logits, sampler, successors=None):
+        out = exact(logits, sampler, successors)
+        rows = children.get("rows", [])
+        return [c if c is not None and torch.rand(()) < 0.5 else y for y, c in zip(out, rows, strict=False)] + \
+            out[len(rows):]
+
+    orig = spdecode.methods.spd.LocalPipeline.cycle
+
+    def cycle(self, run, slot):  # tell the biased verifier the first live child of every exiting row
+        sched = run.sched
+        children["rows"] = [next((sched.nodes[c].token for c in sched.live_children(i)), None)
+                            for i in sched.exit_rows()]
+        orig(self, run, slot)
+
+    monkeypatch.setattr(spdecode.methods.spd, "target_choices", biased)
+    monkeypatch.setattr(spdecode.methods.spd.LocalPipeline, "cycle", cycle)
+    tv, noise = spd_vs_exact("trees", samples=1000, n=2)
     assert tv > 3 * noise, (tv, noise)
 
 

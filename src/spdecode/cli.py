@@ -63,13 +63,14 @@ def add_sd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=int, default=4, help="for sd: tokens drafted per target step (default 4)")
     p.add_argument("--adaptive-gamma", action="store_true", help="for sd: adapt gamma to the acceptance")
     p.add_argument("--tree-budget", type=int, default=None,
-                   help="for sd and eagle: draft-tree nodes verified per target pass (sd's default 0: a chain of "
-                        "--gamma; eagle's: tuned, see the drafts README)")
-    p.add_argument("--tree-depth", type=int, default=None, help="for sd and eagle: the tree's depth at most "
-                   "(default 4 for sd)")
+                   help="draft-tree nodes verified per target pass (sd, eagle) or entering the pipeline per cycle "
+                        "(spd; 1 = SPD as published, one token per slot); defaults: sd 0 (a chain of --gamma), eagle "
+                        "and spd tuned (see the drafts README)")
+    p.add_argument("--tree-depth", type=int, default=None, help="for sd, eagle and spd: levels grown per pass or "
+                   "slot (default 4 for sd)")
     p.add_argument("--tree-topk", type=int, default=None,
-                   help="for trees grown from a model's distributions (eagle, sd with early-exit:K or model:PATH): "
-                        "children per expanded node (default 4)")
+                   help="for trees grown from a model's distributions (eagle, spd, sd with early-exit:K or "
+                        "model:PATH): children per expanded node (default 4)")
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -185,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None)
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--json-out", default=None)
+    e.add_argument("--tree-budget", type=int, default=None,
+                   help="draft-tree nodes per slot: > 1 decodes SPD over trees (no exact replay exists for them)")
+    e.add_argument("--tree-depth", type=int, default=None)
+    e.add_argument("--tree-topk", type=int, default=None)
     e.set_defaults(func=cmd_eval)
 
     v = sub.add_parser("vocab", help="build a draft vocabulary: the most frequent assistant tokens of the data")

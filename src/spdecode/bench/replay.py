@@ -10,6 +10,11 @@ pipeline schedule over those predictions replays SPD's alpha, tokens/cycle and t
 The continuations come from batched greedy generation (fast on CPU). Batched and single-sequence
 arithmetic can differ in the last bits, so each continuation is cut where it first departs from
 the teacher-forced argmax; the report says how many tokens were replayed.
+
+Draft trees (`--tree-budget N`, N > 1) have no such replay: a dynamic tree's off-path nodes are
+drafted from features of other off-path nodes at partial depths, which no teacher-forced pass of
+the true continuation computes. They are decoded instead (the single-process engine, greedy,
+exact counters), and the report says "decoded".
 """
 
 from __future__ import annotations
@@ -108,6 +113,13 @@ def replay_greedy(target: StagedTarget, pdm: PipelineDraftModule, prompt: list[i
             "decode_tok_s": None}
 
 
+def print_row(name: str, s: dict, how: str, n: int) -> None:
+    depth = s.get("alpha_per_depth")
+    per_depth = ("  acceptance per depth " + " ".join("-" if a is None else f"{a:.2f}" for a in depth)) if depth else ""
+    print(f"{name:<10} prompts {s['prompts']:>3}  {how} tokens {s['new_tokens']:>6}  alpha {s['alpha']:.3f}  "
+          f"tokens/cycle {s['tokens_per_cycle']:.3f}  tau {s['tau']:.2f} (n={n}){per_depth}")
+
+
 @torch.no_grad()
 def greedy_continuations(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16):
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -137,6 +149,21 @@ class EvalConfig:
     limit: int | None = None
     max_new_tokens: int = 256
     json_out: str | None = None
+    tree_budget: int | None = None  # > 1: decode SPD over draft trees instead of replaying
+    tree_depth: int | None = None
+    tree_topk: int | None = None
+
+
+def decode_trees(target, pdm, prompt: list[int], max_new_tokens: int, eos: set[int], shape) -> dict:
+    """SPD over draft trees, decoded in one process (greedy): the counters a replay would give."""
+    from ..drafting.pdm_tree import PdmTreeDrafter
+    from ..methods.spd import generate_spd
+
+    m = generate_spd(target, PdmTreeDrafter(pdm), prompt, max_new_tokens, eos=eos, shape=shape).metrics
+    return {"method": "spd-decoded", "n_stages": m.n_stages, "new_tokens": m.new_tokens, "cycles": m.cycles,
+            "drafts_verified": m.drafts_verified, "drafts_accepted": m.drafts_accepted, "decode_s": m.decode_s,
+            "decode_tok_s": m.decode_tok_s, "verified_per_depth": m.verified_per_depth,
+            "accepted_per_depth": m.accepted_per_depth, "phase_s": dict(m.phase_s)}
 
 
 def run_eval(cfg: EvalConfig) -> int:
@@ -150,6 +177,12 @@ def run_eval(cfg: EvalConfig) -> int:
     target = StagedTarget(model, pdm_split(model, cfg.model, cfg.stages, cfg.draft))
     pdm = pdm_for(target, cfg.model, weights_fingerprint(model), cfg.draft)
     eos = eos_ids(model, tok)
+    from ..generators import MethodOptions
+    from ..methods.spd_core import TreeShape
+
+    shape = TreeShape(*MethodOptions(tree_budget=cfg.tree_budget, tree_depth=cfg.tree_depth,
+                                     tree_topk=cfg.tree_topk).tree("spd"))
+    how = "decoded" if shape.tree else "replayed"
     summary, records = {}, []
     for name in [d.strip() for d in cfg.data.split(",") if d.strip()]:
         rows = load_prompt_set(name, cfg.limit)
@@ -165,18 +198,15 @@ def run_eval(cfg: EvalConfig) -> int:
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(conts))
         recs = []
-        for r, p, c in tqdm(list(zip(rows, prompts, conts, strict=True)), desc=f"replay {name}", leave=False):
-            rec = replay_greedy(target, pdm, p, c, eos)
+        for r, p, c in tqdm(list(zip(rows, prompts, conts, strict=True)), desc=f"{how} {name}", leave=False):
+            rec = decode_trees(target, pdm, p, cfg.max_new_tokens, eos, shape) if shape.tree else \
+                replay_greedy(target, pdm, p, c, eos)
             recs.append({"dataset": name, "question_id": r["question_id"], **rec})
         summary[name] = pooled(recs)
         records += recs
-        s = summary[name]
-        print(f"{name:<10} prompts {s['prompts']:>3}  replayed tokens {s['new_tokens']:>6}  alpha {s['alpha']:.3f}  "
-              f"tokens/cycle {s['tokens_per_cycle']:.3f}  tau {s['tau']:.2f} (n={pdm.cfg.n_stages})")
+        print_row(name, summary[name], how, pdm.cfg.n_stages)
     summary["overall"] = pooled(records)
-    s = summary["overall"]
-    print(f"{'overall':<10} prompts {s['prompts']:>3}  replayed tokens {s['new_tokens']:>6}  alpha {s['alpha']:.3f}  "
-          f"tokens/cycle {s['tokens_per_cycle']:.3f}  tau {s['tau']:.2f} (n={pdm.cfg.n_stages})")
+    print_row("overall", summary["overall"], how, pdm.cfg.n_stages)
     if cfg.json_out:
         Path(cfg.json_out).write_text(json.dumps({"summary": summary, "records": records}, indent=1))
     return 0

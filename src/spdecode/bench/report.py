@@ -50,9 +50,14 @@ def pooled(records: list[dict]) -> dict:
         "checked_against_ar": sum(1 for r in records if "matches_ar" in r),
         # Where the time of a cycle (a target pass for sd/eagle) goes, and, for draft trees, the
         # acceptance at each depth the walk tried (pooled).
-        "ms_per_cycle": {k: 1e3 * sum(r["phase_s"].get(k, 0.0) for r in records) / cycles
-                         for k in records[0]["phase_s"]} if cycles else {},
+        "ms_per_cycle": {k: 1e3 * sum(r.get("phase_s", {}).get(k, 0.0) for r in records) / cycles
+                         for k in records[0].get("phase_s", {})} if cycles else {},
         "alpha_per_depth": per_depth(records),
+        # SPD's engine core, per cycle: rows that entered the pipeline, verifications, and the
+        # stage-rows spent on nodes that died (pruned work).
+        "nodes_entered_per_cycle": sum(r.get("nodes_entered", 0) for r in records) / cycles if cycles else None,
+        "verified_per_cycle": verified / cycles if cycles else None,
+        "wasted_rows_per_cycle": sum(r.get("wasted_rows", 0) for r in records) / cycles if cycles else None,
     }
 
 
@@ -138,7 +143,9 @@ def print_table(summary: dict) -> None:
         if o.get("alpha_per_depth"):
             times = ", ".join(f"{k} {v:.1f}" for k, v in o["ms_per_cycle"].items())
             print(f"{m}: acceptance per depth " + " ".join(fmt(a) for a in o["alpha_per_depth"])
-                  + f"; ms per target pass: {times}")
+                  + f"; per cycle {fmt(o['nodes_entered_per_cycle'], '.1f')} nodes entered, "
+                  f"{fmt(o['verified_per_cycle'])} verified, {fmt(o['tokens_per_cycle'])} tokens emitted, "
+                  f"{fmt(o['wasted_rows_per_cycle'], '.1f')} stage-rows pruned; ms per cycle (rank 0): {times}")
 
 
 def rank_breakdown(records: list[dict]) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -18,13 +18,22 @@ from tqdm import tqdm
 
 from ..data import load_prompt_set
 from ..distributed.split import method_split, worker_args
-from ..generators import DRAFTED, MethodOptions, base_method, make_generator, parse_method_spec, split_specs
+from ..generators import (
+    ALIASES,
+    DRAFTED,
+    PIPELINED,
+    MethodOptions,
+    base_method,
+    make_generator,
+    parse_method_spec,
+    split_specs,
+)
 from ..runtime.errors import SpdError
 from ..runtime.generation import eos_ids
 from ..runtime.models import DEFAULT_MODEL
 from ..runtime.prompts import encode_prompt
 from ..runtime.sampling import SamplingParams
-from .report import plot_speedups, pooled, print_table, rank_breakdown, summarise
+from .report import plot_speedups, print_table, rank_breakdown, summarise
 
 
 @dataclass(frozen=True)
@@ -87,10 +96,13 @@ def method_specs(cfg: BenchConfig) -> dict[str, tuple[str, MethodOptions]]:
         raise SpdError("no method to run: give --method, e.g. ar,eagle")
     if len(set(specs)) < len(specs):
         raise SpdError(f"--method {cfg.method} lists a method spec twice")
-    if cfg.ar_sweep:
+    if cfg.distributed and not any(base_method(s) in PIPELINED for s in specs):
+        raise SpdError("--distributed runs spd or speed with one process per stage: list one in --method")
+    if cfg.ar_sweep or (cfg.distributed and "ar" in specs):
         if "ar" not in specs:
             raise SpdError("--ar-sweep replaces a plain `ar` in --method by every AR configuration: list ar")
-        dtypes = list(dict.fromkeys([cfg.dtype, "float32", "bfloat16"]))
+        # --distributed: a pipeline's processes take one thread each; AR may take both cores.
+        dtypes = list(dict.fromkeys([cfg.dtype, "float32", "bfloat16"])) if cfg.ar_sweep else [cfg.dtype]
         specs.remove("ar")
         specs[:0] = [f"ar:threads={t}" + ("" if d == cfg.dtype else f":dtype={d}") for d in dtypes for t in (1, 2)]
     out = {spec: parse_method_spec(spec, cfg.options) for spec in specs}
@@ -105,21 +117,37 @@ def make_runners(specs: dict[str, tuple[str, MethodOptions]], models: dict, mode
             for spec, (method, opts) in specs.items()}
 
 
-def run_distributed_spd(cfg, model, tok, sets, eos) -> list[dict]:
-    """SPD with one process per stage (torchrun) over every prompt; records like the in-process ones."""
+def distributed_key(spec: str, method: str, opts: MethodOptions) -> str:
+    """The JSON key of a pipeline method run with one process per stage: `spd-dist` at its defaults,
+    `spd-dist-b1` for spd:budget=1 (one node per slot), `spd-dist-b16-d4` and so on."""
+    options = spec.split(":")[1:]
+    if not options:
+        return f"{method}-dist"
+    short = {"tree_budget": "b", "tree_depth": "d", "tree_topk": "k"}
+    parts = []
+    for o in options:
+        key, _, value = o.partition("=")
+        key = ALIASES.get(key, key).replace("-", "_")
+        parts.append(f"{short.get(key, key)}{value}")
+    return f"{method}-dist-" + "-".join(parts)
+
+
+def run_distributed_spd(cfg, method: str, opts: MethodOptions, key: str, model, tok, sets) -> list[dict]:
+    """A pipeline method with one process per stage (torchrun) over every prompt; records like the
+    in-process ones, under `key`."""
     import tempfile
 
     from ..distributed.launch import run_distributed
 
-    sizes = method_split(cfg.method, model, cfg.model, cfg.stages, cfg.draft, distributed=True)
+    sizes = method_split(method, model, cfg.model, opts.stages, opts.draft, distributed=True)
     order = [(name, row) for name, rows in sets.items() for row in rows]
     with tempfile.TemporaryDirectory() as tmp:
         req, out = Path(tmp) / "requests.jsonl", Path(tmp) / "out.json"
         req.write_text("".join(json.dumps(encode_prompt(tok, row["turns"][0])) + "\n" for _, row in order))
-        worker = worker_args(cfg.model, sizes, cfg.max_new_tokens, cfg.sampling, cfg.dtype, cfg.device, cfg.timeout,
-                             cfg.draft, cfg.method, cfg.speed_depth, cfg.threads)
+        worker = worker_args(cfg.model, sizes, cfg.max_new_tokens, cfg.sampling, opts.dtype, opts.device, cfg.timeout,
+                             opts.draft, method, opts.speed_depth, opts.threads, opts.tree(method))
         worker += ["--requests", str(req), "--json-out", str(out)]
-        print(f"distributed {cfg.method}: {len(sizes)} processes, stages {sizes}", flush=True)
+        print(f"{key}: {len(sizes)} processes, stages {sizes}, tree {opts.tree(method)}", flush=True)
         code = run_distributed(len(sizes), worker, cfg.master_port, cfg.rdzv_endpoint)
         if code != 0:
             raise SpdError(f"the distributed run failed (exit code {code})")
@@ -127,21 +155,18 @@ def run_distributed_spd(cfg, model, tok, sets, eos) -> list[dict]:
     records = []
     for (name, row), res in zip(order, results, strict=True):
         rec = {"dataset": name, "question_id": row["question_id"], "stage_sizes": sizes,
-               **res["metrics"], "method": f"{cfg.method}-dist", "rank_stats": res["rank_stats"],
+               **res["metrics"], "method": key, "dtype": opts.dtype, "rank_stats": res["rank_stats"],
                "tokens": res["tokens"]}
         records.append(rec)
     return records
 
 
 def run_bench(cfg) -> int:
+    """Every method on the same prompts in one invocation. With `distributed`, spd and speed run
+    with one process per stage (torchrun) and the other methods in this process, AR with 1 and 2
+    threads at least: the fastest configuration of each is compared side by side."""
     from ..runtime.models import load_model
 
-    distributed = cfg.distributed
-    if distributed:
-        if cfg.draft and "spd" not in distributed_methods(cfg):
-            raise SpdError(f"--draft is a PDM checkpoint, used only by spd, which --method {cfg.method} does not "
-                           "run (add spd or drop --draft)")
-        return run_bench_distributed(cfg)
     specs = method_specs(cfg)
     if cfg.draft and not any(m in DRAFTED for m, _ in specs.values()):
         raise SpdError(f"--draft is a trained draft for spd or eagle, which --method {cfg.method} does not run "
@@ -149,6 +174,8 @@ def run_bench(cfg) -> int:
     if cfg.draft and set(DRAFTED) <= {m for m, _ in specs.values()}:
         raise SpdError("--draft names one draft, but spd (a PDM) and eagle (a head) both run: give each its "
                        "own with spd:draft=DIR and eagle:draft=DIR")
+    piped = {spec: mo for spec, mo in specs.items() if cfg.distributed and mo[0] in PIPELINED}
+    local = {spec: mo for spec, mo in specs.items() if spec not in piped}
     sets = load_sets(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -156,12 +183,24 @@ def run_bench(cfg) -> int:
     for _, opts in specs.values():
         if (opts.dtype, opts.device) not in models:
             models[opts.dtype, opts.device], tok = load_model(cfg.model, opts.dtype, opts.device)
-    dtypes = {spec: opts.dtype for spec, (_, opts) in specs.items()}
+    dtypes = {spec: opts.dtype for spec, (_, opts) in local.items()}
+    eos = eos_ids(next(iter(models.values())), tok)
     with contextlib.ExitStack() as stack:
-        runners = make_runners(specs, models, cfg.model, stack)
-        records = run_prompts(cfg, runners, dtypes, tok, sets, eos_ids(next(iter(models.values())), tok))
-    methods = list(specs)
-    gammas = {spec: opts.gamma for spec, (_, opts) in specs.items()}
+        runners = make_runners(local, models, cfg.model, stack)
+        records = run_prompts(cfg, runners, dtypes, tok, sets, eos)
+    keys = {spec: distributed_key(spec, *mo) for spec, mo in piped.items()}
+    ar_tokens = {(r["dtype"], r["dataset"], r["question_id"]): r["tokens"] for r in records
+                 if base_method(r["method"]) == "ar"}
+    for spec, (method, opts) in piped.items():
+        recs = run_distributed_spd(cfg, method, opts, keys[spec], models[opts.dtype, opts.device], tok, sets)
+        for r in recs:
+            ref = ar_tokens.get((opts.dtype, r["dataset"], r["question_id"]))
+            if ref is not None and cfg.temperature == 0:
+                r["matches_ar"] = r["tokens"] == ref
+        records += recs
+        dtypes[keys[spec]] = opts.dtype
+    methods = [keys.get(spec, spec) for spec in specs]
+    gammas = {keys.get(spec, spec): opts.gamma for spec, (_, opts) in specs.items()}
     summary = summarise(records, methods, list(sets), gammas)
     print_table(summary)
     for m in (m for m in methods if "rho_measured" in summary[m]["overall"]):
@@ -170,13 +209,41 @@ def run_bench(cfg) -> int:
               f"{o['rho_model']:.2f}; tokens per target step: measured {o['tokens_per_cycle']:.2f}, model "
               f"{o['model_tokens_per_step']:.2f}, model with the measured share "
               f"{o['tokens_per_step_with_measured_rho']:.2f}")
+    breakdowns = report_pipelines(summary, records, list(keys.values()))
     if cfg.plot:
-        plot_speedups(summary, cfg.plot)
+        plot_speedups({m: summary[m] for m in methods if m != summary[methods[0]]["overall"].get("baseline")},
+                      cfg.plot)
     if cfg.json_out:
-        config = asdict(cfg)
-        Path(cfg.json_out).write_text(json.dumps({"config": config, "summary": summary, "records": records},
-                                                  indent=1, default=str))
+        Path(cfg.json_out).write_text(json.dumps({"config": asdict(cfg), "summary": summary,
+                                                  "rank_ms_per_cycle": breakdowns, "records": records},
+                                                 indent=1, default=str))
     return check_identity(cfg, {m: summary[m]["overall"] for m in methods}, dtypes)
+
+
+def report_pipelines(summary: dict, records: list[dict], keys: list[str]) -> dict:
+    """Per distributed method: ms per cycle by rank and phase, and how close tok/s comes to what its
+    tokens per cycle and the busiest rank's compute allow."""
+    base = summary[keys[0]]["overall"].get("baseline") if keys else None
+    if not keys or base is None:
+        return {}
+    ar_step = 1e3 / summary[base]["overall"]["decode_tok_s"]
+    out = {}
+    for name in keys:
+        breakdown = out[name] = rank_breakdown([r for r in records if r["method"] == name])
+        print(f"{name} per-cycle time by rank (ms): " + "; ".join(
+            f"{rank}: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) for rank, phases in breakdown.items()))
+        o = summary[name]["overall"]
+        r0 = breakdown["rank0"]
+        busiest = max(r0.get("draft", 0) + r0.get("stage0", 0), *(p["compute"] for k, p in breakdown.items()
+                                                                    if k != "rank0"))
+        cycle_ms = 1e3 * sum(r["decode_s"] for r in records if r["method"] == name) / max(
+            1, sum(r["cycles"] for r in records if r["method"] == name))
+        ideal = o["tokens_per_cycle"] * ar_step / busiest
+        o["ideal_speedup"], o["efficiency"] = ideal, o["speedup_vs_ar"] / ideal
+        print(f"best AR: {base} ({ar_step:.1f} ms/token). {name}: {o['speedup_vs_ar']:.2f}x wall clock, "
+              f"{o['tokens_per_cycle']:.2f} tokens per cycle of {cycle_ms:.1f} ms; the busiest rank computes "
+              f"{busiest:.1f} ms per cycle, which allows {ideal:.2f}x: efficiency {o['efficiency']:.2f}")
+    return out
 
 
 def check_identity(cfg: BenchConfig, rows: dict[str, dict], dtypes: dict[str, str] | None = None) -> int:
@@ -220,7 +287,7 @@ def run_prompts(cfg, runners, dtypes: dict[str, str], tok, sets, eos) -> list[di
                     gen = run(ids, cfg.max_new_tokens, cfg.sampling, eos)
                     # The bench's method spec wins over the name the metrics carry (e.g. sd-tree).
                     rec = {"dataset": name, "question_id": row["question_id"], "prompt_tokens": len(ids),
-                           **gen.metrics.as_dict(), "method": m, "dtype": dtypes[m]}
+                           **gen.metrics.as_dict(), "method": m, "dtype": dtypes[m], "tokens": gen.tokens}
                     if base_method(m) == "ar" and dtypes[m] not in ar_tokens:
                         ar_tokens[dtypes[m]] = gen.tokens
                     elif dtypes[m] in ar_tokens and cfg.temperature == 0:
@@ -228,72 +295,3 @@ def run_prompts(cfg, runners, dtypes: dict[str, str], tok, sets, eos) -> list[di
                     records.append(rec)
                     bar.update(1)
     return records
-
-
-def distributed_methods(cfg) -> list[str]:
-    """The methods `bench --distributed` runs across processes: the listed spd/speed, else spd."""
-    return [m.strip() for m in cfg.method.split(",") if m.strip() in ("spd", "speed")] or ["spd"]
-
-
-def run_bench_distributed(cfg) -> int:
-    """Distributed SPD against the best in-process AR (1 and 2 threads), same prompts, one invocation."""
-    from ..methods.ar import generate_ar
-    from ..runtime.models import load_model
-    from ..runtime.staged import StagedTarget
-
-    sets = load_sets(cfg)
-    model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
-    eos = eos_ids(model, tok)
-    target = StagedTarget(model)
-    sampling = cfg.sampling
-    records = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        first = encode_prompt(tok, next(iter(sets.values()))[0]["turns"][0])
-        generate_ar(target, first, 4, sampling, eos)
-        for name, rows in tqdm(sets.items(), desc=f"AR {threads} thread(s)"):
-            for row in rows:
-                gen = generate_ar(target, encode_prompt(tok, row["turns"][0]), cfg.max_new_tokens, sampling, eos)
-                records.append({"dataset": name, "question_id": row["question_id"], "tokens": gen.tokens,
-                                **gen.metrics.as_dict(), "method": f"ar-{threads}t"})
-    dist_methods = distributed_methods(cfg)
-    dist_records = []
-    for dm in dist_methods:  # SPD's PDM and SPEED's early exit on the same process pipeline
-        dist_records += run_distributed_spd(replace(cfg, method=dm), model, tok, sets, eos)
-    ar_best = max(("ar-1t", "ar-2t"), key=lambda m: pooled([r for r in records if r["method"] == m])["decode_tok_s"])
-    ar_tokens = {(r["dataset"], r["question_id"]): r["tokens"] for r in records if r["method"] == ar_best}
-    for r in dist_records:
-        if cfg.temperature == 0:
-            r["matches_ar"] = r["tokens"] == ar_tokens[(r["dataset"], r["question_id"])]
-    records += dist_records
-    methods = ["ar-1t", "ar-2t"] + [f"{m}-dist" for m in dist_methods]
-    summary = summarise(records, methods, list(sets), cfg.gamma)
-    for row in summary.values():  # the baseline is the best AR configuration
-        for d, r in row.items():
-            base = summary[ar_best][d]["decode_tok_s"]
-            r["speedup_vs_ar"] = r["decode_tok_s"] / base if base and r["decode_tok_s"] else None
-    print_table(summary)
-    ar_step = 1e3 / summary[ar_best]["overall"]["decode_tok_s"]
-    breakdowns = {}
-    for dm in dist_methods:
-        name = f"{dm}-dist"
-        breakdown = breakdowns[name] = rank_breakdown([r for r in dist_records if r["method"] == name])
-        print(f"{name} per-cycle time by rank (ms): " + "; ".join(
-            f"{rank}: " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) for rank, phases in breakdown.items()))
-        o = summary[name]["overall"]
-        busiest = max(breakdown["rank0"].get("draft", 0) + breakdown["rank0"].get("stage0", 0),
-                      *(p["compute"] for k, p in breakdown.items() if k != "rank0"))
-        ideal = o["tokens_per_cycle"] * ar_step / busiest
-        o["ideal_speedup"], o["efficiency"] = ideal, o["speedup_vs_ar"] / ideal
-        print(f"best AR: {ar_best} ({ar_step:.1f} ms/token). {name}: {o['speedup_vs_ar']:.2f}x wall clock, "
-              f"tau {o['tau']:.2f} (speedup/tau {o['speedup_vs_ar'] / o['tau']:.2f}); ideal given tokens/cycle and "
-              f"the busiest rank's compute ({busiest:.1f} ms/cycle): {ideal:.2f}x, efficiency {o['efficiency']:.2f}")
-    if cfg.plot:
-        plot_speedups({m: summary[m] for m in methods if m != ar_best}, cfg.plot)
-    if cfg.json_out:
-        config = asdict(cfg)
-        Path(cfg.json_out).write_text(json.dumps({"config": config, "summary": summary, "rank_ms_per_cycle":
-                                                   breakdowns, "records": records}, indent=1, default=str))
-    return check_identity(cfg, {f"{dm}-dist": summary[f"{dm}-dist"]["overall"] for dm in dist_methods})
-
-

@@ -101,6 +101,10 @@ class Metrics:
                 parts.append("acceptance per depth " + " ".join("-" if a is None else f"{a:.2f}" for a in per_depth))
             if self.cycles and self.phase_s.get("draft"):
                 parts.append(f"drafting {1e3 * self.phase_s['draft'] / self.cycles:.1f} ms/cycle")
+            if self.cycles and self.nodes_entered > self.cycles:  # trees: what each cycle carried
+                parts.append(f"per cycle: {self.nodes_entered / self.cycles:.1f} nodes entered, "
+                             f"{self.drafts_verified / self.cycles:.2f} verified, "
+                             f"{self.wasted_rows / self.cycles:.1f} stage-rows pruned")
         parts.append(f"stop: {self.stop_reason}")
         return f"[{self.method}] " + ", ".join(parts)
 
