@@ -267,7 +267,8 @@ def method_split(args, model, distributed: bool = False) -> list[int]:
     """The stage sizes of args.method's target (one rule per method: `distributed.split`)."""
     from .distributed.split import method_split
 
-    return method_split(args.method, model, args.model, args.stages, args.draft, distributed)
+    return method_split(args.method, model, args.model, args.stages, args.draft, distributed,
+                        method_options(args).tree(args.method)[0] > 1)
 
 
 def worker_args(args, sizes: list[int]) -> list[str]:

@@ -138,7 +138,7 @@ def split_for(method: str, model, model_name: str, opts: MethodOptions) -> list[
     from .distributed.split import method_split
     from .runtime.staged import split_layers
 
-    sizes = method_split(method, model, model_name, opts.stages, opts.draft)
+    sizes = method_split(method, model, model_name, opts.stages, opts.draft, tree=opts.tree(method)[0] > 1)
     return sizes if method in (*PIPELINED, "ar") else split_layers(model.config.num_hidden_layers, 1)
 
 
@@ -185,9 +185,9 @@ def make_generator(method: str, model, model_name: str, opts: MethodOptions,
     if method == "ar":
         run = lambda ids, k, s, e, on_token=None: generate_ar(target, ids, k, s, e, on_token)  # noqa: E731
     elif method in PIPELINED:
-        drafter = make_pipeline_drafter(method, target, model_name, weights_fingerprint(model), opts.draft,
-                                        opts.speed_depth)
         shape = TreeShape(*opts.tree(method))
+        drafter = make_pipeline_drafter(method, target, model_name, weights_fingerprint(model), opts.draft,
+                                        opts.speed_depth, shape.tree)
         run = lambda ids, k, s, e, on_token=None: generate_spd(target, drafter, ids, k, s, e, on_token,  # noqa: E731
                                                                shape=shape)
     elif method in ("sd", "eagle"):

@@ -174,14 +174,14 @@ def run_eval(cfg: EvalConfig) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
-    target = StagedTarget(model, pdm_split(model, cfg.model, cfg.stages, cfg.draft))
-    pdm = pdm_for(target, cfg.model, weights_fingerprint(model), cfg.draft)
-    eos = eos_ids(model, tok)
     from ..generators import MethodOptions
     from ..methods.spd_core import TreeShape
 
     shape = TreeShape(*MethodOptions(tree_budget=cfg.tree_budget, tree_depth=cfg.tree_depth,
                                      tree_topk=cfg.tree_topk).tree("spd"))
+    target = StagedTarget(model, pdm_split(model, cfg.model, cfg.stages, cfg.draft, tree=shape.tree))
+    pdm = pdm_for(target, cfg.model, weights_fingerprint(model), cfg.draft, shape.tree)
+    eos = eos_ids(model, tok)
     how = "decoded" if shape.tree else "replayed"
     summary, records = {}, []
     for name in [d.strip() for d in cfg.data.split(",") if d.strip()]:

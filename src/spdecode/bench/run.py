@@ -97,7 +97,7 @@ def method_specs(cfg: BenchConfig) -> dict[str, tuple[str, MethodOptions]]:
     if len(set(specs)) < len(specs):
         raise SpdError(f"--method {cfg.method} lists a method spec twice")
     if cfg.distributed and not any(base_method(s) in PIPELINED for s in specs):
-        raise SpdError("--distributed runs spd or speed with one process per stage: list one in --method")
+        specs.append("spd")  # --distributed runs a pipeline with one process per stage: spd unless one is listed
     if cfg.ar_sweep or (cfg.distributed and "ar" in specs):
         if "ar" not in specs:
             raise SpdError("--ar-sweep replaces a plain `ar` in --method by every AR configuration: list ar")
@@ -139,7 +139,8 @@ def run_distributed_spd(cfg, method: str, opts: MethodOptions, key: str, model, 
 
     from ..distributed.launch import run_distributed
 
-    sizes = method_split(method, model, cfg.model, opts.stages, opts.draft, distributed=True)
+    sizes = method_split(method, model, cfg.model, opts.stages, opts.draft, distributed=True,
+                         tree=opts.tree(method)[0] > 1)
     order = [(name, row) for name, rows in sets.items() for row in rows]
     with tempfile.TemporaryDirectory() as tmp:
         req, out = Path(tmp) / "requests.jsonl", Path(tmp) / "out.json"

@@ -13,15 +13,15 @@ from .balance import balanced_split, measure_costs
 
 
 def pdm_split(model, model_name: str, stages: int | list[int], draft: str | None = None,
-              balance: bool = False) -> list[int]:
+              balance: bool = False, tree: bool = False) -> list[int]:
     """Stage sizes for SPD: explicit sizes as given; a count takes the split of the draft that will
-    be used (its anchors depend on it), else a cost-balanced split (`balance`: one process per
-    stage) or an even one."""
+    be used (its anchors depend on it; `tree`: the bundled draft for trees, where there is one),
+    else a cost-balanced split (`balance`: one process per stage) or an even one."""
     L = model.config.num_hidden_layers
     if isinstance(stages, list):
         return split_layers(L, stages)
     even = split_layers(L, stages)
-    draft = draft or bundled_draft(model_name, None, stages)
+    draft = draft or bundled_draft(model_name, None, stages, tree=tree)
     if draft and (Path(draft) / CONFIG_FILE).exists():
         sizes = json.loads((Path(draft) / CONFIG_FILE).read_text()).get("stage_sizes", [])
         if len(sizes) == stages and sum(sizes) == L:
@@ -40,11 +40,11 @@ def speed_split(model, stages: int | list[int]) -> list[int]:
 
 
 def method_split(method: str, model, model_name: str, stages: int | list[int], draft: str | None = None,
-                 distributed: bool = False) -> list[int]:
+                 distributed: bool = False, tree: bool = False) -> list[int]:
     """Stage sizes of `method`'s target: spd `pdm_split` (balanced when `distributed`), speed
     `speed_split`, any other method --stages split evenly."""
     if method == "spd":
-        return pdm_split(model, model_name, stages, draft, balance=distributed)
+        return pdm_split(model, model_name, stages, draft, balance=distributed, tree=tree)
     if method == "speed":
         return speed_split(model, stages)
     return split_layers(model.config.num_hidden_layers, stages)

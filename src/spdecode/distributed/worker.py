@@ -97,7 +97,8 @@ def run(args) -> int:
             raise SpdError(f"{source} has no tokenizer; use --requests with token ids") from None
         tok = None
     fingerprint = files_fingerprint(source) if args.method == "spd" else ""
-    drafter = make_pipeline_drafter(args.method, target, args.model, fingerprint, args.draft, args.speed_depth)
+    drafter = make_pipeline_drafter(args.method, target, args.model, fingerprint, args.draft, args.speed_depth,
+                                    shape.tree)
     root = RootRank(target, drafter, link)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     eos = eos_ids(model, tok)

@@ -16,11 +16,11 @@ DRAFTER_SPECS = "early-exit:K, prompt-lookup or model:PATH"
 
 
 def make_pipeline_drafter(method: str, target, model_name: str, fingerprint: str, draft: str | None = None,
-                          speed_depth: int | None = None):
+                          speed_depth: int | None = None, tree: bool = False):
     """The drafter of SPD's pipeline for `method`: spd, the PDM (`draft`, else the bundled one for
     this model and split); speed, SPEED's early exit at `speed_depth` (default: stage 0's last layer)."""
     if method == "spd":
-        return PdmTreeDrafter(pdm_for(target, model_name, fingerprint, draft))
+        return PdmTreeDrafter(pdm_for(target, model_name, fingerprint, draft, tree))
     if method == "speed":
         return SpeedDrafter(target, speed_depth or target.stage_sizes[0])
     raise SpdError(f"{method!r} runs no drafter in SPD's pipeline (spd or speed)")

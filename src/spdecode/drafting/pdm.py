@@ -188,10 +188,14 @@ def load_pdm(directory: str | Path, target: StagedTarget, fingerprint: str) -> P
 BUNDLED = Path(__file__).parents[1] / "drafts"
 
 
-def bundled_draft(model_name: str, stage_sizes: list[int] | None, n: int | None = None) -> Path | None:
-    """A draft shipped with spdecode for this model alias and split (or just this many stages)."""
+def bundled_draft(model_name: str, stage_sizes: list[int] | None, n: int | None = None,
+                  tree: bool = False) -> Path | None:
+    """A draft shipped with spdecode for this model alias and split (or just this many stages);
+    `tree`: the one trained for draft trees in flight, where there is one."""
     n = len(stage_sizes) if stage_sizes is not None else n
-    d = BUNDLED / f"{model_name}-n{n}"
+    d = BUNDLED / f"{model_name}-n{n}-tree"
+    if not tree or not (d / CONFIG_FILE).exists():
+        d = BUNDLED / f"{model_name}-n{n}"
     if not (d / CONFIG_FILE).exists():
         return None
     if stage_sizes is not None and json.loads((d / CONFIG_FILE).read_text())["stage_sizes"] != list(stage_sizes):
@@ -205,10 +209,12 @@ def bundled_head(model_name: str) -> Path | None:
     return d if (d / CONFIG_FILE).exists() else None
 
 
-def pdm_for(target: StagedTarget, model_name: str, fingerprint: str, draft: str | Path | None = None):
-    """The PDM to use: `draft` if given, else the bundled draft for this model and split, else an
-    untrained one (lossless, but its drafts are noise)."""
-    draft = draft if draft is not None else bundled_draft(model_name, target.stage_sizes)
+def pdm_for(target: StagedTarget, model_name: str, fingerprint: str, draft: str | Path | None = None,
+            tree: bool = False):
+    """The PDM to use: `draft` if given, else the bundled draft for this model and split (`tree`:
+    preferably the one trained for draft trees), else an untrained one (lossless, but its drafts
+    are noise)."""
+    draft = draft if draft is not None else bundled_draft(model_name, target.stage_sizes, tree=tree)
     if draft is not None:
         return load_pdm(draft, target, fingerprint)
     warnings.warn(f"no trained draft given for {model_name} with {target.n_stages} stages: SPD runs with an "

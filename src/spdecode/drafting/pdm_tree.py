@@ -19,6 +19,7 @@ distribution when sampling (its q travels to the verifier's rejection rule).
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import torch
@@ -133,8 +134,14 @@ class PdmTreeDrafter:
                         logprobs[row, taken] = float("-inf")
             return logprobs
 
+        # A child of a node in flight is where a walk ending there steps on; without it a refill of
+        # n - 1 cycles follows. Worth about n tokens instead of one: its rank is raised by log n.
+        step = {i: math.log(run.n) for i in starts if sched.nodes[i].slot >= 0} if run.n > 1 else {}
+        # In a pipeline a walk that stops at a node steps on only into a child of a later slot: the
+        # first level may give a node in flight as many such children as its probability earns.
         kept = grow_best_first([(i, sched.nodes[i].score) for i in starts], expand, shape.budget, shape.depth,
-                               shape.topk, self.vocab, expand_all=run.n > 1)
+                               shape.topk, self.vocab, expand_all=run.n > 1, bonus=step,
+                               first_topk=shape.budget if run.n > 1 else None)
         added: list[int | None] = []
         for g in kept:
             parent = g.leaf if g.parent is None else added[g.parent]

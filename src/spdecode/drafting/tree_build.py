@@ -36,32 +36,45 @@ Expand = Callable[[list[Grown], list[Ref]], torch.Tensor]
 
 
 def grow_best_first(leaves: list[tuple[object, float]], expand: Expand, budget: int, depth: int, topk: int,
-                    vocab: torch.Tensor | None = None, expand_all: bool = False) -> list[Grown]:
+                    vocab: torch.Tensor | None = None, expand_all: bool = False,
+                    bonus: dict | None = None, first_topk: int | None = None) -> list[Grown]:
     """The kept grown nodes, parents first (`parent`: an index into the returned list).
     `leaves`: (key, score) to grow from; `vocab`: when expand's distributions are over a draft
     vocabulary, its token ids (index -> the target's id). `expand_all`: the first level expands
     every starting node, not only the `topk` best (SPD's pipeline: a node the walk may stop at
-    needs a child in the next slot, whatever its score)."""
+    needs a child in the next slot, whatever its score). `bonus`: per starting leaf, a log-weight
+    added to its children's rank when the budget is cut (not to their scores): in a pipeline a
+    child the walk steps into also saves a refill; a node's descendants outrank it never.
+    `first_topk`: children per starting leaf at the first level (default `topk`)."""
     grown: list[Grown] = []
     base = dict(leaves)
     # Ties go to the earlier entry, so a parent always ranks before its equal-scoring child.
     order = sorted(range(len(leaves)), key=lambda i: -leaves[i][1])[:None if expand_all else topk]
     frontier: list[Ref] = [("leaf", leaves[i][0]) for i in order]
-    for _ in range(depth):
+    for level in range(depth):
         if not frontier:
             break
         logprobs = expand(grown, frontier)
+        width = topk if level or first_topk is None else first_topk
         new = []
         for row, (kind, ref) in enumerate(frontier):
             start = base[ref] if kind == "leaf" else grown[ref].score
-            top = torch.topk(logprobs[row].float(), min(topk, logprobs.shape[-1]))
+            top = torch.topk(logprobs[row].float(), min(width, logprobs.shape[-1]))
             ids = top.indices if vocab is None else vocab[top.indices]
             for lp, t in zip(top.values.tolist(), ids.tolist(), strict=True):
                 new.append(len(grown))
                 grown.append(Grown(None if kind == "leaf" else ref, ref if kind == "leaf" else grown[ref].leaf,
                                    int(t), start + lp))
         frontier = [("new", i) for i in sorted(new, key=lambda i: (-grown[i].score, i))[:topk]]
-    keep = sorted(sorted(range(len(grown)), key=lambda i: (-grown[i].score, i))[:budget])
+    bonus = bonus or {}
+
+    def rank(i):  # a node's bonus is its first-level ancestor's: descendants never outrank their parents
+        g = grown[i]
+        while g.parent is not None:
+            g = grown[g.parent]
+        return -(grown[i].score + bonus.get(g.leaf, 0.0)), i
+
+    keep = sorted(sorted(range(len(grown)), key=rank)[:budget])
     index = {old: k for k, old in enumerate(keep)}
     return [Grown(None if g.parent is None else index[g.parent], g.leaf, g.token, g.score)
             for g in (grown[i] for i in keep)]
