@@ -77,11 +77,14 @@ def test_cli_spd_json_equals_ar_and_warns_without_draft():
     assert "untrained PDM" in spd.stderr
 
 
-@pytest.mark.parametrize("n, sizes", [(2, [16, 14]), (4, [8, 8, 7, 7])])
-def test_bundled_drafts_load_with_no_extra_flags(n, sizes):
+@pytest.mark.parametrize("n, sizes, budget", [(2, [13, 17], None), (2, [16, 14], 1), (4, [8, 8, 7, 7], None)])
+def test_bundled_drafts_load_with_no_extra_flags(n, sizes, budget):
+    """spd's default is a draft tree: at n = 2 the bundled tree-ready draft (its split), with one
+    node per slot the published draft; n = 4 has only the published draft, which drafts trees too."""
     prompt = "Write a Python function that checks whether a number is prime."
+    extra = [] if budget is None else ["--tree-budget", str(budget)]
     spd = spdecode("generate", "--chat", "--prompt", prompt, "--method", "spd", "--stages", str(n),
-                   "--max-new-tokens", "48", "--json")
+                   "--max-new-tokens", "48", "--json", *extra)
     ar = spdecode("generate", "--chat", "--prompt", prompt, "--max-new-tokens", "48", "--json")
     assert spd.returncode == 0, spd.stderr
     s = json.loads(spd.stdout)

@@ -21,7 +21,7 @@ METHODS = ("ar", "sd", "eagle", "pipespec", "speed", "spd")
 
 # eagle's and spd's trees when none is given: chosen by the sweeps recorded in src/spdecode/drafts/README.md.
 EAGLE_TREE = {"tree_budget": 8, "tree_depth": 3, "tree_topk": 4}
-SPD_TREE = {"tree_budget": 1, "tree_depth": 1, "tree_topk": 1}
+SPD_TREE = {"tree_budget": 8, "tree_depth": 2, "tree_topk": 4}
 
 
 @dataclass(frozen=True)

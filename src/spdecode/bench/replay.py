@@ -177,8 +177,9 @@ def run_eval(cfg: EvalConfig) -> int:
     from ..generators import MethodOptions
     from ..methods.spd_core import TreeShape
 
-    shape = TreeShape(*MethodOptions(tree_budget=cfg.tree_budget, tree_depth=cfg.tree_depth,
-                                     tree_topk=cfg.tree_topk).tree("spd"))
+    # One node per slot (the exact replay) unless a tree budget is asked for.
+    shape = TreeShape() if cfg.tree_budget is None else TreeShape(*MethodOptions(
+        tree_budget=cfg.tree_budget, tree_depth=cfg.tree_depth, tree_topk=cfg.tree_topk).tree("spd"))
     target = StagedTarget(model, pdm_split(model, cfg.model, cfg.stages, cfg.draft, tree=shape.tree))
     pdm = pdm_for(target, cfg.model, weights_fingerprint(model), cfg.draft, shape.tree)
     eos = eos_ids(model, tok)

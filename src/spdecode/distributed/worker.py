@@ -47,7 +47,8 @@ def parse(argv=None):
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for a peer (default 120)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
-    ap.add_argument("--tree-budget", type=int, default=1, help="draft-tree nodes per slot (default 1: one token)")
+    ap.add_argument("--tree-budget", type=int, default=1,
+                    help="draft-tree nodes per slot (default 1: one token; `spdecode` passes spd's tuned tree)")
     ap.add_argument("--tree-depth", type=int, default=1)
     ap.add_argument("--tree-topk", type=int, default=1)
     return ap.parse_args(argv)
