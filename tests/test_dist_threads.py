@@ -156,7 +156,7 @@ def model():
 
 
 @pytest.mark.parametrize("shape", [TreeShape(), TreeShape(6, 3, 2)], ids=["one node per slot", "trees"])
-@pytest.mark.parametrize("sizes", [[3, 3], [2, 2, 2]])
+@pytest.mark.parametrize("sizes", [[3, 3], [2, 2, 2], [2, 1, 2, 1]])
 def test_rank_pair_exchange_cannot_deadlock_under_nccl_ordering(model, sizes, shape):
     """RootRank and serve_stage, three requests and a shutdown, under NCCL ordering: no deadlock,
     greedy tokens equal AR's, and drafts were both accepted and rejected (rollbacks crossed ranks)."""

@@ -109,6 +109,17 @@ def test_eos_inside_the_in_flight_window_is_cut_exactly(tiny):
     assert gen.metrics.stop_reason == "eos" and gen.metrics.new_tokens == len(expected)
 
 
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_eos_inside_a_tree_in_flight_is_never_passed(tiny, n):
+    """An oracle's trees run past EOS in every slot in flight: the output stops exactly at it."""
+    model, ref = tiny
+    eos = ref[9]
+    expected = ref[: ref.index(eos) + 1]
+    gen = generate_spd(StagedTarget(model, n), ReferenceDrafter(PROMPT, ref, 97, 1.0, branches=2), PROMPT, 40,
+                       eos={eos}, shape=TreeShape(6, 3, 2))
+    assert gen.tokens == expected and gen.metrics.stop_reason == "eos"
+
+
 def test_default_anchors_give_one_type_per_depth():
     assert depth_to_type([0, 8, 16, 23, 30], [8, 8, 7, 7]) == [0, 1, 2, 3, 4]
     # Custom anchors may share a type between depths.
