@@ -16,22 +16,10 @@ if [ ! -s "$OUT/regen.jsonl" ]; then
     $PY -m spdecode regenerate --dtype bfloat16 --threads 2 --data sharegpt --limit 4000 --batch-size 32 \
         --max-new-tokens 256 --time-limit "$REGEN_S" --out "$OUT/regen.jsonl"
 fi
-$PY - "$OUT" "$RAW" <<'PYEOF'
-import json, sys
-from spdecode.data import load_conversations
-out, raw_count = sys.argv[1], int(sys.argv[2])
-regen = [json.loads(line) for line in open(f"{out}/regen.jsonl")]
-seen = {c[0]["content"][:200] for c in regen}
-raw = [c[:2] for c in load_conversations("sharegpt", None) if c[0]["content"][:200] not in seen][:raw_count]
-with open(f"{out}/mix.jsonl", "w") as f:
-    for c in regen + raw:
-        f.write(json.dumps({"messages": c}) + "\n")
-print(len(regen), "regenerated +", len(raw), "raw conversations")
-PYEOF
+$PY "$(dirname "$0")/mix_conversations.py" "$OUT" "$RAW"
 common=(--tree --chain-depth 2 --stages 13,17 --anchors 0,13,30 --init src/spdecode/drafts/smollm2-135m-n2
-        --data "$OUT/mix.jsonl"
-        --limit 100000 --max-len 512 --val-frac 0.03 --epochs 100 --lr 1e-3 --batch-tokens 4096 --val-every 50
-        --save-every 25 --cache-dir "$OUT/features")
+        --data "$OUT/mix.jsonl" --limit 100000 --max-len 512 --val-frac 0.03 --epochs 100 --lr 1e-3
+        --batch-tokens 4096 --val-every 25 --save-every 25 --cache-dir "$OUT/features")
 # Warm the feature cache once with both cores (a 1-second run), then train.
 $PY -m spdecode train "${common[@]}" --threads 2 --time-limit 1 --out "$OUT/warm" > "$OUT/warm.log" 2>&1
 OMP_NUM_THREADS=$THREADS $PY -m spdecode train "${common[@]}" --threads "$THREADS" --time-limit "$TRAIN_S" \
