@@ -32,6 +32,8 @@ model: install
 # (2 stages, the bundled tree-ready draft), and eagle; each ends with its tok/s and, for the
 # speculative ones, acceptance, tokens per cycle and what a cycle carried.
 run: model
+	@echo "bf16, each method's fastest configuration: a multi-row bf16 pass rounds differently from"
+	@echo "AR's one-row pass, so the texts may part; in float32 (--dtype float32) they are identical."
 	$(VENV)/bin/spdecode generate --model $(MODEL) --chat --max-new-tokens 96 --prompt "$(PROMPT)" \
 		--dtype bfloat16 --threads 2
 	$(VENV)/bin/spdecode generate --model $(MODEL) --chat --max-new-tokens 96 --prompt "$(PROMPT)" \
