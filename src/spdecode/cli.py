@@ -1,4 +1,4 @@
-"""The `spdecode` command line: generate, prepare.
+"""The `spdecode` command line: generate, serve, bench, train, prepare, ...
 
 Bad input ends in a one-line `error: ...` on stderr and exit code 2, never a traceback.
 """
@@ -201,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", required=True, help="JSON file to write ({\"token_ids\": [...]})")
     v.set_defaults(func=cmd_vocab)
 
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (streaming, Prometheus /metrics)")
+    add_model_args(s)
+    s.add_argument("--method", default="ar", choices=["ar", "spd", "sd", "eagle", "speed"],
+                   help="decoding method, as for generate (default ar)")
+    s.add_argument("--draft", default=None, help="trained draft for spd or eagle (default: the bundled one)")
+    add_sd_args(s)
+    add_chain_args(s)
+    s.add_argument("--stages", type=stage_spec, default=1, help="pipeline stages (default 1)")
+    add_distributed_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-queue", type=int, default=32, help="requests that may wait while one decodes (default 32)")
+    s.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("prepare", help="convert a model alias to safetensors in the cache (done once)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.set_defaults(func=cmd_prepare)
@@ -293,6 +307,56 @@ def generate_distributed(args) -> int:
     worker = worker_args(args, sizes) + ["--prompt", args.prompt]
     worker += ["--chat"] if args.chat else []
     worker += ["--json"] if args.json else []
+    return run_distributed(len(sizes), worker, args.master_port, args.rdzv_endpoint)
+
+
+def cmd_serve(args) -> int:
+    """`spdecode serve`: one process, or rank 0 of the pipeline (distributed/worker.py) serving."""
+    import contextlib
+
+    import torch
+
+    from .generators import check_draft, make_generator
+    from .runtime.generation import eos_ids
+    from .runtime.models import load_model
+    from .runtime.sampling import GREEDY
+    from .serve.run import serve
+
+    check_draft(args.method, args.draft)
+    if isinstance(args.stages, int) and args.stages < 1:
+        raise SpdError(f"the number of stages must be at least 1 (got {args.stages})")
+    if args.max_queue < 1:
+        raise SpdError(f"--max-queue must be at least 1 (got {args.max_queue})")
+    if not 0 <= args.port < 65536:
+        raise SpdError(f"--port must be in 0..65535 (got {args.port})")
+    if args.distributed:
+        return serve_distributed(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, args.dtype, args.device)
+    eos = eos_ids(model, tok)
+    with contextlib.ExitStack() as stack:
+        run, stages = make_generator(args.method, model, args.model, method_options(args), stack)
+        run(list(tok("Hello").input_ids), 4, GREEDY, eos)  # warm-up, off the first request
+        what = f"{args.method}, stages {stages}, {args.dtype}, one process"
+        return serve(run, tok, eos, args.model, int(getattr(model.config, "max_position_embeddings", 2048)),
+                     args.host, args.port, args.max_queue, description=what)
+
+
+def serve_distributed(args) -> int:
+    from .distributed.launch import run_distributed
+    from .distributed.split import worker_args as split_worker_args
+    from .runtime.models import load_model
+    from .runtime.sampling import GREEDY
+
+    if args.method not in ("spd", "speed"):
+        raise SpdError("--distributed runs SPD's pipeline: add --method spd (or speed)")
+    model, _ = load_model(args.model, args.dtype, "cpu")
+    sizes = method_split(args, model, distributed=True)
+    del model
+    worker = split_worker_args(args.model, sizes, 1, GREEDY, args.dtype, args.device, args.timeout, args.draft,
+                               args.method, args.speed_depth, args.threads, method_options(args).tree(args.method))
+    worker += ["--serve", f"{args.host}:{args.port}", "--max-queue", str(args.max_queue)]
     return run_distributed(len(sizes), worker, args.master_port, args.rdzv_endpoint)
 
 

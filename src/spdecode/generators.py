@@ -160,7 +160,7 @@ def with_threads(run: Callable[..., Generation], threads: int | None) -> Callabl
 
 def make_generator(method: str, model, model_name: str, opts: MethodOptions,
                    stack: contextlib.ExitStack | None = None) -> tuple[Callable[..., Generation], list]:
-    """(generate(prompt_ids, max_new_tokens, sampling, eos, on_token=None) -> Generation, stages):
+    """(generate(prompt_ids, max_new_tokens, sampling, eos, on_token=None, halt=None) -> Generation, stages):
     `method` with `opts` on `model` (loaded in opts.dtype on opts.device). `stages`: the layer split,
     or pipespec's chain of models. Processes a method starts (PipeSpec's chain) close with `stack`."""
     from .drafting.build import make_candidates, make_eagle_drafter, make_pipeline_drafter
@@ -183,13 +183,13 @@ def make_generator(method: str, model, model_name: str, opts: MethodOptions,
         return chain.generate, models + ["target"]
     target = StagedTarget(model, split_for(method, model, model_name, opts))
     if method == "ar":
-        run = lambda ids, k, s, e, on_token=None: generate_ar(target, ids, k, s, e, on_token)  # noqa: E731
+        run = lambda ids, k, s, e, on_token=None, halt=None: generate_ar(target, ids, k, s, e, on_token, halt)  # noqa: E731
     elif method in PIPELINED:
         shape = TreeShape(*opts.tree(method))
         drafter = make_pipeline_drafter(method, target, model_name, weights_fingerprint(model), opts.draft,
                                         opts.speed_depth, shape.tree)
-        run = lambda ids, k, s, e, on_token=None: generate_spd(target, drafter, ids, k, s, e, on_token,  # noqa: E731
-                                                               shape=shape)
+        run = lambda ids, k, s, e, on_token=None, halt=None: generate_spd(  # noqa: E731
+            target, drafter, ids, k, s, e, on_token, shape=shape, halt=halt)
     elif method in ("sd", "eagle"):
         drafter = (make_eagle_drafter(target, model_name, weights_fingerprint(model), opts.draft) if method == "eagle"
                    else make_candidates(opts.drafter, model, opts.dtype, opts.device))

@@ -17,7 +17,7 @@ import sys
 # Prefix of the traceback lines a rank prints under its `error: rank R: unexpected ...` line.
 TRACE_PREFIX = "  rank {rank} | "
 _TRACE = re.compile(r"^  rank \S+ \| ")
-_KEEP = ("error:", "warning:", "[spd", "[speed")
+_KEEP = ("error:", "warning:", "[spd", "[speed", "[serve")
 
 
 def torchrun_command(nproc: int, worker_args: list[str], master_port: int | None = None,
@@ -38,14 +38,34 @@ def run_distributed(nproc: int, worker_args: list[str], master_port: int | None 
     env.setdefault("OMP_NUM_THREADS", "1")  # one core per rank; silences torchrun's notice
     proc = subprocess.Popen(torchrun_command(nproc, worker_args, master_port, rdzv_endpoint), env=env,
                             stderr=subprocess.PIPE, text=True)
+    # SIGTERM (e.g. stopping `spdecode serve`) goes on to torchrun, which stops every rank with it;
+    # we then report as usual once torchrun is gone.
+    stopped = []
+
+    def stop(*_):
+        stopped.append(True)
+        proc.terminate()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    seen, shown = [], set()
     try:
-        _, err = proc.communicate()
+        for line in proc.stderr:  # the ranks' own lines as they come (a server runs for long)
+            line = line.rstrip("\n")
+            seen.append(line)
+            if line.startswith(_KEEP) or _TRACE.match(line):
+                print(line, file=sys.stderr, flush=True)
+                shown.add(line)
+        proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
         proc.wait(30)
         raise
-    if err:
-        for line in rank_lines(err, proc.returncode):
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped:  # we were told to stop: torchrun's exit code and report only say that it stopped the ranks
+        return 0
+    for line in rank_lines("\n".join(seen), proc.returncode):
+        if line not in shown:  # what only torchrun's report tells (a rank killed without a word)
             print(line, file=sys.stderr)
     return proc.returncode
 

@@ -43,7 +43,7 @@ from ..methods.spd import (
 )
 from ..methods.spd_core import ONE_NODE, SpdRun, TreeShape
 from ..runtime.errors import SpdError
-from ..runtime.generation import Generation, start_generation
+from ..runtime.generation import Generation, Halt, start_generation
 from ..runtime.sampling import GREEDY, SamplingParams
 from ..runtime.staged import StagedTarget
 from .comm import END, NONE, PREFILL, REPORT, SHUTDOWN, SLOT, TAG_FORWARD, TAG_TO_ROOT, Link, Message, pack_plan
@@ -93,14 +93,15 @@ class RootRank:
 
     @torch.inference_mode()
     def generate(self, prompt_ids, max_new_tokens=64, sampling=GREEDY, eos=frozenset(), on_token=None,
-                 shape: TreeShape = ONE_NODE) -> Generation:
+                 shape: TreeShape = ONE_NODE, halt: Halt | None = None) -> Generation:
         t, n = self.target, self.n
         # The draft sampler's stream differs from the last rank's (target side): exact in distribution.
         draft_sampling = SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p,
                                         None if sampling.seed is None else sampling.seed + 1)
         extra = lookahead_rows(n, shape)
         max_new_tokens, sampler, stop, m = start_generation(t, prompt_ids, max_new_tokens, draft_sampling, eos,
-                                                            self.drafter.method + "-dist", lookahead=extra)
+                                                            self.drafter.method + "-dist", lookahead=extra,
+                                                            halt=halt)
         # Every slot this request can fill, in every rank's cache: each reserves it once.
         self.positions = len(prompt_ids) + max_new_tokens + extra
         self.store = anchor_store(t, self.drafter, self.positions)
@@ -162,6 +163,15 @@ class RootRank:
                     open_ranks.remove(s)
         self.link.flush()
         self.rank_stats = [stats[s] for s in range(1, self.n)]
+
+    def heartbeat(self) -> None:
+        """A round trip through every rank between requests (`spdecode serve`): the stages, waiting
+        for the next request, would otherwise give up after the process group's timeout, and a dead
+        rank is found while idle instead of by the next request."""
+        self.link.send(1, Message(NONE), TAG_FORWARD)
+        for s in range(1, self.n):
+            self.link.recv(s, TAG_TO_ROOT)
+        self.link.flush()
 
     def shutdown(self) -> None:
         self.link.send(1, Message(SHUTDOWN), TAG_FORWARD)

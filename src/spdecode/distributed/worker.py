@@ -51,6 +51,9 @@ def parse(argv=None):
                     help="draft-tree nodes per slot (default 1: one token; `spdecode` passes spd's tuned tree)")
     ap.add_argument("--tree-depth", type=int, default=1)
     ap.add_argument("--tree-topk", type=int, default=1)
+    ap.add_argument("--serve", default=None, metavar="HOST:PORT",
+                    help="rank 0 serves OpenAI's API here (spdecode serve) instead of running --prompt/--requests")
+    ap.add_argument("--max-queue", type=int, default=32)
     return ap.parse_args(argv)
 
 
@@ -103,6 +106,8 @@ def run(args) -> int:
     root = RootRank(target, drafter, link)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     eos = eos_ids(model, tok)
+    if args.serve:
+        return serve_pipeline(args, root, target, tok, eos, shape, sizes)
     done = False
     try:
         if args.requests:
@@ -146,6 +151,29 @@ def run(args) -> int:
     return 0
 
 
+def serve_pipeline(args, root, target, tok, eos, shape, sizes) -> int:
+    """Rank 0 of `spdecode serve --distributed`: the same ranks decode every request; the engine
+    thread drives them (every message from one thread), a heartbeat keeps them up between requests."""
+    from ..serve.run import EXIT_PIPELINE_FAILED, serve
+
+    if tok is None:
+        raise SpdError("serving needs the model's tokenizer")
+    host, _, port = args.serve.rpartition(":")
+    root.generate(list(tok("Hello").input_ids), 4, eos=eos, shape=shape)  # warm-up, off the first request
+
+    def generate(ids, k, s, e, on_token=None, halt=None):
+        return root.generate(ids, k, s, e, on_token, shape=shape, halt=halt)
+
+    what = (f"{args.method} over {len(sizes)} processes, stages {sizes}, "
+            f"tree {shape.budget}/{shape.depth}/{shape.topk}, {args.dtype}")
+    code = serve(generate, tok, eos, args.model, target.context_length, host, int(port), args.max_queue,
+                 fatal=lambda exc: True, on_close=root.shutdown, on_idle=root.heartbeat,
+                 idle_s=max(1.0, args.timeout / 4), description=what)
+    if code == EXIT_PIPELINE_FAILED:
+        raise SpdError("the server stopped: a pipeline rank failed")
+    return code
+
+
 def report_failure(rank, exc: Exception) -> None:
     """`error: rank R: ...` on stderr; for anything but an SpdError also its type and traceback, each
     line prefixed so that the launcher passes it on (one write per line: ranks share the stream)."""
@@ -172,6 +200,8 @@ def main(argv=None) -> int:
     hf_logging.set_verbosity_error()
     try:
         code = run(args)
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank; the launcher reports it once
+        os._exit(130)
     except Exception as exc:
         report_failure(rank, exc)
         # Exit at once: flushing sends or tearing the process group down could wait on a dead peer

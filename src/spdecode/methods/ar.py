@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..runtime.generation import Generation, prefill, start_generation
+from ..runtime.generation import Generation, Halt, prefill, start_generation
 from ..runtime.sampling import GREEDY, SamplingParams
 from ..runtime.staged import StagedTarget
 
@@ -20,8 +20,10 @@ def generate_ar(
     sampling: SamplingParams = GREEDY,
     eos: set[int] = frozenset(),
     on_token: Callable[[int], None] | None = None,
+    halt: Halt | None = None,
 ) -> Generation:
-    max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos, "ar")
+    max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos, "ar",
+                                                        halt=halt)
     P = len(prompt_ids)
 
     tokens = [prefill(target, prompt_ids, sampler, m, on_token)]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from ..runtime.errors import SpdError
-from ..runtime.generation import Generation, prefill, start_generation
+from ..runtime.generation import Generation, Halt, prefill, start_generation
 from ..runtime.metrics import Clock
 from ..runtime.sampling import GREEDY, SamplingParams
 from ..runtime.staged import StagedTarget
@@ -32,9 +32,10 @@ def generate_sd(
     on_token: Callable[[int], None] | None = None,
     gamma: int = 4,
     adaptive: bool = False,
+    halt: Halt | None = None,
 ) -> Generation:
     max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos, "sd",
-                                                        lookahead=gamma, n_stages=1)
+                                                        lookahead=gamma, n_stages=1, halt=halt)
     drafter.reset()
     tokens = list(prompt_ids) + [prefill(target, prompt_ids, sampler, m, on_token)]
     emitted = [tokens[-1]]
@@ -81,7 +82,7 @@ def generate_sd(
 
 def sd_generator(target: StagedTarget, drafter, gamma: int = 4, adaptive: bool = False, tree_budget: int = 0,
                  tree_depth: int = 4, tree_topk: int = 4, method: str = "sd-tree") -> Callable[..., Generation]:
-    """generate(prompt_ids, max_new_tokens, sampling, eos, on_token) for classic SD: a chain of
+    """generate(prompt_ids, max_new_tokens, sampling, eos, on_token, halt) for classic SD: a chain of
     gamma drafts per target pass, or with tree_budget > 0 a draft tree of that many nodes, at most
     tree_depth deep, verified in one pass: the SPD core with one stage (spd.generate_spd) with
     prompt lookup's earlier continuations, a draft model's (early exit's) dynamic tree expanding
@@ -92,8 +93,8 @@ def sd_generator(target: StagedTarget, drafter, gamma: int = 4, adaptive: bool =
     if not tree_budget:
         if not hasattr(drafter, "propose"):
             raise SpdError("this drafter proposes draft trees only: give it a tree budget of at least 1")
-        return lambda ids, k, s=GREEDY, e=frozenset(), on_token=None: generate_sd(
-            target, drafter, ids, k, s, e, on_token, gamma=gamma, adaptive=adaptive)
+        return lambda ids, k, s=GREEDY, e=frozenset(), on_token=None, halt=None: generate_sd(
+            target, drafter, ids, k, s, e, on_token, gamma=gamma, adaptive=adaptive, halt=halt)
     from ..drafting.drafters import TokenTreeDrafter
     from .spd import generate_spd
     from .spd_core import TreeShape
@@ -104,5 +105,5 @@ def sd_generator(target: StagedTarget, drafter, gamma: int = 4, adaptive: bool =
                            "model:PATH")
         drafter = TokenTreeDrafter(drafter, method)
     shape = TreeShape(tree_budget, tree_depth, tree_topk)
-    return lambda ids, k, s=GREEDY, e=frozenset(), on_token=None: generate_spd(
-        target, drafter, ids, k, s, e, on_token, shape=shape, method=method)
+    return lambda ids, k, s=GREEDY, e=frozenset(), on_token=None, halt=None: generate_spd(
+        target, drafter, ids, k, s, e, on_token, shape=shape, method=method, halt=halt)

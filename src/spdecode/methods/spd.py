@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from ..drafting.drafters import AnchorStore
-from ..runtime.generation import Generation, start_generation
+from ..runtime.generation import Generation, Halt, start_generation
 from ..runtime.sampling import GREEDY, Sampler, SamplingParams
 from ..runtime.staged import StagedTarget
 from ..runtime.verify import target_choices
@@ -142,13 +142,14 @@ def generate_spd(
     on_token: Callable[[int], None] | None = None,
     shape: TreeShape = ONE_NODE,
     method: str | None = None,
+    halt: Halt | None = None,
 ) -> Generation:
     """SPD over `target`'s stages with `drafter` (a protocols.SlotDrafter); `shape`: the draft
     tree per slot (budget 1: SPD as published). `method`: the name the metrics carry."""
     n = target.n_stages
     extra = lookahead_rows(n, shape)
     max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos,
-                                                        method or drafter.method, lookahead=extra)
+                                                        method or drafter.method, lookahead=extra, halt=halt)
     store = anchor_store(target, drafter, len(prompt_ids) + max_new_tokens + extra)
     run = SpdRun(n, prompt_ids, drafter, stop, m, store, shape, on_token, sampler)
     return run.drive(LocalPipeline(target, drafter, store, sampler))

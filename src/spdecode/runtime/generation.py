@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -34,14 +35,14 @@ def check_prompt(prompt_ids: list[int], max_new_tokens: int, context_length: int
 
 
 def start_generation(target, prompt_ids: list[int], max_new_tokens: int, sampling, eos, method: str,
-                     lookahead: int = 0, n_stages: int | None = None):
+                     lookahead: int = 0, n_stages: int | None = None, halt: Halt | None = None):
     """What every decoder does first: check the prompt, make room, reset the cache, and set up
     (max_new_tokens, sampler, stop rule, metrics).
 
     `lookahead`: how many positions past the last emitted token a method may write (SPD's
     in-flight drafts: n-1; classic SD's block: gamma). Those must fit in the context too, so the
     token budget is clamped by that much; the highest position written is then P + budget +
-    lookahead - 1, which is exactly the room reserved.
+    lookahead - 1, which is exactly the room reserved. `halt`: an outside stop (StopRule).
     """
     from .metrics import Metrics
     from .sampling import Sampler
@@ -51,7 +52,7 @@ def start_generation(target, prompt_ids: list[int], max_new_tokens: int, samplin
     target.rollback(0)
     m = Metrics(method=method, n_stages=target.n_stages if n_stages is None else n_stages,
                 prompt_tokens=len(prompt_ids))
-    return max_new_tokens, Sampler(sampling, target.device), StopRule(set(eos), max_new_tokens), m
+    return max_new_tokens, Sampler(sampling, target.device), StopRule(set(eos), max_new_tokens, halt), m
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -64,15 +65,38 @@ def eos_ids(model, tokenizer) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-class StopRule:
-    """Decides, token by token, whether generation is over (EOS or the token budget)."""
+class Halt:
+    """An outside request to end a generation after the token it is set on (a served request's stop
+    string matched, or its client went away). Set from the token callback, the decoder stops at that
+    very token (every method checks its StopRule after each token it streams); set from another
+    thread, at the next token."""
 
-    def __init__(self, eos: set[int], max_new_tokens: int):
-        self.eos, self.max_new_tokens = eos, max_new_tokens
+    def __init__(self):
+        self._event = threading.Event()
+        self.reason = ""
+
+    def set(self, reason: str = "cancelled") -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+class StopRule:
+    """Decides, token by token, whether generation is over (EOS, the token budget, or a Halt)."""
+
+    def __init__(self, eos: set[int], max_new_tokens: int, halt: Halt | None = None):
+        self.eos, self.max_new_tokens, self.halt = eos, max_new_tokens, halt
         self.reason = ""
 
     def done(self, tokens: list[int]) -> bool:
-        if tokens and tokens[-1] in self.eos:
+        if self.reason:
+            pass
+        elif self.halt is not None and self.halt.is_set():
+            self.reason = self.halt.reason
+        elif tokens and tokens[-1] in self.eos:
             self.reason = "eos"
         elif len(tokens) >= self.max_new_tokens:
             self.reason = "length"

@@ -1,0 +1,222 @@
+"""One thread that owns the decoder and runs the served requests one at a time, in order.
+
+Low concurrency is SPD's niche: one sequence decodes at a time and the others wait in a bounded
+queue. Every model call (and, with --distributed, every torch.distributed message) happens in this
+thread; the HTTP side only submits jobs and reads their events. A job's client going away sets
+its Halt: a waiting job is skipped, a running one ends at its next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..runtime.errors import SpdError
+from ..runtime.generation import Generation, Halt
+from ..runtime.sampling import SamplingParams
+from .text import TextStream
+
+_STOP = object()  # the queue's end marker
+
+
+class QueueFull(Exception):
+    """More requests wait than --max-queue allows."""
+
+
+class EngineDown(Exception):
+    """The engine cannot take requests: shutting down, or the pipeline failed."""
+
+
+@dataclass
+class Job:
+    """One request as the engine runs it, and the channel its events go back on."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stops: list[str]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    halt: Halt = field(default_factory=Halt)
+    id: int = field(default_factory=itertools.count(1).__next__)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def post(self, *event) -> None:
+        """Hand an event to the request's coroutine (thread-safe): ("text", str), ("done", Outcome),
+        ("error", status, message)."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+@dataclass
+class Outcome:
+    """How a finished job ended: what the response's finish_reason, usage and metrics need."""
+
+    finish_reason: str  # stop | length | cancelled | shutdown
+    completion_tokens: int
+    text: str
+    generation: Generation
+    queued_s: float
+    first_token_s: float | None  # from submission to the first token
+    total_s: float
+
+
+Generate = Callable[..., Generation]  # generate(ids, max_new_tokens, sampling, eos, on_token, halt)
+
+
+class Engine:
+    """`generate` run for each submitted Job in one thread. `fatal(exc)` tells whether an error
+    leaves the decoder unusable (a pipeline rank failed): then every waiting job fails and the
+    engine stops, and `on_fatal(message)` tells the server to exit."""
+
+    def __init__(self, generate: Generate, tokenizer, eos: set[int], max_queue: int = 32,
+                 fatal: Callable[[Exception], bool] = lambda exc: False, on_fatal=None, metrics=None,
+                 on_close: Callable[[], None] | None = None, on_idle: Callable[[], None] | None = None,
+                 idle_s: float = 30.0):
+        if max_queue < 1:
+            raise SpdError(f"--max-queue must be at least 1 (got {max_queue})")
+        self.generate, self.tokenizer, self.eos = generate, tokenizer, set(eos)
+        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.fatal, self.on_fatal, self.on_close, self.metrics = fatal, on_fatal, on_close, metrics
+        self.on_idle, self.idle_s = on_idle, idle_s  # on_idle: every idle_s without a job (a heartbeat)
+        self.running: Job | None = None
+        self.down: str | None = None  # why the engine takes no more jobs
+        self.thread = threading.Thread(target=self._loop, name="spdecode-engine", daemon=True)
+
+    # -- the HTTP side ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        if self.down:
+            raise EngineDown(self.down)
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{self.jobs.maxsize} requests are already waiting; retry later") from None
+        self._gauges()
+
+    def waiting(self) -> int:
+        return self.jobs.qsize()
+
+    def close(self, reason: str = "the server is shutting down") -> None:
+        """Stop taking jobs, halt the running one and fail the waiting ones; the thread then runs
+        on_close (e.g. the pipeline's SHUTDOWN) and ends."""
+        if not self.down:
+            self.down = reason
+        if self.running is not None:
+            self.running.halt.set("shutdown")
+        self._fail_waiting(503, reason)
+        try:
+            self.jobs.put_nowait(_STOP)
+        except queue.Full:  # only after _fail_waiting raced a submit: the loop sees `down` anyway
+            pass
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+
+    # -- the engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        failed = False
+        try:
+            while True:
+                try:
+                    job = self.jobs.get(timeout=self.idle_s if self.on_idle else None)
+                except queue.Empty:
+                    try:
+                        self.on_idle()
+                    except Exception as exc:  # noqa: BLE001 - a heartbeat that fails: the pipeline is gone
+                        failed = True
+                        self._die(f"{type(exc).__name__}: {exc}" if not isinstance(exc, SpdError) else str(exc))
+                        break
+                    continue
+                if job is _STOP:
+                    break
+                if self.down:
+                    job.post("error", 503, self.down)
+                    continue
+                if job.halt.is_set():  # its client left while it waited
+                    job.post("error", 499, "the client went away")
+                    continue
+                self.running = job
+                self._gauges()
+                try:
+                    self._run(job)
+                except Exception as exc:  # noqa: BLE001 - reported to the client; fatal ones end the engine
+                    message = str(exc) if isinstance(exc, SpdError) else f"{type(exc).__name__}: {exc}"
+                    if self.fatal(exc):
+                        failed = True
+                        job.post("error", 503, f"the decoding pipeline failed: {message}")
+                        self._die(message)
+                        break
+                    job.post("error", 400 if isinstance(exc, SpdError) else 500, message)
+                    if self.metrics:
+                        self.metrics.failed()
+                finally:
+                    self.running = None
+                    self._gauges()
+        finally:
+            if self.on_close and not failed:  # after a failure a peer may be dead: no goodbye
+                try:
+                    self.on_close()
+                except Exception as exc:  # noqa: BLE001 - e.g. the other ranks were stopped first (SIGTERM)
+                    print(f"warning: closing the decoder: {exc}", file=sys.stderr, flush=True)
+
+    def _die(self, message: str) -> None:
+        """The decoder is unusable: fail everything waiting, take nothing more, tell the server."""
+        self.down = f"the decoding pipeline failed: {message}"
+        self._fail_waiting(503, self.down)
+        if self.on_fatal:
+            self.on_fatal(self.down)
+
+    def _run(self, job: Job) -> None:
+        stream = TextStream(self.tokenizer, job.stops)
+        first: list[float] = []
+        count = [0]
+
+        def on_token(token: int) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            if stream.stopped:
+                return
+            count[0] += 1
+            delta = stream.feed(token)
+            if stream.stopped:
+                job.halt.set("stop")  # the decoder ends at this very token
+            if delta:
+                job.post("text", delta)
+
+        started = time.perf_counter()
+        gen = self.generate(job.prompt_ids, job.max_tokens, job.sampling, self.eos, on_token, halt=job.halt)
+        rest = "" if stream.stopped else stream.finish()
+        if rest:
+            job.post("text", rest)
+        reason = gen.metrics.stop_reason
+        finish = {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
+        done = time.perf_counter()
+        outcome = Outcome(finish, count[0], stream.text, gen, started - job.submitted,
+                          first[0] - job.submitted if first else None, done - job.submitted)
+        if self.metrics:
+            if finish in ("cancelled", "shutdown"):
+                self.metrics.cancelled.inc()
+            else:
+                self.metrics.finished(outcome)
+        job.post("done", outcome)
+
+    def _fail_waiting(self, status: int, message: str) -> None:
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _STOP:
+                job.post("error", status, message)
+
+    def _gauges(self) -> None:
+        if self.metrics:
+            self.metrics.queue(running=int(self.running is not None), waiting=self.jobs.qsize())
