@@ -59,6 +59,10 @@ def test_a_warm_pipeline_serves_exact_answers_and_stops_cleanly(tiny):
             r = ask(s, path, text, max_tokens=40)
             assert (r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason) == \
                 (want, n, finish)
+        # A prompt that fits the context but not with the pipeline's in-flight rows: a clear error
+        # from the engine before any rank is involved, and the pipeline serves on.
+        r = httpx.post(s.url + "/v1/completions", json={"model": path, "prompt": [5] * 4090, "max_tokens": 2})
+        assert r.status_code == 400 and "context" in r.json()["error"]["message"], r.text
         # A client that leaves mid-stream, then idle longer than the ranks' 4 s timeout.
         body = {"model": path, "prompt": "A long tale", "max_tokens": 2000, "temperature": 0, "stream": True}
         with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:

@@ -69,6 +69,9 @@ class RootRank:
         self.rank_stats: list[list[float]] = []
         self.store: AnchorStore | None = None
         self.run: SpdRun | None = None
+        # Between a request's first message and its END every rank holds its state: an error then
+        # leaves the pipeline in an unknown state (a server must stop); before, nothing was sent.
+        self.in_request = False
 
     def _gather(self, run: SpdRun | None):
         """One report from every other rank for this cycle; stores their anchors and returns the
@@ -107,8 +110,10 @@ class RootRank:
         self.store = anchor_store(t, self.drafter, self.positions)
         self.sampling = sampling
         self.run = SpdRun(n, prompt_ids, self.drafter, stop, m, self.store, shape, on_token, sampler)
+        self.in_request = True
         gen = self.run.drive(self)
         self._drain()
+        self.in_request = False
         return gen
 
     # -- the SpdRun executor hooks --------------------------------------------------------------

@@ -167,7 +167,7 @@ def serve_pipeline(args, root, target, tok, eos, shape, sizes) -> int:
     what = (f"{args.method} over {len(sizes)} processes, stages {sizes}, "
             f"tree {shape.budget}/{shape.depth}/{shape.topk}, {args.dtype}")
     code = serve(generate, tok, eos, args.model, target.context_length, host, int(port), args.max_queue,
-                 fatal=lambda exc: True, on_close=root.shutdown, on_idle=root.heartbeat,
+                 fatal=lambda exc: root.in_request, on_close=root.shutdown, on_idle=root.heartbeat,
                  idle_s=max(1.0, args.timeout / 4), description=what)
     if code == EXIT_PIPELINE_FAILED:
         raise SpdError("the server stopped: a pipeline rank failed")
