@@ -65,9 +65,10 @@ def test_spd_over_trees_equals_ar_with_the_bundled_draft(default_model, chats, n
 
 
 def test_cli_spd_json_equals_ar_and_warns_without_draft():
-    # No draft is bundled for 3 stages: an untrained PDM, with a warning.
+    # No draft is bundled for 3 stages: an untrained PDM, with a warning. One node per slot, where
+    # every token after the first settles exactly one draft (a tree's walk may settle several).
     spd = spdecode("generate", "--prompt", "def fib(n):", "--method", "spd", "--stages", "3",
-                   "--max-new-tokens", "16", "--json")
+                   "--max-new-tokens", "16", "--json", "--tree-budget", "1")
     ar = spdecode("generate", "--prompt", "def fib(n):", "--max-new-tokens", "16", "--json")
     assert spd.returncode == 0 and ar.returncode == 0, spd.stderr + ar.stderr
     s, a = json.loads(spd.stdout), json.loads(ar.stdout)

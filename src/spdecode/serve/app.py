@@ -165,7 +165,11 @@ def create_app(engine: Engine, tokenizer, model_id: str, context_length: int, me
             if chat:
                 yield chunk(None, role=True)
             while True:
-                event = await watch.next()
+                try:
+                    event = await watch.next()
+                except ApiError as exc:  # the client is gone: nobody to tell
+                    status = str(exc.status)
+                    return
                 if event[0] == "text":
                     yield chunk(event[1])
                 elif event[0] == "done":
