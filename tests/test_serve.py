@@ -223,3 +223,34 @@ def test_a_full_queue_is_refused_with_429(tiny):
         pool.shutdown(wait=False)
         code, err = s.stop()
     assert code == 0, err[-2000:]
+
+
+def test_pipespec_is_served_exactly_and_a_halt_reaches_its_stage_processes(tiny):
+    """PipeSpec's chain runs in processes of its own: a stop string and a client leaving must still
+    end the request there (the shared done flag), and the next request must be right."""
+    path, model, tok = tiny
+    s = Server(["--model", path, "--method", "pipespec", "--chain", "early-exit:2"])
+    try:
+        ids = list(tok("Once upon a time").input_ids)
+        want, n, finish = greedy_text(model, tok, ids, 30)
+        client = s.client()
+        r = client.completions.create(model=path, prompt="Once upon a time", max_tokens=30, temperature=0)
+        assert (r.choices[0].text, r.usage.completion_tokens, r.choices[0].finish_reason) == (want, n, finish)
+        stop = want[len(want) // 2:len(want) // 2 + 4]
+        r = client.completions.create(model=path, prompt="Once upon a time", max_tokens=30, temperature=0, stop=stop)
+        assert r.choices[0].text == want[:want.find(stop)] and r.choices[0].finish_reason == "stop"
+        body = {"model": path, "prompt": "A long tale", "max_tokens": 3000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+        left = time.time()
+        while httpx.get(s.url + "/health").json()["running"] and time.time() - left < 5:
+            time.sleep(0.05)
+        assert time.time() - left < 1.5, "the chain went on after its client left"
+        r = client.completions.create(model=path, prompt="Once upon a time", max_tokens=30, temperature=0)
+        assert r.choices[0].text == want
+    finally:
+        pids = s.processes()
+        code, err = s.stop()
+    assert code == 0, err[-2000:]
+    assert not alive(pids)

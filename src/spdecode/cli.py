@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (streaming, Prometheus /metrics)")
     add_model_args(s)
-    s.add_argument("--method", default="ar", choices=["ar", "spd", "sd", "eagle", "speed"],
+    s.add_argument("--method", default="ar", choices=["ar", "spd", "sd", "eagle", "speed", "pipespec"],
                    help="decoding method, as for generate (default ar)")
     s.add_argument("--draft", default=None, help="trained draft for spd or eagle (default: the bundled one)")
     add_sd_args(s)
@@ -333,7 +333,8 @@ def cmd_serve(args) -> int:
         return serve_distributed(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, args.dtype, args.device)
+    # PipeSpec's stage processes load their own models; here only the tokenizer and EOS ids are needed.
+    model, tok = load_model(args.model, args.dtype, "cpu" if args.method == "pipespec" else args.device)
     eos = eos_ids(model, tok)
     with contextlib.ExitStack() as stack:
         run, stages = make_generator(args.method, model, args.model, method_options(args), stack)

@@ -171,9 +171,11 @@ class PipeSpecChain:
         return got
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 64, sampling: SamplingParams = GREEDY,
-                 eos=frozenset(), reference: list[int] | None = None, on_token=None) -> Generation:
+                 eos=frozenset(), reference: list[int] | None = None, on_token=None, halt=None) -> Generation:
         """Decode one prompt; `on_token` streams the target's tokens as they are committed (the
-        target's list only grows), `reference` feeds a reference:ACC test drafter."""
+        target's list only grows), `reference` feeds a reference:ACC test drafter. `halt`
+        (runtime.generation.Halt) ends the request early: the tokens stop at the one it was set on,
+        and the stages, told through the shared done flag, leave their loops."""
         if self.closed:
             raise SpdError("pipespec: the chain is closed")
         n, g = self.n, self.gamma
@@ -190,20 +192,36 @@ class PipeSpecChain:
                "eos": sorted(eos), "reference": reference, "shared": self.shared}
         for box in self.inboxes:
             box.put(req)
-        sh, streamed = self.shared, [0]
+        sh, streamed, halted_at = self.shared, [0], []
+
+        def stop_stages():
+            halted_at.append(streamed[0])
+            with self.cond:
+                sh.done[0] = 1
+                self.cond.notify_all()
+
+        def emit(tokens):
+            for t in tokens:
+                if halted_at:
+                    return
+                streamed[0] += 1
+                if on_token:
+                    on_token(t)
+                if halt is not None and halt.is_set():
+                    stop_stages()
 
         def stream():  # the target's committed tokens, as they come
             length = int(sh.length[n - 1]) - P
-            for t in sh.seq[n - 1, P + streamed[0] : P + max(length, 0)].tolist():
-                on_token(t)
-            streamed[0] = max(streamed[0], length)
+            emit(sh.seq[n - 1, P + streamed[0] : P + max(length, 0)].tolist())
+            if halt is not None and halt.is_set() and not halted_at:  # set from another thread
+                stop_stages()
 
-        stats = self._collect("done", stream if on_token else None)
-        if on_token:
-            for t in stats[n - 1].tokens[streamed[0]:]:
-                on_token(t)
+        stats = self._collect("done", stream if on_token or halt is not None else None)
+        emit(stats[n - 1].tokens[streamed[0]:])
         self.shared = None
         target = stats[n - 1]
+        if halted_at:
+            target.tokens, target.stop_reason = target.tokens[:halted_at[0]], halt.reason
         m = Metrics(method="pipespec", n_stages=1, prompt_tokens=P, new_tokens=len(target.tokens),
                     cycles=target.steps, drafts_proposed=target.drafts_verified,
                     drafts_verified=target.drafts_verified, drafts_accepted=target.drafts_accepted,

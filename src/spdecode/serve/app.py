@@ -64,7 +64,7 @@ def create_app(engine: Engine, tokenizer, model_id: str, context_length: int, me
     def make_job(ids: list[int], req, max_tokens: int | None) -> Job:
         if not ids:
             raise ApiError(400, "the prompt is empty", "prompt")
-        room = context_length - len(ids)
+        room, whole = context_length - len(ids), max_tokens is None
         if room < 1:
             raise ApiError(400, f"the prompt has {len(ids)} tokens, the model's context is {context_length}",
                            "messages" if isinstance(req, ChatRequest) else "prompt", "context_length_exceeded")
@@ -77,7 +77,7 @@ def create_app(engine: Engine, tokenizer, model_id: str, context_length: int, me
             sampling = sampling_of(req)
         except SpdError as exc:
             raise ApiError(400, str(exc)) from None
-        return Job(ids, max_tokens, sampling, stops_of(req), asyncio.get_running_loop())
+        return Job(ids, max_tokens, sampling, stops_of(req), asyncio.get_running_loop(), whole_context=whole)
 
     def submit(job: Job) -> None:
         try:

@@ -14,6 +14,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +45,9 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     halt: Halt = field(default_factory=Halt)
+    # No max_tokens asked for (the rest of the context): a method that keeps rows in flight past the
+    # answer clamps it by those, as it should, without a warning per request in the server's log.
+    whole_context: bool = False
     id: int = field(default_factory=itertools.count(1).__next__)
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -192,7 +196,11 @@ class Engine:
                 job.post("text", delta)
 
         started = time.perf_counter()
-        gen = self.generate(job.prompt_ids, job.max_tokens, job.sampling, self.eos, on_token, halt=job.halt)
+        with warnings.catch_warnings():
+            if job.whole_context:
+                warnings.filterwarnings("ignore", message="max_new_tokens .* clamped")
+            gen = self.generate(job.prompt_ids, job.max_tokens, job.sampling, self.eos, on_token=on_token,
+                                halt=job.halt)
         rest = "" if stream.stopped else stream.finish()
         if rest:
             job.post("text", rest)
