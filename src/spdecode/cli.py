@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stages", type=stage_spec, default=1,
                    help="pipeline stages: a count or comma-separated layer counts (default 1)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--trace", default=None, metavar="FILE.json",
+                   help="write a timeline of the run (every rank's phases, verdicts) as a Chrome/Perfetto trace")
     add_distributed_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -215,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=32, help="requests that may wait while one decodes (default 32)")
     s.set_defaults(func=cmd_serve)
 
+    pt = sub.add_parser("plot-trace", help="draw the first cycles of a --trace file as a per-rank timeline (PNG)")
+    pt.add_argument("trace", help="a trace written by generate --trace")
+    pt.add_argument("--out", required=True, help="PNG to write")
+    pt.add_argument("--cycles", type=int, default=8, help="cycles to show (default 8)")
+    pt.set_defaults(func=cmd_plot_trace)
+
     p = sub.add_parser("prepare", help="convert a model alias to safetensors in the cache (done once)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.set_defaults(func=cmd_prepare)
@@ -263,7 +271,13 @@ def cmd_generate(args) -> int:
     on_token = (lambda t: streamer.put(torch.tensor([t]))) if streamer else None
     with contextlib.ExitStack() as stack:
         run, stages = make_generator(args.method, model, args.model, method_options(args), stack)
+        if args.trace:
+            from .runtime import trace
+
+            trace.start(0, f"{args.method} (one process)")
         gen = run(prompt_ids, args.max_new_tokens, sampling, eos_ids(model, tok), on_token=on_token)
+        if args.trace:
+            trace.write(args.trace)
     if streamer:
         streamer.end()
         print(gen.metrics.summary(), file=sys.stderr)
@@ -307,6 +321,7 @@ def generate_distributed(args) -> int:
     worker = worker_args(args, sizes) + ["--prompt", args.prompt]
     worker += ["--chat"] if args.chat else []
     worker += ["--json"] if args.json else []
+    worker += ["--trace", args.trace] if args.trace else []
     return run_distributed(len(sizes), worker, args.master_port, args.rdzv_endpoint)
 
 
@@ -397,6 +412,13 @@ def cmd_vocab(args) -> int:
     from .training.commands import run_vocab
 
     return run_vocab(args.out, args.model, args.data, args.limit, args.max_len, args.size)
+
+
+def cmd_plot_trace(args) -> int:
+    from .bench.timeline import plot_trace
+
+    print(plot_trace(args.trace, args.out, args.cycles))
+    return 0
 
 
 def cmd_prepare(args) -> int:

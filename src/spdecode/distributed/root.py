@@ -42,12 +42,13 @@ from ..methods.spd import (
     stage_captures,
 )
 from ..methods.spd_core import ONE_NODE, SpdRun, TreeShape
+from ..runtime import trace
 from ..runtime.errors import SpdError
 from ..runtime.generation import Generation, Halt, start_generation
 from ..runtime.sampling import GREEDY, SamplingParams
 from ..runtime.staged import StagedTarget
 from .comm import END, NONE, PREFILL, REPORT, SHUTDOWN, SLOT, TAG_FORWARD, TAG_TO_ROOT, Link, Message, pack_plan
-from .stage import sampling_vector
+from .stage import PHASES, sampling_vector
 
 
 class RootRank:
@@ -166,6 +167,10 @@ class RootRank:
                 if msg.kind == END:
                     stats[s] = msg.payload[0].tolist()
                     open_ranks.remove(s)
+                    if msg.meta and msg.extra is not None:  # the rank's trace of this request
+                        times = msg.extra.tolist()
+                        trace.add(s, f"rank {s}", [(PHASES[c], times[2 * i], times[2 * i + 1])
+                                                   for i, c in enumerate(msg.meta)])
         self.link.flush()
         self.rank_stats = [stats[s] for s in range(1, self.n)]
 

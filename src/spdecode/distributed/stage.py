@@ -8,12 +8,15 @@ from collections import defaultdict
 
 import torch
 
+from ..runtime import trace
 from ..runtime.errors import SpdError
 from ..runtime.metrics import Clock
 from ..runtime.sampling import Sampler, SamplingParams
 from ..runtime.staged import StagedTarget
 from ..runtime.verify import target_choices
 from .comm import END, NONE, PREFILL, REPORT, SHUTDOWN, SLOT, TAG_FORWARD, TAG_TO_ROOT, Link, Message, unpack_plan
+
+PHASES = ("other", "wait", "compute", "send")  # a stage rank's timer laps (their codes in a trace)
 
 
 def _float_bits(x: float) -> int:
@@ -78,9 +81,15 @@ def serve_stage(target: StagedTarget, link: Link, stage: int) -> None:
             return
         if msg.kind in (END, NONE):
             forward(Message(msg.kind))
-            if msg.kind == END:  # the request is over: acknowledge with this rank's timers
-                report(Message(END, payload=torch.tensor([[timer.phases[k] for k in ("compute", "wait", "send")]])))
+            if msg.kind == END:  # the request is over: acknowledge with this rank's timers (and trace)
+                spans = trace.spans()
+                report(Message(END, payload=torch.tensor([[timer.phases[k] for k in ("compute", "wait", "send")]]),
+                               meta=[PHASES.index(n) for n, _, _ in spans] or None,
+                               extra=torch.tensor([t for _, t0, t1 in spans for t in (t0, t1)],
+                                                  dtype=torch.float64) if spans else None))
                 timer.phases.clear()
+                if trace.active():
+                    trace.start(stage, f"rank {stage}")  # the next request's spans only
             else:
                 report(Message(NONE))
             link.end_cycle()

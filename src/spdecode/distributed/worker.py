@@ -54,6 +54,7 @@ def parse(argv=None):
     ap.add_argument("--serve", default=None, metavar="HOST:PORT",
                     help="rank 0 serves OpenAI's API here (spdecode serve) instead of running --prompt/--requests")
     ap.add_argument("--max-queue", type=int, default=32)
+    ap.add_argument("--trace", default=None, help="rank 0 writes every rank's timeline here (Chrome trace JSON)")
     return ap.parse_args(argv)
 
 
@@ -78,6 +79,10 @@ def run(args) -> int:
     if cuda:
         torch.cuda.set_device(device)
     torch.set_num_threads(args.threads)
+    if args.trace:
+        from ..runtime import trace
+
+        trace.start(rank, f"rank {rank}")
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.timeout))
     lo = sum(sizes[:rank])
     model, _ = load_partial_model(args.model, range(lo, lo + sizes[rank]), embed=rank == 0,
@@ -144,6 +149,10 @@ def run(args) -> int:
             if args.json_out:
                 with open(args.json_out, "w") as f:
                     json.dump(result, f)
+        if args.trace:
+            from ..runtime import trace
+
+            trace.write(args.trace)
         done = True
     finally:
         if done:  # a graceful SHUTDOWN only after success: after a failure a peer may be dead (see main)

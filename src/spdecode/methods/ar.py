@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..runtime import trace
 from ..runtime.generation import Generation, Halt, prefill, start_generation
 from ..runtime.sampling import GREEDY, SamplingParams
 from ..runtime.staged import StagedTarget
@@ -27,12 +28,16 @@ def generate_ar(
     P = len(prompt_ids)
 
     tokens = [prefill(target, prompt_ids, sampler, m, on_token)]
-    t1 = time.perf_counter()
+    t1 = t_token = time.perf_counter()
     while not stop.done(tokens):
         pos = P + len(tokens) - 1
         hidden = target.forward(torch.tensor([[tokens[-1]]], device=target.device), pos)
         tokens.append(sampler.choose(target.logits(hidden[:, -1])[0]))
         m.cycles += 1
+        if trace.active():
+            now = time.perf_counter()
+            trace.span("token", t_token, now)
+            t_token = now
         if on_token:
             on_token(tokens[-1])
     m.decode_s = time.perf_counter() - t1

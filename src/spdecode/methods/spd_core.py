@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..drafting.protocols import SlotDrafter
+from ..runtime import trace
 from ..runtime.errors import SpdError
 from ..runtime.generation import Generation, StopRule
 from ..runtime.metrics import Clock, Metrics
@@ -123,6 +124,9 @@ class SpdRun:
             m.drafts_accepted += stepped
             if self.shape.tree:  # one node per slot: one verification per verdict, alpha says it all
                 m.record_walk(v.tried, stepped)
+            if trace.active():
+                trace.mark(f"accept {stepped}" if v.node is not None else f"accept {stepped}, correction",
+                           {"checked": v.tried, "tokens": len(v.tokens)})
             for t in v.tokens:
                 if self.stop.done(self.emitted):
                     break

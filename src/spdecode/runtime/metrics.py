@@ -19,6 +19,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from . import trace
+
 
 @dataclass
 class Metrics:
@@ -110,7 +112,8 @@ class Metrics:
 
 
 class Clock:
-    """Adds wall time to named phases (a dict of seconds, e.g. Metrics.phase_s)."""
+    """Adds wall time to named phases (a dict of seconds, e.g. Metrics.phase_s); while a trace is
+    recorded (runtime.trace), each lap is also an event on the timeline."""
 
     def __init__(self, phases):
         self.phases, self.t = phases, time.perf_counter()
@@ -118,4 +121,6 @@ class Clock:
     def lap(self, name: str) -> None:
         now = time.perf_counter()
         self.phases[name] += now - self.t
+        if trace.active():
+            trace.span(name, self.t, now)
         self.t = now
