@@ -8,7 +8,7 @@ import spdecode
 
 ROOT = Path(spdecode.__file__).parent
 # Lower number = lower layer; a module may import from its own layer or below.
-LAYERS = {"runtime": 1, "data": 1, "drafting": 2, "methods": 3, "training": 3, "distributed": 4, "serve": 4,
+LAYERS = {"runtime": 1, "data": 1, "drafting": 2, "methods": 3, "training": 3, "distributed": 4, "serve": 4, "plan": 5,
           "generators": 5, "bench": 5,
           "cli": 6, "__main__": 7}
 

@@ -217,6 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=32, help="requests that may wait while one decodes (default 32)")
     s.set_defaults(func=cmd_serve)
 
+    pl = sub.add_parser("plan", help="predict which method and split pay off on some hardware, from measured costs")
+    pl.add_argument("--measure", action="store_true", help="time layers, head, drafts and the link; write --out")
+    pl.add_argument("--costs", default=None, help="cost file (default: the one shipped for --model and --dtype)")
+    pl.add_argument("--devices", type=int, default=2, help="devices (ranks) available (default 2)")
+    pl.add_argument("--alpha", type=float, default=0.45, help="per-draft acceptance to assume (default 0.45)")
+    pl.add_argument("--link", default="same-host", help="same-host (measured), pcie, nvlink, 10gbe, 100gbe")
+    pl.add_argument("--json-out", default=None)
+    pl.add_argument("--plot", default=None, help="PNG of predicted speedup against devices")
+    pl.add_argument("--model", default=DEFAULT_MODEL)
+    pl.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default float32)")
+    pl.add_argument("--device", default="cpu")
+    pl.add_argument("--threads", default="1,2", help="thread counts to time (default 1,2)")
+    pl.add_argument("--reps", type=int, default=5, help="timings per point, the median kept (default 5)")
+    pl.add_argument("--out", default=None, help="cost file to write (JSON)")
+    pl.set_defaults(func=cmd_plan)
+
     pt = sub.add_parser("plot-trace", help="draw the first cycles of a --trace file as a per-rank timeline (PNG)")
     pt.add_argument("trace", help="a trace written by generate --trace")
     pt.add_argument("--out", required=True, help="PNG to write")
@@ -412,6 +428,37 @@ def cmd_vocab(args) -> int:
     from .training.commands import run_vocab
 
     return run_vocab(args.out, args.model, args.data, args.limit, args.max_len, args.size)
+
+
+def cmd_plan(args) -> int:
+    if not args.measure:
+        from .plan.planner import load_costs, plan, plot_plan, print_plan
+
+        data, source = load_costs(args.costs, args.model, args.dtype)
+        rows = plan(data, args.devices, args.alpha, args.link)
+        print_plan(rows, source, args.link)
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump({"costs": source, "link": args.link, "rows": rows}, f, indent=1)
+        if args.plot:
+            plot_plan(rows, args.plot)
+        return 0
+    if not args.out:
+        raise SpdError("--measure needs --out FILE.json")
+    try:
+        threads = tuple(int(x) for x in args.threads.split(","))
+    except ValueError:
+        raise SpdError(f"--threads: expected comma-separated integers, got {args.threads!r}") from None
+    if args.reps < 1:
+        raise SpdError(f"--reps must be at least 1 (got {args.reps})")
+    from .plan.costs import measure
+
+    costs = measure(args.model, args.dtype, args.device, threads, reps=args.reps,
+                    log=lambda m: print(m, file=sys.stderr))
+    with open(args.out, "w") as f:
+        json.dump(costs, f, indent=1)
+    print(args.out)
+    return 0
 
 
 def cmd_plot_trace(args) -> int:

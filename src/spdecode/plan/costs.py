@@ -1,0 +1,234 @@
+"""`spdecode plan --measure`: time what a decoding configuration is made of, on this machine.
+
+Recorded (seconds, medians of repeated timings; rows = tokens in one pass, at a context length):
+- `layer`: one decoder layer's decode pass, for 1..R rows, at a few context lengths, per thread
+  count, alone and, on a CPU, with another process doing the same at once (`concurrent`: two
+  ranks on two cores share the memory bandwidth, which a lone timing hides);
+- `head`: the final norm and LM head over R rows;
+- `draft`: one pass of the bundled drafter (the PDM of each bundled draft: its layers and head)
+  over R rows, the cost of one tree level;
+- `link`: point-to-point latency and bandwidth between two local processes on the backend a
+  pipeline uses (gloo on CPU, NCCL on GPU);
+- `hardware`: what it was measured on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import UTC, datetime
+
+import torch
+
+from ..runtime.errors import SpdError
+
+ROWS = (1, 2, 4, 8, 16)
+CONTEXTS = (128, 512)
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def hardware(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "system": platform.system(),
+           "torch": torch.__version__, "device": device,
+           "measured": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    if device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+@torch.inference_mode()
+def time_target(target, rows=ROWS, contexts=CONTEXTS, reps: int = 5) -> dict:
+    """{"layer": {context: {rows: s}}, "head": {rows: s}} for `target` (a StagedTarget, one stage)."""
+    t, L, H = target, target.n_layers, target.config.hidden_size
+    contexts = [c for c in contexts if c + max(rows) + 1 <= t.context_length]
+    if not contexts:
+        raise SpdError(f"the model's context ({t.context_length}) is too short to time")
+    layer: dict = {}
+    for c in contexts:
+        t.reserve(c + max(rows) + 1)
+        t.rollback(0)
+        ids = torch.randint(0, t.config.vocab_size, (1, c), device=t.device)
+        t.run_layers(0, L, t.embed(ids), 0)
+        layer[str(c)] = {}
+        for r in rows:
+            x = torch.randn(1, r, H, dtype=t.dtype, device=t.device)
+
+            def decode(x=x, c=c):
+                t.rollback(c)
+                t.run_layers(0, L, x, c)
+                if t.device.type == "cuda":
+                    torch.cuda.synchronize()
+
+            layer[str(c)][str(r)] = _median_time(decode, reps) / L
+    head = {}
+    for r in rows:
+        x = torch.randn(1, r, H, dtype=t.dtype, device=t.device)
+        head[str(r)] = _median_time(lambda x=x: t.logits(x), reps)
+    t.rollback(0)
+    return {"layer": layer, "head": head}
+
+
+@torch.inference_mode()
+def time_pdm(pdm, rows=ROWS, reps: int = 5) -> dict:
+    """{rows: s} of one PDM pass (its layers and head) over `rows` rows: one level of a draft tree."""
+    t = pdm.target[0]
+    out = {}
+    for r in rows:
+        x = torch.randn(1, r, t.config.hidden_size, dtype=t.dtype, device=t.device)
+
+        def level(x=x):
+            pdm.cache.reset()
+            pdm.head(pdm.run(x, 0))
+
+        out[str(r)] = _median_time(level, reps)
+    return out
+
+
+def _load(model_name: str, dtype: str, device: str):
+    from ..runtime.models import load_model
+    from ..runtime.staged import StagedTarget
+
+    model, _ = load_model(model_name, dtype, device, tokenizer=False)
+    return model, StagedTarget(model)
+
+
+def _concurrent(rank: int, model_name: str, dtype: str, rows, contexts, reps: int, barrier, results) -> None:
+    """One of two processes timing the target at the same moment, one thread each."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(1)
+    _, target = _load(model_name, dtype, "cpu")
+    barrier.wait()
+    results.put((rank, time_target(target, rows, contexts, reps)))
+
+
+def time_concurrent(model_name: str, dtype: str, rows=ROWS, contexts=CONTEXTS, reps: int = 5) -> dict:
+    """The target's costs with one thread while a second process runs the same on the other core
+    (what each rank of a two-process pipeline on a 2-core CPU meets): rank 0's timings."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_concurrent, args=(r, model_name, dtype, rows, contexts, reps, barrier, results))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(results.get(timeout=600) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    return got[0]
+
+
+def _pingpong(rank: int, port: int, sizes, reps: int, backend: str, results) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(backend, rank=rank, world_size=2)
+    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+    out = {}
+    for n in sizes:
+        buf = torch.zeros(n, dtype=torch.float32, device=device)
+        times = []
+        for i in range(reps + 2):
+            t0 = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            else:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+            if i >= 2:  # the first two set the connection up
+                times.append(time.perf_counter() - t0)
+        out[n] = statistics.median(times) / 2  # one way
+    if rank == 0:
+        results.put(out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def time_link(backend: str = "gloo", reps: int = 20) -> dict:
+    """One-way latency (a 1 KiB message) and bandwidth (from a 4 MiB one) between two local processes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    small, big = 256, 1 << 20  # float32 elements: 1 KiB, 4 MiB
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_pingpong, args=(r, port, (small, big), reps, backend, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        one_way = results.get(timeout=300)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    latency = one_way[small]
+    return {"backend": backend, "latency_s": latency,
+            "bandwidth_bytes_per_s": 4 * big / max(one_way[big] - latency, 1e-9)}
+
+
+def measure(model_name: str, dtype: str = "float32", device: str = "cpu", threads=(1, 2), rows=ROWS,
+            contexts=CONTEXTS, reps: int = 5, drafts: bool = True, link: bool = True, log=print) -> dict:
+    """Everything above for `model_name` in `dtype` on `device`, as the cost file records it."""
+    from ..drafting.pdm import BUNDLED, CONFIG_FILE, load_pdm
+    from ..runtime.models import weights_fingerprint
+    from ..runtime.staged import StagedTarget
+
+    if any(k < 1 for k in threads):
+        raise SpdError(f"thread counts must be at least 1 (got {threads})")
+    model, target = _load(model_name, dtype, device)
+    out = {"model": model_name, "dtype": dtype, "n_layers": target.n_layers, "rows": list(rows),
+           "contexts": [c for c in contexts if c + max(rows) + 1 <= target.context_length],
+           "hardware": hardware(device), "target": {}, "draft": {}}
+    before = torch.get_num_threads()
+    try:
+        for k in threads:
+            torch.set_num_threads(k)
+            log(f"timing the target with {k} thread(s)")
+            out["target"][str(k)] = time_target(target, rows, contexts, reps)
+            if not drafts:
+                continue
+            for d in sorted(BUNDLED.glob(f"{model_name}-*")):
+                if (d / CONFIG_FILE).exists():
+                    cfg = json.loads((d / CONFIG_FILE).read_text())
+                    split = StagedTarget(model, cfg["stage_sizes"])
+                    pdm = load_pdm(d, split, weights_fingerprint(model))
+                    out["draft"].setdefault(d.name, {})[str(k)] = time_pdm(pdm, rows, reps)
+    finally:
+        torch.set_num_threads(before)
+    if device == "cpu" and (os.cpu_count() or 1) >= 2:
+        log("timing the target with one thread in each of two processes at once")
+        out["target"]["1 concurrent"] = time_concurrent(model_name, dtype, rows, contexts, reps)
+    if link:
+        log("timing the link between two processes")
+        out["link"] = time_link("nccl" if device.startswith("cuda") else "gloo")
+    return out

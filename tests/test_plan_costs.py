@@ -1,0 +1,58 @@
+"""`spdecode plan --measure` on a tiny model: every part timed, the hardware recorded, a cost file
+that round-trips through JSON; bad options are clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import tiny_model
+
+from spdecode.plan.costs import measure
+from spdecode.runtime.errors import SpdError
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "model"
+    tiny_model("llama").save_pretrained(path)
+    return str(path)
+
+
+def positive_leaves(d):
+    for v in d.values():
+        if isinstance(v, dict):
+            yield from positive_leaves(v)
+        else:
+            yield v > 0
+
+
+def test_measure_times_every_part_and_records_the_machine(tiny_dir):
+    costs = json.loads(json.dumps(measure(tiny_dir, threads=(1,), rows=(1, 4), contexts=(16, 64), reps=2,
+                                          drafts=False, log=lambda m: None)))
+    assert costs["n_layers"] == 6 and costs["rows"] == [1, 4] and costs["contexts"] == [16, 64]
+    assert {"cpu", "cores", "torch", "device", "measured"} <= set(costs["hardware"])
+    kinds = ["1", "1 concurrent"] if costs["hardware"]["cores"] >= 2 else ["1"]
+    assert sorted(costs["target"]) == kinds
+    for k in kinds:
+        t = costs["target"][k]
+        assert set(t["layer"]) == {"16", "64"} and all(set(v) == {"1", "4"} for v in t["layer"].values())
+        assert set(t["head"]) == {"1", "4"}
+        assert all(positive_leaves(t))
+    link = costs["link"]
+    assert link["backend"] == "gloo" and 0 < link["latency_s"] < 1 and link["bandwidth_bytes_per_s"] > 1e6
+
+
+def test_contexts_beyond_the_model_are_dropped_and_bad_options_refused(tiny_dir):
+    costs = measure(tiny_dir, threads=(1,), rows=(1,), contexts=(16, 10_000), reps=1, drafts=False, link=False,
+                    log=lambda m: None)
+    assert costs["contexts"] == [16] and "link" not in costs
+    with pytest.raises(SpdError, match="thread counts"):
+        measure(tiny_dir, threads=(0,), log=lambda m: None)
+    res = subprocess.run([sys.executable, "-m", "spdecode", "plan"], capture_output=True, text=True)
+    assert res.returncode == 2 and "--measure" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "spdecode", "plan", "--measure", "--model", tiny_dir, "--threads",
+                          "a"], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.startswith("error:")
