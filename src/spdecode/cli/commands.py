@@ -1,0 +1,190 @@
+"""What each `spdecode` command does with its parsed options."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..runtime.errors import SpdError
+from .options import config_from, method_options, pipeline_worker_args
+
+
+def cmd_generate(args) -> int:
+    import contextlib
+
+    import torch
+    from transformers import TextStreamer
+
+    from ..generators import check_draft, make_generator
+    from ..runtime.generation import eos_ids
+    from ..runtime.models import load_model
+    from ..runtime.prompts import encode_prompt
+    from ..runtime.sampling import SamplingParams
+
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    if not args.prompt.strip():
+        raise SpdError("the prompt is empty")
+    check_draft(args.method, args.draft)
+    if isinstance(args.stages, int) and args.stages < 1:
+        raise SpdError(f"the number of stages must be at least 1 (got {args.stages})")
+    if args.distributed:
+        return generate_distributed(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # PipeSpec's stage processes load their own models on --device; here only the tokenizer and
+    # the EOS ids are needed, so this copy stays on the CPU.
+    model, tok = load_model(args.model, args.dtype, "cpu" if args.method == "pipespec" else args.device)
+    prompt_ids = encode_prompt(tok, args.prompt, args.chat)
+    streamer = None
+    if not args.json:
+        streamer = TextStreamer(tok, skip_special_tokens=True)
+    on_token = (lambda t: streamer.put(torch.tensor([t]))) if streamer else None
+    with contextlib.ExitStack() as stack:
+        run, stages = make_generator(args.method, model, args.model, method_options(args), stack)
+        if args.trace:
+            from ..runtime import trace
+
+            trace.start(0, f"{args.method} (one process)")
+        gen = run(prompt_ids, args.max_new_tokens, sampling, eos_ids(model, tok), on_token=on_token)
+        if args.trace:
+            trace.write(args.trace)
+    if streamer:
+        streamer.end()
+        print(gen.metrics.summary(), file=sys.stderr)
+    else:
+        print(json.dumps({
+            "model": args.model, "method": args.method, "stages": stages,
+            "prompt_tokens": len(prompt_ids), "tokens": gen.tokens,
+            "text": tok.decode(gen.tokens, skip_special_tokens=True),
+            "metrics": gen.metrics.as_dict(),
+        }))
+    return 0
+
+
+def generate_distributed(args) -> int:
+    from ..distributed.launch import run_distributed
+
+    ranks, worker = pipeline_worker_args(args)
+    worker += ["--prompt", args.prompt]
+    worker += ["--chat"] if args.chat else []
+    worker += ["--json"] if args.json else []
+    worker += ["--trace", args.trace] if args.trace else []
+    return run_distributed(ranks, worker, args.master_port, args.rdzv_endpoint)
+
+
+def cmd_serve(args) -> int:
+    """`spdecode serve`: one process, or rank 0 of the pipeline (distributed/worker.py) serving."""
+    import contextlib
+
+    import torch
+
+    from ..generators import check_draft, make_generator
+    from ..runtime.generation import eos_ids
+    from ..runtime.models import load_model
+    from ..runtime.sampling import GREEDY
+    from ..serve.run import serve
+
+    check_draft(args.method, args.draft)
+    if isinstance(args.stages, int) and args.stages < 1:
+        raise SpdError(f"the number of stages must be at least 1 (got {args.stages})")
+    if args.max_queue < 1:
+        raise SpdError(f"--max-queue must be at least 1 (got {args.max_queue})")
+    if not 0 <= args.port < 65536:
+        raise SpdError(f"--port must be in 0..65535 (got {args.port})")
+    if args.distributed:
+        return serve_distributed(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # PipeSpec's stage processes load their own models; here only the tokenizer and EOS ids are needed.
+    model, tok = load_model(args.model, args.dtype, "cpu" if args.method == "pipespec" else args.device)
+    eos = eos_ids(model, tok)
+    with contextlib.ExitStack() as stack:
+        run, stages = make_generator(args.method, model, args.model, method_options(args), stack)
+        run(list(tok("Hello").input_ids), 4, GREEDY, eos)  # warm-up, off the first request
+        what = f"{args.method}, stages {stages}, {args.dtype}, one process"
+        return serve(run, tok, eos, args.model, int(getattr(model.config, "max_position_embeddings", 2048)),
+                     args.host, args.port, args.max_queue, description=what)
+
+
+def serve_distributed(args) -> int:
+    from ..distributed.launch import run_distributed
+
+    ranks, worker = pipeline_worker_args(args)
+    worker += ["--serve", f"{args.host}:{args.port}", "--max-queue", str(args.max_queue)]
+    return run_distributed(ranks, worker, args.master_port, args.rdzv_endpoint)
+
+
+def cmd_train(args) -> int:
+    from ..training.commands import TrainConfig, run_train
+
+    return run_train(config_from(TrainConfig, args))
+
+
+def cmd_regenerate(args) -> int:
+    from ..training.commands import run_regenerate
+
+    return run_regenerate(args.out, args.model, args.data, args.limit, args.max_new_tokens, args.batch_size,
+                          args.time_limit, args.dtype, args.device, args.threads)
+
+
+def cmd_bench(args) -> int:
+    from ..bench.run import BenchConfig, run_bench
+
+    return run_bench(config_from(BenchConfig, args))
+
+
+def cmd_eval(args) -> int:
+    from ..bench.replay import EvalConfig, run_eval
+
+    return run_eval(config_from(EvalConfig, args))
+
+
+def cmd_vocab(args) -> int:
+    from ..training.commands import run_vocab
+
+    return run_vocab(args.out, args.model, args.data, args.limit, args.max_len, args.size)
+
+
+def cmd_plan(args) -> int:
+    if not args.measure:
+        from ..plan.planner import load_costs, plan, plot_plan, print_plan
+
+        data, source = load_costs(args.costs, args.model, args.dtype)
+        rows = plan(data, args.devices, args.alpha, args.link)
+        print_plan(rows, source, args.link)
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump({"costs": source, "link": args.link, "rows": rows}, f, indent=1)
+        if args.plot:
+            plot_plan(rows, args.plot)
+        return 0
+    if not args.out:
+        raise SpdError("--measure needs --out FILE.json")
+    try:
+        threads = tuple(int(x) for x in args.threads.split(","))
+    except ValueError:
+        raise SpdError(f"--threads: expected comma-separated integers, got {args.threads!r}") from None
+    if args.reps < 1:
+        raise SpdError(f"--reps must be at least 1 (got {args.reps})")
+    from ..plan.costs import measure
+
+    costs = measure(args.model, args.dtype, args.device, threads, reps=args.reps,
+                    log=lambda m: print(m, file=sys.stderr))
+    with open(args.out, "w") as f:
+        json.dump(costs, f, indent=1)
+    print(args.out)
+    return 0
+
+
+def cmd_plot_trace(args) -> int:
+    from ..bench.timeline import plot_trace
+
+    print(plot_trace(args.trace, args.out, args.cycles))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from ..runtime.models import resolve_model
+
+    print(resolve_model(args.model))
+    return 0
