@@ -47,12 +47,12 @@ def test_measure_times_every_part_and_records_the_machine(tiny_dir):
 
 def test_contexts_beyond_the_model_are_dropped_and_bad_options_refused(tiny_dir):
     costs = measure(tiny_dir, threads=(1,), rows=(1,), contexts=(16, 10_000), reps=1, drafts=False, link=False,
-                    log=lambda m: None)
-    assert costs["contexts"] == [16] and "link" not in costs
+                    concurrent=False, log=lambda m: None)
+    assert costs["contexts"] == [16] and "link" not in costs and list(costs["target"]) == ["1"]
     with pytest.raises(SpdError, match="thread counts"):
         measure(tiny_dir, threads=(0,), log=lambda m: None)
-    res = subprocess.run([sys.executable, "-m", "spdecode", "plan"], capture_output=True, text=True)
-    assert res.returncode == 2 and "--measure" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "spdecode", "plan", "--measure"], capture_output=True, text=True)
+    assert res.returncode == 2 and "--out" in res.stderr
     res = subprocess.run([sys.executable, "-m", "spdecode", "plan", "--measure", "--model", tiny_dir, "--threads",
                           "a"], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("error:")

@@ -166,7 +166,8 @@ def spd_vs_exact(drafter_kind, samples=3000, n=3):
 def test_sampling_matches_ar_distribution(drafter_kind):
     """Relative threshold: SPD's distance to the exact AR distribution must be within sampling noise,
     measured by drawing the same number of samples from the exact distribution itself."""
-    tv, noise = spd_vs_exact(drafter_kind)
+    # The untrained PDM drafts slowly (a tree per cycle): fewer draws, the threshold scaling with them.
+    tv, noise = spd_vs_exact(drafter_kind, samples=1500 if drafter_kind in ("trees-pdm", "pdm-subset") else 3000)
     assert tv < 1.6 * noise, (tv, noise)
 
 

@@ -2,8 +2,9 @@
 
 The package's layers, from the ground up: runtime/ (models, the staged target, KV cache, sampling,
 verification, metrics), drafting/ (the PDM and every drafter), methods/ (AR, SD, SPD and its
-engine core, SPEED, PipeSpec), training/, distributed/ (one process per stage), bench/, and the
-command line (cli.py), which nothing imports.
+engine core, SPEED, PipeSpec), training/, distributed/ (one process per stage), serve/ (the
+OpenAI-compatible server), plan/ (costs, simulator, planner), bench/, and the command line
+(cli/), which nothing imports.
 """
 
 from .methods.ar import generate_ar

@@ -56,12 +56,16 @@ def hardware(device: str) -> dict:
 
 @torch.inference_mode()
 def time_target(target, rows=ROWS, contexts=CONTEXTS, reps: int = 5) -> dict:
-    """{"layer": {context: {rows: s}}, "head": {rows: s}} for `target` (a StagedTarget, one stage)."""
+    """{"layer": {context: {rows: s}}, "head": {rows: s}, "step": {context: s}} for `target` (a
+    StagedTarget, one stage); a step is one whole AR decode step (embedding, every layer, head,
+    argmax): what it costs beyond its layers and head is the per-step overhead."""
     t, L, H = target, target.n_layers, target.config.hidden_size
     contexts = [c for c in contexts if c + max(rows) + 1 <= t.context_length]
     if not contexts:
         raise SpdError(f"the model's context ({t.context_length}) is too short to time")
     layer: dict = {}
+    step: dict = {}
+    one = torch.tensor([[1]], device=t.device)
     for c in contexts:
         t.reserve(c + max(rows) + 1)
         t.rollback(0)
@@ -78,12 +82,18 @@ def time_target(target, rows=ROWS, contexts=CONTEXTS, reps: int = 5) -> dict:
                     torch.cuda.synchronize()
 
             layer[str(c)][str(r)] = _median_time(decode, reps) / L
+
+        def ar_step(c=c):
+            t.rollback(c)
+            int(t.logits(t.forward(one, c)[:, -1])[0].argmax())
+
+        step[str(c)] = _median_time(ar_step, reps)
     head = {}
     for r in rows:
         x = torch.randn(1, r, H, dtype=t.dtype, device=t.device)
         head[str(r)] = _median_time(lambda x=x: t.logits(x), reps)
     t.rollback(0)
-    return {"layer": layer, "head": head}
+    return {"layer": layer, "head": head, "step": step}
 
 
 @torch.inference_mode()
@@ -197,7 +207,8 @@ def time_link(backend: str = "gloo", reps: int = 20) -> dict:
 
 
 def measure(model_name: str, dtype: str = "float32", device: str = "cpu", threads=(1, 2), rows=ROWS,
-            contexts=CONTEXTS, reps: int = 5, drafts: bool = True, link: bool = True, log=print) -> dict:
+            contexts=CONTEXTS, reps: int = 5, drafts: bool = True, link: bool = True, concurrent: bool = True,
+            log=print) -> dict:
     """Everything above for `model_name` in `dtype` on `device`, as the cost file records it."""
     from ..drafting.pdm import BUNDLED, CONFIG_FILE, load_pdm
     from ..runtime.models import weights_fingerprint
@@ -225,7 +236,7 @@ def measure(model_name: str, dtype: str = "float32", device: str = "cpu", thread
                     out["draft"].setdefault(d.name, {})[str(k)] = time_pdm(pdm, rows, reps)
     finally:
         torch.set_num_threads(before)
-    if device == "cpu" and (os.cpu_count() or 1) >= 2:
+    if concurrent and device == "cpu" and (os.cpu_count() or 1) >= 2:
         log("timing the target with one thread in each of two processes at once")
         out["target"]["1 concurrent"] = time_concurrent(model_name, dtype, rows, contexts, reps)
     if link:

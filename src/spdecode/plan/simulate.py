@@ -37,6 +37,10 @@ class Costs:
         self.layers = int(data["n_layers"])
         self._layer = {int(r): s for r, s in t["layer"][c].items()}
         self._head = {int(r): s for r, s in t["head"].items()}
+        # What a whole step costs beyond its layers and head (embedding, sampling, Python), shared
+        # out per layer: every rank pays it for the layers it runs, whatever their rows.
+        step = t.get("step", {}).get(c)
+        self.overhead = max(0.0, (step - self.layers * self._layer[1] - self._head[1]) / self.layers) if step else 0.0
         self.link = data.get("link", {"latency_s": 0.0, "bandwidth_bytes_per_s": float("inf")})
         self.draft = {name: {int(r): s for r, s in by.get(threads.split()[0], by[next(iter(by))]).items()}
                       for name, by in data.get("draft", {}).items()}
@@ -60,7 +64,7 @@ class Costs:
         return self._at(self._head, rows)
 
     def ar_token(self) -> float:
-        return self.layers * self.layer(1) + self.head(1)
+        return self.layers * (self.layer(1) + self.overhead) + self.head(1)
 
     def message(self, nbytes: int) -> float:
         return self.link["latency_s"] + nbytes / self.link["bandwidth_bytes_per_s"]
@@ -113,7 +117,7 @@ class SimPipeline:
         return truth(run.prompt_len - 1)
 
     def cost(self, s: int, rows: int) -> float:
-        c = self.sizes[s] * self.costs.layer(rows)
+        c = self.sizes[s] * (self.costs.layer(rows) + self.costs.overhead) if rows else 0.0
         return c + (self.costs.head(rows) if s == len(self.sizes) - 1 and rows else 0.0)
 
     def cycle(self, run: SpdRun, slot) -> None:
