@@ -9,31 +9,46 @@ from ..runtime.errors import SpdError
 from .options import config_from, method_options, pipeline_worker_args
 
 
+def check_method(args) -> None:
+    """What a decoding command checks before it loads anything: the draft and the stage count."""
+    from ..generators import check_draft
+
+    check_draft(args.method, args.draft)
+    if isinstance(args.stages, int) and args.stages < 1:
+        raise SpdError(f"the number of stages must be at least 1 (got {args.stages})")
+
+
+def load_for_method(args):
+    """(model, tokenizer) of a one-process run, torch's threads set as asked. PipeSpec's stage
+    processes load their own models on --device; its copy here only gives the tokenizer and the
+    EOS ids, so it stays on the CPU."""
+    import torch
+
+    from ..runtime.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_model(args.model, args.dtype, "cpu" if args.method == "pipespec" else args.device)
+
+
 def cmd_generate(args) -> int:
     import contextlib
 
     import torch
     from transformers import TextStreamer
 
-    from ..generators import check_draft, make_generator
+    from ..generators import make_generator
     from ..runtime.generation import eos_ids
-    from ..runtime.models import load_model
     from ..runtime.prompts import encode_prompt
     from ..runtime.sampling import SamplingParams
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     if not args.prompt.strip():
         raise SpdError("the prompt is empty")
-    check_draft(args.method, args.draft)
-    if isinstance(args.stages, int) and args.stages < 1:
-        raise SpdError(f"the number of stages must be at least 1 (got {args.stages})")
+    check_method(args)
     if args.distributed:
         return generate_distributed(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    # PipeSpec's stage processes load their own models on --device; here only the tokenizer and
-    # the EOS ids are needed, so this copy stays on the CPU.
-    model, tok = load_model(args.model, args.dtype, "cpu" if args.method == "pipespec" else args.device)
+    model, tok = load_for_method(args)
     prompt_ids = encode_prompt(tok, args.prompt, args.chat)
     streamer = None
     if not args.json:
@@ -76,34 +91,27 @@ def cmd_serve(args) -> int:
     """`spdecode serve`: one process, or rank 0 of the pipeline (distributed/worker.py) serving."""
     import contextlib
 
-    import torch
-
-    from ..generators import check_draft, make_generator
+    from ..generators import make_generator
     from ..runtime.generation import eos_ids
-    from ..runtime.models import load_model
     from ..runtime.sampling import GREEDY
+    from ..runtime.staged import context_length
     from ..serve.run import serve
 
-    check_draft(args.method, args.draft)
-    if isinstance(args.stages, int) and args.stages < 1:
-        raise SpdError(f"the number of stages must be at least 1 (got {args.stages})")
+    check_method(args)
     if args.max_queue < 1:
         raise SpdError(f"--max-queue must be at least 1 (got {args.max_queue})")
     if not 0 <= args.port < 65536:
         raise SpdError(f"--port must be in 0..65535 (got {args.port})")
     if args.distributed:
         return serve_distributed(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    # PipeSpec's stage processes load their own models; here only the tokenizer and EOS ids are needed.
-    model, tok = load_model(args.model, args.dtype, "cpu" if args.method == "pipespec" else args.device)
+    model, tok = load_for_method(args)
     eos = eos_ids(model, tok)
     with contextlib.ExitStack() as stack:
         run, stages = make_generator(args.method, model, args.model, method_options(args), stack)
         run(list(tok("Hello").input_ids), 4, GREEDY, eos)  # warm-up, off the first request
         what = f"{args.method}, stages {stages}, {args.dtype}, one process"
-        return serve(run, tok, eos, args.model, int(getattr(model.config, "max_position_embeddings", 2048)),
-                     args.host, args.port, args.max_queue, description=what)
+        return serve(run, tok, eos, args.model, context_length(model.config), args.host, args.port, args.max_queue,
+                     description=what)
 
 
 def serve_distributed(args) -> int:

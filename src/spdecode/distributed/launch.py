@@ -52,7 +52,7 @@ def run_distributed(nproc: int, worker_args: list[str], master_port: int | None 
         for line in proc.stderr:  # the ranks' own lines as they come (a server runs for long)
             line = line.rstrip("\n")
             seen.append(line)
-            if line.startswith(_KEEP) or _TRACE.match(line):
+            if is_rank_line(line):
                 print(line, file=sys.stderr, flush=True)
                 shown.add(line)
         proc.wait()
@@ -70,12 +70,17 @@ def run_distributed(nproc: int, worker_args: list[str], master_port: int | None 
     return proc.returncode
 
 
+def is_rank_line(line: str) -> bool:
+    """A rank's own line (an error and its traceback, a warning, a summary), not torchrun's."""
+    return line.startswith(_KEEP) or bool(_TRACE.match(line))
+
+
 def rank_lines(err: str, returncode: int) -> list[str]:
     """The lines of torchrun's stderr to show: the ranks' own (errors and their tracebacks, warnings,
     summaries), not torchrun's banners and tracebacks; plus `error: rank R: ...` for a rank that
     torchrun reports failed but that said nothing itself (killed, or died before it could). Ranks
     ended by SIGTERM are left out unless they are the first failure: that is torchrun stopping the rest."""
-    lines = [line for line in err.splitlines() if line.startswith(_KEEP) or _TRACE.match(line)]
+    lines = [line for line in err.splitlines() if is_rank_line(line)]
     if returncode:
         for rank, code, root in torchrun_failures(err):
             if code == -signal.SIGTERM and not root:

@@ -26,6 +26,7 @@ import torch
 from ..runtime.errors import SpdError
 
 ROWS = (1, 2, 4, 8, 16)
+CONCURRENT = "1 concurrent"  # the timings of one thread beside a twin process
 CONTEXTS = (128, 512)
 
 
@@ -238,7 +239,7 @@ def measure(model_name: str, dtype: str = "float32", device: str = "cpu", thread
         torch.set_num_threads(before)
     if concurrent and device == "cpu" and (os.cpu_count() or 1) >= 2:
         log("timing the target with one thread in each of two processes at once")
-        out["target"]["1 concurrent"] = time_concurrent(model_name, dtype, rows, contexts, reps)
+        out["target"][CONCURRENT] = time_concurrent(model_name, dtype, rows, contexts, reps)
     if link:
         log("timing the link between two processes")
         out["link"] = time_link("nccl" if device.startswith("cuda") else "gloo")

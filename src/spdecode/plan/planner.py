@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from ..runtime.errors import SpdError
+from .costs import CONCURRENT
 from .simulate import Costs, best_split, simulate_spd
 
 SHIPPED = Path(__file__).parent / "costs"
@@ -44,8 +45,7 @@ def plan(data: dict, devices: int, alpha: float, link: str = "same-host", draft:
     ar = Costs(data, ar_threads).ar_token()
     rows = [{"method": "ar", "devices": 1, "config": f"{ar_threads} thread(s)", "tok_s": 1 / ar, "speedup": 1.0,
              "tokens_per_cycle": 1.0, "acceptance": "-"}]
-    rank_threads = "1 concurrent" if "1 concurrent" in data["target"] and devices <= data["hardware"]["cores"] \
-        else "1"
+    rank_threads = CONCURRENT if CONCURRENT in data["target"] and devices <= data["hardware"]["cores"] else "1"
     costs = Costs(data, rank_threads)
     if LINKS[link] is not None:
         costs.link = {"latency_s": LINKS[link][0], "bandwidth_bytes_per_s": LINKS[link][1]}

@@ -40,6 +40,11 @@ def split_layers(n_layers: int, stages: int | Sequence[int]) -> list[int]:
     return sizes
 
 
+def context_length(config) -> int:
+    """The positions a model's config allows (2048 where it names none)."""
+    return int(getattr(config, "max_position_embeddings", 2048))
+
+
 def layer_windows(config) -> list[int | None]:
     """Sliding-window size of each layer (None = full attention), as the HF implementation applies it."""
     n = config.num_hidden_layers
@@ -140,7 +145,7 @@ class StagedTarget:
         # Gemma 3 keeps one rotary table per layer type; Llama-style models have a single one.
         rotary = self.decoder.rotary_emb
         self._rotary_per_type = "layer_type" in inspect.signature(rotary.forward).parameters
-        self.context_length = int(getattr(self.config, "max_position_embeddings", 2048))
+        self.context_length = context_length(self.config)
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
         self.cache = StaticKVCache(
             {i: self.windows[i] for i in range(self.n_layers)}, min(capacity, self.context_length),

@@ -70,6 +70,11 @@ class Outcome:
     total_s: float
 
 
+def describe(exc: Exception) -> str:
+    """An error for a client: our own errors' message, anything else with its type."""
+    return str(exc) if isinstance(exc, SpdError) else f"{type(exc).__name__}: {exc}"
+
+
 Generate = Callable[..., Generation]  # generate(ids, max_new_tokens, sampling, eos, on_token, halt)
 
 
@@ -136,7 +141,7 @@ class Engine:
                         self.on_idle()
                     except Exception as exc:  # noqa: BLE001 - a heartbeat that fails: the pipeline is gone
                         failed = True
-                        self._die(f"{type(exc).__name__}: {exc}" if not isinstance(exc, SpdError) else str(exc))
+                        self._die(describe(exc))
                         break
                     continue
                 if job is _STOP:
@@ -152,7 +157,7 @@ class Engine:
                 try:
                     self._run(job)
                 except Exception as exc:  # noqa: BLE001 - reported to the client; fatal ones end the engine
-                    message = str(exc) if isinstance(exc, SpdError) else f"{type(exc).__name__}: {exc}"
+                    message = describe(exc)
                     if self.fatal(exc):
                         failed = True
                         job.post("error", 503, f"the decoding pipeline failed: {message}")
@@ -181,14 +186,12 @@ class Engine:
     def _run(self, job: Job) -> None:
         stream = TextStream(self.tokenizer, job.stops)
         first: list[float] = []
-        count = [0]
 
         def on_token(token: int) -> None:
             if not first:
                 first.append(time.perf_counter())
             if stream.stopped:
                 return
-            count[0] += 1
             delta = stream.feed(token)
             if stream.stopped:
                 job.halt.set("stop")  # the decoder ends at this very token
@@ -207,7 +210,7 @@ class Engine:
         reason = gen.metrics.stop_reason
         finish = {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
         done = time.perf_counter()
-        outcome = Outcome(finish, count[0], stream.text, gen, started - job.submitted,
+        outcome = Outcome(finish, len(stream.tokens), stream.text, gen, started - job.submitted,
                           first[0] - job.submitted if first else None, done - job.submitted)
         if self.metrics:
             if finish in ("cancelled", "shutdown"):
