@@ -110,7 +110,7 @@ def replay_greedy(target: StagedTarget, pdm: PipelineDraftModule, prompt: list[i
         raise RuntimeError("the replay emitted other tokens than the teacher-forced pass vouches for")
     return {"method": "spd-replay", "n_stages": n, "new_tokens": m.new_tokens, "cycles": m.cycles,
             "drafts_verified": m.drafts_verified, "drafts_accepted": m.drafts_accepted, "decode_s": 0.0,
-            "decode_tok_s": None}
+            "decode_tok_s": None, "prompt_tokens": P, "walks": m.walks}
 
 
 def print_row(name: str, s: dict, how: str, n: int) -> None:
@@ -163,7 +163,8 @@ def decode_trees(target, pdm, prompt: list[int], max_new_tokens: int, eos: set[i
     return {"method": "spd-decoded", "n_stages": m.n_stages, "new_tokens": m.new_tokens, "cycles": m.cycles,
             "drafts_verified": m.drafts_verified, "drafts_accepted": m.drafts_accepted, "decode_s": m.decode_s,
             "decode_tok_s": m.decode_tok_s, "verified_per_depth": m.verified_per_depth,
-            "accepted_per_depth": m.accepted_per_depth, "phase_s": dict(m.phase_s)}
+            "accepted_per_depth": m.accepted_per_depth, "phase_s": dict(m.phase_s), "prompt_tokens": len(prompt),
+            "walks": m.walks}
 
 
 def run_eval(cfg: EvalConfig) -> int:

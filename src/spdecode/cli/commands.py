@@ -154,11 +154,16 @@ def cmd_vocab(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    if args.measure and args.validate:
+        raise SpdError("--measure writes a cost file and --validate checks one: run them one after the other")
+    if args.validate:
+        return validate_plan(args)
     if not args.measure:
-        from ..plan.planner import load_costs, plan, plot_plan, print_plan
+        from ..plan.planner import load_costs, load_walks, plan, plot_plan, print_plan
 
         data, source = load_costs(args.costs, args.model, args.dtype)
-        rows = plan(data, args.devices, args.alpha, args.link)
+        walks = load_walks(args.traces) if args.traces else None
+        rows = plan(data, args.devices, args.alpha, args.link, walks=walks, traces=args.traces or "")
         print_plan(rows, source, args.link)
         if args.json_out:
             with open(args.json_out, "w") as f:
@@ -181,6 +186,19 @@ def cmd_plan(args) -> int:
     with open(args.out, "w") as f:
         json.dump(costs, f, indent=1)
     print(args.out)
+    return 0
+
+
+def validate_plan(args) -> int:
+    from ..plan.validate import IN_PROCESS, ONE_PROCESS_PER_STAGE, ValidateConfig, print_validation, validate
+
+    cfg = ValidateConfig(model=args.model, dtype=args.dtype, device=args.device, costs=args.costs,
+                         methods=IN_PROCESS if args.methods is None else args.methods,
+                         distributed=ONE_PROCESS_PER_STAGE if args.distributed_methods is None
+                         else args.distributed_methods, stages=args.stages, data=args.data, limit=args.limit,
+                         max_new_tokens=args.max_new_tokens, runs=args.runs, json_out=args.json_out,
+                         master_port=args.master_port, timeout=args.timeout)
+    print_validation(validate(cfg, log=lambda m: print(m, file=sys.stderr, flush=True)))
     return 0
 
 

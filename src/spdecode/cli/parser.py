@@ -180,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--threads", default="1,2", help="thread counts to time (default 1,2)")
     pl.add_argument("--reps", type=int, default=5, help="timings per point, the median kept (default 5)")
     pl.add_argument("--out", default=None, help="cost file to write (JSON)")
+    pl.add_argument("--traces", default=None, help="replay the accept/reject sequences of an eval-draft or bench "
+                    "--json-out file instead of --alpha")
+    pl.add_argument("--validate", action="store_true",
+                    help="measure the configurations this machine can run (median of --runs) beside their predictions")
+    pl.add_argument("--data", default="mt_bench,gsm8k,humaneval", help="--validate: prompt sets or a .jsonl")
+    pl.add_argument("--limit", type=int, default=4, help="--validate: prompts per set (default 4)")
+    pl.add_argument("--max-new-tokens", type=int, default=128, help="--validate: tokens per prompt (default 128)")
+    pl.add_argument("--runs", type=int, default=3, help="--validate: measurements per configuration (default 3)")
+    pl.add_argument("--methods", default=None, help="--validate: in-process method specs, bench's syntax "
+                    "(default: AR with 1 and 2 threads, sd, eagle, one-process spd at 2 and 4 stages)")
+    pl.add_argument("--distributed-methods", default=None, help="--validate: pipeline specs run with one process "
+                    "per stage at --stages (default: spd:budget=1,spd; '' for none)")
+    pl.add_argument("--stages", type=int, default=2, help="--validate: the pipelines' stages (default 2)")
+    pl.add_argument("--master-port", type=int, default=None, help="--validate: rendezvous port (default: a free one)")
+    pl.add_argument("--timeout", type=float, default=120.0, help="--validate: seconds a rank waits for a peer")
     pl.set_defaults(func=cmd_plan)
 
     pt = sub.add_parser("plot-trace", help="draw the first cycles of a --trace file as a per-rank timeline (PNG)")

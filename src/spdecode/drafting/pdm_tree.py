@@ -19,7 +19,6 @@ distribution when sampling (its q travels to the verifier's rejection rule).
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import torch
@@ -29,7 +28,7 @@ from ..runtime.errors import SpdError
 from ..runtime.tree import chunk_tensors
 from ..runtime.verify import propose
 from .pdm import PipelineDraftModule
-from .tree_build import Grown, grow_best_first
+from .tree_build import Grown, grow_below, newest_leaf, tree_starts
 
 GROWN = 1 << 40  # ids of nodes grown this cycle, before they join the schedule
 
@@ -104,22 +103,17 @@ class PdmTreeDrafter:
 
     # -- growth ----------------------------------------------------------------------------------
     def grow(self, run, now: bool) -> None:
-        sched, shape = run.sched, run.shape
-        limit = run.max_position
+        sched = run.sched
         ids = [i for i in sched.live() if not now or i not in sched.drafted]
-        if not shape.tree:  # SPD as published: the newest leaf's one child
-            leaves = [i for i in sched.leaves(now) if sched.nodes[i].position < limit]
-            if not leaves:
+        if not run.shape.tree:  # SPD as published: the newest leaf's one child
+            leaf = newest_leaf(run, now)
+            if leaf is None:
                 return
             outs = dict(zip(ids, self._in_flight(run, ids), strict=True))
-            leaf = leaves[-1]
             d = propose(self.pdm.head(outs[leaf][None])[0], self.sampler, self.vocab, self.target.config.vocab_size)
             run.sched.add(d.token, leaf, draft=d if d.q is not None else None, now=now)
             return
-        # A tree grows below any live node, leaves or not: in a pipeline the walk may stop at a node
-        # whose children in its own slot were wrong, and only a child in a later slot then saves
-        # a refill. Children a node already has are not drafted again.
-        starts = [i for i in ids if sched.nodes[i].position < limit]
+        starts = tree_starts(run, ids)
         if not starts:
             return
         outs = dict(zip(ids, self._in_flight(run, ids), strict=True))
@@ -134,21 +128,7 @@ class PdmTreeDrafter:
                         logprobs[row, taken] = float("-inf")
             return logprobs
 
-        # A child of a node in flight is where a walk ending there steps on; without it a refill of
-        # n - 1 cycles follows. Worth about n tokens instead of one: its rank is raised by log n.
-        step = {i: math.log(run.n) for i in starts if sched.nodes[i].slot >= 0} if run.n > 1 else {}
-        # In a pipeline a walk that stops at a node steps on only into a child of a later slot: the
-        # first level may give a node in flight as many such children as its probability earns.
-        kept = grow_best_first([(i, sched.nodes[i].score) for i in starts], expand, shape.budget, shape.depth,
-                               shape.topk, self.vocab, expand_all=run.n > 1, bonus=step,
-                               first_topk=shape.budget if run.n > 1 else None)
-        added: list[int | None] = []
-        for g in kept:
-            parent = g.leaf if g.parent is None else added[g.parent]
-            if parent is None or sched.nodes[parent].position >= limit:
-                added.append(None)
-                continue
-            added.append(sched.add(g.token, parent, g.score, now=now))
+        grow_below(run, starts, expand, self.vocab, now)
 
     @torch.no_grad()
     def tree_logits(self, run, tree) -> torch.Tensor:

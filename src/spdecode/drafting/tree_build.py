@@ -12,6 +12,7 @@ hanging below the starting leaves.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -94,3 +95,39 @@ def best_first_tree(expand: Callable[[DraftTree, list[int]], torch.Tensor], budg
 
     kept = grow_best_first([("root", 0.0)], on_tree, budget, depth, topk, vocab)
     return as_tree(kept) if kept else None
+
+
+# -- growth below SPD's live tree (every drafter of the engine core that grows trees: the PDM, and
+#    the planner's stand-in, which must grow the same shapes) ----------------------------------------
+def newest_leaf(run, now: bool):
+    """One node per slot (SPD as published): the leaf the next node hangs below (None: none may)."""
+    leaves = [i for i in run.sched.leaves(now) if run.sched.nodes[i].position < run.max_position]
+    return leaves[-1] if leaves else None
+
+
+def tree_starts(run, ids: list[int]) -> list[int]:
+    """The live nodes `ids` a tree may grow below. A tree grows below any live node, leaves or not:
+    in a pipeline the walk may stop at a node whose children in its own slot were wrong, and only a
+    child in a later slot then saves a refill. Nodes past the last position worth drafting are out."""
+    return [i for i in ids if run.sched.nodes[i].position < run.max_position]
+
+
+def grow_below(run, starts: list[int], expand: Expand, vocab: torch.Tensor | None, now: bool) -> None:
+    """Grow run.shape's tree below `starts` (EAGLE-2's best-first levels) and add it to the schedule.
+    `expand` must keep a starting node's existing children out (they are not drafted again)."""
+    sched, shape = run.sched, run.shape
+    # A child of a node in flight is where a walk ending there steps on; without it a refill of
+    # n - 1 cycles follows. Worth about n tokens instead of one: its rank is raised by log n.
+    step = {i: math.log(run.n) for i in starts if sched.nodes[i].slot >= 0} if run.n > 1 else {}
+    # In a pipeline a walk that stops at a node steps on only into a child of a later slot: the
+    # first level may give a node in flight as many such children as its probability earns.
+    kept = grow_best_first([(i, sched.nodes[i].score) for i in starts], expand, shape.budget, shape.depth,
+                           shape.topk, vocab, expand_all=run.n > 1, bonus=step,
+                           first_topk=shape.budget if run.n > 1 else None)
+    added: list[int | None] = []
+    for g in kept:
+        parent = g.leaf if g.parent is None else added[g.parent]
+        if parent is None or sched.nodes[parent].position >= run.max_position:
+            added.append(None)
+            continue
+        added.append(sched.add(g.token, parent, g.score, now=now))

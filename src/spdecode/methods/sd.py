@@ -52,7 +52,7 @@ def generate_sd(
         ids = torch.tensor([[tokens[-1]] + [d.token for d in drafts]], device=target.device)
         logits = target.logits(target.forward(ids, start))[0]
         clock.lap("target")
-        kept = 0
+        kept, checked, accepted = 0, m.drafts_verified, m.drafts_accepted
         for i, d in enumerate(drafts):
             ok, token = verify(logits[i], d, sampler)
             m.drafts_verified += 1
@@ -70,6 +70,7 @@ def generate_sd(
             tokens.append(token)
             if on_token:
                 on_token(token)
+        m.walks.append([m.drafts_verified - checked, m.drafts_accepted - accepted])
         # Valid K/V: everything up to the last verified token before this step, plus the kept drafts.
         target.rollback(start + 1 + kept)
         if adaptive:  # grow gamma after a full accept, shrink it after an early rejection (as HF does)

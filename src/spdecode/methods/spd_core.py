@@ -122,6 +122,7 @@ class SpdRun:
             stepped = len(v.accepted) + (v.node is not None)
             m.drafts_verified += v.tried
             m.drafts_accepted += stepped
+            m.walks.append([v.tried, stepped])
             if self.shape.tree:  # one node per slot: one verification per verdict, alpha says it all
                 m.record_walk(v.tried, stepped)
             if trace.active():

@@ -1,8 +1,11 @@
 """`spdecode plan --devices K`: predicted tok/s per method and configuration from a cost file.
 
-AR runs on one device at its best thread count; SPD (one node per slot) on n = 2..K devices,
-each n with its best split (distributed.balance: rank 0 carries the drafter, the last rank the
-head), the link from the cost file or a preset. Acceptance is a given alpha (the output says so).
+AR and eagle run on one device at their best thread count; SPD on n = 2..K devices, one node per
+slot (as published) and over draft trees (spd's default tree), each n with its best split
+(distributed.balance: rank 0 carries the drafter, the last rank the head), the link from the
+cost file or a preset. Acceptance is a given alpha at every depth, or replayed from the walks of
+an `eval-draft` or `bench` JSON (`--traces`); the output says which, and whose drafting cost
+stands in where no draft was timed for a configuration.
 """
 
 from __future__ import annotations
@@ -10,14 +13,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..generators import EAGLE_TREE, SPD_TREE
+from ..methods.spd_core import TreeShape
 from ..runtime.errors import SpdError
+from .cost_model import Costs
 from .costs import CONCURRENT
-from .simulate import Costs, best_split, simulate_spd
+from .predict import Setup, predict
+from .simulate import Drawn, Replayed, best_split
 
 SHIPPED = Path(__file__).parent / "costs"
 # (latency s, bandwidth bytes/s) of common links
 LINKS = {"same-host": None, "pcie": (5e-6, 25e9), "nvlink": (2e-6, 300e9), "10gbe": (50e-6, 1.25e9),
          "100gbe": (10e-6, 12.5e9)}
+PROMPT = 64  # prompt tokens of a planned generation
 
 
 def load_costs(path: str | None, model: str, dtype: str) -> tuple[dict, str]:
@@ -32,49 +40,88 @@ def load_costs(path: str | None, model: str, dtype: str) -> tuple[dict, str]:
         raise SpdError(f"{p} is not a cost file: {exc}") from None
 
 
+def load_walks(path: str) -> list[list[int]]:
+    """Every verification pass ([tried, accepted]) of the records of an eval-draft or bench JSON."""
+    try:
+        records = json.loads(Path(path).read_text())["records"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise SpdError(f"--traces {path}: not the JSON of `spdecode eval-draft` or `bench` ({exc})") from None
+    walks = [w for r in records for w in r.get("walks", [])]
+    if not walks:
+        raise SpdError(f"--traces {path}: its records hold no walks (written by an older spdecode?)")
+    return walks
+
+
 def plan(data: dict, devices: int, alpha: float, link: str = "same-host", draft: str | None = None,
-         tokens: int = 256) -> list[dict]:
+         tokens: int = 256, walks: list[list[int]] | None = None, traces: str = "") -> list[dict]:
     if devices < 1:
         raise SpdError(f"--devices must be at least 1 (got {devices})")
     if not 0.0 <= alpha <= 1.0:
         raise SpdError(f"--alpha must be in [0, 1] (got {alpha})")
     if link not in LINKS:
         raise SpdError(f"unknown link {link!r}; choose from {', '.join(LINKS)}")
+    layers = int(data["n_layers"])
+    context = PROMPT + tokens / 2
     keys = [k for k in data["target"] if k.isdigit()]
-    ar_threads = min(keys, key=lambda k: Costs(data, k).ar_token())
-    ar = Costs(data, ar_threads).ar_token()
-    rows = [{"method": "ar", "devices": 1, "config": f"{ar_threads} thread(s)", "tok_s": 1 / ar, "speedup": 1.0,
+    best = min(keys, key=lambda k: Costs(data, k, context).ar_token())
+    ar = predict(data, Setup("ar", (layers,), best), None, PROMPT, tokens)["tok_s"]
+    rows = [{"method": "ar", "devices": 1, "config": f"{best} thread(s)", "tok_s": ar, "speedup": 1.0,
              "tokens_per_cycle": 1.0, "acceptance": "-"}]
+    told = f"replayed from {traces}" if walks else f"alpha {alpha:.2f} given"
+
+    def row(method, n, config, setup):
+        acceptance = Replayed(walks) if walks else Drawn(alpha)
+        r = predict(data, setup, acceptance, PROMPT, tokens)
+        rows.append({"method": method, "devices": n, "config": config, "tok_s": r["tok_s"],
+                     "speedup": r["tok_s"] / ar, "tokens_per_cycle": r["tokens_per_cycle"], "acceptance": told,
+                     "utilisation": r["utilisation"],
+                     "drafter_cost_from": setup.drafter if setup.drafter_timed(costs.draft) else "none (0 s)"})
+
+    costs = Costs(data, best, context)
+    head = nearest_draft(costs.draft, 1, "eagle")
+    eagle = TreeShape(*EAGLE_TREE.values())
+    row("eagle", 1, f"tree {eagle.budget}:{eagle.depth}:{eagle.topk}",
+        Setup("eagle", (layers,), best, shape=eagle, drafter=head))
     rank_threads = CONCURRENT if CONCURRENT in data["target"] and devices <= data["hardware"]["cores"] else "1"
-    costs = Costs(data, rank_threads)
+    costs = Costs(data, rank_threads, context)
     if LINKS[link] is not None:
-        costs.link = {"latency_s": LINKS[link][0], "bandwidth_bytes_per_s": LINKS[link][1]}
-    for n in range(2, min(devices, costs.layers) + 1):
-        name = draft or nearest_draft(costs.draft, n)
-        draft_s = costs.draft[name][1] if name in costs.draft else 0.0
-        sizes = best_split(costs, n, draft_s)
-        r = simulate_spd(costs, sizes, alpha, tokens=tokens, draft_s=draft_s)
-        rows.append({"method": "spd", "devices": n, "config": f"stages {','.join(map(str, sizes))}",
-                     "tok_s": r["tok_s"], "speedup": r["tok_s"] * ar, "tokens_per_cycle": r["tokens_per_cycle"],
-                     "acceptance": f"alpha {alpha:.2f} given", "utilisation": r["utilisation"],
-                     "drafter_cost_from": name if name in costs.draft else "none (0 s)"})
+        data = {**data, "link": {"latency_s": LINKS[link][0], "bandwidth_bytes_per_s": LINKS[link][1]}}
+    tree = TreeShape(*SPD_TREE.values())
+    for n in range(2, min(devices, layers) + 1):
+        for shape, kind in ((TreeShape(), "one node per slot"), (tree, f"tree {tree.budget}:{tree.depth}:{tree.topk}")):
+            name = draft or nearest_draft(costs.draft, n, "tree" if shape.tree else "")
+            sizes = best_split(costs, n, costs.draft_pass(name, shape.budget))
+            row("spd", n, f"stages {','.join(map(str, sizes))}, {kind}",
+                Setup("spd", tuple(sizes), rank_threads, True, shape, name))
     return rows
 
 
-def nearest_draft(drafts: dict, n: int) -> str | None:
-    """The timed one-node draft (`<model>-n<N>`) whose N is nearest to n: its cost stands in."""
+def nearest_draft(drafts: dict, n: int, kind: str = "") -> str | None:
+    """The timed draft whose cost stands in for n stages: an EAGLE-style head (`<model>-eagle`) for
+    kind "eagle"; else the draft `<model>-n<N>` (kind "tree": `<model>-n<N>-tree` first) whose N is
+    nearest to n."""
     import re
 
-    by_n = {int(m.group(1)): d for d in drafts if (m := re.search(r"-n(\d+)$", d))}
-    return by_n[min(by_n, key=lambda k: (abs(k - n), k))] if by_n else None
+    if kind == "eagle":
+        return next((d for d in drafts if d.endswith("-eagle")), None)
+    found = {}
+    for d in drafts:
+        if m := re.search(r"-n(\d+)(-tree)?$", d):
+            found.setdefault(int(m.group(1)), {})[bool(m.group(2))] = d
+    if not found:
+        return None
+    near = found[min(found, key=lambda k: (abs(k - n), k))]
+    return near.get(kind == "tree", next(iter(near.values())))
 
 
 def print_plan(rows: list[dict], source: str, link: str) -> None:
     print(f"costs: {source}; link: {link}")
-    print(f"{'method':<6} {'devices':>7}  {'configuration':<16} {'tok/s':>7} {'vs AR':>6} {'tok/cycle':>9}  acceptance")
+    print(f"{'method':<6} {'devices':>7}  {'configuration':<34} {'tok/s':>7} {'vs AR':>6} {'tok/cycle':>9}  "
+          "acceptance; drafting cost from")
     for r in rows:
-        print(f"{r['method']:<6} {r['devices']:>7}  {r['config']:<16} {r['tok_s']:>7.1f} {r['speedup']:>6.2f} "
-              f"{r['tokens_per_cycle']:>9.2f}  {r['acceptance']}")
+        print(f"{r['method']:<6} {r['devices']:>7}  {r['config']:<34} {r['tok_s']:>7.1f} {r['speedup']:>6.2f} "
+              f"{r['tokens_per_cycle']:>9.2f}  {r['acceptance']}" +
+              (f"; {r['drafter_cost_from']}" if "drafter_cost_from" in r else ""))
     best = max(rows, key=lambda r: r["tok_s"])
     print(f"recommended: {best['method']} on {best['devices']} device(s), {best['config']} "
           f"({best['speedup']:.2f}x the best AR)")
@@ -87,9 +134,9 @@ def plot_plan(rows: list[dict], out: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in sorted({r["method"] for r in rows}):
-        pts = [(r["devices"], r["speedup"]) for r in rows if r["method"] == method]
-        ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+    for label in dict.fromkeys(series(r) for r in rows):
+        pts = [(r["devices"], r["speedup"]) for r in rows if series(r) == label]
+        ax.plot(*zip(*pts, strict=True), marker="o", label=label)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("devices")
     ax.set_ylabel("predicted speedup over the best AR")
@@ -97,3 +144,10 @@ def plot_plan(rows: list[dict], out: str) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def series(row: dict) -> str:
+    """A plotted line: the method, and for spd whether slots carry one node or a tree."""
+    if row["method"] != "spd":
+        return row["method"]
+    return "spd (" + row["config"].split(", ", 1)[1] + ")"

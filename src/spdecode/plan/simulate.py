@@ -1,108 +1,190 @@
-"""Predict a configuration's speed from a cost file by driving the real SPD core with no model.
+"""Predict a configuration's speed from a cost file by driving the real engine core with no model.
 
-SPD's cycles come from the engine's own core (methods.spd_core.SpdRun over the pure schedule),
-fed by a drafter stand-in whose drafts are right with the given acceptance (drawn per draft from
-a seeded generator, or replayed from an exact accept/reject sequence) and an executor that runs
-no layer: it charges each rank what the cost file says its rows cost, along the same message
-dependencies as the distributed engine (distributed/root.py): rank s runs in cycle c the slot
-rank s-1 sent at the end of cycle c-1; rank 0 drafts, runs stage 0, then waits for every rank's
-report of the cycle before it sends its slot on. AR is one full pass per token.
+Every speculative method's cycles come from the engine's own core (methods.spd_core.SpdRun over
+the pure schedule, trees included; eagle and tree/chain SD are its n = 1 case), fed by a drafter
+stand-in that grows the shapes the real drafters grow (drafting.tree_build: one node per slot, or
+EAGLE-2's best-first tree below the live nodes) and charges its passes, and an executor that runs
+no layer. Whether a draft is right is decided when it is verified: the walk from the root steps
+into the stand-in's best child while the acceptance says so (drawn per depth from an alpha, or
+replayed from an exact accept/reject sequence), otherwise the target's token is a correction.
 
-Known gaps (to be checked against measurements by `plan --validate`, still to come): one node
-per slot only (trees need a drafter stand-in per depth); context length taken as one point.
+Two executors charge the cost file's times:
+- `SimLocal`, one process: a cycle is the drafting plus every busy stage one after another (the
+  one-process engine, methods/spd.py; eagle and sd);
+- `SimPipeline`, one process per stage, along the distributed engine's message dependencies
+  (distributed/root.py): rank s runs in cycle c the slot rank s-1 sent at the end of cycle c-1;
+  rank 0 drafts, runs stage 0, then waits for every rank's report of the cycle before it sends
+  its slot on.
+AR is one full pass per token.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from ..distributed.balance import balanced_split
-from ..methods.spd_core import SpdRun
+from ..drafting.tree_build import grow_below, newest_leaf, tree_starts
+from ..methods.spd_core import ONE_NODE, SpdRun, TreeShape
 from ..runtime.errors import SpdError
 from ..runtime.generation import StopRule
 from ..runtime.metrics import Metrics
+from .cost_model import Costs
+
+REJECT = -1  # the target's token when no draft holds it (the stand-in drafts tokens >= 0)
 
 
-class Costs:
-    """Seconds per part from a cost file (plan.costs.measure), at one context length."""
+class Drawn:
+    """Acceptance drawn per verification: right with probability alpha[d] at depth d of the walk
+    (the last value for deeper ones), from a seeded generator."""
 
-    def __init__(self, data: dict, threads: str, context: int | None = None):
-        if threads not in data["target"]:
-            raise SpdError(f"the cost file has no timings for {threads!r} threads (it has "
-                           f"{', '.join(data['target'])})")
-        t = data["target"][threads]
-        ctx = [int(c) for c in t["layer"]]
-        c = str(min(ctx, key=lambda x: abs(x - (context or ctx[0]))))
-        self.layers = int(data["n_layers"])
-        self._layer = {int(r): s for r, s in t["layer"][c].items()}
-        self._head = {int(r): s for r, s in t["head"].items()}
-        # What a whole step costs beyond its layers and head (embedding, sampling, Python), shared
-        # out per layer: every rank pays it for the layers it runs, whatever their rows.
-        step = t.get("step", {}).get(c)
-        self.overhead = max(0.0, (step - self.layers * self._layer[1] - self._head[1]) / self.layers) if step else 0.0
-        self.link = data.get("link", {"latency_s": 0.0, "bandwidth_bytes_per_s": float("inf")})
-        self.draft = {name: {int(r): s for r, s in by.get(threads.split()[0], by[next(iter(by))]).items()}
-                      for name, by in data.get("draft", {}).items()}
+    def __init__(self, alpha: float | list[float], seed: int = 0):
+        self.alpha = [alpha] if isinstance(alpha, int | float) else list(alpha)
+        if not self.alpha or any(not 0.0 <= a <= 1.0 for a in self.alpha):
+            raise SpdError(f"acceptance must be in [0, 1] (got {alpha})")
+        self.rng = random.Random(seed)
 
-    @staticmethod
-    def _at(table: dict[int, float], rows: int) -> float:
-        """Linear in rows between the timed row counts (0 rows: nothing runs)."""
-        if rows <= 0:
-            return 0.0
-        keys = sorted(table)
-        lo = max([k for k in keys if k <= rows], default=keys[0])
-        hi = min([k for k in keys if k >= rows], default=keys[-1])
-        if lo == hi:
-            return table[lo] * (rows / lo if rows > keys[-1] else 1.0)
-        return table[lo] + (table[hi] - table[lo]) * (rows - lo) / (hi - lo)
-
-    def layer(self, rows: int) -> float:
-        return self._at(self._layer, rows)
-
-    def head(self, rows: int) -> float:
-        return self._at(self._head, rows)
-
-    def ar_token(self) -> float:
-        return self.layers * (self.layer(1) + self.overhead) + self.head(1)
-
-    def message(self, nbytes: int) -> float:
-        return self.link["latency_s"] + nbytes / self.link["bandwidth_bytes_per_s"]
+    def next(self, depth: int) -> bool:
+        return self.rng.random() < self.alpha[min(depth, len(self.alpha) - 1)]
 
 
-class SimDrafter:
-    """One draft per slot (SPD as published), right with probability `alpha` or as `accepts` says.
-    The true continuation is token P + p + 1 at position p: a draft is right iff it is that token."""
+class Replayed:
+    """An exact accept/reject sequence per depth, from a run's walks ([tried, accepted] per
+    verification pass, Metrics.walks): the d-th verification of a simulated walk takes the next
+    outcome recorded at depth d (round again when it runs out; a depth never reached takes the
+    deepest one recorded)."""
 
-    method, after_stage0, anchors = "spd-sim", False, []
+    def __init__(self, walks: list[list[int]]):
+        self.by_depth: list[list[bool]] = []
+        for tried, accepted in walks:
+            for d in range(tried):
+                while len(self.by_depth) <= d:
+                    self.by_depth.append([])
+                self.by_depth[d].append(d < accepted)
+        if not self.by_depth:
+            raise SpdError("the trace holds no verification to replay")
+        self.at = [0] * len(self.by_depth)
 
-    def __init__(self, alpha: float = 0.5, accepts: list[bool] | None = None, seed: int = 0):
-        self.alpha, self.accepts, self.rng = alpha, list(accepts or []), random.Random(seed)
+    def next(self, depth: int) -> bool:
+        d = min(depth, len(self.by_depth) - 1)
+        out = self.by_depth[d][self.at[d] % len(self.by_depth[d])]
+        self.at[d] += 1
+        return out
+
+
+class StandIn:
+    """The drafter stand-in (a protocols.SlotDrafter): the real drafters' shapes, with tokens that
+    mean nothing (a rank index under each parent) and scores from a fixed distribution; every pass
+    it would make is charged with `pass_cost(rows)` into `spent`."""
+
+    method, after_stage0, anchors = "sim", False, []
+    RANKS = 16  # children a node may have (at least the budget)
+
+    def __init__(self, pass_cost: Callable[[int], float]):
+        self.pass_cost = pass_cost
+        self.spent = 0.0
+        self.completed = 0
 
     def reset(self, run) -> None:
-        pass
+        self.completed, self.spent = run.prompt_len, 0.0
 
-    def right(self) -> bool:
-        return self.accepts.pop(0) if self.accepts else self.rng.random() < self.alpha
+    def take(self) -> float:
+        out, self.spent = self.spent, 0.0
+        return out
+
+    def _in_flight_pass(self, run, ids: list[int]) -> None:
+        """The drafter's pass over the newly verified tokens and every live node (its view of the cycle)."""
+        end = run.sched.nodes[run.sched.root].position
+        self.spent += self.pass_cost(end - self.completed + len(ids))
+        self.completed = end
 
     def grow(self, run, now: bool) -> None:
         sched = run.sched
-        leaf = sched.live()[-1]
-        pos = sched.nodes[leaf].position + 1
-        sched.add(truth(pos) if self.right() else -1, leaf)
+        ids = [i for i in sched.live() if not now or i not in sched.drafted]
+        if not run.shape.tree:
+            leaf = newest_leaf(run, now)
+            if leaf is not None:
+                self._in_flight_pass(run, ids)
+                sched.add(0, leaf, now=now)
+            return
+        starts = tree_starts(run, ids)
+        if not starts:
+            return
+        self._in_flight_pass(run, ids)
+        # The stand-in's next-token distribution by rank: only the shape of the trees depends on it.
+        width = max(self.RANKS, run.shape.budget)
+        base = torch.log(torch.tensor([0.5 ** (r + 1) for r in range(width)]))
+
+        def expand(grown, frontier):
+            # Grown nodes run once each; the starting nodes' outputs came with the pass above.
+            self.spent += self.pass_cost(sum(kind == "new" for kind, _ in frontier))
+            out = base.repeat(len(frontier), 1)
+            for row, (kind, r) in enumerate(frontier):
+                if kind == "leaf":  # its existing children are not drafted again
+                    for c in sched.live_children(r):
+                        out[row, sched.nodes[c].token] = float("-inf")
+            return out
+
+        grow_below(run, starts, expand, None, now)
 
 
-def truth(position: int) -> int:
-    return position + 1
+def walk_choices(sched, acceptance) -> list[int] | None:
+    """The target's token for each row of the exiting slot: along the walk from the root, the
+    stand-in's best child while the acceptance says the draft is right, then a correction."""
+    if sched.exiting is None:
+        return None
+    rows = sched.exit_rows()
+    here, depth, choice = sched.root, 0, {}
+    while here in rows:
+        kids = sched.live_children(here)
+        if not kids or not acceptance.next(depth):
+            choice[here] = REJECT
+            break
+        best = max(kids, key=lambda c: sched.nodes[c].score)
+        choice[here], here, depth = sched.nodes[best].token, best, depth + 1
+    return [choice.get(i, REJECT) for i in rows]
+
+
+def stage_cost(costs: Costs, sizes: list[int], s: int, rows: int) -> float:
+    """Stage s over `rows` rows; the last stage also runs the head."""
+    return costs.layers_pass(sizes[s], rows) + (costs.head(rows) if s == len(sizes) - 1 else 0.0)
+
+
+def busy_stages(sched) -> list[tuple[int, int]]:
+    """(stage, rows) each stage runs this cycle: the entering slot's rows at stage 0, the rows
+    still live of the older slots after it."""
+    return [(s, len(sl.rows) if s == 0 else len(sl.down_rows)) for s, sl in sched.stage_slots()]
+
+
+@dataclass
+class SimLocal:
+    """One process runs the drafter and every busy stage one after another."""
+
+    costs: Costs
+    sizes: list[int]
+    acceptance: object
+    now: float = 0.0
+
+    def prefill(self, run: SpdRun) -> int:
+        return REJECT
+
+    def cycle(self, run: SpdRun, slot) -> None:
+        run.grow()
+        work = sum(stage_cost(self.costs, self.sizes, s, rows) for s, rows in busy_stages(run.sched))
+        run.settle(walk_choices(run.sched, self.acceptance))
+        self.now += run.drafter.take() + work
 
 
 @dataclass
 class SimPipeline:
-    """The SpdRun executor that charges costs instead of running stages."""
+    """One process per stage: rank 0 drafts and runs stage 0; rank s the slot rank s-1 sent last cycle."""
 
     costs: Costs
     sizes: list[int]
-    draft_s: float = 0.0
+    acceptance: object
     hidden_bytes: int = 576 * 2
     busy: list[float] = field(default_factory=list)
     now: float = 0.0  # rank 0's clock
@@ -114,48 +196,45 @@ class SimPipeline:
         self.sent = [0.0] * n  # when rank s sent its last slot on
 
     def prefill(self, run: SpdRun) -> int:
-        return truth(run.prompt_len - 1)
-
-    def cost(self, s: int, rows: int) -> float:
-        c = self.sizes[s] * (self.costs.layer(rows) + self.costs.overhead) if rows else 0.0
-        return c + (self.costs.head(rows) if s == len(self.sizes) - 1 and rows else 0.0)
+        return REJECT
 
     def cycle(self, run: SpdRun, slot) -> None:
-        sched, n = run.sched, len(self.sizes)
+        n = len(self.sizes)
         run.grow()
-        flight = sched.in_flight  # oldest first; the entering slot last
-        rows = [len(slot.rows)] + [len(flight[-1 - s].down_rows) if len(flight) > s else 0 for s in range(1, n)]
+        rows = dict(busy_stages(run.sched))
         start0 = self.now
-        work0 = self.draft_s + self.cost(0, rows[0])
+        work0 = run.drafter.take() + stage_cost(self.costs, self.sizes, 0, rows.get(0, 0))
         reports = []
         for s in range(1, n):  # rank s: the slot rank s-1 sent last cycle, once it is free
-            begin = max(self.sent[s - 1] + self.costs.message(rows[s] * self.hidden_bytes), self.free[s])
-            work = self.cost(s, rows[s])
+            msg = self.costs.message(rows.get(s, 0) * self.hidden_bytes)
+            begin = max(self.sent[s - 1] + msg, self.free[s])
+            work = stage_cost(self.costs, self.sizes, s, rows.get(s, 0))
             self.busy[s] += work
             self.free[s] = begin + work
-            reports.append(self.free[s] + self.costs.message(rows[s] * self.hidden_bytes))
+            reports.append(self.free[s] + msg)
         self.busy[0] += work0
         self.sent[1:] = self.free[1:]
-        choices = None
-        if sched.exiting is not None:
-            choices = [truth(sched.nodes[i].position + 1) for i in sched.exit_rows()]
-        run.settle(choices)
+        run.settle(walk_choices(run.sched, self.acceptance))
         self.now = max([start0 + work0, *reports])
         self.sent[0] = self.now
 
 
-def simulate_spd(costs: Costs, sizes: list[int], alpha: float = 0.5, accepts: list[bool] | None = None,
-                 tokens: int = 256, prompt: int = 64, draft_s: float = 0.0, seed: int = 0) -> dict:
-    """Predicted decode tok/s, tokens per cycle and per-rank utilisation of one-node SPD."""
+def simulate(costs: Costs, sizes: list[int], acceptance, shape: TreeShape = ONE_NODE, distributed: bool = True,
+             draft_pass: Callable[[int], float] = lambda rows: 0.0, tokens: int = 256, prompt: int = 64) -> dict:
+    """Predicted decode time, tok/s, tokens per cycle and per-rank utilisation of one generation of
+    `tokens` new tokens after a `prompt`-token prompt: the engine core over `sizes` stages (one
+    stage: eagle or sd), in one process per stage (`distributed`) or all in one process."""
     if sum(sizes) != costs.layers or min(sizes) < 1:
         raise SpdError(f"stage sizes {sizes} do not split {costs.layers} layers")
-    m = Metrics(method="spd-sim", n_stages=len(sizes), prompt_tokens=prompt)
-    pipe = SimPipeline(costs, sizes, draft_s)
-    run = SpdRun(len(sizes), list(range(prompt)), SimDrafter(alpha, accepts, seed), StopRule(set(), tokens), m)
-    run.drive(pipe)
-    t = pipe.now
-    return {"tok_s": (m.new_tokens - 1) / t if t else None, "tokens_per_cycle": m.tokens_per_cycle,
-            "alpha": m.alpha, "cycle_ms": 1e3 * t / m.cycles, "utilisation": [b / t for b in pipe.busy],
+    m = Metrics(method="sim", n_stages=len(sizes), prompt_tokens=prompt)
+    executor = (SimPipeline if distributed and len(sizes) > 1 else SimLocal)(costs, list(sizes), acceptance)
+    run = SpdRun(len(sizes), list(range(prompt)), StandIn(draft_pass), StopRule(set(), tokens), m, shape=shape)
+    run.drive(executor)
+    t = executor.now
+    busy = getattr(executor, "busy", None) or [t]
+    return {"decode_s": t, "new_tokens": m.new_tokens, "tok_s": (m.new_tokens - 1) / t if t else None,
+            "tokens_per_cycle": m.tokens_per_cycle, "alpha": m.alpha, "cycles": m.cycles,
+            "cycle_ms": 1e3 * t / m.cycles if m.cycles else None, "utilisation": [b / t if t else 0.0 for b in busy],
             "sizes": list(sizes)}
 
 

@@ -43,6 +43,9 @@ class Metrics:
     accepted_per_depth: list[int] | None = None
     nodes_entered: int = 0
     wasted_rows: int = 0
+    # Every verification pass in order, as [tried, accepted] (the drafts it checked, those that
+    # went on): the exact accept/reject sequence `spdecode plan` replays.
+    walks: list[list[int]] = field(default_factory=list)
 
     def record_walk(self, tried: int, accepted: int) -> None:
         """One walk's verifications by depth: the first `tried` steps tried, the first `accepted` went on."""

@@ -1,0 +1,82 @@
+"""What one pass of each part costs, read from a cost file (plan/costs.py measures one).
+
+Layer times are linear in rows between the timed row counts and linear in context between the
+timed context lengths (a decode pass reads the whole KV cache, so it slows as the context grows).
+What a whole AR step costs beyond its layers and head (embedding, sampling, Python) is shared
+out per layer: every pass pays it for the layers it runs, whatever its rows.
+"""
+
+from __future__ import annotations
+
+from ..runtime.errors import SpdError
+
+
+def at_rows(table: dict[int, float], rows: int) -> float:
+    """Linear in rows between the timed row counts, proportional past the last (0 rows: nothing runs)."""
+    if rows <= 0:
+        return 0.0
+    keys = sorted(table)
+    lo = max([k for k in keys if k <= rows], default=keys[0])
+    hi = min([k for k in keys if k >= rows], default=keys[-1])
+    if lo == hi:
+        return table[lo] * (rows / lo if rows > keys[-1] else 1.0)
+    return table[lo] + (table[hi] - table[lo]) * (rows - lo) / (hi - lo)
+
+
+def at_context(by_context: dict[str, object], context: float, value=lambda v: v) -> float:
+    """`value` of the entry timed at `context`, linear between the two timed contexts around it
+    (held flat outside the timed range: no extrapolation from two noisy points)."""
+    ctx = sorted(int(c) for c in by_context)
+    c = min(max(context, ctx[0]), ctx[-1])
+    lo = max(k for k in ctx if k <= c)
+    hi = min(k for k in ctx if k >= c)
+    a, b = value(by_context[str(lo)]), value(by_context[str(hi)])
+    return a if lo == hi else a + (b - a) * (c - lo) / (hi - lo)
+
+
+class Costs:
+    """Seconds per part of one configuration: the target at a thread count (a key of the cost
+    file's "target": "1", "2", "1 concurrent"), at a context length (default: the first timed)."""
+
+    def __init__(self, data: dict, threads: str, context: float | None = None):
+        if threads not in data["target"]:
+            raise SpdError(f"the cost file has no timings for {threads!r} threads (it has "
+                           f"{', '.join(data['target'])})")
+        t = data["target"][threads]
+        self.threads, self.layers = threads, int(data["n_layers"])
+        context = float(context if context is not None else min(int(c) for c in t["layer"]))
+        rows = sorted({int(r) for by in t["layer"].values() for r in by})
+        self._layer = {r: at_context(t["layer"], context, lambda by, r=r: by[str(r)]) for r in rows}
+        self._head = {int(r): s for r, s in t["head"].items()}
+        step = at_context(t["step"], context) if t.get("step") else None
+        self.overhead = max(0.0, (step - self.layers * self._layer[1] - self._head[1]) / self.layers) if step else 0.0
+        self.link = data.get("link", {"latency_s": 0.0, "bandwidth_bytes_per_s": float("inf")})
+        # A drafter's timings at this configuration's thread count (a rank runs one thread).
+        key = threads.split()[0]
+        self.draft = {name: {int(r): s for r, s in by.get(key, by[next(iter(by))]).items()}
+                      for name, by in data.get("draft", {}).items()}
+
+    def layer(self, rows: int) -> float:
+        return at_rows(self._layer, rows)
+
+    def head(self, rows: int) -> float:
+        return at_rows(self._head, rows)
+
+    def layers_pass(self, layers: int, rows: int) -> float:
+        """`layers` decoder layers over `rows` rows, with their share of the step's overhead."""
+        return layers * (self.layer(rows) + self.overhead) if rows else 0.0
+
+    def ar_token(self) -> float:
+        return self.layers_pass(self.layers, 1) + self.head(1)
+
+    def message(self, nbytes: int) -> float:
+        return self.link["latency_s"] + nbytes / self.link["bandwidth_bytes_per_s"]
+
+    def draft_pass(self, name: str | None, rows: int) -> float:
+        """One pass of a timed bundled drafter (its layers and head) over `rows` rows; 0 when the
+        cost file has no timing for it (the caller says so)."""
+        return at_rows(self.draft[name], rows) if name in self.draft and rows else 0.0
+
+    def early_exit_pass(self, depth: int, rows: int) -> float:
+        """The target's first `depth` layers and its head over `rows` rows (sd's early-exit drafter)."""
+        return self.layers_pass(depth, rows) + self.head(rows) if rows else 0.0

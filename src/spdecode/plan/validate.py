@@ -1,0 +1,178 @@
+"""`spdecode plan --validate`: the simulator's predictions side by side with measurements, here.
+
+Every configuration measurable on this machine (by default AR with 1 and 2 threads, sd, eagle,
+one-process SPD at n = 2 and 4, and SPD with one process per stage, one node per slot and over
+trees) decodes the same prompts `runs` times, the way `spdecode bench` runs them (its runners,
+methods interleaved per prompt); the measurement is the median of the runs' pooled decode tok/s.
+Each is predicted twice from the cost file: replaying the exact accept/reject sequence of every
+generation of the first run (its walks), and from that configuration's average alpha alone (what
+a user without traces has), both over each generation's own prompt and token counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..bench.report import pooled
+from ..bench.run import BenchConfig, distributed_key, load_sets, method_specs, run_distributed_spd, run_prompts
+from ..drafting.pdm import bundled_draft
+from ..generators import PIPELINED, MethodOptions, base_method, make_generator, split_specs
+from ..methods.spd_core import TreeShape
+from ..runtime.errors import SpdError
+from ..runtime.generation import eos_ids
+from ..runtime.models import DEFAULT_MODEL
+from .costs import CONCURRENT
+from .planner import load_costs
+from .predict import Setup, pooled_prediction, predict
+from .simulate import Drawn, Replayed
+
+IN_PROCESS = ("ar:threads=1,ar:threads=2,sd:threads=2,eagle:threads=2,spd:stages=2:budget=1:threads=2,"
+              "spd:stages=4:budget=1:threads=2")
+ONE_PROCESS_PER_STAGE = "spd:budget=1,spd"  # at --stages 2: one node per slot, and spd's default tree
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    model: str = DEFAULT_MODEL
+    dtype: str = "float32"
+    device: str = "cpu"
+    costs: str | None = None  # default: the cost file shipped for the model and dtype
+    methods: str = IN_PROCESS  # method specs run in this process (bench's syntax)
+    distributed: str = ONE_PROCESS_PER_STAGE  # pipeline specs run with one process per stage ("" for none)
+    stages: int = 2  # the pipelines' stages where a spec gives none
+    data: str = "mt_bench,gsm8k,humaneval"
+    limit: int | None = 4
+    max_new_tokens: int = 128
+    runs: int = 3
+    json_out: str | None = None
+    master_port: int | None = None
+    timeout: float = 120.0
+
+
+def setup_for(method: str, opts: MethodOptions, sizes: list[int], distributed: bool, data: dict,
+              model_name: str) -> Setup:
+    """What the simulator must run for a measured configuration."""
+    layers = (sum(sizes),)
+    threads = str(opts.threads or (1 if distributed else torch.get_num_threads()))
+    if distributed and CONCURRENT in data["target"] and len(sizes) <= data["hardware"]["cores"]:
+        threads = CONCURRENT  # ranks sharing one machine's cores and memory bandwidth
+    if method == "ar":
+        return Setup("ar", layers, threads)
+    budget, depth, topk = opts.tree(method)
+    if method == "sd":
+        if opts.adaptive_gamma:
+            raise SpdError("plan --validate does not model sd's adaptive gamma")
+        shape = TreeShape(opts.gamma, opts.gamma, 1) if budget == 0 else TreeShape(budget, depth, topk)
+        drafter = opts.drafter if opts.drafter.startswith("early-exit:") else None
+        return Setup("sd", layers, threads, shape=shape, drafter=drafter)
+    shape = TreeShape(budget, depth, topk)
+    if method == "eagle":
+        return Setup("eagle", layers, threads, shape=shape, drafter=Path(opts.draft).name if opts.draft
+                     else f"{model_name}-eagle")
+    if method == "spd":
+        draft = opts.draft or bundled_draft(model_name, sizes, tree=shape.tree)
+        return Setup("spd", tuple(sizes), threads, distributed, shape, Path(draft).name if draft else None)
+    raise SpdError(f"plan --validate predicts ar, sd, eagle and spd, not {method}")
+
+
+def predict_records(data: dict, setup: Setup, records: list[dict], alpha: float | None, replay: bool) -> dict:
+    """The pooled prediction for the generations `records` (each at its own prompt and token counts):
+    replaying each one's walks (`replay`; a generation that verified nothing draws from alpha), or
+    drawing every verification from the average `alpha`."""
+    def acceptance(i: int, r: dict):
+        if replay and any(tried for tried, _ in r.get("walks", [])):
+            return Replayed(r["walks"])
+        return Drawn(alpha or 0.0, seed=i)
+
+    return pooled_prediction([predict(data, setup, acceptance(i, r), r["prompt_tokens"], r["new_tokens"])
+                              for i, r in enumerate(records)])
+
+
+def measure_all(cfg: ValidateConfig, bench: BenchConfig, log=print):
+    """Per configuration key: (method, options, stage sizes, distributed) and its records of each run."""
+    from ..runtime.models import load_model
+
+    local = method_specs(bench) if cfg.methods.strip() else {}
+    piped = method_specs(replace(bench, method=cfg.distributed, distributed=True)) if cfg.distributed else {}
+    model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
+    sets = load_sets(bench)
+    eos = eos_ids(model, tok)
+    setups, runs = {}, [[] for _ in range(cfg.runs)]
+    with contextlib.ExitStack() as stack:
+        built = {spec: make_generator(method, model, cfg.model, opts, stack) for spec, (method, opts) in local.items()}
+        for spec, (method, opts) in local.items():
+            setups[spec] = (method, opts, list(built[spec][1]), False)
+        runners = {spec: b[0] for spec, b in built.items()}
+        dtypes = {spec: opts.dtype for spec, (_, opts) in local.items()}
+        for r in range(cfg.runs):
+            log(f"run {r + 1} of {cfg.runs}: {', '.join(local)}")
+            runs[r] += run_prompts(bench, runners, dtypes, tok, sets, eos)
+    for spec, (method, opts) in piped.items():
+        key = distributed_key(spec, method, opts)
+        for r in range(cfg.runs):
+            log(f"run {r + 1} of {cfg.runs}: {key}")
+            recs = run_distributed_spd(bench, method, opts, key, model, tok, sets)
+            runs[r] += recs
+        setups[key] = (method, opts, recs[0]["stage_sizes"], True)
+    return setups, runs
+
+
+def validate(cfg: ValidateConfig, log=print) -> dict:
+    if cfg.runs < 1:
+        raise SpdError(f"--runs must be at least 1 (got {cfg.runs})")
+    if cfg.max_new_tokens < 2:
+        raise SpdError("--max-new-tokens must be at least 2 to time any decoding")
+    bad = [s for s in split_specs(cfg.distributed) if base_method(s) not in PIPELINED]
+    if bad:
+        raise SpdError(f"--distributed-methods runs pipelines (spd, speed), not {', '.join(bad)}")
+    data, source = load_costs(cfg.costs, cfg.model, cfg.dtype)
+    if (data.get("model"), data.get("dtype")) != (cfg.model, cfg.dtype):
+        raise SpdError(f"{source} was measured for {data.get('model')} in {data.get('dtype')}, not {cfg.model} in "
+                       f"{cfg.dtype}")
+    bench = BenchConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, method=cfg.methods, data=cfg.data,
+                        limit=cfg.limit, max_new_tokens=cfg.max_new_tokens, stages=cfg.stages,
+                        master_port=cfg.master_port, timeout=cfg.timeout)
+    setups, runs = measure_all(cfg, bench, log)
+    rows = []
+    for key, (method, opts, sizes, distributed) in setups.items():
+        setup = setup_for(method, opts, sizes, distributed, data, cfg.model)
+        first = [r for r in runs[0] if r["method"] == key]
+        measured = [pooled([r for r in run if r["method"] == key]) for run in runs]
+        alpha = measured[0]["alpha"]
+
+        traces = predict_records(data, setup, first, alpha, replay=True)
+        average = predict_records(data, setup, first, alpha, replay=False)
+        tok_s = statistics.median(m["decode_tok_s"] for m in measured)
+        rows.append({"config": key, "method": method, "stages": sizes, "distributed": distributed,
+                     "threads": setup.threads, "tree": list(opts.tree(method)) if method != "ar" else None,
+                     "drafter_cost_from": setup.drafter if setup.drafter_timed(data.get("draft", {})) else "none (0 s)",
+                     "measured_tok_s": tok_s, "measured_runs_tok_s": [m["decode_tok_s"] for m in measured],
+                     "measured_tokens_per_cycle": measured[0]["tokens_per_cycle"], "alpha": alpha,
+                     "predicted_tok_s_traces": traces["tok_s"], "predicted_tok_s_alpha": average["tok_s"],
+                     "predicted_tokens_per_cycle_traces": traces["tokens_per_cycle"],
+                     "predicted_tokens_per_cycle_alpha": average["tokens_per_cycle"],
+                     "error_traces": traces["tok_s"] / tok_s - 1, "error_alpha": average["tok_s"] / tok_s - 1})
+    worst = max(max(abs(r["error_traces"]), abs(r["error_alpha"])) for r in rows)
+    out = {"config": asdict(cfg), "costs": source, "records": rows, "max_relative_error": worst}
+    if cfg.json_out:
+        Path(cfg.json_out).write_text(json.dumps(out, indent=1))
+    return out
+
+
+def print_validation(out: dict) -> None:
+    print(f"costs: {out['costs']}")
+    print(f"{'configuration':<34} {'measured':>8} {'runs':>17}  {'traces':>6} {'error':>6}  {'alpha':>6} {'error':>6}"
+          f"  {'tok/cycle measured, traces, alpha'}")
+    for r in out["records"]:
+        runs = "/".join(f"{t:.1f}" for t in r["measured_runs_tok_s"])
+        tpc = (f"{r['measured_tokens_per_cycle']:.2f}, {r['predicted_tokens_per_cycle_traces']:.2f}, "
+               f"{r['predicted_tokens_per_cycle_alpha']:.2f}")
+        print(f"{r['config']:<34} {r['measured_tok_s']:>8.1f} {runs:>17}  {r['predicted_tok_s_traces']:>6.1f} "
+              f"{r['error_traces']:>+6.0%}  {r['predicted_tok_s_alpha']:>6.1f} {r['error_alpha']:>+6.0%}  {tpc}")
+    print(f"max relative error: {out['max_relative_error']:.1%} (tok/s: median of the runs, decode only)")
