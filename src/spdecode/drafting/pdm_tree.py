@@ -43,6 +43,7 @@ class PdmTreeDrafter:
         self.method = "eagle" if pdm.cfg.chain else "spd"
         self.target = pdm.target[0]
         self.completed = 0
+        self.passes = self.pass_rows = 0  # PDM passes run and their rows (what `plan --measure` times a pass by)
 
     def reset(self, run) -> None:
         if self.pdm.cfg.n_stages != run.n:
@@ -97,6 +98,7 @@ class PdmTreeDrafter:
         visible[done:, done:] = tree_visible
         positions = torch.tensor(list(range(lo, end)) + list(tree.positions), device=rows.device)
         out = pdm.run(rows[None], lo, positions, visible, committed=lo)[0]
+        self.passes, self.pass_rows = self.passes + 1, self.pass_rows + q
         self.completed = end
         return out[done:]
 
@@ -188,5 +190,6 @@ class _Growth:
             layout = self.view.append([GROWN + r for r in new], self)
             positions, visible = chunk_tensors(layout, rows.device)
             out = pdm.run(rows[None], layout.start, positions, visible, committed=layout.committed)[0]
+            self.drafter.passes, self.drafter.pass_rows = self.drafter.passes + 1, self.drafter.pass_rows + len(new)
             self.done.update(zip(new, out, strict=True))
         return torch.stack([self.outs[r] if kind == "leaf" else self.done[r] for kind, r in frontier])

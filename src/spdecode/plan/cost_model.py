@@ -55,6 +55,14 @@ class Costs:
         key = threads.split()[0]
         self.draft = {name: {int(r): s for r, s in by.get(key, by[next(iter(by))]).items()}
                       for name, by in data.get("draft", {}).items()}
+        # What a pass costs at work beyond the lone pass, and the core's bookkeeping per cycle
+        # (cost files from before these were timed have neither: 0).
+        self.draft_overhead, self.bookkeeping = {}, {}
+        for name, by in data.get("draft_call", {}).items():
+            call = by.get(key, by[next(iter(by))])
+            self.draft_overhead[name] = max(0.0, call["s_per_pass"] - at_rows(self.draft[name],
+                                                                             round(call["rows_per_pass"])))
+            self.bookkeeping[name] = call["bookkeeping_s_per_cycle"]
 
     def layer(self, rows: int) -> float:
         return at_rows(self._layer, rows)
@@ -70,12 +78,20 @@ class Costs:
         return self.layers_pass(self.layers, 1) + self.head(1)
 
     def message(self, nbytes: int) -> float:
-        return self.link["latency_s"] + nbytes / self.link["bandwidth_bytes_per_s"]
+        """One hop of an engine message carrying `nbytes` of hidden states: its measured cost where
+        the cost file has it (header, plan and rows each a send), else the link's latency."""
+        return self.link.get("message_s", self.link["latency_s"]) + nbytes / self.link["bandwidth_bytes_per_s"]
 
     def draft_pass(self, name: str | None, rows: int) -> float:
-        """One pass of a timed bundled drafter (its layers and head) over `rows` rows; 0 when the
-        cost file has no timing for it (the caller says so)."""
-        return at_rows(self.draft[name], rows) if name in self.draft and rows else 0.0
+        """One pass of a timed bundled drafter (its layers and head) over `rows` rows, as it costs at
+        work; 0 when the cost file has no timing for it (the caller says so)."""
+        if name not in self.draft or not rows:
+            return 0.0
+        return at_rows(self.draft[name], rows) + self.draft_overhead.get(name, 0.0)
+
+    def cycle_bookkeeping(self, name: str | None) -> float:
+        """The engine core's own work per cycle (the schedule, plans, counters) beside `name`'s drafting."""
+        return self.bookkeeping.get(name, 0.0)
 
     def early_exit_pass(self, depth: int, rows: int) -> float:
         """The target's first `depth` layers and its head over `rows` rows (sd's early-exit drafter)."""

@@ -7,8 +7,11 @@ Recorded (seconds, medians of repeated timings; rows = tokens in one pass, at a 
 - `head`: the final norm and LM head over R rows;
 - `draft`: one pass of the bundled drafter (the PDM of each bundled draft: its layers and head)
   over R rows, the cost of one tree level;
+- `draft_call`: each bundled drafter at work in a short real generation with its own shape (one
+  process): seconds per PDM pass with everything around it (masks, tree growth, Python) and the
+  engine core's bookkeeping per cycle, which a lone pass does not show;
 - `link`: point-to-point latency and bandwidth between two local processes on the backend a
-  pipeline uses (gloo on CPU, NCCL on GPU);
+  pipeline uses (gloo on CPU, NCCL on GPU), and one hop of an engine message (several sends);
 - `hardware`: what it was measured on.
 """
 
@@ -113,6 +116,33 @@ def time_pdm(pdm, rows=ROWS, reps: int = 5) -> dict:
     return out
 
 
+@torch.inference_mode()
+def time_drafting(model, model_name: str, draft_dir, tokens: int = 48) -> dict:
+    """A bundled drafter in a short greedy generation (one process, its split, its default shape:
+    eagle's tree for a head, spd's tree for a tree-ready draft, else one node per slot): seconds
+    per PDM pass, rows per pass, and the engine core's bookkeeping per cycle."""
+    from ..drafting.pdm import CONFIG_FILE, load_pdm
+    from ..drafting.pdm_tree import PdmTreeDrafter
+    from ..generators import EAGLE_TREE, SPD_TREE
+    from ..methods.spd import generate_spd
+    from ..methods.spd_core import ONE_NODE, TreeShape
+    from ..runtime.models import weights_fingerprint
+    from ..runtime.staged import StagedTarget
+
+    cfg = json.loads((draft_dir / CONFIG_FILE).read_text())
+    target = StagedTarget(model, cfg["stage_sizes"])
+    drafter = PdmTreeDrafter(load_pdm(draft_dir, target, weights_fingerprint(model)))
+    shape = (TreeShape(*EAGLE_TREE.values()) if cfg.get("chain") else
+             TreeShape(*SPD_TREE.values()) if draft_dir.name.endswith("-tree") else ONE_NODE)
+    prompt = torch.randint(0, model.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    generate_spd(target, drafter, prompt, 4, shape=shape)  # warm-up
+    drafter.passes = drafter.pass_rows = 0
+    m = generate_spd(target, drafter, prompt, tokens, shape=shape).metrics
+    return {"shape": [shape.budget, shape.depth, shape.topk], "stages": len(cfg["stage_sizes"]),
+            "s_per_pass": m.phase_s["draft"] / drafter.passes, "rows_per_pass": drafter.pass_rows / drafter.passes,
+            "bookkeeping_s_per_cycle": m.phase_s["bookkeeping"] / m.cycles}
+
+
 def _load(model_name: str, dtype: str, device: str):
     from ..runtime.models import load_model
     from ..runtime.staged import StagedTarget
@@ -174,10 +204,34 @@ def _pingpong(rank: int, port: int, sizes, reps: int, backend: str, results) -> 
             if i >= 2:  # the first two set the connection up
                 times.append(time.perf_counter() - t0)
         out[n] = statistics.median(times) / 2  # one way
+    out["message"] = _message_pingpong(rank, device, reps)
     if rank == 0:
         results.put(out)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _message_pingpong(rank: int, device: str, reps: int) -> float:
+    """One way of an engine message (distributed.comm: header, a slot's plan, 8 rows of hidden
+    states; each part its own send) and its report back: what a pipeline pays per hop."""
+    from ..distributed.comm import REPORT, SLOT, TAG_FORWARD, TAG_TO_ROOT, Link, Message
+
+    link = Link(rank, 2, torch.device(device), torch.bfloat16)
+    rows = torch.zeros(8, 576)
+    times = []
+    for i in range(reps + 2):
+        t0 = time.perf_counter()
+        if rank == 0:
+            link.send(1, Message(SLOT, i, rows, list(range(64))), TAG_FORWARD)
+            link.recv(1, TAG_TO_ROOT)
+        else:
+            link.recv(0, TAG_FORWARD)
+            link.send(0, Message(REPORT, i, rows, list(range(8))), TAG_TO_ROOT)
+        link.end_cycle()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    link.flush()
+    return statistics.median(times) / 2
 
 
 def time_link(backend: str = "gloo", reps: int = 20) -> dict:
@@ -204,7 +258,7 @@ def time_link(backend: str = "gloo", reps: int = 20) -> dict:
                 p.kill()
     latency = one_way[small]
     return {"backend": backend, "latency_s": latency,
-            "bandwidth_bytes_per_s": 4 * big / max(one_way[big] - latency, 1e-9)}
+            "bandwidth_bytes_per_s": 4 * big / max(one_way[big] - latency, 1e-9), "message_s": one_way["message"]}
 
 
 def measure(model_name: str, dtype: str = "float32", device: str = "cpu", threads=(1, 2), rows=ROWS,
@@ -220,7 +274,7 @@ def measure(model_name: str, dtype: str = "float32", device: str = "cpu", thread
     model, target = _load(model_name, dtype, device)
     out = {"model": model_name, "dtype": dtype, "n_layers": target.n_layers, "rows": list(rows),
            "contexts": [c for c in contexts if c + max(rows) + 1 <= target.context_length],
-           "hardware": hardware(device), "target": {}, "draft": {}}
+           "hardware": hardware(device), "target": {}, "draft": {}, "draft_call": {}}
     before = torch.get_num_threads()
     try:
         for k in threads:
@@ -235,6 +289,7 @@ def measure(model_name: str, dtype: str = "float32", device: str = "cpu", thread
                     split = StagedTarget(model, cfg["stage_sizes"])
                     pdm = load_pdm(d, split, weights_fingerprint(model))
                     out["draft"].setdefault(d.name, {})[str(k)] = time_pdm(pdm, rows, reps)
+                    out["draft_call"].setdefault(d.name, {})[str(k)] = time_drafting(model, model_name, d)
     finally:
         torch.set_num_threads(before)
     if concurrent and device == "cpu" and (os.cpu_count() or 1) >= 2:

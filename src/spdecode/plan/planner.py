@@ -84,8 +84,11 @@ def plan(data: dict, devices: int, alpha: float, link: str = "same-host", draft:
         Setup("eagle", (layers,), best, shape=eagle, drafter=head))
     rank_threads = CONCURRENT if CONCURRENT in data["target"] and devices <= data["hardware"]["cores"] else "1"
     costs = Costs(data, rank_threads, context)
-    if LINKS[link] is not None:
-        data = {**data, "link": {"latency_s": LINKS[link][0], "bandwidth_bytes_per_s": LINKS[link][1]}}
+    if LINKS[link] is not None:  # the preset's wire, with the engine's own per-message work as measured
+        measured = data.get("link", {})
+        software = max(0.0, measured.get("message_s", 0.0) - measured.get("latency_s", 0.0))
+        data = {**data, "link": {"latency_s": LINKS[link][0], "bandwidth_bytes_per_s": LINKS[link][1],
+                                 "message_s": LINKS[link][0] + software}}
     tree = TreeShape(*SPD_TREE.values())
     for n in range(2, min(devices, layers) + 1):
         for shape, kind in ((TreeShape(), "one node per slot"), (tree, f"tree {tree.budget}:{tree.depth}:{tree.topk}")):

@@ -53,7 +53,7 @@ def predict(data: dict, setup: Setup, acceptance, prompt: int, tokens: int) -> d
         return {"decode_s": t, "new_tokens": tokens, "tok_s": (tokens - 1) / t, "tokens_per_cycle": 1.0,
                 "cycles": tokens - 1, "utilisation": [1.0]}
     return simulate(costs, list(setup.sizes), acceptance, setup.shape, setup.distributed, setup.draft_pass(costs),
-                    tokens=tokens, prompt=prompt)
+                    tokens=tokens, prompt=prompt, cycle_s=costs.cycle_bookkeeping(setup.drafter))
 
 
 def pooled_prediction(results: list[dict]) -> dict:

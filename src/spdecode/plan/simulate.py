@@ -166,6 +166,7 @@ class SimLocal:
     costs: Costs
     sizes: list[int]
     acceptance: object
+    cycle_s: float = 0.0  # the engine core's bookkeeping per cycle
     now: float = 0.0
 
     def prefill(self, run: SpdRun) -> int:
@@ -175,7 +176,7 @@ class SimLocal:
         run.grow()
         work = sum(stage_cost(self.costs, self.sizes, s, rows) for s, rows in busy_stages(run.sched))
         run.settle(walk_choices(run.sched, self.acceptance))
-        self.now += run.drafter.take() + work
+        self.now += run.drafter.take() + work + self.cycle_s
 
 
 @dataclass
@@ -185,6 +186,7 @@ class SimPipeline:
     costs: Costs
     sizes: list[int]
     acceptance: object
+    cycle_s: float = 0.0  # the engine core's bookkeeping per cycle, on rank 0
     hidden_bytes: int = 576 * 2
     busy: list[float] = field(default_factory=list)
     now: float = 0.0  # rank 0's clock
@@ -203,7 +205,7 @@ class SimPipeline:
         run.grow()
         rows = dict(busy_stages(run.sched))
         start0 = self.now
-        work0 = run.drafter.take() + stage_cost(self.costs, self.sizes, 0, rows.get(0, 0))
+        work0 = run.drafter.take() + stage_cost(self.costs, self.sizes, 0, rows.get(0, 0)) + self.cycle_s
         reports = []
         for s in range(1, n):  # rank s: the slot rank s-1 sent last cycle, once it is free
             msg = self.costs.message(rows.get(s, 0) * self.hidden_bytes)
@@ -220,14 +222,16 @@ class SimPipeline:
 
 
 def simulate(costs: Costs, sizes: list[int], acceptance, shape: TreeShape = ONE_NODE, distributed: bool = True,
-             draft_pass: Callable[[int], float] = lambda rows: 0.0, tokens: int = 256, prompt: int = 64) -> dict:
+             draft_pass: Callable[[int], float] = lambda rows: 0.0, tokens: int = 256, prompt: int = 64,
+             cycle_s: float = 0.0) -> dict:
     """Predicted decode time, tok/s, tokens per cycle and per-rank utilisation of one generation of
     `tokens` new tokens after a `prompt`-token prompt: the engine core over `sizes` stages (one
-    stage: eagle or sd), in one process per stage (`distributed`) or all in one process."""
+    stage: eagle or sd), in one process per stage (`distributed`) or all in one process; `cycle_s`:
+    the engine core's own work per cycle."""
     if sum(sizes) != costs.layers or min(sizes) < 1:
         raise SpdError(f"stage sizes {sizes} do not split {costs.layers} layers")
     m = Metrics(method="sim", n_stages=len(sizes), prompt_tokens=prompt)
-    executor = (SimPipeline if distributed and len(sizes) > 1 else SimLocal)(costs, list(sizes), acceptance)
+    executor = (SimPipeline if distributed and len(sizes) > 1 else SimLocal)(costs, list(sizes), acceptance, cycle_s)
     run = SpdRun(len(sizes), list(range(prompt)), StandIn(draft_pass), StopRule(set(), tokens), m, shape=shape)
     run.drive(executor)
     t = executor.now
