@@ -1,5 +1,7 @@
-"""The simulator drives the real SPD core with no model: its cycle counts must follow SPD's
-theory (tau) and its clock the pipeline's message dependencies; the planner turns it into a table."""
+"""The simulator drives the real engine core with no model: its cycle counts must follow the
+theory of each method (SPD's tau, speculative decoding's expected tokens per pass), a replayed
+accept/reject sequence must give a real run's cycles exactly, and its clock must follow the
+pipeline's message dependencies or, in one process, the sum of the stages."""
 
 from __future__ import annotations
 
@@ -8,17 +10,22 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_spd_core import P, run_once
 
 from spdecode.methods.schedule import tau
-from spdecode.plan.planner import SHIPPED, load_costs, nearest_draft, plan
-from spdecode.plan.simulate import Costs, best_split, simulate_spd
+from spdecode.methods.spd_core import TreeShape
+from spdecode.plan.cost_model import Costs
+from spdecode.plan.planner import SHIPPED, load_costs, load_walks, nearest_draft, plan
+from spdecode.plan.simulate import Drawn, Replayed, best_split, simulate
 from spdecode.runtime.errors import SpdError
 
 
 def flat_costs(layers=12, layer=1e-3, head=0.0, latency=0.0, grow=0.0):
     """A cost file where a layer costs `layer` s for one row and `grow` s more per extra row."""
-    rows = {str(r): layer + grow * (r - 1) for r in (1, 2, 4, 8)}
-    t = {"layer": {"128": rows}, "head": {str(r): head for r in (1, 2, 4, 8)}}
+    rows = {str(r): layer + grow * (r - 1) for r in (1, 2, 4, 8, 16)}
+    t = {"layer": {"128": rows}, "head": {str(r): head for r in (1, 2, 4, 8, 16)}}
     return {"n_layers": layers, "target": {"1": t}, "hardware": {"cores": 64},
             "link": {"latency_s": latency, "bandwidth_bytes_per_s": 1e12}}
 
@@ -27,32 +34,102 @@ def flat_costs(layers=12, layer=1e-3, head=0.0, latency=0.0, grow=0.0):
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.7, 1.0])
 def test_tokens_per_cycle_follow_spds_tau(n, alpha):
     c = Costs(flat_costs(), "1")
-    r = simulate_spd(c, best_split(c, n), alpha, tokens=3000, seed=1)
+    r = simulate(c, best_split(c, n), Drawn(alpha, seed=1), tokens=3000)
     assert r["tokens_per_cycle"] == pytest.approx(tau(alpha, n) / n, rel=0.05, abs=0.01)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 0.8])
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_a_chain_of_gamma_drafts_gives_speculative_decodings_expected_tokens(alpha, gamma):
+    """Classic SD (Leviathan et al.): with i.i.d. acceptance alpha a pass yields (1 - a^(g+1)) / (1 - a)."""
+    c = Costs(flat_costs(), "1")
+    r = simulate(c, [12], Drawn(alpha, seed=2), TreeShape(gamma, gamma, 1), tokens=4000)
+    expected = gamma + 1 if alpha == 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    assert r["tokens_per_cycle"] == pytest.approx(expected, rel=0.05)
+
+
+def test_a_tree_verifies_its_depth_when_every_draft_is_right_and_one_token_when_none_is():
+    c = Costs(flat_costs(), "1")
+    for depth in (1, 3, 5):
+        tree = TreeShape(8, depth, 4)
+        assert simulate(c, [12], Drawn(1.0), tree, tokens=300)["tokens_per_cycle"] == pytest.approx(depth + 1, rel=0.02)
+        assert simulate(c, [12], Drawn(0.0), tree, tokens=300)["tokens_per_cycle"] == 1.0
+    # Acceptance by depth: the walk stops where the first depth that is never right begins.
+    assert simulate(c, [12], Drawn([1.0, 1.0, 0.0]), TreeShape(8, 4, 4), tokens=300)["tokens_per_cycle"] == \
+        pytest.approx(3.0, rel=0.02)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 5), seed=st.integers(0, 10_000), p=st.floats(0, 1))
+def test_replaying_a_runs_walks_gives_its_cycles_exactly(n, seed, p):
+    """One node per slot: a real run of the core (scripted drafts, right at random) and the
+    simulator replaying that run's accept/reject sequence go through the same cycles."""
+    import random
+
+    rng = random.Random(seed)
+    right = {pos: rng.random() < p for pos in range(P, P + 60)}
+    gen = run_once(n, right)[0]
+    walks = gen.metrics.walks
+    if not any(tried for tried, _ in walks):  # nothing was ever verified: no trace to replay
+        return
+    c = Costs(flat_costs(), "1")
+    sizes = best_split(c, n) if n > 1 else [12]
+    r = simulate(c, sizes, Replayed(walks), tokens=gen.metrics.new_tokens, prompt=P, distributed=False)
+    assert r["cycles"] == gen.metrics.cycles and r["alpha"] == gen.metrics.alpha
+
+
+def test_replayed_accepts_are_followed_exactly():
+    c = Costs(flat_costs(), "1")
+    all_right = simulate(c, [6, 6], Replayed([[1, 1]] * 5), tokens=100)
+    assert all_right["alpha"] == 1.0 and all_right["tokens_per_cycle"] == pytest.approx(1.0, abs=0.02)
+    none_right = simulate(c, [6, 6], Replayed([[1, 0]]), tokens=100)
+    assert none_right["alpha"] == 0.0 and none_right["tokens_per_cycle"] == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(SpdError, match="no verification"):
+        Replayed([[0, 0]])
+    with pytest.raises(SpdError, match="acceptance"):
+        Drawn(1.5)
 
 
 def test_the_clock_is_the_slowest_rank_plus_the_links():
     c = Costs(flat_costs(layers=12, layer=1e-3), "1")
     # Balanced stages, free links, every draft right: one cycle per token, a cycle = one stage's time.
-    r = simulate_spd(c, [6, 6], alpha=1.0, tokens=200)
+    r = simulate(c, [6, 6], Drawn(1.0), tokens=200)
     assert r["cycle_ms"] == pytest.approx(6.0, rel=0.02)
     assert all(u == pytest.approx(1.0, rel=0.03) for u in r["utilisation"])
     # An uneven split: the cycle is the slower rank's; the faster one idles.
-    r = simulate_spd(c, [3, 9], alpha=1.0, tokens=200)
+    r = simulate(c, [3, 9], Drawn(1.0), tokens=200)
     assert r["cycle_ms"] == pytest.approx(9.0, rel=0.02) and r["utilisation"][0] == pytest.approx(1 / 3, rel=0.05)
     # A 1 ms link each way between the ranks lengthens every cycle by the round trip.
     slow = Costs(flat_costs(layers=12, layer=1e-3, latency=1e-3), "1")
-    assert simulate_spd(slow, [6, 6], 1.0, tokens=200)["cycle_ms"] == pytest.approx(8.0, rel=0.03)
-    # Drafting sits on rank 0's critical path.
-    assert simulate_spd(c, [6, 6], 1.0, tokens=200, draft_s=2e-3)["cycle_ms"] == pytest.approx(8.0, rel=0.02)
+    assert simulate(slow, [6, 6], Drawn(1.0), tokens=200)["cycle_ms"] == pytest.approx(8.0, rel=0.03)
+    # Drafting (one pass a cycle for one node per slot) and the core's bookkeeping sit on rank 0's path.
+    assert simulate(c, [6, 6], Drawn(1.0), tokens=200, draft_pass=lambda rows: 2e-3)["cycle_ms"] == \
+        pytest.approx(8.0, rel=0.02)
+    assert simulate(c, [6, 6], Drawn(1.0), tokens=200, cycle_s=1e-3)["cycle_ms"] == pytest.approx(7.0, rel=0.02)
 
 
-def test_replayed_accepts_are_followed_exactly():
-    c = Costs(flat_costs(), "1")
-    all_right = simulate_spd(c, [6, 6], accepts=[True] * 500, tokens=100, alpha=0.0)
-    assert all_right["alpha"] == 1.0 and all_right["tokens_per_cycle"] == pytest.approx(1.0, abs=0.02)
-    none_right = simulate_spd(c, [6, 6], accepts=[False] * 500, tokens=100, alpha=1.0)
-    assert none_right["alpha"] == 0.0 and none_right["tokens_per_cycle"] == pytest.approx(0.5, abs=0.02)
+def test_one_process_runs_its_stages_one_after_another():
+    c = Costs(flat_costs(layers=12, layer=1e-3, grow=1e-4), "1")
+    # Every stage busy with one row each cycle: the cycle is all of them.
+    assert simulate(c, [6, 6], Drawn(1.0), tokens=200, distributed=False)["cycle_ms"] == pytest.approx(12.0, rel=0.02)
+    # n = 1 with a tree: one pass over the root and its 8 nodes (12 layers at 9 rows), and each
+    # level of the tree below the first costs a drafter pass.
+    r = simulate(c, [12], Drawn(0.0), TreeShape(8, 3, 4), tokens=400, draft_pass=lambda rows: 1e-3)
+    nine_rows = 1e-3 + 8 * 1e-4
+    assert r["cycle_ms"] == pytest.approx(1e3 * (12 * nine_rows + 3e-3), rel=0.03)
+
+
+def test_the_cost_model_reads_rows_and_context_between_timed_points():
+    data = flat_costs(layers=2, layer=1e-3, grow=1e-4)
+    data["target"]["1"]["layer"]["512"] = {r: 2 * v for r, v in data["target"]["1"]["layer"]["128"].items()}
+    data["target"]["1"]["step"] = {"128": 2e-3 + 2 * 1e-4, "512": 4e-3 + 2 * 1e-4}
+    assert Costs(data, "1", context=128).layer(3) == pytest.approx(1.2e-3)
+    assert Costs(data, "1", context=320).layer(1) == pytest.approx(1.5e-3)  # halfway in context
+    assert Costs(data, "1", context=4096).layer(1) == pytest.approx(2e-3)  # held flat past the last timing
+    assert Costs(data, "1", context=128).overhead == pytest.approx(1e-4)  # a step beyond its layers and head
+    assert Costs(data, "1").layer(32) == pytest.approx(2 * (1e-3 + 1.5e-3))  # proportional past 16 rows
+    with pytest.raises(SpdError, match="no timings"):
+        Costs(data, "2")
 
 
 def test_best_split_gives_the_drafter_and_the_head_fewer_layers():
@@ -67,19 +144,74 @@ def test_the_planner_on_the_shipped_costs(tmp_path):
     data, source = load_costs(None, "smollm2-135m", "bfloat16")
     assert source.startswith(str(SHIPPED))
     rows = plan(data, 4, alpha=0.45)
-    assert [r["devices"] for r in rows] == [1, 2, 3, 4] and rows[0]["method"] == "ar" and rows[0]["speedup"] == 1.0
-    assert all(r["tok_s"] > 0 for r in rows)
-    better = plan(data, 2, alpha=0.9)[1]
-    assert better["speedup"] > rows[1]["speedup"]  # more acceptance, more speed
+    assert [(r["method"], r["devices"]) for r in rows] == [("ar", 1), ("eagle", 1)] + [
+        ("spd", n) for n in (2, 2, 3, 3, 4, 4)]
+    assert rows[0]["speedup"] == 1.0 and all(r["tok_s"] > 0 for r in rows)
+    assert {r["config"].split(", ")[-1] for r in rows[2:]} == {"one node per slot", "tree 8:2:4"}
+    better = plan(data, 2, alpha=0.9)
+    assert all(b["speedup"] > r["speedup"] for b, r in zip(better[1:], rows[1:4], strict=True))  # more acceptance
     assert nearest_draft({"m-n2": {}, "m-n4": {}, "m-eagle": {}}, 3) == "m-n2"
+    assert nearest_draft({"m-n2": {}, "m-n2-tree": {}, "m-eagle": {}}, 2, "tree") == "m-n2-tree"
+    assert nearest_draft({"m-n2": {}, "m-eagle": {}}, 1, "eagle") == "m-eagle"
     with pytest.raises(SpdError, match="alpha"):
         plan(data, 2, alpha=1.5)
+    # A slower link costs a pipeline time; NVLink-like links cost it less than 10 GbE.
+    fast, slow = plan(data, 2, 0.45, link="nvlink")[2], plan(data, 2, 0.45, link="10gbe")[2]
+    assert fast["tok_s"] > slow["tok_s"]
+
+
+def test_plan_replays_the_walks_of_a_bench_or_eval_draft_json(tmp_path):
+    traces = tmp_path / "bench.json"
+    traces.write_text(json.dumps({"records": [{"walks": [[1, 1]] * 40}, {"walks": [[1, 1]] * 10}]}))
+    assert len(load_walks(str(traces))) == 50
+    data, _ = load_costs(None, "smollm2-135m", "float32")
+    rows = plan(data, 2, alpha=0.0, walks=load_walks(str(traces)), traces=str(traces))
+    one_node = rows[2]
+    assert one_node["tokens_per_cycle"] == pytest.approx(1.0, abs=0.02) and "replayed" in one_node["acceptance"]
+    (tmp_path / "old.json").write_text(json.dumps({"records": [{"alpha": 0.5}]}))
+    with pytest.raises(SpdError, match="no walks"):
+        load_walks(str(tmp_path / "old.json"))
+    with pytest.raises(SpdError, match="not the JSON"):
+        load_walks(str(tmp_path / "missing.json"))
+
+
+def test_plan_on_the_command_line(tmp_path):
     out = tmp_path / "p.json"
     res = subprocess.run([sys.executable, "-m", "spdecode", "plan", "--devices", "3", "--dtype", "bfloat16",
                           "--json-out", str(out), "--plot", str(tmp_path / "p.png")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "recommended:" in res.stdout and len(json.loads(out.read_text())["rows"]) == 3
+    assert "recommended:" in res.stdout and len(json.loads(out.read_text())["rows"]) == 6
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
-    res = subprocess.run([sys.executable, "-m", "spdecode", "plan", "--costs", str(tmp_path / "none.json")],
-                         capture_output=True, text=True)
-    assert res.returncode == 2 and "no cost file" in res.stderr
+    for args, message in ((["--costs", str(tmp_path / "none.json")], "no cost file"),
+                          (["--validate", "--measure"], "one after the other"),
+                          (["--validate", "--runs", "0"], "--runs must be at least 1"),
+                          (["--validate", "--distributed-methods", "ar"], "runs pipelines"),
+                          (["--validate", "--dtype", "float16"], "no shipped cost file")):
+        res = subprocess.run([sys.executable, "-m", "spdecode", "plan", *args], capture_output=True, text=True)
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+
+
+def test_a_simulated_run_is_drawn_like_a_measured_one(tmp_path):
+    """The simulator's timeline is a trace in `generate --trace`'s format: both ranks' phases on
+    the simulated clock, rank 1's compute adding up to its utilisation, verdicts marked."""
+    from spdecode.bench.timeline import load_trace, plot_trace
+    from spdecode.plan.simulate import write_timeline
+
+    c = Costs(flat_costs(layers=12, layer=1e-3, latency=2e-4), "1")
+    r = simulate(c, [5, 7], Drawn(0.5, seed=3), tokens=60, timeline=True, draft_pass=lambda rows: 1e-3)
+    path = tmp_path / "sim.json"
+    write_timeline(str(path), r["events"], 2)
+    events = load_trace(str(path))["traceEvents"]
+    spans = [e for e in events if e.get("ph") == "X"]
+    assert {(e["pid"], e["name"]) for e in spans} >= {(0, "draft"), (0, "stage0"), (0, "wait"), (1, "compute")}
+    compute = sum(e["dur"] for e in spans if e["pid"] == 1 and e["name"] == "compute") / 1e6
+    assert compute == pytest.approx(r["utilisation"][1] * r["decode_s"], rel=1e-6)
+    assert max(e["ts"] + e["dur"] for e in spans) / 1e6 == pytest.approx(r["decode_s"], rel=1e-6)
+    marks = [e["name"] for e in events if e.get("ph") == "i"]
+    assert any("correction" in m for m in marks) and any(m == "accept 1" for m in marks)
+    assert plot_trace(str(path), str(tmp_path / "sim.png"), cycles=6)
+    assert (tmp_path / "sim.png").read_bytes()[:4] == b"\x89PNG"
+    # The planner writes its best configuration's run the same way.
+    data, _ = load_costs(None, "smollm2-135m", "bfloat16")
+    plan(data, 2, 0.45, timeline=str(tmp_path / "best.json"))
+    assert load_trace(str(tmp_path / "best.json"))["traceEvents"]

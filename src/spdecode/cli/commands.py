@@ -163,7 +163,8 @@ def cmd_plan(args) -> int:
 
         data, source = load_costs(args.costs, args.model, args.dtype)
         walks = load_walks(args.traces) if args.traces else None
-        rows = plan(data, args.devices, args.alpha, args.link, walks=walks, traces=args.traces or "")
+        rows = plan(data, args.devices, args.alpha, args.link, walks=walks, traces=args.traces or "",
+                    timeline=args.trace)
         print_plan(rows, source, args.link)
         if args.json_out:
             with open(args.json_out, "w") as f:

@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default=None, help="cost file to write (JSON)")
     pl.add_argument("--traces", default=None, help="replay the accept/reject sequences of an eval-draft or bench "
                     "--json-out file instead of --alpha")
+    pl.add_argument("--trace", default=None, help="write the best configuration's simulated run as a trace "
+                    "(generate --trace's format: plot-trace draws it)")
     pl.add_argument("--validate", action="store_true",
                     help="measure the configurations this machine can run (median of --runs) beside their predictions")
     pl.add_argument("--data", default="mt_bench,gsm8k,humaneval", help="--validate: prompt sets or a .jsonl")

@@ -47,6 +47,9 @@ class Costs:
         context = float(context if context is not None else min(int(c) for c in t["layer"]))
         rows = sorted({int(r) for by in t["layer"].values() for r in by})
         self._layer = {r: at_context(t["layer"], context, lambda by, r=r: by[str(r)]) for r in rows}
+        # A chunk of tree rows through the engine's stage call (older cost files: the plain decode).
+        chunk = t.get("chunk", t["layer"])
+        self._chunk = {r: at_context(chunk, context, lambda by, r=r: by[str(r)]) for r in rows}
         self._head = {int(r): s for r, s in t["head"].items()}
         step = at_context(t["step"], context) if t.get("step") else None
         self.overhead = max(0.0, (step - self.layers * self._layer[1] - self._head[1]) / self.layers) if step else 0.0
@@ -70,9 +73,16 @@ class Costs:
     def head(self, rows: int) -> float:
         return at_rows(self._head, rows)
 
-    def layers_pass(self, layers: int, rows: int) -> float:
-        """`layers` decoder layers over `rows` rows, with their share of the step's overhead."""
-        return layers * (self.layer(rows) + self.overhead) if rows else 0.0
+    def layers_pass(self, layers: int, rows: int, chunk: bool = False) -> float:
+        """`layers` decoder layers over `rows` rows, with their share of the step's overhead; `chunk`:
+        as a speculative engine runs them (tree rows through the stage call), else a plain decode."""
+        if not rows:
+            return 0.0
+        return layers * ((at_rows(self._chunk, rows) if chunk else self.layer(rows)) + self.overhead)
+
+    def send(self) -> float:
+        """What posting one engine message costs its sender (0 where the cost file has no timing)."""
+        return self.link.get("send_s", 0.0)
 
     def ar_token(self) -> float:
         return self.layers_pass(self.layers, 1) + self.head(1)

@@ -60,14 +60,17 @@ def hardware(device: str) -> dict:
 
 @torch.inference_mode()
 def time_target(target, rows=ROWS, contexts=CONTEXTS, reps: int = 5) -> dict:
-    """{"layer": {context: {rows: s}}, "head": {rows: s}, "step": {context: s}} for `target` (a
-    StagedTarget, one stage); a step is one whole AR decode step (embedding, every layer, head,
-    argmax): what it costs beyond its layers and head is the per-step overhead."""
+    """{"layer": {context: {rows: s}}, "chunk": {context: {rows: s}}, "head": {rows: s}, "step":
+    {context: s}} for `target` (a StagedTarget, one stage). `layer` is a plain causal decode (AR),
+    `chunk` a chunk of tree rows through the engine's stage call (the speculative methods: masks,
+    positions off the causal line); a step is one whole AR decode step (embedding, every layer,
+    head, argmax): what it costs beyond its layers and head is the per-step overhead."""
     t, L, H = target, target.n_layers, target.config.hidden_size
     contexts = [c for c in contexts if c + max(rows) + 1 <= t.context_length]
     if not contexts:
         raise SpdError(f"the model's context ({t.context_length}) is too short to time")
     layer: dict = {}
+    chunk: dict = {}
     step: dict = {}
     one = torch.tensor([[1]], device=t.device)
     for c in contexts:
@@ -86,6 +89,15 @@ def time_target(target, rows=ROWS, contexts=CONTEXTS, reps: int = 5) -> dict:
                     torch.cuda.synchronize()
 
             layer[str(c)][str(r)] = _median_time(decode, reps) / L
+            layout = star_layout(c, r)
+
+            def tree_chunk(x=x, c=c, layout=layout):
+                t.rollback(c)
+                t.run_stage_chunk(0, x, layout)
+                if t.device.type == "cuda":
+                    torch.cuda.synchronize()
+
+            chunk.setdefault(str(c), {})[str(r)] = _median_time(tree_chunk, reps) / L
 
         def ar_step(c=c):
             t.rollback(c)
@@ -97,7 +109,16 @@ def time_target(target, rows=ROWS, contexts=CONTEXTS, reps: int = 5) -> dict:
         x = torch.randn(1, r, H, dtype=t.dtype, device=t.device)
         head[str(r)] = _median_time(lambda x=x: t.logits(x), reps)
     t.rollback(0)
-    return {"layer": layer, "head": head, "step": step}
+    return {"layer": layer, "chunk": chunk, "head": head, "step": step}
+
+
+def star_layout(context: int, rows: int):
+    """A chunk as the speculative engines run one: a root at `context` and rows - 1 draft nodes
+    below it, each seeing the root and itself (a tree mask, positions off the causal line)."""
+    from ..runtime.cache_layout import ChunkLayout
+
+    visible = tuple(tuple(k == 0 or k == i for k in range(rows)) for i in range(rows))
+    return ChunkLayout(context, context, (context,) + (context + 1,) * (rows - 1), visible)
 
 
 @torch.inference_mode()
@@ -211,18 +232,20 @@ def _pingpong(rank: int, port: int, sizes, reps: int, backend: str, results) -> 
     dist.destroy_process_group()
 
 
-def _message_pingpong(rank: int, device: str, reps: int) -> float:
+def _message_pingpong(rank: int, device: str, reps: int) -> tuple[float, float]:
     """One way of an engine message (distributed.comm: header, a slot's plan, 8 rows of hidden
-    states; each part its own send) and its report back: what a pipeline pays per hop."""
+    states; each part its own send) and its report back: what a pipeline pays per hop; and what
+    posting a message costs its sender."""
     from ..distributed.comm import REPORT, SLOT, TAG_FORWARD, TAG_TO_ROOT, Link, Message
 
     link = Link(rank, 2, torch.device(device), torch.bfloat16)
     rows = torch.zeros(8, 576)
-    times = []
+    times, sends = [], []
     for i in range(reps + 2):
         t0 = time.perf_counter()
         if rank == 0:
             link.send(1, Message(SLOT, i, rows, list(range(64))), TAG_FORWARD)
+            sends.append(time.perf_counter() - t0)
             link.recv(1, TAG_TO_ROOT)
         else:
             link.recv(0, TAG_FORWARD)
@@ -231,7 +254,7 @@ def _message_pingpong(rank: int, device: str, reps: int) -> float:
         if i >= 2:
             times.append(time.perf_counter() - t0)
     link.flush()
-    return statistics.median(times) / 2
+    return statistics.median(times) / 2, statistics.median(sends[2:]) if sends else 0.0
 
 
 def time_link(backend: str = "gloo", reps: int = 20) -> dict:
@@ -257,8 +280,9 @@ def time_link(backend: str = "gloo", reps: int = 20) -> dict:
             if p.is_alive():
                 p.kill()
     latency = one_way[small]
+    message, send = one_way["message"]
     return {"backend": backend, "latency_s": latency,
-            "bandwidth_bytes_per_s": 4 * big / max(one_way[big] - latency, 1e-9), "message_s": one_way["message"]}
+            "bandwidth_bytes_per_s": 4 * big / max(one_way[big] - latency, 1e-9), "message_s": message, "send_s": send}
 
 
 def measure(model_name: str, dtype: str = "float32", device: str = "cpu", threads=(1, 2), rows=ROWS,

@@ -19,7 +19,7 @@ from ..runtime.errors import SpdError
 from .cost_model import Costs
 from .costs import CONCURRENT
 from .predict import Setup, predict
-from .simulate import Drawn, Replayed, best_split
+from .simulate import Drawn, Replayed, best_split, write_timeline
 
 SHIPPED = Path(__file__).parent / "costs"
 # (latency s, bandwidth bytes/s) of common links
@@ -53,7 +53,10 @@ def load_walks(path: str) -> list[list[int]]:
 
 
 def plan(data: dict, devices: int, alpha: float, link: str = "same-host", draft: str | None = None,
-         tokens: int = 256, walks: list[list[int]] | None = None, traces: str = "") -> list[dict]:
+         tokens: int = 256, walks: list[list[int]] | None = None, traces: str = "",
+         timeline: str | None = None) -> list[dict]:
+    """One row per configuration (AR first); `timeline`: write the simulated run of the best one
+    as a trace (the format of `generate --trace`)."""
     if devices < 1:
         raise SpdError(f"--devices must be at least 1 (got {devices})")
     if not 0.0 <= alpha <= 1.0:
@@ -67,11 +70,15 @@ def plan(data: dict, devices: int, alpha: float, link: str = "same-host", draft:
     ar = predict(data, Setup("ar", (layers,), best), None, PROMPT, tokens)["tok_s"]
     rows = [{"method": "ar", "devices": 1, "config": f"{best} thread(s)", "tok_s": ar, "speedup": 1.0,
              "tokens_per_cycle": 1.0, "acceptance": "-"}]
+    setups = [(data, Setup("ar", (layers,), best))]
     told = f"replayed from {traces}" if walks else f"alpha {alpha:.2f} given"
 
+    def acceptance():
+        return Replayed(walks) if walks else Drawn(alpha)
+
     def row(method, n, config, setup):
-        acceptance = Replayed(walks) if walks else Drawn(alpha)
-        r = predict(data, setup, acceptance, PROMPT, tokens)
+        setups.append((data, setup))
+        r = predict(data, setup, acceptance(), PROMPT, tokens)
         rows.append({"method": method, "devices": n, "config": config, "tok_s": r["tok_s"],
                      "speedup": r["tok_s"] / ar, "tokens_per_cycle": r["tokens_per_cycle"], "acceptance": told,
                      "utilisation": r["utilisation"],
@@ -96,6 +103,10 @@ def plan(data: dict, devices: int, alpha: float, link: str = "same-host", draft:
             sizes = best_split(costs, n, costs.draft_pass(name, shape.budget))
             row("spd", n, f"stages {','.join(map(str, sizes))}, {kind}",
                 Setup("spd", tuple(sizes), rank_threads, True, shape, name))
+    if timeline:
+        on, setup = setups[max(range(len(rows)), key=lambda i: rows[i]["tok_s"])]
+        write_timeline(timeline, predict(on, setup, acceptance(), PROMPT, tokens, timeline=True)["events"],
+                       len(setup.sizes) if setup.distributed else 1)
     return rows
 
 

@@ -42,18 +42,23 @@ class Setup:
         return self.drafter is None or self.drafter.startswith("early-exit:") or self.drafter in drafts
 
 
-def predict(data: dict, setup: Setup, acceptance, prompt: int, tokens: int) -> dict:
+def predict(data: dict, setup: Setup, acceptance, prompt: int, tokens: int, timeline: bool = False) -> dict:
     """Predicted decode seconds and tok/s of one generation of `tokens` new tokens (the first one
-    from the prefill, as every engine counts it) after a `prompt`-token prompt."""
+    from the prefill, as every engine counts it) after a `prompt`-token prompt; `timeline`: with
+    the simulated phases per rank (`events`, for simulate.write_timeline)."""
     if tokens < 2:
         raise SpdError("a prediction needs at least two new tokens (the first comes from the prefill)")
     costs = Costs(data, setup.threads, context=prompt + tokens / 2)
     if setup.method == "ar":
-        t = (tokens - 1) * costs.ar_token()
-        return {"decode_s": t, "new_tokens": tokens, "tok_s": (tokens - 1) / t, "tokens_per_cycle": 1.0,
-                "cycles": tokens - 1, "utilisation": [1.0]}
+        step = costs.ar_token()
+        t = (tokens - 1) * step
+        out = {"decode_s": t, "new_tokens": tokens, "tok_s": (tokens - 1) / t, "tokens_per_cycle": 1.0,
+               "cycles": tokens - 1, "utilisation": [1.0]}
+        if timeline:
+            out["events"] = [(0, "token", i * step, (i + 1) * step) for i in range(tokens - 1)]
+        return out
     return simulate(costs, list(setup.sizes), acceptance, setup.shape, setup.distributed, setup.draft_pass(costs),
-                    tokens=tokens, prompt=prompt, cycle_s=costs.cycle_bookkeeping(setup.drafter))
+                    tokens=tokens, prompt=prompt, cycle_s=costs.cycle_bookkeeping(setup.drafter), timeline=timeline)
 
 
 def pooled_prediction(results: list[dict]) -> dict:

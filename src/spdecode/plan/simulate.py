@@ -149,14 +149,23 @@ def walk_choices(sched, acceptance) -> list[int] | None:
 
 
 def stage_cost(costs: Costs, sizes: list[int], s: int, rows: int) -> float:
-    """Stage s over `rows` rows; the last stage also runs the head."""
-    return costs.layers_pass(sizes[s], rows) + (costs.head(rows) if s == len(sizes) - 1 else 0.0)
+    """Stage s over `rows` rows of draft-tree nodes; the last stage also runs the head."""
+    return costs.layers_pass(sizes[s], rows, chunk=True) + (costs.head(rows) if s == len(sizes) - 1 else 0.0)
 
 
 def busy_stages(sched) -> list[tuple[int, int]]:
     """(stage, rows) each stage runs this cycle: the entering slot's rows at stage 0, the rows
     still live of the older slots after it."""
     return [(s, len(sl.rows) if s == 0 else len(sl.down_rows)) for s, sl in sched.stage_slots()]
+
+
+def verdict_mark(done) -> str | None:
+    """What the engine's trace marks for a settlement (spd_core.SpdRun.settle), or None."""
+    v = done.verdict
+    if v is None:
+        return None
+    stepped = len(v.accepted) + (v.node is not None)
+    return f"accept {stepped}" if v.node is not None else f"accept {stepped}, correction"
 
 
 @dataclass
@@ -168,6 +177,7 @@ class SimLocal:
     acceptance: object
     cycle_s: float = 0.0  # the engine core's bookkeeping per cycle
     now: float = 0.0
+    events: list | None = None  # (pid, phase or mark, start s, end s) when recording a timeline
 
     def prefill(self, run: SpdRun) -> int:
         return REJECT
@@ -175,8 +185,15 @@ class SimLocal:
     def cycle(self, run: SpdRun, slot) -> None:
         run.grow()
         work = sum(stage_cost(self.costs, self.sizes, s, rows) for s, rows in busy_stages(run.sched))
-        run.settle(walk_choices(run.sched, self.acceptance))
-        self.now += run.drafter.take() + work + self.cycle_s
+        mark = verdict_mark(run.settle(walk_choices(run.sched, self.acceptance)))
+        draft = run.drafter.take()
+        if self.events is not None:
+            t = self.now
+            self.events += [(0, "draft", t, t + draft), (0, "stages", t + draft, t + draft + work),
+                            (0, "bookkeeping", t + draft + work, t + draft + work + self.cycle_s)]
+            if mark:
+                self.events.append((0, mark, t + draft + work, None))
+        self.now += draft + work + self.cycle_s
 
 
 @dataclass
@@ -190,6 +207,7 @@ class SimPipeline:
     hidden_bytes: int = 576 * 2
     busy: list[float] = field(default_factory=list)
     now: float = 0.0  # rank 0's clock
+    events: list | None = None  # (pid, phase or mark, start s, end s) when recording a timeline
 
     def __post_init__(self):
         n = len(self.sizes)
@@ -204,34 +222,46 @@ class SimPipeline:
         n = len(self.sizes)
         run.grow()
         rows = dict(busy_stages(run.sched))
-        start0 = self.now
-        work0 = run.drafter.take() + stage_cost(self.costs, self.sizes, 0, rows.get(0, 0)) + self.cycle_s
+        start0, draft = self.now, run.drafter.take()
+        stage0 = stage_cost(self.costs, self.sizes, 0, rows.get(0, 0))
+        # Rank 0 posts the slot to rank 1; every other rank a report to rank 0 (and its slot on).
+        work0 = draft + stage0 + self.cycle_s + self.costs.send()
         reports = []
         for s in range(1, n):  # rank s: the slot rank s-1 sent last cycle, once it is free
             msg = self.costs.message(rows.get(s, 0) * self.hidden_bytes)
             begin = max(self.sent[s - 1] + msg, self.free[s])
-            work = stage_cost(self.costs, self.sizes, s, rows.get(s, 0))
+            work = stage_cost(self.costs, self.sizes, s, rows.get(s, 0)) + self.costs.send() * (1 + (s < n - 1))
+            if self.events is not None:
+                self.events += [(s, "wait", self.free[s], begin), (s, "compute", begin, begin + work)]
             self.busy[s] += work
             self.free[s] = begin + work
             reports.append(self.free[s] + msg)
         self.busy[0] += work0
         self.sent[1:] = self.free[1:]
-        run.settle(walk_choices(run.sched, self.acceptance))
+        mark = verdict_mark(run.settle(walk_choices(run.sched, self.acceptance)))
         self.now = max([start0 + work0, *reports])
         self.sent[0] = self.now
+        if self.events is not None:
+            t, end = start0 + draft + stage0, self.now - self.cycle_s
+            self.events += [(0, "draft", start0, start0 + draft), (0, "stage0", start0 + draft, t),
+                            (0, "wait", t, end), (0, "bookkeeping", end, self.now)]
+            if mark:
+                self.events.append((0, mark, self.now, None))
 
 
 def simulate(costs: Costs, sizes: list[int], acceptance, shape: TreeShape = ONE_NODE, distributed: bool = True,
              draft_pass: Callable[[int], float] = lambda rows: 0.0, tokens: int = 256, prompt: int = 64,
-             cycle_s: float = 0.0) -> dict:
+             cycle_s: float = 0.0, timeline: bool = False) -> dict:
     """Predicted decode time, tok/s, tokens per cycle and per-rank utilisation of one generation of
     `tokens` new tokens after a `prompt`-token prompt: the engine core over `sizes` stages (one
     stage: eagle or sd), in one process per stage (`distributed`) or all in one process; `cycle_s`:
-    the engine core's own work per cycle."""
+    the engine core's own work per cycle; `timeline`: also return the run's phases per rank as
+    `events` (write_timeline turns them into the trace format of `generate --trace`)."""
     if sum(sizes) != costs.layers or min(sizes) < 1:
         raise SpdError(f"stage sizes {sizes} do not split {costs.layers} layers")
     m = Metrics(method="sim", n_stages=len(sizes), prompt_tokens=prompt)
     executor = (SimPipeline if distributed and len(sizes) > 1 else SimLocal)(costs, list(sizes), acceptance, cycle_s)
+    executor.events = [] if timeline else None
     run = SpdRun(len(sizes), list(range(prompt)), StandIn(draft_pass), StopRule(set(), tokens), m, shape=shape)
     run.drive(executor)
     t = executor.now
@@ -239,11 +269,30 @@ def simulate(costs: Costs, sizes: list[int], acceptance, shape: TreeShape = ONE_
     return {"decode_s": t, "new_tokens": m.new_tokens, "tok_s": (m.new_tokens - 1) / t if t else None,
             "tokens_per_cycle": m.tokens_per_cycle, "alpha": m.alpha, "cycles": m.cycles,
             "cycle_ms": 1e3 * t / m.cycles if m.cycles else None, "utilisation": [b / t if t else 0.0 for b in busy],
-            "sizes": list(sizes)}
+            "sizes": list(sizes), **({"events": executor.events} if timeline else {})}
+
+
+def write_timeline(path: str, events: list, ranks: int) -> None:
+    """A simulated run's phases in the trace format of a measured one (runtime/trace.py), so that
+    `spdecode plot-trace` and Perfetto show predicted and measured pipelines alike."""
+    from ..runtime import trace
+
+    trace.start(0, "rank 0 (simulated)")
+    try:
+        for s in range(1, ranks):
+            trace.add(s, f"rank {s} (simulated)", [])
+        for pid, name, t0, t1 in events:
+            if t1 is None:
+                trace.mark(name, at=t0)
+            else:
+                trace.span(name, t0, t1, pid)
+        trace.write(path)
+    finally:
+        trace.stop()
 
 
 def best_split(costs: Costs, n: int, draft_s: float = 0.0) -> list[int]:
     """The split that minimises the slowest rank for one row (rank 0 drafts, the last runs the head)."""
     if n > costs.layers:
         raise SpdError(f"{n} stages for {costs.layers} layers")
-    return balanced_split(costs.layers, n, costs.layer(1), costs.head(1), draft_s)
+    return balanced_split(costs.layers, n, costs.layers_pass(1, 1), costs.head(1), draft_s)

@@ -44,11 +44,12 @@ def span(name: str, t0: float, t1: float, pid: int | None = None, args: dict | N
         _events.append(ev)
 
 
-def mark(name: str, args: dict | None = None) -> None:
-    """An instant (a verdict: accepted tokens, a correction)."""
+def mark(name: str, args: dict | None = None, at: float | None = None) -> None:
+    """An instant (a verdict: accepted tokens, a correction), now or `at` (seconds on the clock of
+    the spans: a simulated run's)."""
     if _events is not None:
-        _events.append({"name": name, "ph": "i", "s": "p", "ts": time.perf_counter() * 1e6, "pid": _pid, "tid": 0,
-                        "args": args or {}})
+        ts = time.perf_counter() if at is None else at
+        _events.append({"name": name, "ph": "i", "s": "p", "ts": ts * 1e6, "pid": _pid, "tid": 0, "args": args or {}})
 
 
 def spans() -> list[tuple[str, float, float]]:

@@ -1,0 +1,37 @@
+"""`spdecode plan --validate` on small settings: configurations measured here side by side with
+the simulator's predictions from the cost file shipped for this machine."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.integration
+def test_validate_measures_each_configuration_beside_its_predictions(tmp_path):
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text(json.dumps({"question_id": 0, "turns": ["Name three colours of the rainbow."]}) + "\n")
+    out = tmp_path / "validate.json"
+    configs = ["ar:threads=1", "eagle:threads=1", "spd:stages=2:budget=1:threads=1"]
+    res = subprocess.run([sys.executable, "-m", "spdecode", "plan", "--validate", "--dtype", "float32",
+                          "--data", str(prompts), "--max-new-tokens", "24", "--runs", "2",
+                          "--methods", ",".join(configs), "--distributed-methods", "", "--json-out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["config"]: r for r in report["records"]}
+    assert list(rows) == configs and "max relative error" in res.stdout
+    for r in rows.values():
+        assert len(r["measured_runs_tok_s"]) == 2 and r["measured_tok_s"] == statistics.median(r["measured_runs_tok_s"])
+        # The shipped cost file was measured on this kind of machine: every prediction is in reach.
+        for kind in ("traces", "alpha"):
+            assert 0.5 < r[f"predicted_tok_s_{kind}"] / r["measured_tok_s"] < 2.0, (r["config"], kind, r)
+    # One node per slot in one process: replaying the run's own accept/reject sequence goes
+    # through exactly the run's cycles.
+    spd = rows["spd:stages=2:budget=1:threads=1"]
+    assert spd["predicted_tokens_per_cycle_traces"] == pytest.approx(spd["measured_tokens_per_cycle"], abs=1e-9)
+    assert rows["ar:threads=1"]["predicted_tokens_per_cycle_traces"] == 1.0
