@@ -39,7 +39,7 @@ def test_tokens_per_cycle_follow_spds_tau(n, alpha):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.4, 0.8])
-@pytest.mark.parametrize("gamma", [1, 4])
+@pytest.mark.parametrize("gamma", [2, 4])
 def test_a_chain_of_gamma_drafts_gives_speculative_decodings_expected_tokens(alpha, gamma):
     """Classic SD (Leviathan et al.): with i.i.d. acceptance alpha a pass yields (1 - a^(g+1)) / (1 - a)."""
     c = Costs(flat_costs(), "1")
@@ -50,8 +50,9 @@ def test_a_chain_of_gamma_drafts_gives_speculative_decodings_expected_tokens(alp
 
 def test_a_tree_verifies_its_depth_when_every_draft_is_right_and_one_token_when_none_is():
     c = Costs(flat_costs(), "1")
-    for depth in (1, 3, 5):
-        tree = TreeShape(8, depth, 4)
+    # Chains of 1, 3 and 5 nodes, and a wide tree (best-first keeps its best path 3 deep in 8 nodes).
+    for depth, tree in ((1, TreeShape(2, 1, 1)), (3, TreeShape(3, 3, 1)), (5, TreeShape(5, 5, 1)),
+                        (3, TreeShape(8, 3, 4))):
         assert simulate(c, [12], Drawn(1.0), tree, tokens=300)["tokens_per_cycle"] == pytest.approx(depth + 1, rel=0.02)
         assert simulate(c, [12], Drawn(0.0), tree, tokens=300)["tokens_per_cycle"] == 1.0
     # Acceptance by depth: the walk stops where the first depth that is never right begins.

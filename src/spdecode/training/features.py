@@ -165,25 +165,31 @@ def fit_prompt(tok, text: str, max_prompt: int) -> tuple[str, list[int]]:
     return text, ids
 
 
-def read_regenerated(path: Path) -> list[list[dict]]:
-    """The conversations a (possibly interrupted) regeneration wrote; a torn last line is dropped."""
+def read_appended(path: Path) -> list:
+    """The rows of a jsonl that an interrupted run may have appended to; a torn last line is dropped."""
     done = []
     if path.exists():
         for line in path.read_text().splitlines():
             try:
-                row = json.loads(line)
+                done.append(json.loads(line))
             except json.JSONDecodeError:
                 break  # only the last line can be torn: everything before it was flushed whole
-            done.append(row["messages"] if isinstance(row, dict) else row)
     return done
+
+
+def read_regenerated(path: Path) -> list[list[dict]]:
+    """The conversations a (possibly interrupted) regeneration wrote."""
+    return [row["messages"] if isinstance(row, dict) else row for row in read_appended(path)]
 
 
 @torch.no_grad()
 def regenerate(model, tok, convs: list[list[dict]], out_file: Path, max_new_tokens: int = 256,
-               batch_size: int = 16, max_prompt: int = 384, time_limit: float = 0.0) -> list[list[dict]]:
-    """Single-turn conversations whose answers the target itself wrote (greedy), appended to
-    `out_file` as it goes so an interrupted run picks up where it stopped. With `time_limit`
-    (seconds), stops starting new batches after that long and returns what exists.
+               batch_size: int = 16, max_prompt: int = 384, time_limit: float = 0.0, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0) -> list[list[dict]]:
+    """Single-turn conversations whose answers the target itself wrote (greedy, or sampled at
+    `temperature` > 0 with `top_p`, seeded per batch so a resumed run draws what a straight one
+    would), appended to `out_file` as it goes so an interrupted run picks up where it stopped.
+    With `time_limit` (seconds), stops starting new batches after that long and returns what exists.
 
     Distilling on the target's own text matches what the drafter sees at inference (the target's
     greedy continuation), which the original human/ChatGPT answers do not.
@@ -194,9 +200,12 @@ def regenerate(model, tok, convs: list[list[dict]], out_file: Path, max_new_toke
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, written = time.perf_counter(), 0
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+        {"do_sample": False}
     with out_file.open("a") as f, tqdm(total=len(prompts), initial=len(done), desc="regenerate", unit="conv") as bar:
         for i in range(0, len(todo), batch_size):
+            torch.manual_seed(seed * 1_000_003 + len(done))  # by absolute position: a resumed run draws alike
             if time_limit and time.perf_counter() - t0 > time_limit:
                 bar.write(f"regenerate: time limit reached after {len(done)} of {len(prompts)} conversations")
                 break
@@ -205,13 +214,17 @@ def regenerate(model, tok, convs: list[list[dict]], out_file: Path, max_new_toke
             width = max(map(len, enc))
             ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=model.device)
             attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=model.device)
-            out = model.generate(ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad)
+            out = model.generate(ids, attention_mask=attn, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
             for p, row in zip(chunk, out[:, width:], strict=True):
+                written += int((row != pad).sum())
                 text = tok.decode(row, skip_special_tokens=True).strip()
                 conv = [{"role": "user", "content": p}, {"role": "assistant", "content": text}]
                 f.write(json.dumps(conv) + "\n")
                 done.append(conv)
             f.flush()
             bar.update(len(chunk))
+    seconds = time.perf_counter() - t0
+    if written:
+        rate = 3600 * written / seconds
+        bar.write(f"regenerate: {written} answer tokens in {seconds:.0f} s ({rate:,.0f} tokens/hour)")
     return [c for c in done if c[1]["content"]]

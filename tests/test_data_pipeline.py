@@ -1,0 +1,118 @@
+"""Training data without a hub: near-duplicates and evaluation text kept out (`spdecode data
+clean`), prompts the target writes itself (`spdecode data synth`), sampled answers that resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from spdecode.data import human_eval_records, load_prompt_set
+from spdecode.training.clean import Contamination, clean, eval_texts, words
+
+
+def conv(user, answer):
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+
+STORY = ("The little robot rolled across the kitchen floor every morning, collecting crumbs and humming an old "
+         "song it had learned from the radio in the garage, until one day the radio stopped playing.")
+
+
+def test_near_duplicates_go_and_distinct_conversations_stay():
+    convs = [conv("Tell me a story about a robot.", STORY),
+             conv("Tell me a story about a robot, please.", STORY.replace("playing.", "playing for good.")),
+             conv("What is the capital of France?", "The capital of France is Paris, a city on the Seine."),
+             conv("Write a haiku about rain.", STORY),  # another prompt, the same answer
+             conv("Name a prime number.", "Seven is a prime number: its only divisors are one and itself."),
+             conv("", "an answer to nothing"),
+             # The same question answered another way (a sampled answer) is worth keeping.
+             conv("What is the capital of France?", "Paris. It has been the capital since the Middle Ages.")]
+    kept, report = clean(convs, Contamination([]))
+    assert kept == [convs[0], convs[2], convs[4], convs[6]]
+    assert (report.seen, report.kept, report.duplicate, report.empty, report.contaminated) == (7, 4, 2, 1, 0)
+
+
+def test_a_conversation_sharing_thirteen_words_with_an_evaluation_text_goes():
+    question = load_prompt_set("gsm8k")[0]["turns"][0]
+    w = words(question)
+    assert len(w) >= 14
+    contamination = Contamination(eval_texts(["gsm8k"]))
+    # 13 consecutive words of a GSM8K question, in another case and punctuation, inside other text.
+    inside = "Here is a puzzle for you: " + ", ".join(w[:13]).upper() + " ... can you solve it?"
+    twelve = "Here is a puzzle for you: " + " ".join(w[:12]) + " zebra quokka."
+    assert contamination.hits(inside) and not contamination.hits(twelve)
+    kept, report = clean([conv(inside, "An answer."), conv("A question.", twelve), conv("Q2", inside)], contamination)
+    assert kept == [conv("A question.", twelve)] and report.contaminated == 2
+
+
+def test_humaneval_solutions_and_tests_are_evaluation_text_too():
+    texts = eval_texts(["humaneval"])
+    solution = human_eval_records()[0]["canonical_solution"]
+    assert solution in texts
+    assert Contamination(texts).hits("def helper():\n" + solution * 2)
+
+
+def test_data_clean_on_the_command_line(tmp_path):
+    a, b, out = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "mix.jsonl"
+    a.write_text(json.dumps(conv("Tell me a story about a robot.", STORY)) + "\n")
+    b.write_text(json.dumps({"messages": conv("Another robot story?", STORY)}) + "\n" +
+                 json.dumps(conv("Why is the sky blue?", "Air scatters blue light more than red light.")) + "\n")
+    res = subprocess.run([sys.executable, "-m", "spdecode", "data", "clean", "--data", f"{a},{b}", "--out", str(out),
+                          "--eval", "mt_bench"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "3 conversations: 2 kept, 1 near-duplicates" in res.stdout
+    assert [json.loads(line)["messages"][0]["content"] for line in out.read_text().splitlines()] == [
+        "Tell me a story about a robot.", "Why is the sky blue?"]
+    res = subprocess.run([sys.executable, "-m", "spdecode", "data", "clean", "--data", str(a), "--out", str(out),
+                          "--threshold", "0"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "threshold" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    from serving import tiny_chat_model
+
+    return tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.mark.integration
+def test_the_target_writes_prompts_from_topic_seeds_and_answers_them(tmp_path):
+    """SmolLM2-Instruct given only its template up to the user's turn and a seed writes requests
+    of that topic; `data synth` answers them; a rerun with a larger count goes on where it stopped."""
+    from spdecode.training.synth import SEEDS, read_prompts
+
+    out = tmp_path / "synth"
+    args = [sys.executable, "-m", "spdecode", "data", "synth", "--out", str(out), "--topics", "math,python",
+            "--batch-size", "4", "--max-new-tokens", "8", "--seed", "1"]
+    res = subprocess.run(args + ["--count", "3"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    first = read_prompts(out / "prompts.jsonl")
+    assert len(first) == 3
+    for p in first:
+        assert p["topic"] in ("math", "python") and p["prompt"].startswith(tuple(SEEDS[p["topic"]]))
+        assert len(p["prompt"].split()) >= 4 and "<|im" not in p["prompt"]
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert [a[0]["content"] for a in answers] == [p["prompt"] for p in first] and all(a[1]["content"] for a in answers)
+    res = subprocess.run(args + ["--count", "5"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    more = read_prompts(out / "prompts.jsonl")
+    assert len(more) == 5 and more[:3] == first and more[3]["batch"] > first[-1]["batch"]
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 5
+    res = subprocess.run(args + ["--count", "3", "--topics", "poetry"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "unknown topics" in res.stderr
+
+
+def test_sampled_answers_are_seeded_and_differ_from_greedy(chat_model, tmp_path):
+    from spdecode.training.features import regenerate
+
+    model, tok = chat_model
+    convs = [[{"role": "user", "content": f"Question number {i}?"}] for i in range(4)]
+    greedy = regenerate(model, tok, convs, tmp_path / "g.jsonl", max_new_tokens=8, batch_size=2)
+    one = regenerate(model, tok, convs, tmp_path / "s1.jsonl", max_new_tokens=8, batch_size=2, temperature=1.0, seed=3)
+    regenerate(model, tok, convs[:2], tmp_path / "s2.jsonl", max_new_tokens=8, batch_size=2, temperature=1.0, seed=3)
+    two = regenerate(model, tok, convs, tmp_path / "s2.jsonl", max_new_tokens=8, batch_size=2, temperature=1.0, seed=3)
+    assert one == two  # an interrupted run, resumed, draws what a straight one does
+    assert one != greedy
