@@ -86,7 +86,7 @@ def test_the_target_writes_prompts_from_topic_seeds_and_answers_them(tmp_path):
 
     out = tmp_path / "synth"
     args = [sys.executable, "-m", "spdecode", "data", "synth", "--out", str(out), "--topics", "math,python",
-            "--batch-size", "4", "--max-new-tokens", "8", "--seed", "1"]
+            "--batch-size", "4", "--max-new-tokens", "8", "--prompt-tokens", "48", "--seed", "1"]
     res = subprocess.run(args + ["--count", "3"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     first = read_prompts(out / "prompts.jsonl")

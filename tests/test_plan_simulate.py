@@ -156,6 +156,9 @@ def test_the_planner_on_the_shipped_costs(tmp_path):
     assert nearest_draft({"m-n2": {}, "m-eagle": {}}, 1, "eagle") == "m-eagle"
     with pytest.raises(SpdError, match="alpha"):
         plan(data, 2, alpha=1.5)
+    # Eight devices: every depth of pipeline, trees too (a node collects children from many slots).
+    deep = plan(data, 8, 0.45, link="10gbe")
+    assert [r["devices"] for r in deep][-2:] == [8, 8] and all(r["tok_s"] > 0 for r in deep)
     # A slower link costs a pipeline time; NVLink-like links cost it less than 10 GbE.
     fast, slow = plan(data, 2, 0.45, link="nvlink")[2], plan(data, 2, 0.45, link="10gbe")[2]
     assert fast["tok_s"] > slow["tok_s"]

@@ -141,7 +141,7 @@ def cmd_data_synth(args) -> int:
 
     return run_synth(args.out, args.model, args.count, args.topics, args.temperature, args.top_p,
                      args.answer_temperature, args.max_new_tokens, args.batch_size, args.seed, args.time_limit,
-                     args.dtype, args.device, args.threads)
+                     args.dtype, args.device, args.threads, args.prompt_tokens)
 
 
 def cmd_data_clean(args) -> int:

@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--topics", default="explain,write,math,python", help="topic seeds to draw from (default: all)")
     ds.add_argument("--temperature", type=float, default=1.0, help="of the prompts (default 1.0)")
     ds.add_argument("--top-p", type=float, default=0.95, help="of the prompts (default 0.95)")
+    ds.add_argument("--prompt-tokens", type=int, default=160,
+                    help="a prompt must end its turn within this many tokens (default 160)")
     ds.add_argument("--answer-temperature", type=float, default=0.0, help="0: greedy answers (default)")
     ds.add_argument("--max-new-tokens", type=int, default=256, help="answer tokens (default 256)")
     ds.add_argument("--batch-size", type=int, default=32)

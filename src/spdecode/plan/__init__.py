@@ -1,2 +1,4 @@
-"""`spdecode plan`: what each part of decoding costs on this hardware (costs.py); the simulator
-and planner built on those costs come next (see the issue on the planner)."""
+"""`spdecode plan`: what each part of decoding costs on this hardware (costs.py, read by
+cost_model.py), a simulator that drives the engine core with those costs instead of a model
+(simulate.py, predict.py), the planner's table (planner.py) and its check against measurements
+(validate.py)."""

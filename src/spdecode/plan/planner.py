@@ -130,10 +130,10 @@ def nearest_draft(drafts: dict, n: int, kind: str = "") -> str | None:
 
 def print_plan(rows: list[dict], source: str, link: str) -> None:
     print(f"costs: {source}; link: {link}")
-    print(f"{'method':<6} {'devices':>7}  {'configuration':<34} {'tok/s':>7} {'vs AR':>6} {'tok/cycle':>9}  "
+    print(f"{'method':<6} {'devices':>7}  {'configuration':<40} {'tok/s':>7} {'vs AR':>6} {'tok/cycle':>9}  "
           "acceptance; drafting cost from")
     for r in rows:
-        print(f"{r['method']:<6} {r['devices']:>7}  {r['config']:<34} {r['tok_s']:>7.1f} {r['speedup']:>6.2f} "
+        print(f"{r['method']:<6} {r['devices']:>7}  {r['config']:<40} {r['tok_s']:>7.1f} {r['speedup']:>6.2f} "
               f"{r['tokens_per_cycle']:>9.2f}  {r['acceptance']}" +
               (f"; {r['drafter_cost_from']}" if "drafter_cost_from" in r else ""))
     best = max(rows, key=lambda r: r["tok_s"])

@@ -20,6 +20,7 @@ AR is one full pass per token.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,7 +82,7 @@ class StandIn:
     it would make is charged with `pass_cost(rows)` into `spent`."""
 
     method, after_stage0, anchors = "sim", False, []
-    RANKS = 16  # children a node may have (at least the budget)
+    RANKS = 16
 
     def __init__(self, pass_cost: Callable[[int], float]):
         self.pass_cost = pass_cost
@@ -114,9 +115,11 @@ class StandIn:
         if not starts:
             return
         self._in_flight_pass(run, ids)
-        # The stand-in's next-token distribution by rank: only the shape of the trees depends on it.
-        width = max(self.RANKS, run.shape.budget)
-        base = torch.log(torch.tensor([0.5 ** (r + 1) for r in range(width)]))
+        # The stand-in's next-token distribution by rank (token r has probability 2^-(r+1)): only
+        # the shape of the trees depends on it. Room for every child a node can collect while its
+        # slots are in flight, beyond the ones growth may add now.
+        width = self.RANKS + run.shape.budget * (run.n + 1)
+        base = -math.log(2) * torch.arange(1, width + 1, dtype=torch.float32)
 
         def expand(grown, frontier):
             # Grown nodes run once each; the starting nodes' outputs came with the pass above.

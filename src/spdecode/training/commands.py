@@ -235,7 +235,7 @@ def run_regenerate(out: str, model: str = DEFAULT_MODEL, data: str = "sharegpt",
 def run_synth(out: str, model: str = DEFAULT_MODEL, count: int = 1000, topics: str = "explain,write,math,python",
               temperature: float = 1.0, top_p: float = 0.95, answer_temperature: float = 0.0,
               max_new_tokens: int = 256, batch_size: int = 32, seed: int = 0, time_limit: float = 0.0,
-              dtype: str = "float32", device: str = "cpu", threads: int | None = None) -> int:
+              dtype: str = "float32", device: str = "cpu", threads: int | None = None, prompt_tokens: int = 160) -> int:
     """Self-synthesized prompts (synth.py) in OUT/prompts.jsonl, then the target's answers to them in
     OUT/answers.jsonl (a conversations .jsonl usable as --data); `time_limit` holds for each phase."""
     from ..runtime.models import load_model
@@ -251,7 +251,7 @@ def run_synth(out: str, model: str = DEFAULT_MODEL, count: int = 1000, topics: s
     target, tok = load_model(model, dtype, device)
     out_dir = Path(out)
     prompts = synthesize_prompts(target, tok, out_dir / "prompts.jsonl", count, chosen, temperature, top_p, batch_size,
-                                 seed=seed, time_limit=time_limit)
+                                 prompt_tokens, seed, time_limit)
     by_topic = Counter(p["topic"] for p in prompts)
     topics_line = ", ".join(f"{k} {v}" for k, v in by_topic.items())
     print(f"{len(prompts)} prompts in {out_dir / 'prompts.jsonl'} ({topics_line})")
