@@ -2,8 +2,8 @@
 
 Recorded (seconds, medians of repeated timings; rows = tokens in one pass, at a context length):
 - `layer`: one decoder layer's decode pass, for 1..R rows, at a few context lengths, per thread
-  count, alone and, on a CPU, with another process doing the same at once (`concurrent`: two
-  ranks on two cores share the memory bandwidth, which a lone timing hides);
+  count, alone and, on a CPU, with another process decoding without a pause beside it
+  (`concurrent`: two ranks on two cores share the memory bandwidth, which a lone timing hides);
 - `head`: the final norm and LM head over R rows;
 - `draft`: one pass of the bundled drafter (the PDM of each bundled draft: its layers and head)
   over R rows, the cost of one tree level;
@@ -172,36 +172,49 @@ def _load(model_name: str, dtype: str, device: str):
     return model, StagedTarget(model)
 
 
-def _concurrent(rank: int, model_name: str, dtype: str, rows, contexts, reps: int, barrier, results) -> None:
-    """One of two processes timing the target at the same moment, one thread each."""
+def _concurrent(rank: int, model_name: str, dtype: str, rows, contexts, reps: int, barrier, results, done) -> None:
+    """Rank 0 times the target with one thread while rank 1 decodes without a pause beside it."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(1)
     _, target = _load(model_name, dtype, "cpu")
     barrier.wait()
-    results.put((rank, time_target(target, rows, contexts, reps)))
+    if rank == 0:
+        results.put(time_target(target, rows, contexts, reps))
+        done.set()
+        return
+    with torch.inference_mode():
+        context = max(contexts)
+        target.reserve(context + 2)
+        target.rollback(0)
+        target.run_layers(0, target.n_layers, target.embed(torch.ones(1, context, dtype=torch.long)), 0)
+        one = torch.tensor([[1]])
+        while not done.is_set():  # a busy neighbour: decode steps over the whole model, one after another
+            target.rollback(context)
+            target.logits(target.forward(one, context)[:, -1])
 
 
 def time_concurrent(model_name: str, dtype: str, rows=ROWS, contexts=CONTEXTS, reps: int = 5) -> dict:
-    """The target's costs with one thread while a second process runs the same on the other core
-    (what each rank of a two-process pipeline on a 2-core CPU meets): rank 0's timings."""
+    """The target's costs with one thread while a second process decodes on the other core without
+    a pause (what each rank of a two-process pipeline on a 2-core CPU meets while the other rank
+    works: they share the memory bandwidth)."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_concurrent, args=(r, model_name, dtype, rows, contexts, reps, barrier, results))
+    barrier, results, done = ctx.Barrier(2), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_concurrent, args=(r, model_name, dtype, rows, contexts, reps, barrier, results, done))
              for r in range(2)]
     for p in procs:
         p.start()
     try:
-        got = dict(results.get(timeout=600) for _ in procs)
+        return results.get(timeout=600)
     finally:
+        done.set()
         for p in procs:
             p.join(30)
             if p.is_alive():
                 p.kill()
-    return got[0]
 
 
 def _pingpong(rank: int, port: int, sizes, reps: int, backend: str, results) -> None:
