@@ -34,6 +34,11 @@ def at_context(by_context: dict[str, object], context: float, value=lambda v: v)
     return a if lo == hi else a + (b - a) * (c - lo) / (hi - lo)
 
 
+def at_threads(by_threads: dict, key: str):
+    """A drafter's timings at thread count `key`, else at the first one timed."""
+    return by_threads.get(key, by_threads[next(iter(by_threads))])
+
+
 class Costs:
     """Seconds per part of one configuration: the target at a thread count (a key of the cost
     file's "target": "1", "2", "1 concurrent"), at a context length (default: the first timed)."""
@@ -43,7 +48,7 @@ class Costs:
             raise SpdError(f"the cost file has no timings for {threads!r} threads (it has "
                            f"{', '.join(data['target'])})")
         t = data["target"][threads]
-        self.threads, self.layers = threads, int(data["n_layers"])
+        self.layers = int(data["n_layers"])
         context = float(context if context is not None else min(int(c) for c in t["layer"]))
         rows = sorted({int(r) for by in t["layer"].values() for r in by})
         self._layer = {r: at_context(t["layer"], context, lambda by, r=r: by[str(r)]) for r in rows}
@@ -56,13 +61,13 @@ class Costs:
         self.link = data.get("link", {"latency_s": 0.0, "bandwidth_bytes_per_s": float("inf")})
         # A drafter's timings at this configuration's thread count (a rank runs one thread).
         key = threads.split()[0]
-        self.draft = {name: {int(r): s for r, s in by.get(key, by[next(iter(by))]).items()}
+        self.draft = {name: {int(r): s for r, s in at_threads(by, key).items()}
                       for name, by in data.get("draft", {}).items()}
         # What a pass costs at work beyond the lone pass, and the core's bookkeeping per cycle
         # (cost files from before these were timed have neither: 0).
         self.draft_overhead, self.bookkeeping = {}, {}
         for name, by in data.get("draft_call", {}).items():
-            call = by.get(key, by[next(iter(by))])
+            call = at_threads(by, key)
             self.draft_overhead[name] = max(0.0, call["s_per_pass"] - at_rows(self.draft[name],
                                                                              round(call["rows_per_pass"])))
             self.bookkeeping[name] = call["bookkeeping_s_per_cycle"]

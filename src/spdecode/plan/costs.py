@@ -144,7 +144,7 @@ def time_drafting(model, model_name: str, draft_dir, tokens: int = 48) -> dict:
     per PDM pass, rows per pass, and the engine core's bookkeeping per cycle."""
     from ..drafting.pdm import CONFIG_FILE, load_pdm
     from ..drafting.pdm_tree import PdmTreeDrafter
-    from ..generators import EAGLE_TREE, SPD_TREE
+    from ..generators import MethodOptions
     from ..methods.spd import generate_spd
     from ..methods.spd_core import ONE_NODE, TreeShape
     from ..runtime.models import weights_fingerprint
@@ -153,8 +153,8 @@ def time_drafting(model, model_name: str, draft_dir, tokens: int = 48) -> dict:
     cfg = json.loads((draft_dir / CONFIG_FILE).read_text())
     target = StagedTarget(model, cfg["stage_sizes"])
     drafter = PdmTreeDrafter(load_pdm(draft_dir, target, weights_fingerprint(model)))
-    shape = (TreeShape(*EAGLE_TREE.values()) if cfg.get("chain") else
-             TreeShape(*SPD_TREE.values()) if draft_dir.name.endswith("-tree") else ONE_NODE)
+    shape = (TreeShape(*MethodOptions().tree("eagle")) if cfg.get("chain") else
+             TreeShape(*MethodOptions().tree("spd")) if draft_dir.name.endswith("-tree") else ONE_NODE)
     prompt = torch.randint(0, model.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
     generate_spd(target, drafter, prompt, 4, shape=shape)  # warm-up
     drafter.passes = drafter.pass_rows = 0

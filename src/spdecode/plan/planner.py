@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..generators import EAGLE_TREE, SPD_TREE
+from ..generators import MethodOptions
 from ..methods.spd_core import TreeShape
 from ..runtime.errors import SpdError
 from .cost_model import Costs
@@ -86,7 +86,7 @@ def plan(data: dict, devices: int, alpha: float, link: str = "same-host", draft:
 
     costs = Costs(data, best, context)
     head = nearest_draft(costs.draft, 1, "eagle")
-    eagle = TreeShape(*EAGLE_TREE.values())
+    eagle = TreeShape(*MethodOptions().tree("eagle"))
     row("eagle", 1, f"tree {eagle.budget}:{eagle.depth}:{eagle.topk}",
         Setup("eagle", (layers,), best, shape=eagle, drafter=head))
     rank_threads = CONCURRENT if CONCURRENT in data["target"] and devices <= data["hardware"]["cores"] else "1"
@@ -96,7 +96,7 @@ def plan(data: dict, devices: int, alpha: float, link: str = "same-host", draft:
         software = max(0.0, measured.get("message_s", 0.0) - measured.get("latency_s", 0.0))
         data = {**data, "link": {"latency_s": LINKS[link][0], "bandwidth_bytes_per_s": LINKS[link][1],
                                  "message_s": LINKS[link][0] + software}}
-    tree = TreeShape(*SPD_TREE.values())
+    tree = TreeShape(*MethodOptions().tree("spd"))
     for n in range(2, min(devices, layers) + 1):
         for shape, kind in ((TreeShape(), "one node per slot"), (tree, f"tree {tree.budget}:{tree.depth}:{tree.topk}")):
             name = draft or nearest_draft(costs.draft, n, "tree" if shape.tree else "")
