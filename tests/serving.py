@@ -100,13 +100,19 @@ def greedy_text(model, tok, ids: list[int], max_tokens: int) -> tuple[str, int, 
     return tok.decode(gen.tokens, skip_special_tokens=True), len(gen.tokens), finish
 
 
-def alive(pids: list[int]) -> list[int]:
-    """Those of `pids` that still run (not gone, not zombies)."""
-    out = []
-    for pid in pids:
-        try:
-            if open(f"/proc/{pid}/stat").read().split()[2] != "Z":
-                out.append(pid)
-        except OSError:
-            pass
-    return out
+def alive(pids: list[int], within: float = 10.0) -> list[int]:
+    """Those of `pids` that still run (not gone, not zombies) `within` seconds after the call: a
+    server's helpers (multiprocessing's resource tracker, a rank) see their parent's exit as an EOF
+    and end a moment after it, so "left running" means still there once that moment has passed."""
+    deadline = time.time() + within
+    while True:
+        out = []
+        for pid in pids:
+            try:
+                if open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+                    out.append(pid)
+            except OSError:
+                pass
+        if not out or time.time() > deadline:
+            return out
+        time.sleep(0.1)
