@@ -75,7 +75,8 @@ def test_data_clean_on_the_command_line(tmp_path):
 def chat_model(tmp_path_factory):
     from serving import tiny_chat_model
 
-    return tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+    path = tmp_path_factory.mktemp("tiny-chat")
+    return (*tiny_chat_model(path), path)
 
 
 @pytest.mark.integration
@@ -108,7 +109,7 @@ def test_the_target_writes_prompts_from_topic_seeds_and_answers_them(tmp_path):
 def test_sampled_answers_are_seeded_and_differ_from_greedy(chat_model, tmp_path):
     from spdecode.training.features import regenerate
 
-    model, tok = chat_model
+    model, tok, _ = chat_model
     convs = [[{"role": "user", "content": f"Question number {i}?"}] for i in range(4)]
     greedy = regenerate(model, tok, convs, tmp_path / "g.jsonl", max_new_tokens=8, batch_size=2)
     one = regenerate(model, tok, convs, tmp_path / "s1.jsonl", max_new_tokens=8, batch_size=2, temperature=1.0, seed=3)
@@ -116,3 +117,34 @@ def test_sampled_answers_are_seeded_and_differ_from_greedy(chat_model, tmp_path)
     two = regenerate(model, tok, convs, tmp_path / "s2.jsonl", max_new_tokens=8, batch_size=2, temperature=1.0, seed=3)
     assert one == two  # an interrupted run, resumed, draws what a straight one does
     assert one != greedy
+
+
+def test_training_with_a_bfloat16_teacher_and_the_topk_term(chat_model, tmp_path):
+    """`train --teacher-dtype bfloat16 --topk K`: the teacher pass runs in bfloat16 (its features are
+    cached under that dtype) while the draft trains in float32 with the extra term; a negative K is
+    refused before anything loads."""
+    from spdecode.runtime.errors import SpdError
+    from spdecode.runtime.models import load_model, weights_fingerprint
+    from spdecode.runtime.staged import StagedTarget
+    from spdecode.training.commands import TrainConfig, examples_from, run_train
+    from spdecode.training.features import TeacherFeatures
+
+    _, tok, path = chat_model
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Count to {i}."},
+                                                     {"role": "assistant", "content": " ".join(map(str, range(i)))}]})
+                            + "\n" for i in range(3, 11)))
+    cfg = TrainConfig(out=str(tmp_path / "draft"), model=str(path), stages=2, data=str(data), limit=None, max_len=64,
+                      draft_vocab="64", teacher_dtype="bfloat16", cache_dir=str(tmp_path / "cache"), topk=5,
+                      epochs=2, batch_tokens=64, val_every=1000, save_every=1000, val_frac=0.25)
+    assert run_train(cfg) == 0
+    anchors = json.loads((tmp_path / "draft" / "pdm_config.json").read_text())["anchors"]
+    half, _ = load_model(str(path), "bfloat16", "cpu")
+    teacher = TeacherFeatures(StagedTarget(half, 2), anchors + [half.config.num_hidden_layers], tmp_path / "cache",
+                              weights_fingerprint(half))
+    examples = examples_from(tok, str(data), None, 64)
+    assert all(teacher._path(ids).exists() for ids, _ in examples)  # features of a bfloat16 pass, one per sequence
+    history = json.loads((tmp_path / "draft" / "train_log.json").read_text())
+    assert history["settings"]["topk"] == 5 and history["step"] > 0
+    with pytest.raises(SpdError, match="--topk"):
+        run_train(TrainConfig(out=str(tmp_path / "other"), model=str(path), data=str(data), topk=-1))

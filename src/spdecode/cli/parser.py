@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", default=None,
                    help="start from this PDM checkpoint: its anchors, draft vocabulary (--draft-vocab is not used) "
                         "and the weights that match by name and shape")
+    t.add_argument("--teacher-dtype", default=None,
+                   help="dtype of the frozen target's teacher pass (default: --dtype); bfloat16 is ~2.7x faster on "
+                        "a CPU while the draft still trains in --dtype")
+    t.add_argument("--topk", type=int, default=0,
+                   help="add a top-K distillation term over the teacher's K likeliest draft tokens (HASS); 0: plain KL")
+    t.add_argument("--topk-weight", type=float, default=1.0, help="weight of the --topk term (default 1.0)")
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("regenerate", help="answer conversations' first user turns with the model itself (greedy)")

@@ -22,6 +22,7 @@ class TrainConfig:
     out: str  # checkpoint directory (a usable --draft)
     model: str = DEFAULT_MODEL
     dtype: str = "float32"
+    teacher_dtype: str | None = None  # the frozen target's dtype for the teacher pass (default: dtype)
     device: str = "cpu"
     threads: int | None = None
     stages: int | list[int] = 4
@@ -50,6 +51,8 @@ class TrainConfig:
     chain_depth: int = 4  # the head's deepest trained draft; a tree-ready draft's rows per depth
     tree: bool = False  # a tree-ready SPD draft: trained on paths through draft trees in flight
     init: str | None = None  # start from this PDM checkpoint (its anchors and draft vocabulary)
+    topk: int = 0  # > 0: add a top-K distillation term (HASS) over the teacher's K likeliest tokens
+    topk_weight: float = 1.0
 
 
 def init_from(pdm, directory: str | Path) -> int:
@@ -172,6 +175,8 @@ def run_train(cfg: TrainConfig) -> int:
         raise SpdError(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
     if (cfg.eagle or cfg.tree) and cfg.chain_depth < 1:
         raise SpdError(f"--chain-depth must be at least 1 (got {cfg.chain_depth})")
+    if cfg.topk < 0:
+        raise SpdError(f"--topk must be 0 (plain KL) or a positive number of tokens (got {cfg.topk})")
     if cfg.eagle and cfg.tree:
         raise SpdError("--tree trains an SPD draft for a pipeline of trees; --eagle a one-stage head (it drafts "
                        "trees anyway): choose one")
@@ -200,10 +205,16 @@ def run_train(cfg: TrainConfig) -> int:
     print(f"{len(train_ex)} training sequences ({n_tok} tokens), {len(val_ex)} held out; "
           f"draft vocabulary {pdm.lm_head.out_features} covers {coverage:.1%} of assistant tokens; "
           f"stages {target.stage_sizes}, anchors {pdm.cfg.anchors}, Ls {cfg.layers}")
-    teacher = TeacherFeatures(target, pdm.cfg.anchors + [target.n_layers], cfg.cache_dir, pdm.cfg.base_fingerprint)
+    if cfg.teacher_dtype and cfg.teacher_dtype != cfg.dtype:  # the same weights, one more copy in memory
+        teacher_target = StagedTarget(load_model(cfg.model, cfg.teacher_dtype, cfg.device)[0], target.stage_sizes)
+    else:
+        teacher_target = target
+    teacher = TeacherFeatures(teacher_target, pdm.cfg.anchors + [target.n_layers], cfg.cache_dir,
+                              pdm.cfg.base_fingerprint)
     teacher.warm(train_ex + val_ex, batch_size=cfg.teacher_batch)
     settings = TrainSettings(cfg.epochs, cfg.lr, 50, cfg.batch_tokens, 1.0, cfg.seed, cfg.val_every,
-                             cfg.save_every, cfg.micro_batch, cfg.time_limit, cfg.chain_depth, cfg.tree)
+                             cfg.save_every, cfg.micro_batch, cfg.time_limit, cfg.chain_depth, cfg.tree, cfg.topk,
+                             cfg.topk_weight)
     result = train(pdm, teacher, train_ex, val_ex, out, settings, resume=cfg.resume)
     pdm.save(out / "export-fp16", dtype=torch.float16)
     last = result["history"][-1] if result["history"] else result["last"]

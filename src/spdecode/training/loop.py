@@ -1,7 +1,8 @@
 """`spdecode train`: fit a Pipeline Draft Module to a frozen target by distillation.
 
 Loss: forward KL from the teacher's next-token distribution to the PDM's, both over the draft
-vocabulary (the teacher renormalised over it), at rows whose next token the assistant wrote.
+vocabulary (the teacher renormalised over it), at rows whose next token the assistant wrote;
+optionally plus a top-K distillation term (`topk`). Validation reports the plain KL.
 Rows whose teacher argmax lies outside the draft vocabulary are left out: under greedy decoding
 no draft from the subset could be accepted there; their share is reported as `oov`.
 
@@ -53,6 +54,8 @@ class TrainSettings:
     time_limit: float = 0.0  # seconds for this invocation (0: none); the lr decays by time as well
     chain_depth: int = 4  # an EAGLE-style head: the deepest drafted node; a tree-ready draft: rows per depth
     tree: bool = False  # a tree-ready SPD draft: windows are paths through draft trees in flight
+    topk: int = 0  # > 0: add w * -sum over the teacher's top-K tokens of p log q (HASS's top-K distillation)
+    topk_weight: float = 1.0
 
 
 def fill_for_step(n: int, seed: int, step: int, chained: bool = False) -> int:
@@ -112,9 +115,14 @@ class TeacherHead:
         return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
 
-def batch_loss(pdm: PipelineDraftModule, head: TeacherHead, teacher: TeacherFeatures, items, window: tuple[int, ...]):
-    """(summed KL, rows counted, top-1 agreements, rows left out as out-of-vocabulary) for a micro-batch
-    of (features, assistant mask) pairs, right-padded to the longest (padding rows never count)."""
+def batch_loss(pdm: PipelineDraftModule, head: TeacherHead, teacher: TeacherFeatures, items, window: tuple[int, ...],
+               topk: int = 0, topk_weight: float = 1.0):
+    """(summed objective, rows counted, top-1 agreements, rows left out as out-of-vocabulary, rows
+    whose teacher favourite is among the draft's 8 likeliest: what a tree can catch) for a
+    micro-batch of (features, assistant mask) pairs, right-padded to the longest (padding rows never
+    count). The objective is the KL, plus with `topk` the cross-entropy restricted to the teacher's
+    K likeliest tokens: KL spreads the draft's capacity over the whole tail, while acceptance only
+    asks the draft to rank the head right (HASS, arXiv 2408.15766)."""
     t = pdm.target[0]
     S = max(len(mask) for _, mask in items)
     wanted = pdm.cfg.anchors + [t.n_layers]
@@ -133,12 +141,18 @@ def batch_loss(pdm: PipelineDraftModule, head: TeacherHead, teacher: TeacherFeat
         oov = int((rows & ~ok_vocab).sum())
         rows &= ok_vocab
         if not rows.any():
-            return None, 0, 0, oov
+            return None, 0, 0, oov, 0
         log_p = F.log_softmax(head(padded[-1][rows]), -1)
     logits = window_logits(pdm, padded[:-1], window)[rows]
-    kl = F.kl_div(F.log_softmax(logits, -1), log_p, log_target=True, reduction="sum")
-    agree = int((logits.argmax(-1) == log_p.argmax(-1)).sum())
-    return kl, int(rows.sum()), agree, oov
+    log_q = F.log_softmax(logits, -1)
+    objective = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+    if topk > 0:
+        top_log_p, top_ids = log_p.topk(min(topk, log_p.shape[-1]), dim=-1)
+        objective = objective - topk_weight * (top_log_p.exp() * log_q.gather(-1, top_ids)).sum()
+    best = log_p.argmax(-1, keepdim=True)
+    agree = int((logits.argmax(-1, keepdim=True) == best).sum())
+    in_top8 = int((logits.topk(min(8, logits.shape[-1]), dim=-1).indices == best).any(-1).sum())
+    return objective, int(rows.sum()), agree, oov, in_top8
 
 
 def micro_batches(indices: list[int], lengths: list[int], size: int) -> list[list[int]]:
@@ -149,14 +163,14 @@ def micro_batches(indices: list[int], lengths: list[int], size: int) -> list[lis
 
 @torch.no_grad()
 def evaluate(pdm, head, teacher, examples, offset: int, window: tuple[int, ...], micro_batch: int = 1) -> dict:
-    tot = rows = agree = oov = 0
+    tot = rows = agree = oov = top8 = 0
     lengths = [len(ids) for ids, _ in examples]
     for group in micro_batches(list(range(len(examples))), lengths, micro_batch):
         items = [(teacher.get(offset + i, examples[i][0]), examples[i][1]) for i in group]
-        kl, r, a, o = batch_loss(pdm, head, teacher, items, window)
+        kl, r, a, o, t8 = batch_loss(pdm, head, teacher, items, window)
         tot += float(kl) if kl is not None else 0.0
-        rows, agree, oov = rows + r, agree + a, oov + o
-    return {"loss": tot / max(rows, 1), "top1": agree / max(rows, 1), "rows": rows,
+        rows, agree, oov, top8 = rows + r, agree + a, oov + o, top8 + t8
+    return {"loss": tot / max(rows, 1), "top1": agree / max(rows, 1), "top8": top8 / max(rows, 1), "rows": rows,
             "oov": oov / max(rows + oov, 1)}
 
 
@@ -227,8 +241,8 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
         pdm.train()
         history.append({"step": step, **v})
         first = f", top-1 at {windows['_k1']} {v['top1_k1']:.3f}" if "top1_k1" in v else ""
-        bar.write(f"step {step}: val loss {v['loss']:.3f} top-1 {v['top1']:.3f} (window {windows['']}, "
-                  f"{v['rows']} rows, oov {v['oov']:.3f}){first}")
+        bar.write(f"step {step}: val loss {v['loss']:.3f} top-1 {v['top1']:.3f} top-8 {v['top8']:.3f} "
+                  f"(window {windows['']}, {v['rows']} rows, oov {v['oov']:.3f}){first}")
 
     out_of_time = False
     pdm.train()
@@ -244,7 +258,7 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
             tot_kl = rows = agree = 0
             for group in micro_batches(schedule[step], lengths, settings.micro_batch):
                 items = [(teacher.get(i, train_ex[i][0]), train_ex[i][1]) for i in group]
-                kl, r, a, _ = batch_loss(pdm, head, teacher, items, window)
+                kl, r, a, _, _ = batch_loss(pdm, head, teacher, items, window, settings.topk, settings.topk_weight)
                 if kl is None:
                     continue
                 (kl / settings.batch_tokens).backward()
