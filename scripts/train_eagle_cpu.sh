@@ -4,7 +4,7 @@
 #   1. the target answers ShareGPT first turns itself (greedy, bf16) for REGEN_S seconds;
 #   2. those answers plus RAW raw ShareGPT first exchanges (the teacher's distribution is the
 #      target's either way; raw text only widens the contexts) form the data;
-#   3. teacher features are computed once into a cache (every hidden state, ~3 MB per 100 tokens);
+#   3. teacher features are computed once into a cache (the head's anchors, ~0.3 MB per 100 tokens);
 #   4. one head per chain mode starts from the bundled n=2 SPD draft (its decoder layer, head,
 #      projections and draft vocabulary) and trains for TRAIN_S seconds, one thread each;
 #   5. the embed head (the one bundled) goes on for RESUME_S seconds with both threads.

@@ -165,7 +165,8 @@ def run_train(cfg: TrainConfig) -> int:
     from .features import TeacherFeatures
     from .loop import TrainSettings, train
 
-    fixed_mmap_threshold()
+    if cfg.teacher_batch <= 1:  # the batched pass (similar lengths in a row) did not fragment, and mmap costs
+        fixed_mmap_threshold()  # it ~45 % (every large buffer faulted in afresh)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.device.startswith("cuda"):
