@@ -39,5 +39,6 @@ for i in "${!names[@]}"; do
 done
 wait
 for name in "${names[@]}"; do
-    echo "== $name"; grep -h "training sequences\|done:" "$OUT/$name.log" || true; tail -3 "$OUT/eval-$name.log" || true
+    echo "== $name"; grep -h "training sequences\|done:" "$OUT/$name.log" || true
+    tr '\r' '\n' < "$OUT/eval-$name.log" | grep -E '^(mt_bench|gsm8k|humaneval|overall) ' || true
 done

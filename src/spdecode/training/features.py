@@ -104,8 +104,8 @@ class TeacherFeatures:
 
     def warm(self, examples, desc="teacher features", batch_size: int = 1) -> None:
         """Compute (or read from the cache) every example's features up front; batch_size > 1 runs
-        right-padded batches of similar lengths through the target, which a GPU needs and which
-        a CPU runs ~1.5x faster too."""
+        right-padded batches of similar lengths through the target, which a GPU needs (a CPU ran
+        2M tokens at ~1630 tokens/s so, in bfloat16 with 2 threads and batches of 8)."""
         if batch_size <= 1:
             for i, (ids, _) in enumerate(tqdm(examples, desc=desc, unit="seq", leave=False)):
                 self.get(i, ids)
