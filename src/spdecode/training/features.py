@@ -86,14 +86,14 @@ class TeacherFeatures:
         path = self._path(ids)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in feats.items()}, tmp)
+        save_file({k: v.to("cpu").contiguous() for k, v in feats.items()}, tmp)
         tmp.replace(path)
 
     def get(self, i: int, ids: list[int]) -> dict[str, torch.Tensor]:
         if i in self.memory:
             return self.memory[i]
         if self.cache_dir and self._path(ids).exists():
-            feats = load_file(self._path(ids))
+            feats = load_file(self._path(ids), device=str(self.target.device))
         else:
             got = self.compute(ids, self.anchors)
             feats = {"anchors": got["hidden"], "best": got["best"]}
@@ -113,7 +113,7 @@ class TeacherFeatures:
         if self.cache_dir:
             for i, (ids, _) in enumerate(examples):
                 if self._path(ids).exists():
-                    self.memory[i] = load_file(self._path(ids))
+                    self.memory[i] = load_file(self._path(ids), device=str(self.target.device))
         order = sorted((i for i in range(len(examples)) if i not in self.memory), key=lambda i: len(examples[i][0]))
         with tqdm(total=len(examples), initial=len(examples) - len(order), desc=desc, unit="seq", leave=False) as bar:
             for j in range(0, len(order), batch_size):
