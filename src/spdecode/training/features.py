@@ -77,9 +77,10 @@ class TeacherFeatures:
         return self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
 
     @torch.no_grad()
-    def compute(self, ids: list[int], keep: list[int]) -> dict[str, torch.Tensor]:
-        h, got = self.target.teacher_pass(ids, keep)
-        return {"hidden": torch.stack([got[j] for j in keep]).to(torch.float16),
+    def compute(self, ids: list[int]) -> dict[str, torch.Tensor]:
+        """One sequence's features through the staged target (what `compute_batch` gives in a batch)."""
+        h, got = self.target.teacher_pass(ids, self.anchors)
+        return {"anchors": torch.stack([got[j] for j in self.anchors]).to(torch.float16),
                 "best": self.target.logits(h)[0].argmax(-1)}
 
     def _store(self, ids: list[int], feats: dict[str, torch.Tensor]) -> None:
@@ -89,14 +90,17 @@ class TeacherFeatures:
         save_file({k: v.to("cpu").contiguous() for k, v in feats.items()}, tmp)
         tmp.replace(path)
 
+    def _cached(self, ids: list[int]) -> dict[str, torch.Tensor] | None:
+        """The sequence's features from the cache dir, on the teacher's device; None if not there."""
+        path = self._path(ids) if self.cache_dir else None
+        return load_file(path, device=str(self.target.device)) if path is not None and path.exists() else None
+
     def get(self, i: int, ids: list[int]) -> dict[str, torch.Tensor]:
         if i in self.memory:
             return self.memory[i]
-        if self.cache_dir and self._path(ids).exists():
-            feats = load_file(self._path(ids), device=str(self.target.device))
-        else:
-            got = self.compute(ids, self.anchors)
-            feats = {"anchors": got["hidden"], "best": got["best"]}
+        feats = self._cached(ids)
+        if feats is None:
+            feats = self.compute(ids)
             if self.cache_dir:
                 self._store(ids, feats)
         self.memory[i] = feats
@@ -110,10 +114,10 @@ class TeacherFeatures:
             for i, (ids, _) in enumerate(tqdm(examples, desc=desc, unit="seq", leave=False)):
                 self.get(i, ids)
             return
-        if self.cache_dir:
-            for i, (ids, _) in enumerate(examples):
-                if self._path(ids).exists():
-                    self.memory[i] = load_file(self._path(ids), device=str(self.target.device))
+        for i, (ids, _) in enumerate(examples):
+            feats = self._cached(ids)
+            if feats is not None:
+                self.memory[i] = feats
         order = sorted((i for i in range(len(examples)) if i not in self.memory), key=lambda i: len(examples[i][0]))
         with tqdm(total=len(examples), initial=len(examples) - len(order), desc=desc, unit="seq", leave=False) as bar:
             for j in range(0, len(order), batch_size):
