@@ -27,19 +27,21 @@ install: $(STAMP)
 model: install
 	$(VENV)/bin/spdecode prepare --model $(MODEL)
 
-# The same prompt three times, each method in its fastest configuration on this machine (bf16):
-# plain autoregressive decoding with 2 threads, SPD over draft trees with one process per stage
+# The same prompt three times, each method in its fastest configuration on this machine: plain
+# autoregressive decoding on every usable core, SPD over draft trees with one process per stage
 # (2 stages, the bundled tree-ready draft), and eagle; each ends with its tok/s and, for the
-# speculative ones, acceptance, tokens per cycle and what a cycle carried.
+# speculative ones, acceptance, tokens per cycle and what a cycle carried. `--backend auto` times
+# each weight backend (float32, bfloat16, fp16w) on this CPU once, caches the verdict and uses the
+# fastest, the same for every method.
 run: model
-	@echo "bf16, each method's fastest configuration: a multi-row bf16 pass rounds differently from"
-	@echo "AR's one-row pass, so the texts may part; in float32 (--dtype float32) they are identical."
+	@echo "--backend auto: the weight backend measured fastest here; outside float32 a multi-row pass may round"
+	@echo "a token differently from AR's one-row pass, so the texts may part; with --backend float32 they are identical."
 	$(VENV)/bin/spdecode generate --model $(MODEL) --chat --max-new-tokens 96 --prompt "$(PROMPT)" \
-		--dtype bfloat16 --threads 2
+		--backend auto
 	$(VENV)/bin/spdecode generate --model $(MODEL) --chat --max-new-tokens 96 --prompt "$(PROMPT)" \
-		--dtype bfloat16 --method spd --distributed --stages 2
+		--backend auto --method spd --distributed --stages 2
 	$(VENV)/bin/spdecode generate --model $(MODEL) --chat --max-new-tokens 96 --prompt "$(PROMPT)" \
-		--dtype bfloat16 --threads 2 --method eagle
+		--backend auto --method eagle
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts

@@ -70,7 +70,7 @@ def test_greedy_identity_is_required_in_fp32_and_reported_in_bf16(capsys):
     assert "7 of 12" in capsys.readouterr().out
 
 
-def test_method_specs_carry_their_own_options():
+def test_method_specs_carry_their_own_options(monkeypatch):
     from spdecode.bench.run import BenchConfig, method_specs
     from spdecode.runtime.errors import SpdError
 
@@ -81,11 +81,20 @@ def test_method_specs_carry_their_own_options():
     assert method == "eagle" and opts.tree(method) == (16, 5, 3)
     assert specs["spd:stages=2"][1].stages == 2 and specs["ar"][1].stages == 1  # --stages is the pipeline's
     assert specs["sd:drafter=prompt-lookup"][1].tree("sd") == (0, 4, 3)  # sd's default is a chain
+    # The AR sweep: every backend this machine has (the run's own first) x 1 up to every usable core.
+    monkeypatch.setattr("spdecode.bench.run.thread_sweep", lambda: [1, 2, 4])
+    monkeypatch.setattr("spdecode.bench.run.cpu_backends", lambda: ["float32", "bfloat16", "fp16w"])
     swept = method_specs(BenchConfig(method="ar,eagle", dtype="bfloat16", ar_sweep=True))
-    assert [s for s in swept if s.startswith("ar")] == ["ar:threads=1", "ar:threads=2", "ar:threads=1:dtype=float32",
-                                                        "ar:threads=2:dtype=float32"]
+    assert [s for s in swept if s.startswith("ar")] == [
+        "ar:threads=1", "ar:threads=2", "ar:threads=4",
+        "ar:threads=1:dtype=float32", "ar:threads=2:dtype=float32", "ar:threads=4:dtype=float32",
+        "ar:threads=1:dtype=fp16w", "ar:threads=2:dtype=fp16w", "ar:threads=4:dtype=fp16w"]
     assert swept["ar:threads=2:dtype=float32"][1].dtype == "float32" and swept["ar:threads=1"][1].threads == 1
-    for bad in ("eagle:budget", "eagle:wings=2", "eagle:budget=many", "warp", "ar:threads=0", "ar,ar"):
+    assert swept["eagle"][1].dtype == "bfloat16"  # every method on the run's backend: ratios like for like
+    aliased = method_specs(BenchConfig(method="ar:backend=fp16w,eagle:dtype=bf16"))
+    assert aliased["ar:backend=fp16w"][1].dtype == "fp16w" and aliased["eagle:dtype=bf16"][1].dtype == "bfloat16"
+    for bad in ("eagle:budget", "eagle:wings=2", "eagle:budget=many", "warp", "ar:threads=0", "ar,ar",
+                "ar:backend=int3", "ar:backend=auto"):
         with pytest.raises(SpdError):
             method_specs(BenchConfig(method=bad))
     # Values may hold colons and commas; a shared --draft reaches only the methods that take one.

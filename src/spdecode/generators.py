@@ -56,7 +56,8 @@ class MethodOptions:
 
 
 # Short names for per-method options in a method spec.
-ALIASES = {"budget": "tree_budget", "depth": "tree_depth", "topk": "tree_topk", "adaptive": "adaptive_gamma"}
+ALIASES = {"budget": "tree_budget", "depth": "tree_depth", "topk": "tree_topk", "adaptive": "adaptive_gamma",
+           "backend": "dtype"}
 
 
 DRAFTED = ("spd", "eagle")  # the methods that take a trained draft (--draft)
@@ -113,6 +114,12 @@ def parse_method_spec(spec: str, base: MethodOptions) -> tuple[str, MethodOption
             raise SpdError(f"method option {pair!r} in {spec!r}: expected KEY=VALUE with KEY one of "
                            f"{', '.join(sorted(set(types) | set(ALIASES)))}")
         changes[key] = _convert(key, value, types[key], spec)
+    if "dtype" in changes:
+        from .runtime.backends import AUTO, canonical
+
+        changes["dtype"] = canonical(changes["dtype"])
+        if changes["dtype"] == AUTO:
+            raise SpdError(f"{spec!r}: a method spec names a measured backend; give --backend auto for the whole run")
     if changes.get("threads") is not None and changes["threads"] < 1:
         raise SpdError(f"threads must be at least 1 in {spec!r}")
     return name, replace(base, **changes)

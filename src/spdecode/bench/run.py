@@ -28,11 +28,14 @@ from ..generators import (
     parse_method_spec,
     split_specs,
 )
+from ..runtime.backends import cpu_backends
 from ..runtime.errors import SpdError
 from ..runtime.generation import eos_ids
+from ..runtime.machine import cpu_line, describe_cpu, thread_sweep
 from ..runtime.models import DEFAULT_MODEL
 from ..runtime.prompts import encode_prompt
 from ..runtime.sampling import SamplingParams
+from .divergence import divergences, print_divergences, reference_model
 from .report import plot_speedups, print_table, rank_breakdown, summarise
 
 
@@ -47,7 +50,7 @@ class BenchConfig:
     # Comma-separated method specs (generators.parse_method_spec): a method from generators.METHODS, each with
     # its own options after colons, e.g. "ar,eagle:budget=16,spd:stages=2".
     method: str = "ar,spd"
-    ar_sweep: bool = False  # AR in both dtypes (float32, bfloat16) with 1 and 2 threads: the best is the baseline
+    ar_sweep: bool = False  # AR on every backend with 1 up to all usable cores: the best is the baseline
     data: str = "mt_bench,gsm8k,humaneval"  # comma-separated prompt sets (see data.load_prompt_set)
     limit: int | None = None  # prompts per set
     max_new_tokens: int = 256
@@ -90,7 +93,8 @@ def load_sets(cfg) -> dict[str, list[dict]]:
 
 def method_specs(cfg: BenchConfig) -> dict[str, tuple[str, MethodOptions]]:
     """spec -> (method, its options), AR first (the others are checked against its tokens); with
-    ar_sweep, a plain `ar` becomes AR in float32 and bfloat16 with 1 and 2 threads."""
+    ar_sweep, a plain `ar` becomes AR on every backend (cfg.dtype's first) with every thread count of
+    `machine.thread_sweep` (1 up to all usable cores)."""
     specs = split_specs(cfg.method)
     if not specs:
         raise SpdError("no method to run: give --method, e.g. ar,eagle")
@@ -101,12 +105,18 @@ def method_specs(cfg: BenchConfig) -> dict[str, tuple[str, MethodOptions]]:
     if cfg.ar_sweep or (cfg.distributed and "ar" in specs):
         if "ar" not in specs:
             raise SpdError("--ar-sweep replaces a plain `ar` in --method by every AR configuration: list ar")
-        # --distributed: a pipeline's processes take one thread each; AR may take both cores.
-        dtypes = list(dict.fromkeys([cfg.dtype, "float32", "bfloat16"])) if cfg.ar_sweep else [cfg.dtype]
+        # --distributed: a pipeline's processes share the cores; AR may take them all.
+        dtypes = list(dict.fromkeys([cfg.dtype, *sweep_backends(cfg.device)])) if cfg.ar_sweep else [cfg.dtype]
         specs.remove("ar")
-        specs[:0] = [f"ar:threads={t}" + ("" if d == cfg.dtype else f":dtype={d}") for d in dtypes for t in (1, 2)]
+        specs[:0] = [f"ar:threads={t}" + ("" if d == cfg.dtype else f":dtype={d}") for d in dtypes
+                     for t in thread_sweep()]
     out = {spec: parse_method_spec(spec, cfg.options) for spec in specs}
     return dict(sorted(out.items(), key=lambda kv: kv[1][0] != "ar"))
+
+
+def sweep_backends(device: str) -> list[str]:
+    """The backends an AR sweep covers on `device`."""
+    return cpu_backends() if device == "cpu" else ["float32", "bfloat16", "float16"]
 
 
 def make_runners(specs: dict[str, tuple[str, MethodOptions]], models: dict, model_name: str, stack=None):
@@ -211,14 +221,34 @@ def run_bench(cfg) -> int:
               f"{o['model_tokens_per_step']:.2f}, model with the measured share "
               f"{o['tokens_per_step_with_measured_rho']:.2f}")
     breakdowns = report_pipelines(summary, records, list(keys.values()))
+    print(f"machine: {cpu_line()}")
+    departed = report_divergences(cfg, records, tok, sets, models) if cfg.temperature == 0 else {}
     if cfg.plot:
         plot_speedups({m: summary[m] for m in methods if m != summary[methods[0]]["overall"].get("baseline")},
                       cfg.plot)
     if cfg.json_out:
-        Path(cfg.json_out).write_text(json.dumps({"config": asdict(cfg), "summary": summary,
+        Path(cfg.json_out).write_text(json.dumps({"config": asdict(cfg), "machine": describe_cpu(), "summary": summary,
+                                                  "divergences": departed,
                                                   "rank_ms_per_cycle": breakdowns, "records": records},
                                                  indent=1, default=str))
-    return check_identity(cfg, {m: summary[m]["overall"] for m in methods}, dtypes)
+    failed = check_identity(cfg, {m: summary[m]["overall"] for m in methods}, dtypes)
+    return failed or print_divergences(departed, dtypes)
+
+
+def report_divergences(cfg, records: list[dict], tok, sets, models: dict) -> dict[str, list[dict]]:
+    """Every greedy output that departs from AR of its backend, with the float32 reference's top-2
+    margin where it parts (bench.divergence); a reference model per backend, loaded when needed."""
+    prompts = {(name, row["question_id"]): encode_prompt(tok, row["turns"][0]) for name, rows in sets.items()
+               for row in rows}
+    references = {}
+
+    def reference(backend: str):
+        if backend not in references:
+            plain = models.get(("float32", "cpu")) if backend == "float32" else None
+            references[backend] = plain or reference_model(cfg.model, backend)
+        return references[backend]
+
+    return divergences(records, prompts, reference)
 
 
 def report_pipelines(summary: dict, records: list[dict], keys: list[str]) -> dict:

@@ -10,7 +10,7 @@ import sys
 import warnings
 
 from ..runtime.errors import SpdError
-from .options import config_from
+from .options import config_from, resolve_backend
 from .parser import build_parser
 
 __all__ = ["build_parser", "config_from", "main"]
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
             # Library chatter (e.g. transformers' generation-config notes) is not for the user;
             # our own warnings (clamped lengths, untrained drafts) still show.
             warnings.filterwarnings("ignore", module="transformers")
+            resolve_backend(args)
             return args.func(args)
     except SpdError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -19,15 +19,15 @@ def check_method(args) -> None:
 
 
 def load_for_method(args):
-    """(model, tokenizer) of a one-process run, torch's threads set as asked. PipeSpec's stage
-    processes load their own models on --device; its copy here only gives the tokenizer and the
-    EOS ids, so it stays on the CPU."""
+    """(model, tokenizer) of a one-process run, torch's threads set as asked (default: every usable
+    core). PipeSpec's stage processes load their own models on --device; its copy here only gives
+    the tokenizer and the EOS ids, so it stays on the CPU."""
     import torch
 
+    from ..runtime.machine import usable_cores
     from ..runtime.models import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or usable_cores())
     return load_model(args.model, args.dtype, "cpu" if args.method == "pipespec" else args.device)
 
 
@@ -66,9 +66,11 @@ def cmd_generate(args) -> int:
     if streamer:
         streamer.end()
         print(gen.metrics.summary(), file=sys.stderr)
+        print(f"backend {args.dtype}, {torch.get_num_threads()} thread(s)", file=sys.stderr)
     else:
         print(json.dumps({
-            "model": args.model, "method": args.method, "stages": stages,
+            "model": args.model, "method": args.method, "stages": stages, "backend": args.dtype,
+            "threads": torch.get_num_threads(),
             "prompt_tokens": len(prompt_ids), "tokens": gen.tokens,
             "text": tok.decode(gen.tokens, skip_special_tokens=True),
             "metrics": gen.metrics.as_dict(),
@@ -187,21 +189,38 @@ def cmd_plan(args) -> int:
         if args.plot:
             plot_plan(rows, args.plot)
         return 0
+    return measure_costs(args)
+
+
+def measure_costs(args) -> int:
+    """plan --measure: one cost file per backend of --backends (default --backend)."""
+    from pathlib import Path
+
+    from ..plan.costs import measure
+    from ..runtime.backends import canonical, cpu_backends
+    from ..runtime.machine import thread_sweep
+
     if not args.out:
         raise SpdError("--measure needs --out FILE.json")
     try:
-        threads = tuple(int(x) for x in args.threads.split(","))
+        threads = tuple(int(x) for x in args.threads.split(",")) if args.threads else tuple(thread_sweep())
     except ValueError:
         raise SpdError(f"--threads: expected comma-separated integers, got {args.threads!r}") from None
     if args.reps < 1:
         raise SpdError(f"--reps must be at least 1 (got {args.reps})")
-    from ..plan.costs import measure
-
-    costs = measure(args.model, args.dtype, args.device, threads, reps=args.reps,
-                    log=lambda m: print(m, file=sys.stderr))
-    with open(args.out, "w") as f:
-        json.dump(costs, f, indent=1)
-    print(args.out)
+    backends = [args.dtype] if not args.backends else cpu_backends() if args.backends == "all" else [
+        canonical(b.strip()) for b in args.backends.split(",") if b.strip()]
+    for backend in backends:
+        out = Path(args.out)
+        if "{backend}" in args.out:
+            out = Path(args.out.replace("{backend}", backend))
+        elif len(backends) > 1:
+            out = out.with_name(f"{out.stem}-{backend}{out.suffix}")
+        costs = measure(args.model, backend, args.device, threads, reps=args.reps,
+                        log=lambda m, b=backend: print(f"{b}: {m}", file=sys.stderr))
+        with open(out, "w") as f:
+            json.dump(costs, f, indent=1)
+        print(out)
     return 0
 
 

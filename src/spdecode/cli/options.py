@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..runtime.errors import SpdError
-from ..runtime.models import DEFAULT_MODEL, DTYPES, alias_help
+from ..runtime.models import DEFAULT_MODEL, alias_help
 
 DATA_HELP = ("comma-separated prompt sets: mt_bench, gsm8k, humaneval, or {question_id, turns} jsonl files; the "
              "built-in sets are NAME/question.jsonl under $SPDECODE_EVAL_DATA (unset: shared/eval_data beside a "
@@ -24,9 +24,44 @@ def stage_spec(text: str):
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"alias ({alias_help()}), local HF directory, or hub id (default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default float32)")
+    add_backend_arg(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: every usable core; one pipeline rank: its share)")
+
+
+BACKEND_HELP = ("the weight backend of every model the run computes with: float32 (fp32), bfloat16 (bf16: fast "
+                "on several rows only with avx512_bf16 or AMX), fp16w (fp16 weights, fp32 activations and "
+                "accumulation, FBGEMM's packed GEMM), float16 (fp16, GPUs), or auto (measured on this machine once, "
+                "cached); --dtype is an alias (default float32)")
+
+
+def add_backend_arg(p: argparse.ArgumentParser) -> None:
+    # Checked by resolve_backend (one `error:` line, as for every bad input), not by argparse's choices.
+    p.add_argument("--backend", "--dtype", dest="dtype", default="float32", metavar="BACKEND", help=BACKEND_HELP)
+
+
+def resolve_backend(args) -> None:
+    """args.dtype as a canonical backend name ("fp32" -> "float32"); auto measured (or read from the
+    cache) at the threads each process of the run will have: --threads, else every usable core, or
+    a pipeline rank's share."""
+    from ..runtime.backends import AUTO, canonical
+
+    if not hasattr(args, "dtype"):
+        return
+    args.dtype = canonical(args.dtype)
+    if args.dtype != AUTO:
+        return
+    from ..runtime.backend_probe import choose_backend
+    from ..runtime.machine import threads_per_rank
+
+    ranks = 1
+    if getattr(args, "distributed", False):
+        stages = getattr(args, "stages", 1)
+        ranks = len(stages) if isinstance(stages, list) else int(stages)
+    threads = getattr(args, "threads", None)
+    threads = threads if isinstance(threads, int) and threads > 0 else threads_per_rank(ranks)
+    args.dtype = choose_backend(args.model, getattr(args, "device", "cpu"), threads)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..runtime.models import DEFAULT_MODEL, DTYPES
+from ..runtime.models import DEFAULT_MODEL
 from .commands import (
     cmd_bench,
     cmd_data_clean,
@@ -21,6 +21,7 @@ from .commands import (
 )
 from .options import (
     DATA_HELP,
+    add_backend_arg,
     add_chain_args,
     add_distributed_args,
     add_model_args,
@@ -211,9 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json-out", default=None)
     pl.add_argument("--plot", default=None, help="PNG of predicted speedup against devices")
     pl.add_argument("--model", default=DEFAULT_MODEL)
-    pl.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default float32)")
+    add_backend_arg(pl)
     pl.add_argument("--device", default="cpu")
-    pl.add_argument("--threads", default="1,2", help="thread counts to time (default 1,2)")
+    pl.add_argument("--threads", default=None,
+                    help="thread counts to time (default: 1, powers of two and every usable core)")
+    pl.add_argument("--backends", default=None,
+                    help="--measure: comma-separated backends to time, one cost file each (all: every backend this "
+                         "machine has; default: --backend); with several, --out's {backend} is replaced, or the "
+                         "backend is added to its name")
     pl.add_argument("--reps", type=int, default=5, help="timings per point, the median kept (default 5)")
     pl.add_argument("--out", default=None, help="cost file to write (JSON)")
     pl.add_argument("--traces", default=None, help="replay the accept/reject sequences of an eval-draft or bench "

@@ -46,7 +46,8 @@ def parse(argv=None):
     ap.add_argument("--json", action="store_true", help="print one JSON result instead of streaming text")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds a rank waits for a peer (default 120)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per rank (default: its share of the usable cores)")
     ap.add_argument("--tree-budget", type=int, default=1,
                     help="draft-tree nodes per slot (default 1: one token; `spdecode` passes spd's tuned tree)")
     ap.add_argument("--tree-depth", type=int, default=1)
@@ -60,6 +61,7 @@ def parse(argv=None):
 
 def run(args) -> int:
     from ..methods.spd_core import TreeShape
+    from ..runtime.machine import threads_per_rank
     from ..runtime.models import files_fingerprint, load_partial_model, resolve_model
     from ..runtime.sampling import SamplingParams
     from ..runtime.staged import StagedTarget
@@ -78,7 +80,7 @@ def run(args) -> int:
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(device)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or threads_per_rank(world))
     if args.trace:
         from ..runtime import trace
 
@@ -137,6 +139,7 @@ def run(args) -> int:
             on_token = (lambda t: streamer.put(torch.tensor([t]))) if streamer else None
             gen = root.generate(ids, args.max_new_tokens, sampling, eos, on_token, shape=shape)
             result = {"model": args.model, "method": args.method, "distributed": True, "stages": sizes,
+                      "backend": args.dtype, "threads_per_rank": torch.get_num_threads(),
                       "prompt_tokens": len(ids), "tokens": gen.tokens,
                       "text": tok.decode(gen.tokens, skip_special_tokens=True), "metrics": gen.metrics.as_dict(),
                       "rank_stats": {f"rank{s + 1}": dict(zip(("compute_s", "wait_s", "send_s"), st, strict=True))
@@ -144,6 +147,8 @@ def run(args) -> int:
             if streamer:
                 streamer.end()
                 print(gen.metrics.summary(), file=sys.stderr)
+                print(f"backend {args.dtype}, {world} processes with {torch.get_num_threads()} thread(s) each",
+                      file=sys.stderr)
             else:
                 print(json.dumps(result))
             if args.json_out:

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..runtime.backends import apply_backend, backend_of
 from ..runtime.errors import SpdError
 from ..runtime.kv_cache import StaticKVCache
 from ..runtime.staged import StagedTarget, run_decoder_layers
@@ -182,7 +183,8 @@ def load_pdm(directory: str | Path, target: StagedTarget, fingerprint: str) -> P
     state = load_file(d / WEIGHTS_FILE)
     pdm = PipelineDraftModule(cfg, target, state.get("vocab"))
     pdm.load_state_dict({k: v.to(target.dtype) if v.is_floating_point() else v for k, v in state.items()})
-    return pdm.eval().requires_grad_(False)
+    # A draft computes its Linears as the target does (backends.py): one backend per run.
+    return apply_backend(pdm.eval().requires_grad_(False), backend_of(target.model))
 
 
 BUNDLED = Path(__file__).parents[1] / "drafts"
@@ -220,4 +222,4 @@ def pdm_for(target: StagedTarget, model_name: str, fingerprint: str, draft: str 
     warnings.warn(f"no trained draft given for {model_name} with {target.n_stages} stages: SPD runs with an "
                   "untrained PDM, which is lossless but slow (almost every draft is rejected); pass --draft",
                   stacklevel=2)
-    return new_pdm(target, model_name, fingerprint).eval()
+    return apply_backend(new_pdm(target, model_name, fingerprint).eval(), backend_of(target.model))

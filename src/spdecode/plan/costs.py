@@ -28,7 +28,7 @@ import torch
 
 from ..runtime.errors import SpdError
 
-ROWS = (1, 2, 4, 8, 16)
+ROWS = tuple(range(1, 18))  # one row (AR) up to a root and a 16-node tree: where rows stop being cheap
 CONCURRENT = "1 concurrent"  # the timings of one thread beside a twin process
 CONTEXTS = (128, 512)
 
@@ -44,14 +44,13 @@ def _median_time(fn, reps: int) -> float:
 
 
 def hardware(device: str) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    out = {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "system": platform.system(),
-           "torch": torch.__version__, "device": device,
+    """The machine a cost file was measured on: the CPU, its flags that decide the backend, torch's
+    dispatch level, and its usable cores (`cores`: affinity and cgroup quota, what ranks share)."""
+    from ..runtime.machine import describe_cpu
+
+    cpu = describe_cpu()
+    out = {"cpu": cpu["cpu"], "flags": cpu["flags"], "capability": cpu["capability"], "cores": cpu["usable_cores"],
+           "machine": platform.machine(), "system": platform.system(), "torch": torch.__version__, "device": device,
            "measured": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
     if device.startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name(device)
@@ -329,7 +328,7 @@ def measure(model_name: str, dtype: str = "float32", device: str = "cpu", thread
                     out["draft_call"].setdefault(d.name, {})[str(k)] = time_drafting(model, model_name, d)
     finally:
         torch.set_num_threads(before)
-    if concurrent and device == "cpu" and (os.cpu_count() or 1) >= 2:
+    if concurrent and device == "cpu" and out["hardware"]["cores"] >= 2:
         log("timing the target with one thread in each of two processes at once")
         out["target"][CONCURRENT] = time_concurrent(model_name, dtype, rows, contexts, reps)
     if link:

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from .backends import ACTIVATION_DTYPES, AUTO, activation_dtype, apply_backend, canonical
 from .errors import SpdError
 
 DEFAULT_MODEL = "smollm2-135m"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ACTIVATION_DTYPES  # backend name -> the dtype a model's tensors are loaded in (see backends.py)
 
 
 def cache_dir() -> Path:
@@ -135,11 +136,15 @@ def alias_help() -> str:
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", tokenizer: bool = True):
     """Load (model, tokenizer) in eval mode with SDPA attention and frozen weights
-    (tokenizer=False: (model, None), for a bare weights directory or a worker process)."""
+    (tokenizer=False: (model, None), for a bare weights directory or a worker process).
+
+    `dtype` names a weight backend (backends.py: float32, bfloat16, fp16w, float16 or an alias;
+    auto is resolved beforehand by backend_probe.choose_backend); `model.weight_backend` records it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise SpdError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    dtype = canonical(dtype)
+    if dtype == AUTO:
+        raise SpdError("backend auto is a measurement: resolve it first (backend_probe.choose_backend)")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SpdError(f"device {device!r} requested but CUDA is not available on this machine")
     if not (device == "cpu" or device.startswith("cuda")):
@@ -152,7 +157,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
         )
     try:
         tok = AutoTokenizer.from_pretrained(source) if tokenizer else None
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=activation_dtype(dtype), attn_implementation="sdpa")
     except OSError as exc:
         if isinstance(source, str):
             raise SpdError(
@@ -161,7 +166,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
             ) from exc
         raise SpdError(f"cannot load model from {source}: {str(exc).splitlines()[0]}") from exc
     model.to(device).eval().requires_grad_(False)
-    return model, tok
+    return apply_backend(model, dtype), tok
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -273,13 +278,16 @@ def load_partial_model(name: str, layers: range, embed: bool, head: bool, dtype:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    dtype = canonical(dtype)
+    if dtype == AUTO:
+        raise SpdError("a pipeline rank needs a measured backend, not auto (the launcher resolves it)")
     source = resolve_model(name)
     if isinstance(source, str):
         raise SpdError("distributed runs need a local model (an alias or a directory), not a hub id")
     config = AutoConfig.from_pretrained(source)
     config._attn_implementation = "sdpa"
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=activation_dtype(dtype), attn_implementation="sdpa")
     # from_config takes generation settings (EOS ids among them) from config.json; from_pretrained
     # reads generation_config.json when there is one, and so must every rank, or they stop elsewhere.
     try:
@@ -296,7 +304,9 @@ def load_partial_model(name: str, layers: range, embed: bool, head: bool, dtype:
         with safe_open(f, "pt") as st:
             for key in st.keys():
                 if any(key.startswith(w) for w in wanted):
-                    set_module_tensor_to_device(model, key, device, value=st.get_tensor(key).to(DTYPES[dtype]))
+                    set_module_tensor_to_device(model, key, device,
+                                                value=st.get_tensor(key).to(activation_dtype(dtype)))
     if tied and (head or embed):
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval().requires_grad_(False), config
+    # Only the materialised Linears are packed (apply_backend leaves those on the meta device).
+    return apply_backend(model.eval().requires_grad_(False), dtype), config

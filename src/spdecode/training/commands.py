@@ -165,6 +165,9 @@ def run_train(cfg: TrainConfig) -> int:
     from .features import TeacherFeatures
     from .loop import TrainSettings, train
 
+    if cfg.dtype == "fp16w":  # its Linears are packed inference kernels: no gradient flows through them
+        raise SpdError("fp16w is an inference backend: train the draft in float32 or bfloat16 (--teacher-dtype "
+                       "fp16w may compute the frozen target's features)")
     if cfg.teacher_batch <= 1:  # the batched pass (similar lengths in a row) did not fragment, and mmap costs
         fixed_mmap_threshold()  # it ~45 % (every large buffer faulted in afresh)
     if cfg.threads:

@@ -1,0 +1,89 @@
+"""Where a greedy output departs from AR's on the same backend, and whether it had to.
+
+Outside float32 a batched verification pass rounds differently from one-row AR, so a method may
+pick the other of two near-equal tokens. That is legitimate only at a near-tie: at the first token
+where the two outputs part, the reference's top-2 logit margin after the shared prefix must be
+tiny. The reference is the backend's own weights computed in float32 throughout (fp16w: the
+Linear weights rounded to fp16; bfloat16: every weight rounded to bf16), so the margin measures
+the model the backend holds, not the rounding of its arithmetic. A wide margin means the method
+chose a token the target would not have: a bug, not rounding. fp16w accumulates in fp32, so its
+divergences must all be near-ties (NEAR_TIE); bf16's arithmetic rounds at ~1e-2 relative, so
+its may be wider, and are reported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..generators import base_method
+
+NEAR_TIE = 1e-3  # logit margin below which two tokens are a tie at float32 rounding level
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """The first index where two token lists differ (a prefix that stops early counts), or None."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def reference_model(name: str, backend: str):
+    """`name` in float32 with its weights rounded as `backend` stores them (see the module docstring)."""
+    from ..runtime.models import load_model
+
+    model, _ = load_model(name, "float32", "cpu", tokenizer=False)
+    stored = {"fp16w": torch.float16, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(backend)
+    if stored is not None:
+        with torch.no_grad():
+            linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+            for p in linears if backend == "fp16w" else list(model.parameters()):
+                p.copy_(p.to(stored).float())
+    return model
+
+
+def top2_margin(model, ids: list[int]) -> tuple[float, int, int]:
+    """(top-1 minus top-2 logit, top-1 token, top-2 token) of `model` (float32) after `ids`."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids], device=model.device)).logits[0, -1].float()
+    top = torch.topk(logits, 2)
+    return float(top.values[0] - top.values[1]), int(top.indices[0]), int(top.indices[1])
+
+
+def divergences(records: list[dict], prompts: dict[tuple[str, str], list[int]], reference) -> dict[str, list[dict]]:
+    """method -> one entry per greedy output that differs from AR of its backend: where, the two
+    tokens, and the float32 reference's top-2 margin there. `prompts`: (dataset, question_id) ->
+    prompt ids; `reference`: backend -> its reference model (`reference_model`)."""
+    ar = {}
+    for r in records:
+        if base_method(r["method"]) == "ar":
+            ar.setdefault((r["dtype"], r["dataset"], r["question_id"]), r["tokens"])
+    out: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("matches_ar") is not False:
+            continue
+        ref = ar[r["dtype"], r["dataset"], r["question_id"]]
+        at = first_divergence(ref, r["tokens"])
+        entry = {"dataset": r["dataset"], "question_id": r["question_id"], "position": at}
+        if at is not None and at < min(len(ref), len(r["tokens"])):
+            prefix = prompts[r["dataset"], r["question_id"]] + ref[:at]
+            margin, first, second = top2_margin(reference(r["dtype"]), prefix)
+            entry.update(ar_token=ref[at], method_token=r["tokens"][at], fp32_margin=margin,
+                         fp32_top2=[first, second])
+        out.setdefault(r["method"], []).append(entry)
+    return out
+
+
+def print_divergences(found: dict[str, list[dict]], dtypes: dict[str, str]) -> int:
+    """One line per method that departed from AR; 1 if an fp16w departure was not a near-tie."""
+    failed = 0
+    for m, entries in found.items():
+        margins = [e["fp32_margin"] for e in entries if "fp32_margin" in e]
+        wide = [x for x in margins if x >= NEAR_TIE]
+        print(f"{m} ({dtypes.get(m)}): {len(entries)} output(s) depart from AR; top-2 margins of the float32 "
+              f"reference at the first differing token: {', '.join(f'{x:.1e}' for x in sorted(margins)) or '-'}"
+              + (f"; {len(wide)} NOT near-ties (>= {NEAR_TIE:g})" if wide else "; all near-ties"), flush=True)
+        if wide and dtypes.get(m) == "fp16w":
+            print(f"error: {m} in fp16w (fp32 accumulation) chose against a clear float32 margin", flush=True)
+            failed = 1
+    return failed
