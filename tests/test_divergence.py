@@ -61,3 +61,13 @@ def test_a_near_tie_departure_passes():
                         lambda b: TieModel(2e-5))
     assert abs(found["eagle"][0]["fp32_margin"] - 2e-5) < 1e-6
     assert print_divergences(found, {"eagle": "fp16w"}) == 0
+
+
+def test_rowcount_noise_is_the_gap_between_one_row_and_nine():
+    from spdecode.bench.divergence import rowcount_noise
+    from spdecode.runtime.backends import apply_backend
+
+    ids = [5, 17, 42, 8, 33, 71, 9, 5, 17, 60, 61, 62, 63, 64]
+    exact = rowcount_noise(tiny_model("llama"), ids)
+    packed = rowcount_noise(apply_backend(tiny_model("llama"), "fp16w"), ids)
+    assert 0 <= exact < 1e-4 and 0 <= packed < 1e-4  # fp32 accumulation: rounding level

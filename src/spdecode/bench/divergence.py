@@ -74,15 +74,41 @@ def divergences(records: list[dict], prompts: dict[tuple[str, str], list[int]], 
     return out
 
 
-def print_divergences(found: dict[str, list[dict]], dtypes: dict[str, str]) -> int:
-    """One line per method that departed from AR; 1 if an fp16w departure was not a near-tie."""
+@torch.inference_mode()
+def rowcount_noise(model, ids: list[int], rows: int = 9) -> float:
+    """How far a backend's logits move with the row count alone: the largest |difference| between
+    the logits of `rows` tokens computed one row at a time (AR) and in one pass over all of them
+    (verification), after `ids[:-rows]`. The scale against which a departure's margin is judged."""
+    from ..runtime.staged import StagedTarget
+
+    target = StagedTarget(model, 1, capacity=len(ids) + 1)
+    start = len(ids) - rows
+    target.reserve(len(ids))
+    target.forward(torch.tensor([ids[:start]], device=target.device), 0)
+    one_by_one = []
+    for p in range(start, len(ids)):
+        one_by_one.append(target.logits(target.forward(torch.tensor([[ids[p]]], device=target.device), p))[0, -1])
+    target.rollback(start)
+    together = target.logits(target.forward(torch.tensor([ids[start:]], device=target.device), start))[0]
+    return float((torch.stack(one_by_one) - together).abs().max())
+
+
+def print_divergences(found: dict[str, list[dict]], dtypes: dict[str, str],
+                      noise: dict[str, float] | None = None) -> int:
+    """One line per method that departed from AR, beside its backend's measured row-count noise
+    (`noise`: backend -> rowcount_noise); 1 if an fp16w departure was not a near-tie."""
     failed = 0
+    noise = noise or {}
     for m, entries in found.items():
         margins = [e["fp32_margin"] for e in entries if "fp32_margin" in e]
         wide = [x for x in margins if x >= NEAR_TIE]
+        scale = noise.get(dtypes.get(m))
         print(f"{m} ({dtypes.get(m)}): {len(entries)} output(s) depart from AR; top-2 margins of the float32 "
               f"reference at the first differing token: {', '.join(f'{x:.1e}' for x in sorted(margins)) or '-'}"
-              + (f"; {len(wide)} NOT near-ties (>= {NEAR_TIE:g})" if wide else "; all near-ties"), flush=True)
+              + (f"; {len(wide)} NOT near-ties (>= {NEAR_TIE:g})" if wide else "; all near-ties")
+              + (f"; this backend's logits move by up to {scale:.1e} between one row and nine, "
+                 f"{sum(x < scale for x in margins)} of the margins are within that" if scale is not None else ""),
+              flush=True)
         if wide and dtypes.get(m) == "fp16w":
             print(f"error: {m} in fp16w (fp32 accumulation) chose against a clear float32 margin", flush=True)
             failed = 1

@@ -35,7 +35,7 @@ from ..runtime.machine import cpu_line, describe_cpu, thread_sweep
 from ..runtime.models import DEFAULT_MODEL
 from ..runtime.prompts import encode_prompt
 from ..runtime.sampling import SamplingParams
-from .divergence import divergences, print_divergences, reference_model
+from .divergence import divergences, print_divergences, reference_model, rowcount_noise
 from .report import plot_speedups, print_table, rank_breakdown, summarise
 
 
@@ -222,22 +222,23 @@ def run_bench(cfg) -> int:
               f"{o['tokens_per_step_with_measured_rho']:.2f}")
     breakdowns = report_pipelines(summary, records, list(keys.values()))
     print(f"machine: {cpu_line()}")
-    departed = report_divergences(cfg, records, tok, sets, models) if cfg.temperature == 0 else {}
+    departed, noise = report_divergences(cfg, records, tok, sets, models) if cfg.temperature == 0 else ({}, {})
     if cfg.plot:
         plot_speedups({m: summary[m] for m in methods if m != summary[methods[0]]["overall"].get("baseline")},
                       cfg.plot)
     if cfg.json_out:
         Path(cfg.json_out).write_text(json.dumps({"config": asdict(cfg), "machine": describe_cpu(), "summary": summary,
-                                                  "divergences": departed,
+                                                  "divergences": departed, "rowcount_noise": noise,
                                                   "rank_ms_per_cycle": breakdowns, "records": records},
                                                  indent=1, default=str))
     failed = check_identity(cfg, {m: summary[m]["overall"] for m in methods}, dtypes)
-    return failed or print_divergences(departed, dtypes)
+    return failed or print_divergences(departed, dtypes, noise)
 
 
-def report_divergences(cfg, records: list[dict], tok, sets, models: dict) -> dict[str, list[dict]]:
-    """Every greedy output that departs from AR of its backend, with the float32 reference's top-2
-    margin where it parts (bench.divergence); a reference model per backend, loaded when needed."""
+def report_divergences(cfg, records: list[dict], tok, sets, models: dict) -> tuple[dict, dict]:
+    """(method -> every greedy output that departs from AR of its backend, with the float32
+    reference's top-2 margin where it parts; backend -> how far its logits move between one row and
+    nine on the first prompt): bench.divergence. A reference model per backend, loaded when needed."""
     prompts = {(name, row["question_id"]): encode_prompt(tok, row["turns"][0]) for name, rows in sets.items()
                for row in rows}
     references = {}
@@ -248,7 +249,10 @@ def report_divergences(cfg, records: list[dict], tok, sets, models: dict) -> dic
             references[backend] = plain or reference_model(cfg.model, backend)
         return references[backend]
 
-    return divergences(records, prompts, reference)
+    departed = divergences(records, prompts, reference)
+    first = next(iter(prompts.values())) + list(range(100, 109))  # nine rows after a real prompt
+    backends = {r["dtype"] for r in records if r["method"] in departed}
+    return departed, {b: rowcount_noise(models[b, cfg.device], first) for b in backends if (b, cfg.device) in models}
 
 
 def report_pipelines(summary: dict, records: list[dict], keys: list[str]) -> dict:

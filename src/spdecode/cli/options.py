@@ -44,7 +44,7 @@ def add_backend_arg(p: argparse.ArgumentParser) -> None:
 def resolve_backend(args) -> None:
     """args.dtype as a canonical backend name ("fp32" -> "float32"); auto measured (or read from the
     cache) at the threads each process of the run will have: --threads, else every usable core, or
-    a pipeline rank's share."""
+    a pipeline rank's share (generate and serve --distributed)."""
     from ..runtime.backends import AUTO, canonical
 
     if not hasattr(args, "dtype"):
@@ -55,8 +55,8 @@ def resolve_backend(args) -> None:
     from ..runtime.backend_probe import choose_backend
     from ..runtime.machine import threads_per_rank
 
-    ranks = 1
-    if getattr(args, "distributed", False):
+    ranks = 1  # bench runs its in-process methods (AR, eagle) on every core beside any pipeline: time those
+    if getattr(args, "distributed", False) and getattr(args, "command", "") != "bench":
         stages = getattr(args, "stages", 1)
         ranks = len(stages) if isinstance(stages, list) else int(stages)
     threads = getattr(args, "threads", None)
