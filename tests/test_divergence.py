@@ -71,3 +71,15 @@ def test_rowcount_noise_is_the_gap_between_one_row_and_nine():
     exact = rowcount_noise(tiny_model("llama"), ids)
     packed = rowcount_noise(apply_backend(tiny_model("llama"), "fp16w"), ids)
     assert 0 <= exact < 1e-4 and 0 <= packed < 1e-4  # fp32 accumulation: rounding level
+
+
+def test_the_fp16w_reference_rounds_the_linears_and_keeps_the_embedding(tmp_path):
+    from spdecode.bench.divergence import reference_model
+
+    tiny_model("gemma3").save_pretrained(tmp_path / "m")  # Gemma ties its head to the embedding
+    plain = tiny_model("gemma3")
+    ref = reference_model(str(tmp_path / "m"), "fp16w")
+    assert torch.equal(ref.model.embed_tokens.weight, plain.model.embed_tokens.weight)
+    assert torch.equal(ref.lm_head.weight, plain.lm_head.weight.half().float())
+    q = ref.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(q, plain.model.layers[0].self_attn.q_proj.weight.half().float())

@@ -34,10 +34,13 @@ def reference_model(name: str, backend: str):
 
     model, _ = load_model(name, "float32", "cpu", tokenizer=False)
     stored = {"fp16w": torch.float16, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(backend)
-    if stored is not None:
+    if backend == "fp16w":  # the Linears only; a head tied to the embedding gets its own copy (the lookup stays exact)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight = torch.nn.Parameter(m.weight.detach().to(stored).float(), requires_grad=False)
+    elif stored is not None:
         with torch.no_grad():
-            linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-            for p in linears if backend == "fp16w" else list(model.parameters()):
+            for p in model.parameters():
                 p.copy_(p.to(stored).float())
     return model
 
