@@ -65,8 +65,7 @@ def cmd_generate(args) -> int:
             trace.write(args.trace)
     if streamer:
         streamer.end()
-        print(gen.metrics.summary(), file=sys.stderr)
-        print(f"backend {args.dtype}, {torch.get_num_threads()} thread(s)", file=sys.stderr)
+        print(f"{gen.metrics.summary()}; backend {args.dtype}, {torch.get_num_threads()} thread(s)", file=sys.stderr)
     else:
         print(json.dumps({
             "model": args.model, "method": args.method, "stages": stages, "backend": args.dtype,

@@ -146,9 +146,9 @@ def run(args) -> int:
                                      for s, st in enumerate(root.rank_stats)}}
             if streamer:
                 streamer.end()
-                print(gen.metrics.summary(), file=sys.stderr)
-                print(f"backend {args.dtype}, {world} processes with {torch.get_num_threads()} thread(s) each",
-                      file=sys.stderr)
+                # One line: the launcher passes on the ranks' summary lines only.
+                print(f"{gen.metrics.summary()}; backend {args.dtype}, {world} processes of "
+                      f"{torch.get_num_threads()} thread(s)", file=sys.stderr)
             else:
                 print(json.dumps(result))
             if args.json_out:
