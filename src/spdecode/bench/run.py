@@ -31,7 +31,7 @@ from ..generators import (
 from ..runtime.backends import cpu_backends
 from ..runtime.errors import SpdError
 from ..runtime.generation import eos_ids
-from ..runtime.machine import cpu_line, describe_cpu, thread_sweep
+from ..runtime.machine import cpu_line, describe_cpu, thread_sweep, usable_cores
 from ..runtime.models import DEFAULT_MODEL
 from ..runtime.prompts import encode_prompt
 from ..runtime.sampling import SamplingParams
@@ -188,8 +188,7 @@ def run_bench(cfg) -> int:
     piped = {spec: mo for spec, mo in specs.items() if cfg.distributed and mo[0] in PIPELINED}
     local = {spec: mo for spec, mo in specs.items() if spec not in piped}
     sets = load_sets(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or usable_cores())  # a spec's threads= overrides it while that method runs
     models, tok = {}, None
     for _, opts in specs.values():
         if (opts.dtype, opts.device) not in models:
