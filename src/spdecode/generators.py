@@ -115,11 +115,9 @@ def parse_method_spec(spec: str, base: MethodOptions) -> tuple[str, MethodOption
                            f"{', '.join(sorted(set(types) | set(ALIASES)))}")
         changes[key] = _convert(key, value, types[key], spec)
     if "dtype" in changes:
-        from .runtime.backends import AUTO, canonical
+        from .runtime.backends import measured
 
-        changes["dtype"] = canonical(changes["dtype"])
-        if changes["dtype"] == AUTO:
-            raise SpdError(f"{spec!r}: a method spec names a measured backend; give --backend auto for the whole run")
+        changes["dtype"] = measured(changes["dtype"], f"method spec {spec!r}")
     if changes.get("threads") is not None and changes["threads"] < 1:
         raise SpdError(f"threads must be at least 1 in {spec!r}")
     return name, replace(base, **changes)

@@ -28,7 +28,7 @@ from ..generators import (
     parse_method_spec,
     split_specs,
 )
-from ..runtime.backends import cpu_backends
+from ..runtime.backends import device_backends
 from ..runtime.errors import SpdError
 from ..runtime.generation import eos_ids
 from ..runtime.machine import cpu_line, describe_cpu, thread_sweep, usable_cores
@@ -106,17 +106,12 @@ def method_specs(cfg: BenchConfig) -> dict[str, tuple[str, MethodOptions]]:
         if "ar" not in specs:
             raise SpdError("--ar-sweep replaces a plain `ar` in --method by every AR configuration: list ar")
         # --distributed: a pipeline's processes share the cores; AR may take them all.
-        dtypes = list(dict.fromkeys([cfg.dtype, *sweep_backends(cfg.device)])) if cfg.ar_sweep else [cfg.dtype]
+        dtypes = list(dict.fromkeys([cfg.dtype, *device_backends(cfg.device)])) if cfg.ar_sweep else [cfg.dtype]
         specs.remove("ar")
         specs[:0] = [f"ar:threads={t}" + ("" if d == cfg.dtype else f":dtype={d}") for d in dtypes
                      for t in thread_sweep()]
     out = {spec: parse_method_spec(spec, cfg.options) for spec in specs}
     return dict(sorted(out.items(), key=lambda kv: kv[1][0] != "ar"))
-
-
-def sweep_backends(device: str) -> list[str]:
-    """The backends an AR sweep covers on `device`."""
-    return cpu_backends() if device == "cpu" else ["float32", "bfloat16", "float16"]
 
 
 def make_runners(specs: dict[str, tuple[str, MethodOptions]], models: dict, model_name: str, stack=None):

@@ -196,7 +196,7 @@ def measure_costs(args) -> int:
     from pathlib import Path
 
     from ..plan.costs import measure
-    from ..runtime.backends import canonical, cpu_backends
+    from ..runtime.backends import device_backends, measured
     from ..runtime.machine import thread_sweep
 
     if not args.out:
@@ -207,8 +207,8 @@ def measure_costs(args) -> int:
         raise SpdError(f"--threads: expected comma-separated integers, got {args.threads!r}") from None
     if args.reps < 1:
         raise SpdError(f"--reps must be at least 1 (got {args.reps})")
-    backends = [args.dtype] if not args.backends else cpu_backends() if args.backends == "all" else [
-        canonical(b.strip()) for b in args.backends.split(",") if b.strip()]
+    backends = [args.dtype] if not args.backends else device_backends(args.device) if args.backends == "all" else [
+        measured(b.strip(), "plan --measure") for b in args.backends.split(",") if b.strip()]
     for backend in backends:
         out = Path(args.out)
         if "{backend}" in args.out:

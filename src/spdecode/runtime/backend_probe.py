@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .backends import cpu_backends
+from .backends import device_backends
 from .machine import describe_cpu
 
 PROBE_ROWS = (1, 9)
@@ -86,7 +86,7 @@ def measure_backends(model_name: str, device: str, threads: int, backends: list[
     """backend -> {rows: seconds} for every candidate backend, at `threads` threads."""
     from .models import load_model
 
-    backends = backends or (cpu_backends() if device == "cpu" else ["float32", "bfloat16", "float16"])
+    backends = backends or device_backends(device)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -46,8 +46,21 @@ def activation_dtype(backend: str) -> torch.dtype:
     return ACTIVATION_DTYPES[canonical(backend)]
 
 
-def cpu_backends() -> list[str]:
-    """The backends worth trying on this CPU build (fp16w where FBGEMM's fp16 GEMM is present)."""
+def measured(name: str, where: str) -> str:
+    """`name` as a canonical backend that a model can be loaded in: auto, a measurement, must have
+    been resolved (backend_probe.choose_backend, or --backend auto for the whole run) before `where`."""
+    name = canonical(name)
+    if name == AUTO:
+        raise SpdError(f"{where} needs a measured backend, not auto: resolve it first (backend_probe.choose_backend, "
+                       "or --backend auto for the whole run)")
+    return name
+
+
+def device_backends(device: str) -> list[str]:
+    """The backends worth trying on `device`: on a CPU float32, bfloat16 and fp16w (where FBGEMM's
+    fp16 GEMM is present); on a GPU float32, bfloat16 and float16."""
+    if device != "cpu":
+        return ["float32", "bfloat16", "float16"]
     return ["float32", "bfloat16"] + (["fp16w"] if fbgemm_fp16_available() else [])
 
 

@@ -54,24 +54,12 @@ def thread_sweep(cores: int | None = None) -> list[int]:
     return [*out, cores]
 
 
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def cpuinfo_field(text: str, field: str) -> str | None:
+    """The first core's `field` ("model name", "flags") in /proc/cpuinfo's text."""
+    for line in text.splitlines():
+        if line.startswith(field):
+            return line.split(":", 1)[1].strip()
+    return None
 
 
 def describe_cpu() -> dict:
@@ -79,8 +67,13 @@ def describe_cpu() -> dict:
     dispatch level and the usable cores."""
     import torch
 
-    flags = cpu_flags()
-    return {"cpu": cpu_name(), "flags": [f for f in RELEVANT_FLAGS if f in flags],
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        info = ""
+    flags = set((cpuinfo_field(info, "flags") or "").split())
+    name = cpuinfo_field(info, "model name") or platform.processor() or platform.machine()
+    return {"cpu": name, "flags": [f for f in RELEVANT_FLAGS if f in flags],
             "capability": torch.backends.cpu.get_cpu_capability(), "usable_cores": usable_cores()}
 
 

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .backends import ACTIVATION_DTYPES, AUTO, activation_dtype, apply_backend, canonical
+from .backends import activation_dtype, apply_backend, measured
 from .errors import SpdError
 
 DEFAULT_MODEL = "smollm2-135m"
-DTYPES = ACTIVATION_DTYPES  # backend name -> the dtype a model's tensors are loaded in (see backends.py)
 
 
 def cache_dir() -> Path:
@@ -142,9 +141,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
     auto is resolved beforehand by backend_probe.choose_backend); `model.weight_backend` records it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = canonical(dtype)
-    if dtype == AUTO:
-        raise SpdError("backend auto is a measurement: resolve it first (backend_probe.choose_backend)")
+    dtype = measured(dtype, "loading a model")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SpdError(f"device {device!r} requested but CUDA is not available on this machine")
     if not (device == "cpu" or device.startswith("cuda")):
@@ -278,9 +275,7 @@ def load_partial_model(name: str, layers: range, embed: bool, head: bool, dtype:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    dtype = canonical(dtype)
-    if dtype == AUTO:
-        raise SpdError("a pipeline rank needs a measured backend, not auto (the launcher resolves it)")
+    dtype = measured(dtype, "a pipeline rank")
     source = resolve_model(name)
     if isinstance(source, str):
         raise SpdError("distributed runs need a local model (an alias or a directory), not a hub id")
