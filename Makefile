@@ -27,21 +27,17 @@ install: $(STAMP)
 model: install
 	$(VENV)/bin/spdecode prepare --model $(MODEL)
 
-# The same prompt three times, each method in its fastest configuration on this machine: plain
-# autoregressive decoding on every usable core, SPD over draft trees with one process per stage
-# (2 stages, the bundled tree-ready draft), and eagle; each ends with its tok/s and, for the
-# speculative ones, acceptance, tokens per cycle and what a cycle carried. `--backend auto` times
-# each weight backend (float32, bfloat16, fp16w) on this CPU once, caches the verdict and uses the
-# fastest, the same for every method.
+# --method auto (the default): the fastest lossless configuration on this machine. The first run
+# measures the machine once (`spdecode tune`, 1-3 minutes, cached under ~/.cache/spdecode/profiles),
+# predicts every configuration of its grid with the simulator, confirms the best few by running
+# them, and prints one line: what it chose and why, against the best AR. Then plain AR on the same
+# prompt, with the backend and threads auto found best for AR, for comparison.
 run: model
-	@echo "--backend auto: the weight backend measured fastest here; outside float32 a multi-row pass may round"
-	@echo "a token differently from AR's one-row pass, so the texts may part; with --backend float32 they are identical."
+	@echo "outside float32 a multi-row pass may round a token differently from AR's one-row pass, so the"
+	@echo "texts may part; with --backend float32 every method gives AR's tokens exactly."
+	$(VENV)/bin/spdecode generate --model $(MODEL) --chat --max-new-tokens 96 --prompt "$(PROMPT)"
 	$(VENV)/bin/spdecode generate --model $(MODEL) --chat --max-new-tokens 96 --prompt "$(PROMPT)" \
-		--backend auto
-	$(VENV)/bin/spdecode generate --model $(MODEL) --chat --max-new-tokens 96 --prompt "$(PROMPT)" \
-		--backend auto --method spd --distributed --stages 2
-	$(VENV)/bin/spdecode generate --model $(MODEL) --chat --max-new-tokens 96 --prompt "$(PROMPT)" \
-		--backend auto --method eagle
+		--method ar $$($(PY) -m spdecode.auto.best_ar --model $(MODEL))
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts

@@ -10,7 +10,7 @@ ROOT = Path(spdecode.__file__).parent
 # Lower number = lower layer; a module may import from its own layer or below.
 LAYERS = {"runtime": 1, "data": 1, "drafting": 2, "methods": 3, "training": 3, "distributed": 4, "serve": 4, "plan": 5,
           "generators": 5, "bench": 5,
-          "cli": 6, "__main__": 7}
+          "auto": 6, "cli": 7, "__main__": 8}
 
 
 def module_name(path: Path) -> str:

@@ -33,7 +33,7 @@ def test_greedy_equals_hf_generate(default_model, stages):
 
 def test_cli_json_matches_hf_generate(default_model):
     model, tok = default_model
-    res = spdecode("generate", "--model", "smollm2-135m", "--prompt", "def fib(n):",
+    res = spdecode("generate", "--method", "ar", "--model", "smollm2-135m", "--prompt", "def fib(n):",
                    "--max-new-tokens", "32", "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
@@ -44,7 +44,7 @@ def test_cli_json_matches_hf_generate(default_model):
 
 
 def test_cli_streams_chat_answer_and_summary():
-    res = spdecode("generate", "--prompt", "What is the capital of France?", "--chat",
+    res = spdecode("generate", "--method", "ar", "--prompt", "What is the capital of France?", "--chat",
                    "--max-new-tokens", "24", "--stages", "3")
     assert res.returncode == 0, res.stderr
     assert "Paris" in res.stdout
@@ -65,7 +65,7 @@ def test_cli_streams_chat_answer_and_summary():
     (["--prompt", "hi", "--top-p", "0"], "top-p"),
 ])
 def test_cli_bad_input_is_one_clear_line(args, message):
-    res = spdecode("generate", *args)
+    res = spdecode("generate", "--method", "ar", *args)
     assert res.returncode == 2
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.stderr

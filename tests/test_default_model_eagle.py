@@ -14,7 +14,7 @@ PROMPT = "Write a Python function that checks whether a number is prime."
 def test_bundled_head_runs_eagle_with_no_extra_flags():
     eagle = spdecode("generate", "--chat", "--prompt", PROMPT, "--method", "eagle", "--max-new-tokens", "64",
                      "--json")
-    ar = spdecode("generate", "--chat", "--prompt", PROMPT, "--max-new-tokens", "64", "--json")
+    ar = spdecode("generate", "--method", "ar", "--chat", "--prompt", PROMPT, "--max-new-tokens", "64", "--json")
     assert eagle.returncode == 0, eagle.stderr
     e = json.loads(eagle.stdout)
     assert e["tokens"] == json.loads(ar.stdout)["tokens"]

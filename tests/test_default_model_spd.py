@@ -69,7 +69,7 @@ def test_cli_spd_json_equals_ar_and_warns_without_draft():
     # every token after the first settles exactly one draft (a tree's walk may settle several).
     spd = spdecode("generate", "--prompt", "def fib(n):", "--method", "spd", "--stages", "3",
                    "--max-new-tokens", "16", "--json", "--tree-budget", "1")
-    ar = spdecode("generate", "--prompt", "def fib(n):", "--max-new-tokens", "16", "--json")
+    ar = spdecode("generate", "--method", "ar", "--prompt", "def fib(n):", "--max-new-tokens", "16", "--json")
     assert spd.returncode == 0 and ar.returncode == 0, spd.stderr + ar.stderr
     s, a = json.loads(spd.stdout), json.loads(ar.stdout)
     assert s["tokens"] == a["tokens"]
@@ -86,7 +86,7 @@ def test_bundled_drafts_load_with_no_extra_flags(n, sizes, budget):
     extra = [] if budget is None else ["--tree-budget", str(budget)]
     spd = spdecode("generate", "--chat", "--prompt", prompt, "--method", "spd", "--stages", str(n),
                    "--max-new-tokens", "48", "--json", *extra)
-    ar = spdecode("generate", "--chat", "--prompt", prompt, "--max-new-tokens", "48", "--json")
+    ar = spdecode("generate", "--method", "ar", "--chat", "--prompt", prompt, "--max-new-tokens", "48", "--json")
     assert spd.returncode == 0, spd.stderr
     s = json.loads(spd.stdout)
     assert "untrained" not in spd.stderr and s["stages"] == sizes
@@ -106,7 +106,7 @@ def test_cli_rejects_a_draft_for_another_model(tmp_path, default_model):
 
 def test_cli_spd_over_trees_equals_ar_in_one_process_and_distributed():
     prompt = "Name three primary colours."
-    ar = spdecode("generate", "--chat", "--prompt", prompt, "--max-new-tokens", "24", "--json")
+    ar = spdecode("generate", "--method", "ar", "--chat", "--prompt", prompt, "--max-new-tokens", "24", "--json")
     trees = ["--method", "spd", "--stages", "2", "--tree-budget", "8", "--tree-depth", "3", "--tree-topk", "4"]
     one = spdecode("generate", "--chat", "--prompt", prompt, "--max-new-tokens", "24", "--json", *trees)
     dist = spdecode("generate", "--chat", "--prompt", prompt, "--max-new-tokens", "24", "--json", "--distributed",

@@ -109,7 +109,7 @@ def test_cli_distributed_default_model_matches_ar():
     run = subprocess.run([sys.executable, "-m", "spdecode", "generate", "--method", "spd", "--distributed",
                           "--stages", "2", "--prompt", "def fib(n):", "--max-new-tokens", "20", "--json"],
                          capture_output=True, text=True, env=env, timeout=300)
-    ar = subprocess.run([sys.executable, "-m", "spdecode", "generate", "--prompt", "def fib(n):",
+    ar = subprocess.run([sys.executable, "-m", "spdecode", "generate", "--method", "ar", "--prompt", "def fib(n):",
                          "--max-new-tokens", "20", "--json"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout)

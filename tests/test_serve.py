@@ -203,7 +203,7 @@ def test_metrics_parse_and_the_speculative_counters_move(server, tiny):
 
 def test_a_full_queue_is_refused_with_429(tiny):
     path, _, _ = tiny
-    s = Server(["--model", path, "--max-queue", "1"])
+    s = Server(["--model", path, "--method", "ar", "--max-queue", "1"])
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         body = {"model": path, "prompt": "Go on", "max_tokens": 3500, "temperature": 0, "stream": True}

@@ -42,6 +42,9 @@ class MethodOptions:
     dtype: str = "float32"
     device: str = "cpu"
     threads: int | None = None  # torch threads while this method runs (None: as the process has them)
+    # --method auto's online guard (methods/guard.py): the tokens per cycle below which a drafting
+    # method hands the request to AR (None: no guard).
+    guard: float | None = None
 
     def tree(self, method: str) -> tuple[int, int, int]:
         """(budget, depth, top-k) of the method's draft tree: eagle's and spd's tuned defaults,
@@ -129,6 +132,8 @@ def _convert(key: str, value: str, kind: str, spec: str):
             return [int(x) for x in value.split(",")] if "," in value else int(value)
         if "bool" in kind:
             return value.lower() in ("1", "true", "yes")
+        if "float" in kind:
+            return float(value)
         if "int" in kind:
             return int(value)
     except ValueError as exc:
@@ -203,4 +208,9 @@ def make_generator(method: str, model, model_name: str, opts: MethodOptions,
                            "eagle" if method == "eagle" else "sd-tree")
     else:
         raise SpdError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if opts.guard is not None and method != "ar":
+        from .methods.guard import guarded
+
+        run = guarded(run, lambda ids, k, s, e, on_token=None, halt=None: generate_ar(target, ids, k, s, e, on_token,
+                                                                                      halt), opts.guard)
     return with_threads(run, opts.threads), target.stage_sizes

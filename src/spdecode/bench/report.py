@@ -48,6 +48,8 @@ def pooled(records: list[dict]) -> dict:
         "median_prompt_tok_s": statistics.median(r["decode_tok_s"] or 0 for r in records),
         "mismatches": sum(1 for r in records if r.get("matches_ar") is False),
         "checked_against_ar": sum(1 for r in records if "matches_ar" in r),
+        # --method auto's online guard: the prompts it handed to AR part-way.
+        "guard_fallbacks": sum(1 for r in records if r.get("guard_fallback_at") is not None),
         # Where the time of a cycle (a target pass for sd/eagle) goes, and, for draft trees, the
         # acceptance at each depth the walk tried (pooled).
         "ms_per_cycle": {k: 1e3 * sum(r.get("phase_s", {}).get(k, 0.0) for r in records) / cycles

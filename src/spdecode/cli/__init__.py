@@ -10,7 +10,7 @@ import sys
 import warnings
 
 from ..runtime.errors import SpdError
-from .options import config_from, resolve_backend
+from .options import config_from, resolve_auto, resolve_backend
 from .parser import build_parser
 
 __all__ = ["build_parser", "config_from", "main"]
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             # our own warnings (clamped lengths, untrained drafts) still show.
             warnings.filterwarnings("ignore", module="transformers")
             resolve_backend(args)
+            resolve_auto(args)
             return args.func(args)
     except SpdError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -72,7 +72,7 @@ def cmd_generate(args) -> int:
             "threads": torch.get_num_threads(),
             "prompt_tokens": len(prompt_ids), "tokens": gen.tokens,
             "text": tok.decode(gen.tokens, skip_special_tokens=True),
-            "metrics": gen.metrics.as_dict(),
+            "metrics": gen.metrics.as_dict(), "auto": getattr(args, "auto", None),
         }))
     return 0
 
@@ -112,14 +112,25 @@ def cmd_serve(args) -> int:
         run(list(tok("Hello").input_ids), 4, GREEDY, eos)  # warm-up, off the first request
         what = f"{args.method}, stages {stages}, {args.dtype}, one process"
         return serve(run, tok, eos, args.model, context_length(model.config), args.host, args.port, args.max_queue,
-                     description=what)
+                     description=what, fingerprint=system_fingerprint(args))
+
+
+def system_fingerprint(args) -> str:
+    """What the OpenAI responses' system_fingerprint says: the configuration that serves them
+    (with --method auto, what auto chose)."""
+    threads = f"-{args.threads}t" if args.threads else ""
+    tree = f"-tree{args.tree_budget}" if getattr(args, "tree_budget", None) else ""
+    how = "auto-" if getattr(args, "auto", None) else ""
+    dist = f"-{args.stages}proc" if args.distributed else ""
+    return f"spdecode-{how}{args.method}-{args.dtype}{threads}{tree}{dist}"
 
 
 def serve_distributed(args) -> int:
     from ..distributed.launch import run_distributed
 
     ranks, worker = pipeline_worker_args(args)
-    worker += ["--serve", f"{args.host}:{args.port}", "--max-queue", str(args.max_queue)]
+    worker += ["--serve", f"{args.host}:{args.port}", "--max-queue", str(args.max_queue),
+               "--fingerprint", system_fingerprint(args)]
     return run_distributed(ranks, worker, args.master_port, args.rdzv_endpoint)
 
 
@@ -154,7 +165,44 @@ def cmd_data_clean(args) -> int:
 def cmd_bench(args) -> int:
     from ..bench.run import BenchConfig, run_bench
 
+    resolve_auto_spec(args)
     return run_bench(config_from(BenchConfig, args))
+
+
+def resolve_auto_spec(args) -> None:
+    """bench's `auto` (or `auto:backend=X`) in --method: the configuration --method auto chooses
+    here, as a method spec with its online guard (a pipeline choice runs with --distributed)."""
+    from ..auto.candidates import Candidate
+    from ..auto.choose import choose
+    from ..generators import split_specs
+
+    specs = split_specs(args.method)
+    autos = [s for s in specs if s.split(":")[0] == "auto"]
+    if not autos:
+        return
+    if len(autos) > 1:
+        raise SpdError("--method lists auto twice")
+    _, *opts = autos[0].split(":")
+    backend = None
+    for o in opts:
+        key, _, value = o.partition("=")
+        if key not in ("backend", "dtype"):
+            raise SpdError(f"auto takes only backend=...: {autos[0]!r}")
+        from ..runtime.backends import measured
+
+        backend = measured(value, f"method spec {autos[0]!r}")
+    verdict = choose(args.model, args.device, backend)
+    c = Candidate.from_dict(verdict["choice"])
+    spec = verdict["spec"] + (f":guard={verdict['break_even']:.4f}" if verdict.get("break_even") and
+                              not c.distributed else "")
+    if c.distributed:
+        args.distributed = True
+    if spec in specs:  # auto chose a configuration listed beside it: run it once
+        specs.remove(autos[0])
+    else:
+        specs[specs.index(autos[0])] = spec
+    print(f"auto -> {spec}", file=sys.stderr, flush=True)
+    args.method = ",".join(specs)
 
 
 def cmd_eval(args) -> int:
@@ -247,4 +295,19 @@ def cmd_prepare(args) -> int:
     from ..runtime.models import resolve_model
 
     print(resolve_model(args.model))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    """`spdecode tune`: measure the machine profile now (replacing any), and optionally decide."""
+    from ..auto.choose import choose, ensure_profile
+    from ..auto.profile import profile_path
+    from ..runtime.machine import cpu_line
+
+    print(f"tune: {args.model} on {args.device}, {cpu_line()}", file=sys.stderr)
+    profile = ensure_profile(args.model, args.device, full=args.full,
+                             why="spdecode tune" + (" --full" if args.full else ""))
+    print(f"tune: {profile['tune_s']:.0f} s; profile {profile_path(args.model, args.device)}", file=sys.stderr)
+    if args.choose:
+        choose(args.model, args.device)
     return 0

@@ -49,6 +49,10 @@ def resolve_backend(args) -> None:
 
     if not hasattr(args, "dtype"):
         return
+    auto_method = getattr(args, "method", None) == "auto"
+    if args.dtype is None or (auto_method and canonical(args.dtype) == AUTO):
+        args.dtype = None if auto_method else "float32"  # --method auto chooses the backend with the rest
+        return
     args.dtype = canonical(args.dtype)
     if args.dtype != AUTO:
         return
@@ -62,6 +66,39 @@ def resolve_backend(args) -> None:
     threads = getattr(args, "threads", None)
     threads = threads if isinstance(threads, int) and threads > 0 else threads_per_rank(ranks)
     args.dtype = choose_backend(args.model, getattr(args, "device", "cpu"), threads)
+
+
+# What --method auto decides, with the parsers' defaults: an option that sets one is refused beside
+# it (it would be ignored).
+AUTO_DECIDES = {"stages": 1, "distributed": False, "threads": None, "draft": None, "tree_budget": None,
+                "tree_depth": None, "tree_topk": None}
+
+
+def resolve_auto(args) -> None:
+    """--method auto (generate, serve): choose the configuration (auto.choose) and write it into
+    args, as if the user had given it; args.auto keeps the verdict for --json and the server."""
+    if getattr(args, "method", None) != "auto":
+        return
+    given = [f"--{k.replace('_', '-')}" for k, default in AUTO_DECIDES.items() if getattr(args, k, default) != default]
+    if given:
+        raise SpdError(f"--method auto chooses {', '.join(given)} itself; name a method (e.g. --method eagle) to set "
+                       "them")
+    # What would fail after the choice fails before it (a first choice measures for minutes).
+    if hasattr(args, "prompt") and not args.prompt.strip():
+        raise SpdError("the prompt is empty")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        raise SpdError(f"unknown device {args.device!r}: --device takes cpu or cuda[:N]")
+    from ..auto.candidates import Candidate
+    from ..auto.choose import choose
+
+    verdict = choose(args.model, args.device, args.dtype)
+    c = Candidate.from_dict(verdict["choice"])
+    args.method, args.dtype, args.threads, args.stages, args.distributed = (c.method, c.backend, c.threads, c.stages,
+                                                                            c.distributed)
+    if c.tree is not None:
+        args.tree_budget, args.tree_depth, args.tree_topk = c.tree
+    args.guard = verdict.get("break_even") if not c.distributed else None
+    args.auto = verdict
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -114,7 +151,7 @@ def method_options(args, **changes):
 
     from ..generators import MethodOptions
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(MethodOptions)}
+    values = {f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(MethodOptions)}
     return MethodOptions(**{**values, **changes})
 
 

@@ -17,6 +17,7 @@ from .commands import (
     cmd_regenerate,
     cmd_serve,
     cmd_train,
+    cmd_tune,
     cmd_vocab,
 )
 from .options import (
@@ -42,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
-    g.add_argument("--method", default="ar", choices=["ar", "spd", "sd", "eagle", "speed", "pipespec"],
-                   help="ar: autoregressive; spd: speculative pipeline decoding; sd: classic speculative "
+    g.add_argument("--method", default="auto", choices=["auto", "ar", "spd", "sd", "eagle", "speed", "pipespec"],
+                   help="auto (default): the fastest lossless configuration measured on this machine (method, "
+                        "backend unless --backend is given, threads, stages, tree; `spdecode tune`); "
+                        "ar: autoregressive; spd: speculative pipeline decoding; sd: classic speculative "
                         "decoding; eagle: a trained head on the target's features drafting a dynamic tree; "
                         "speed: SPD's pipeline with SPEED's early-exit drafter; pipespec: a chain of "
                         "model processes (--chain)")
@@ -57,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace", default=None, metavar="FILE.json",
                    help="write a timeline of the run (every rank's phases, verdicts) as a Chrome/Perfetto trace")
     add_distributed_args(g)
-    g.set_defaults(func=cmd_generate)
+    g.set_defaults(func=cmd_generate, dtype=None)  # no --backend: float32, or auto's choice under --method auto
 
     t = sub.add_parser("train", help="train a Pipeline Draft Module for a model and a number of stages")
     add_model_args(t)
@@ -191,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (streaming, Prometheus /metrics)")
     add_model_args(s)
-    s.add_argument("--method", default="ar", choices=["ar", "spd", "sd", "eagle", "speed", "pipespec"],
-                   help="decoding method, as for generate (default ar)")
+    s.add_argument("--method", default="auto", choices=["auto", "ar", "spd", "sd", "eagle", "speed", "pipespec"],
+                   help="decoding method, as for generate (default auto: the fastest measured here)")
     s.add_argument("--draft", default=None, help="trained draft for spd or eagle (default: the bundled one)")
     add_sd_args(s)
     add_chain_args(s)
@@ -201,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-queue", type=int, default=32, help="requests that may wait while one decodes (default 32)")
-    s.set_defaults(func=cmd_serve)
+    s.set_defaults(func=cmd_serve, dtype=None)
 
     pl = sub.add_parser("plan", help="predict which method and split pay off on some hardware, from measured costs")
     pl.add_argument("--measure", action="store_true", help="time layers, head, drafts and the link; write --out")
@@ -246,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", required=True, help="PNG to write")
     pt.add_argument("--cycles", type=int, default=8, help="cycles to show (default 8)")
     pt.set_defaults(func=cmd_plot_trace)
+
+    tu = sub.add_parser("tune", help="measure this machine's profile for --method auto (done once; cached)")
+    tu.add_argument("--model", default=DEFAULT_MODEL)
+    tu.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    tu.add_argument("--full", action="store_true",
+                    help="every backend (no probe), rows 1..17, every thread count of 1, powers of two and all usable "
+                         "cores, every bundled draft, a rank beside a busy twin")
+    tu.add_argument("--choose", action="store_true", help="then decide what --method auto runs, as generate does")
+    tu.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("prepare", help="convert a model alias to safetensors in the cache (done once)")
     p.add_argument("--model", default=DEFAULT_MODEL)

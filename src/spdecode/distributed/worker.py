@@ -52,6 +52,7 @@ def parse(argv=None):
                     help="draft-tree nodes per slot (default 1: one token; `spdecode` passes spd's tuned tree)")
     ap.add_argument("--tree-depth", type=int, default=1)
     ap.add_argument("--tree-topk", type=int, default=1)
+    ap.add_argument("--fingerprint", default=None, help="serve: the responses' system_fingerprint")
     ap.add_argument("--serve", default=None, metavar="HOST:PORT",
                     help="rank 0 serves OpenAI's API here (spdecode serve) instead of running --prompt/--requests")
     ap.add_argument("--max-queue", type=int, default=32)
@@ -182,7 +183,8 @@ def serve_pipeline(args, root, target, tok, eos, shape, sizes) -> int:
             f"tree {shape.budget}/{shape.depth}/{shape.topk}, {args.dtype}")
     code = serve(generate, tok, eos, args.model, target.context_length, host, int(port), args.max_queue,
                  fatal=lambda exc: root.in_request, on_close=root.shutdown, on_idle=root.heartbeat,
-                 idle_s=max(1.0, args.timeout / 4), description=what)
+                 idle_s=max(1.0, args.timeout / 4), description=what,
+                 fingerprint=args.fingerprint or f"spdecode-{args.method}-{args.dtype}-{len(sizes)}proc")
     if code == EXIT_PIPELINE_FAILED:
         raise SpdError("the server stopped: a pipeline rank failed")
     return code

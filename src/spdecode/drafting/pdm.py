@@ -205,6 +205,13 @@ def bundled_draft(model_name: str, stage_sizes: list[int] | None, n: int | None 
     return d
 
 
+def bundled_drafts(model_name: str) -> list[Path]:
+    """Every draft shipped for this model alias (none for a model given by path or hub id)."""
+    if "/" in model_name or Path(model_name).exists():
+        return []
+    return sorted(d for d in BUNDLED.glob(f"{model_name}-*") if (d / CONFIG_FILE).exists())
+
+
 def bundled_head(model_name: str) -> Path | None:
     """The EAGLE-style head shipped with spdecode for this model alias (--method eagle)."""
     d = BUNDLED / f"{model_name}-eagle"

@@ -33,7 +33,7 @@ CONCURRENT = "1 concurrent"  # the timings of one thread beside a twin process
 CONTEXTS = (128, 512)
 
 
-def _median_time(fn, reps: int) -> float:
+def median_time(fn, reps: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(reps):
@@ -87,7 +87,7 @@ def time_target(target, rows=ROWS, contexts=CONTEXTS, reps: int = 5) -> dict:
                 if t.device.type == "cuda":
                     torch.cuda.synchronize()
 
-            layer[str(c)][str(r)] = _median_time(decode, reps) / L
+            layer[str(c)][str(r)] = median_time(decode, reps) / L
             layout = star_layout(c, r)
 
             def tree_chunk(x=x, c=c, layout=layout):
@@ -96,17 +96,17 @@ def time_target(target, rows=ROWS, contexts=CONTEXTS, reps: int = 5) -> dict:
                 if t.device.type == "cuda":
                     torch.cuda.synchronize()
 
-            chunk.setdefault(str(c), {})[str(r)] = _median_time(tree_chunk, reps) / L
+            chunk.setdefault(str(c), {})[str(r)] = median_time(tree_chunk, reps) / L
 
         def ar_step(c=c):
             t.rollback(c)
             int(t.logits(t.forward(one, c)[:, -1])[0].argmax())
 
-        step[str(c)] = _median_time(ar_step, reps)
+        step[str(c)] = median_time(ar_step, reps)
     head = {}
     for r in rows:
         x = torch.randn(1, r, H, dtype=t.dtype, device=t.device)
-        head[str(r)] = _median_time(lambda x=x: t.logits(x), reps)
+        head[str(r)] = median_time(lambda x=x: t.logits(x), reps)
     t.rollback(0)
     return {"layer": layer, "chunk": chunk, "head": head, "step": step}
 
@@ -132,7 +132,7 @@ def time_pdm(pdm, rows=ROWS, reps: int = 5) -> dict:
             pdm.cache.reset()
             pdm.head(pdm.run(x, 0))
 
-        out[str(r)] = _median_time(level, reps)
+        out[str(r)] = median_time(level, reps)
     return out
 
 
@@ -298,10 +298,11 @@ def time_link(backend: str = "gloo", reps: int = 20) -> dict:
 
 
 def measure(model_name: str, dtype: str = "float32", device: str = "cpu", threads=(1, 2), rows=ROWS,
-            contexts=CONTEXTS, reps: int = 5, drafts: bool = True, link: bool = True, concurrent: bool = True,
-            log=print) -> dict:
-    """Everything above for `model_name` in `dtype` on `device`, as the cost file records it."""
-    from ..drafting.pdm import BUNDLED, CONFIG_FILE, load_pdm
+            contexts=CONTEXTS, reps: int = 5, drafts: bool | set[str] = True, link: bool = True,
+            concurrent: bool = True, log=print) -> dict:
+    """Everything above for `model_name` in `dtype` on `device`, as the cost file records it;
+    `drafts`: every bundled draft, none, or those named."""
+    from ..drafting.pdm import CONFIG_FILE, bundled_drafts, load_pdm
     from ..runtime.models import weights_fingerprint
     from ..runtime.staged import StagedTarget
 
@@ -319,8 +320,8 @@ def measure(model_name: str, dtype: str = "float32", device: str = "cpu", thread
             out["target"][str(k)] = time_target(target, rows, contexts, reps)
             if not drafts:
                 continue
-            for d in sorted(BUNDLED.glob(f"{model_name}-*")):
-                if (d / CONFIG_FILE).exists():
+            for d in bundled_drafts(model_name):
+                if drafts is True or d.name in drafts:
                     cfg = json.loads((d / CONFIG_FILE).read_text())
                     split = StagedTarget(model, cfg["stage_sizes"])
                     pdm = load_pdm(d, split, weights_fingerprint(model))

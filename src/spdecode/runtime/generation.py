@@ -52,7 +52,7 @@ def start_generation(target, prompt_ids: list[int], max_new_tokens: int, samplin
     target.rollback(0)
     m = Metrics(method=method, n_stages=target.n_stages if n_stages is None else n_stages,
                 prompt_tokens=len(prompt_ids))
-    return max_new_tokens, Sampler(sampling, target.device), StopRule(set(eos), max_new_tokens, halt), m
+    return max_new_tokens, Sampler(sampling, target.device), StopRule(set(eos), max_new_tokens, halt, m), m
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -83,15 +83,21 @@ class Halt:
     def is_set(self) -> bool:
         return self._event.is_set()
 
+    def watch(self, tokens: list[int], metrics: Metrics) -> None:
+        """Called with the run's tokens and counters whenever its stop rule is asked (a Halt that
+        decides by itself, methods.guard.Guard, looks at them; a plain one does not)."""
+
 
 class StopRule:
     """Decides, token by token, whether generation is over (EOS, the token budget, or a Halt)."""
 
-    def __init__(self, eos: set[int], max_new_tokens: int, halt: Halt | None = None):
-        self.eos, self.max_new_tokens, self.halt = eos, max_new_tokens, halt
+    def __init__(self, eos: set[int], max_new_tokens: int, halt: Halt | None = None, metrics: Metrics | None = None):
+        self.eos, self.max_new_tokens, self.halt, self.metrics = eos, max_new_tokens, halt, metrics
         self.reason = ""
 
     def done(self, tokens: list[int]) -> bool:
+        if self.halt is not None and self.metrics is not None and not self.reason:
+            self.halt.watch(tokens, self.metrics)
         if self.reason:
             pass
         elif self.halt is not None and self.halt.is_set():

@@ -46,6 +46,8 @@ class Metrics:
     # Every verification pass in order, as [tried, accepted] (the drafts it checked, those that
     # went on): the exact accept/reject sequence `spdecode plan` replays.
     walks: list[list[int]] = field(default_factory=list)
+    # --method auto's online guard: the tokens emitted when it handed the request to AR (None: it did not).
+    guard_fallback_at: int | None = None
 
     def record_walk(self, tried: int, accepted: int) -> None:
         """One walk's verifications by depth: the first `tried` steps tried, the first `accepted` went on."""
@@ -110,6 +112,8 @@ class Metrics:
                 parts.append(f"per cycle: {self.nodes_entered / self.cycles:.1f} nodes entered, "
                              f"{self.drafts_verified / self.cycles:.2f} verified, "
                              f"{self.wasted_rows / self.cycles:.1f} stage-rows pruned")
+        if self.guard_fallback_at is not None:
+            parts.append(f"guard: drafting below break-even, AR from token {self.guard_fallback_at}")
         parts.append(f"stop: {self.stop_reason}")
         return f"[{self.method}] " + ", ".join(parts)
 

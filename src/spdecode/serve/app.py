@@ -22,7 +22,8 @@ POLL_S = 0.2  # how often a waiting request checks that its client is still ther
 
 
 def create_app(engine: Engine, tokenizer, model_id: str, context_length: int, metrics: ServerMetrics,
-               description: str = "") -> FastAPI:
+               description: str = "", fingerprint: str = "spdecode") -> FastAPI:
+    """`fingerprint`: every response's system_fingerprint, the configuration serving it."""
     app = FastAPI(title="spdecode", description=description)
     created = int(time.time())
 
@@ -145,7 +146,7 @@ def create_app(engine: Engine, tokenizer, model_id: str, context_length: int, me
                   else {"index": 0, "text": "".join(text), "logprobs": None})
         choice["finish_reason"] = outcome.finish_reason
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": model_id, "choices": [choice], "usage": usage(job, outcome)}
+                "model": model_id, "system_fingerprint": fingerprint, "choices": [choice], "usage": usage(job, outcome)}
 
     async def stream_events(request: Request, job: Job, rid: str, chat: bool, include_usage: bool, endpoint: str):
         created_at = int(time.time())
@@ -157,7 +158,8 @@ def create_app(engine: Engine, tokenizer, model_id: str, context_length: int, me
                 choice = {"index": 0, "delta": d, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            body = {"id": rid, "object": kind, "created": created_at, "model": model_id, "choices": [choice]}
+            body = {"id": rid, "object": kind, "created": created_at, "model": model_id,
+                    "system_fingerprint": fingerprint, "choices": [choice]}
             return f"data: {json.dumps(body)}\n\n"
 
         status, watch = "200", ClientWatch(request, job)
@@ -181,7 +183,8 @@ def create_app(engine: Engine, tokenizer, model_id: str, context_length: int, me
                         break
                     yield chunk(None, outcome.finish_reason)
                     if include_usage:
-                        body = {"id": rid, "object": kind, "created": created_at, "model": model_id, "choices": [],
+                        body = {"id": rid, "object": kind, "created": created_at, "model": model_id,
+                                "system_fingerprint": fingerprint, "choices": [],
                                 "usage": usage(job, outcome)}
                         yield f"data: {json.dumps(body)}\n\n"
                     break

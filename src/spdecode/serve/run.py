@@ -36,7 +36,7 @@ class _Server(uvicorn.Server):
 
 def serve(generate, tokenizer, eos, model_id: str, context_length: int, host: str = "127.0.0.1", port: int = 8000,
           max_queue: int = 32, fatal=lambda exc: False, on_close=None, on_idle=None, idle_s: float = 30.0,
-          description: str = "", log_level: str = "warning") -> int:
+          description: str = "", log_level: str = "warning", fingerprint: str = "spdecode") -> int:
     """Serve until SIGTERM/SIGINT (exit code 0) or a fatal engine error (EXIT_PIPELINE_FAILED)."""
     metrics = ServerMetrics()
     failure: list[str] = []
@@ -50,7 +50,7 @@ def serve(generate, tokenizer, eos, model_id: str, context_length: int, host: st
 
     engine = Engine(generate, tokenizer, eos, max_queue, fatal=fatal, on_fatal=on_fatal, metrics=metrics,
                     on_close=on_close, on_idle=on_idle, idle_s=idle_s)
-    app = create_app(engine, tokenizer, model_id, context_length, metrics, description)
+    app = create_app(engine, tokenizer, model_id, context_length, metrics, description, fingerprint)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
                             lifespan="off")
     server.append(_Server(config, engine))

@@ -1,0 +1,123 @@
+"""`spdecode tune`: measure the machine profile `--method auto` decides from.
+
+Quick (the default, and what the first `--method auto` runs): one Linear of the model's MLP shape
+in each backend prunes those far behind the best (a backend whose one-row plus nine-row GEMM
+takes more than PRUNE times the best's cannot win a configuration); the survivors get the cost
+file's timings (every layer and the head, plain and as a tree chunk, and a whole AR step) at rows
+{1, 2, 5, 9} (AR, SPD's one node and its root, the trees auto may pick: the shipped 8-node trees
+and their root) at contexts 128 and 512 with 1 thread and with every usable core, the passes of
+the drafts auto may use, and the link between two local processes. `--full` adds every backend,
+rows 1..17, every bundled draft and a rank's timings beside a busy twin (plan/costs.py).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+from ..runtime.errors import SpdError
+
+PRUNE = 1.5
+QUICK_ROWS = (1, 2, 5, 9)
+
+
+def linear_probe(hidden: int, inner: int, backends: list[str], threads: int, reps: int = 30) -> dict:
+    """backend -> {"1": s, "9": s}: one Linear hidden -> inner (random weights, the backend's
+    kernels) over 1 and 9 rows with `threads` threads."""
+    from ..runtime.backends import activation_dtype, apply_backend
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = {}
+    try:
+        with torch.inference_mode():
+            for b in backends:
+                # In a Sequential: fp16w swaps a module's Linear children for packed ones.
+                lin = torch.nn.Sequential(torch.nn.Linear(hidden, inner, bias=False)).to(activation_dtype(b))
+                apply_backend(lin, b)
+                out[b] = {}
+                for rows in (1, 9):
+                    x = torch.randn(1, rows, hidden).to(activation_dtype(b))
+                    for _ in range(3):
+                        lin(x)
+                    times = []
+                    for _ in range(reps):
+                        t0 = time.perf_counter()
+                        lin(x)
+                        times.append(time.perf_counter() - t0)
+                    # The best of three blocks' medians: a neighbour's burst must not prune a backend.
+                    blocks = [times[i::3] for i in range(3)]
+                    out[b][str(rows)] = min(statistics.median(block) for block in blocks)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def survivors(probe: dict, keep: str | None = None) -> list[str]:
+    """The backends within PRUNE of the probe's best (and `keep`, a backend the user named)."""
+    total = {b: sum(t.values()) for b, t in probe.items()}
+    best = min(total.values())
+    return [b for b in probe if total[b] <= PRUNE * best or b == keep]
+
+
+def drafts_for_auto(model_name: str, cores: int, full: bool) -> set[str]:
+    """The bundled drafts the candidates of candidates.py use: eagle's head and the 2-stage
+    drafts; a draft for n stages only where n processes get a core each (or with --full)."""
+    import json
+
+    from ..drafting.pdm import CONFIG_FILE, bundled_drafts
+
+    out = set()
+    for d in bundled_drafts(model_name):
+        n = len(json.loads((d / CONFIG_FILE).read_text())["stage_sizes"])
+        if full or n <= max(2, cores):
+            out.add(d.name)
+    return out
+
+
+def tune(model_name: str, device: str = "cpu", full: bool = False, keep: str | None = None,
+         log=None) -> dict:
+    """Measure the profile (profile.new_profile) and return it (the caller saves it)."""
+    from transformers import AutoConfig
+
+    from ..plan.costs import CONTEXTS, ROWS, measure, time_link
+    from ..runtime.backends import device_backends
+    from ..runtime.machine import thread_sweep, usable_cores
+    from ..runtime.models import resolve_model
+    from .profile import new_profile, profile_key
+
+    t0 = time.perf_counter()
+    log = log or (lambda m: None)
+    key = profile_key(model_name, device)
+    cores = usable_cores()
+    source = resolve_model(model_name)
+    cfg = AutoConfig.from_pretrained(source)
+    backends = device_backends(device)
+    if keep is not None and keep not in backends:
+        raise SpdError(f"backend {keep} does not run on {device}; choose from {', '.join(backends)}")
+    probe = linear_probe(cfg.hidden_size, cfg.intermediate_size, backends, cores) if device == "cpu" else {}
+    chosen = backends if full or not probe else survivors(probe, keep)
+    threads = sorted(set(thread_sweep(cores) if full else (1, cores)))
+    drafts = drafts_for_auto(model_name, cores, full)
+    log(f"tune: backends {', '.join(chosen)} (probe: " + ", ".join(
+        f"{b} {1e3 * sum(t.values()):.2f} ms" for b, t in probe.items()) + f"); threads {threads}")
+    costs = {}
+    steps = len(chosen) + (device != "cpu" or cores >= 2)
+    with tqdm(total=steps, desc="tune", unit="step", leave=False, disable=None) as bar:
+        for b in chosen:
+            bar.set_postfix_str(b)
+            costs[b] = measure(model_name, b, device, threads=threads, rows=ROWS if full else QUICK_ROWS,
+                               contexts=CONTEXTS, reps=5, drafts=True if full else drafts, link=False,
+                               concurrent=full, log=lambda m: None)
+            bar.update()
+        link = None
+        if device != "cpu" or cores >= 2:
+            bar.set_postfix_str("link")
+            link = time_link("nccl" if device.startswith("cuda") else "gloo")
+            for data in costs.values():
+                data["link"] = link
+            bar.update()
+    return new_profile(key, costs, probe, link, full, time.perf_counter() - t0)

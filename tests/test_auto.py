@@ -1,0 +1,139 @@
+"""--method auto: the profile is used only under its own key and while the machine matches it, the
+grid and its predictions, the rule that leaves AR, and the command line around it."""
+
+import json
+
+import pytest
+
+import spdecode.auto.choose as choose_mod
+import spdecode.auto.profile as profile_mod
+import spdecode.auto.tune as tune_mod
+from spdecode.auto.candidates import Candidate, grid, predict
+from spdecode.auto.confirm import MIN_MARGIN, Measured, decide
+from spdecode.auto.profile import load_profile, new_profile, profile_key, save_profile, step_seconds
+from spdecode.cli import build_parser, main
+from spdecode.plan.planner import SHIPPED
+
+MODEL = "smollm2-135m"
+BACKENDS = ("float32", "bfloat16", "fp16w")
+
+
+def shipped_costs() -> dict:
+    return {b: json.loads((SHIPPED / f"{MODEL}-{b}-cpu-2core.json").read_text()) for b in BACKENDS}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """Profiles in a fresh directory (the models stay in the shared cache)."""
+    real = profile_mod.profile_path
+    monkeypatch.setattr(profile_mod, "profile_path", lambda m, d: tmp_path / "profiles" / real(m, d).name)
+    monkeypatch.setattr(choose_mod, "profile_path", profile_mod.profile_path)
+    return tmp_path
+
+
+def test_a_profile_is_used_only_under_its_own_key(cache):
+    key = {"model": "m", "cpu": "X", "flags": ["avx2"], "torch": "2.13.0", "drafts": {"d": "1"}}
+    profile, why = load_profile("m", "cpu", key)
+    assert profile is None and "no machine profile" in why
+    save_profile("m", "cpu", new_profile(key, {"float32": {}}, {}, None, False, 1.0))
+    assert load_profile("m", "cpu", key)[0] is not None
+    for changed in ({"flags": ["avx2", "avx512f"]}, {"drafts": {"d": "2"}}, {"torch": "2.14.0"}):
+        profile, why = load_profile("m", "cpu", {**key, **changed})
+        assert profile is None and next(iter(changed)) in why, why
+    path = profile_mod.profile_path("m", "cpu")
+    path.write_text('{"version": 1, "costs": {"float32"')
+    profile, why = load_profile("m", "cpu", key)
+    assert profile is None and "unreadable" in why
+
+
+def fake_tune(calls):
+    def tune(model_name, device="cpu", full=False, keep=None, log=None):
+        calls.append(model_name)
+        return new_profile(profile_key(model_name, device), shipped_costs(), {}, None, full, 0.1)
+    return tune
+
+
+def fake_confirm(speeds):
+    def confirm(cands, model_name, device="cpu", rounds=3, tokens=48):
+        return {c: Measured([speeds.get(c.method, 10.0) * f for f in (0.99, 1.0, 1.01)], 0.05, 1.9) for c in cands}
+    return confirm
+
+
+def test_auto_measures_once_then_trusts_the_profile_until_an_ar_step_disagrees(cache, monkeypatch):
+    calls, logged = [], []
+    monkeypatch.setattr(tune_mod, "tune", fake_tune(calls))
+    monkeypatch.setattr(choose_mod, "confirm", fake_confirm({"ar": 30.0, "eagle": 36.0, "spd": 20.0}))
+    first = choose_mod.choose(MODEL, log=logged.append)
+    assert calls == [MODEL] and "no machine profile" in logged[0]
+    assert first["choice"]["method"] == "eagle" and first["break_even"] == pytest.approx(0.05 * 30.0)
+    ar = Candidate.from_dict(first["ar"])
+    step = step_seconds(json.loads(profile_mod.profile_path(MODEL, "cpu").read_text()), ar.backend, ar.threads)
+    monkeypatch.setattr(choose_mod, "ar_step_now", lambda *a, **k: step * 1.1)
+    again = choose_mod.choose(MODEL, log=logged.append)
+    assert calls == [MODEL] and again["choice"] == first["choice"] and "cached" in logged[-1]
+    monkeypatch.setattr(choose_mod, "ar_step_now", lambda *a, **k: step * 1.5)
+    choose_mod.choose(MODEL, log=logged.append)
+    assert calls == [MODEL, MODEL] and any("more than 20 % off" in m for m in logged)
+
+
+def test_auto_stays_with_ar_inside_the_noise_and_leaves_it_past_it():
+    ar, eagle = Candidate("ar", "fp16w", 2), Candidate("eagle", "fp16w", 2, tree=(8, 3, 4), draft="x")
+    noisy = {ar: Measured([30.0, 31.0, 33.0], 0.03, 1.0), eagle: Measured([32.0, 32.5, 33.0], 0.05, 1.9)}
+    assert decide(noisy)[0] == ar  # 1.05x, inside AR's 10 % spread
+    quiet = {ar: Measured([30.0, 30.1, 30.2], 0.03, 1.0), eagle: Measured([32.0, 32.1, 32.2], 0.05, 1.9)}
+    choice, best_ar, margin = decide(quiet)
+    assert choice == eagle and best_ar == ar and margin == MIN_MARGIN
+    slower = {ar: Measured([30.0, 30.1, 30.2], 0.03, 1.0), eagle: Measured([25.0, 25.0, 25.0], 0.05, 1.9)}
+    assert decide(slower)[0] == ar
+
+
+def test_the_grid_is_small_and_the_simulator_ranks_drafting_by_its_acceptance(monkeypatch):
+    import spdecode.auto.candidates as cand_mod
+
+    profile = {"costs": shipped_costs()}
+    cands = grid(profile, MODEL, cores=2)
+    assert len(cands) <= 30 and len({c.spec + str(c.distributed) for c in cands}) == len(cands)
+    assert {(c.backend, c.threads) for c in cands if c.method == "ar"} == {(b, t) for b in BACKENDS for t in (1, 2)}
+    assert {c.method for c in cands} == {"ar", "eagle", "spd"} and any(c.distributed for c in cands)
+    assert {c.backend for c in grid(profile, MODEL, 2, backend="fp16w")} == {"fp16w"}
+    assert not any(c.distributed for c in grid(profile, MODEL, 2, distributed=False))
+    assert not any(c.distributed for c in grid(profile, MODEL, 1))
+    ar = max(predict(profile, c)["tok_s"] for c in cands if c.method == "ar")
+    for acceptance, faster in ((0.0, False), (1.0, True)):
+        monkeypatch.setattr(cand_mod, "shipped_acceptance", lambda d, a=acceptance: [a] * 4)
+        eagle = [predict(profile, c)["tok_s"] for c in cands if c.method == "eagle"]
+        assert (max(eagle) > ar) == faster, (acceptance, max(eagle), ar)
+
+
+def test_auto_is_the_default_and_refuses_what_it_decides(capsys):
+    for command in (["generate", "--prompt", "x"], ["serve"]):
+        args = build_parser().parse_args(command)
+        assert args.method == "auto" and args.dtype is None
+    code = main(["generate", "--prompt", "hi", "--stages", "2", "--tree-budget", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--method auto chooses --stages, --tree-budget" in err, err
+
+
+def test_generate_auto_measures_once_says_why_and_reports_its_choice(cache, tmp_path, capsys):
+    from serving import tiny_chat_model
+
+    tiny_chat_model(tmp_path / "tiny")
+    argv = ["generate", "--model", str(tmp_path / "tiny"), "--prompt", "Hello", "--max-new-tokens", "4", "--json"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "measuring this machine's profile" in err and "auto: ar (" in err, err
+    first = json.loads(out)
+    assert first["auto"]["choice"]["method"] == "ar" and first["method"] == "ar"
+    assert first["backend"] == first["auto"]["choice"]["backend"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "measuring" not in err and "cached" in err, err
+    assert json.loads(out)["auto"]["choice"] == first["auto"]["choice"]
+
+
+def test_auto_refuses_bad_input_before_measuring(cache, monkeypatch, capsys):
+    monkeypatch.setattr(tune_mod, "tune", lambda *a, **k: pytest.fail("measured before checking the input"))
+    for argv, message in ((["--prompt", "  "], "empty"), (["--prompt", "hi", "--device", "tpu"], "device"),
+                          (["--prompt", "hi", "--model", "/no/such/model"], "does not exist")):
+        assert main(["generate", *argv]) == 2
+        assert message in capsys.readouterr().err
