@@ -53,6 +53,8 @@ def test_models_health_and_greedy_answers_equal_ar(server, tiny):
     assert r.choices[0].message.content == want
     assert r.choices[0].finish_reason == finish
     assert r.usage.completion_tokens == n and r.usage.prompt_tokens == len(chat_ids(tok, "Tell me a story."))
+    # The configuration that answered (with --method auto, what auto chose) is in every response.
+    assert r.system_fingerprint.startswith("spdecode-spd-float32")
 
     chunks = list(client.chat.completions.create(model=path, max_tokens=40, temperature=0, stream=True,
                                                  stream_options={"include_usage": True},
@@ -60,6 +62,7 @@ def test_models_health_and_greedy_answers_equal_ar(server, tiny):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
     assert chunks[-1].usage.completion_tokens == n and not chunks[-1].choices
+    assert {c.system_fingerprint for c in chunks} == {r.system_fingerprint}
 
     ids = list(tok("Once upon a time").input_ids)
     want, n, finish = greedy_text(model, tok, ids, 30)

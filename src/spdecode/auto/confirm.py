@@ -12,7 +12,10 @@ run to run.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -52,8 +55,6 @@ def pooled(gens) -> tuple[float, float, float]:
 
 def confirm(cands: list[Candidate], model_name: str, device: str = "cpu", rounds: int = ROUNDS,
             tokens: int = TOKENS) -> dict[Candidate, Measured]:
-    import contextlib
-
     from ..generators import make_generator
     from ..runtime.models import load_model
     from ..runtime.prompts import encode_prompt
@@ -106,7 +107,8 @@ def confirm_pipeline(c: Candidate, model_name: str, device: str, rounds: int, to
     model, tok = load_model(model_name, "float32", "cpu")
     cfg = BenchConfig(model=model_name, max_new_tokens=tokens, timeout=300.0)
     rows = [{"question_id": f"{r}-{i}", "turns": [p]} for r in range(rounds) for i, p in enumerate(PROMPTS)]
-    records = run_distributed_spd(cfg, "spd", options(c, device), "auto", model, tok, {"auto": rows})
+    with stdout_to_stderr():  # the launcher and its ranks print; a `generate --json` owns stdout
+        records = run_distributed_spd(cfg, "spd", options(c, device), "auto", model, tok, {"auto": rows})
 
     class M:  # the records hold the metrics' fields
         def __init__(self, rec):
@@ -117,6 +119,20 @@ def confirm_pipeline(c: Candidate, model_name: str, device: str, rounds: int, to
     per_round = [pooled(ms[r * k:(r + 1) * k])[0] for r in range(rounds)]
     _, cycle_s, tpc = pooled(ms)
     return Measured(per_round, cycle_s, tpc)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """File descriptor 1 pointed at 2 for the block (child processes inherit it)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def decide(measured: dict[Candidate, Measured]) -> tuple[Candidate, Candidate, float]:
