@@ -25,22 +25,23 @@ def shipped_costs() -> dict:
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """Profiles in a fresh directory (the models stay in the shared cache)."""
-    real = profile_mod.profile_path
-    monkeypatch.setattr(profile_mod, "profile_path", lambda m, d: tmp_path / "profiles" / real(m, d).name)
-    monkeypatch.setattr(choose_mod, "profile_path", profile_mod.profile_path)
+    monkeypatch.setattr(profile_mod, "profiles_dir", lambda: tmp_path / "profiles")
     return tmp_path
 
 
 def test_a_profile_is_used_only_under_its_own_key(cache):
-    key = {"model": "m", "cpu": "X", "flags": ["avx2"], "torch": "2.13.0", "drafts": {"d": "1"}}
+    key = {"model": "m", "device": "cpu", "cpu": "X", "flags": ["avx2"], "torch": "2.13.0", "drafts": {"d": "1"}}
     profile, why = load_profile("m", "cpu", key)
     assert profile is None and "no machine profile" in why
-    save_profile("m", "cpu", new_profile(key, {"float32": {}}, {}, None, False, 1.0))
+    save_profile(new_profile(key, {"float32": {}}, {}, None, False, 1.0))
     assert load_profile("m", "cpu", key)[0] is not None
     for changed in ({"flags": ["avx2", "avx512f"]}, {"drafts": {"d": "2"}}, {"torch": "2.14.0"}):
         profile, why = load_profile("m", "cpu", {**key, **changed})
         assert profile is None and next(iter(changed)) in why, why
-    path = profile_mod.profile_path("m", "cpu")
+    capped = {**key, "flags": ["avx2"], "env": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}  # its own file: both kept
+    save_profile(new_profile(capped, {"float32": {}}, {}, None, False, 1.0))
+    assert load_profile("m", "cpu", key)[0] is not None and load_profile("m", "cpu", capped)[0] is not None
+    path = profile_mod.profile_path("m", "cpu", key)
     path.write_text('{"version": 1, "costs": {"float32"')
     profile, why = load_profile("m", "cpu", key)
     assert profile is None and "unreadable" in why
@@ -67,7 +68,8 @@ def test_auto_measures_once_then_trusts_the_profile_until_an_ar_step_disagrees(c
     assert calls == [MODEL] and "no machine profile" in logged[0]
     assert first["choice"]["method"] == "eagle" and first["break_even"] == pytest.approx(0.05 * 30.0)
     ar = Candidate.from_dict(first["ar"])
-    step = step_seconds(json.loads(profile_mod.profile_path(MODEL, "cpu").read_text()), ar.backend, ar.threads)
+    stored = json.loads(profile_mod.profile_path(MODEL, "cpu", profile_key(MODEL, "cpu")).read_text())
+    step = step_seconds(stored, ar.backend, ar.threads)
     monkeypatch.setattr(choose_mod, "ar_step_now", lambda *a, **k: step * 1.1)
     again = choose_mod.choose(MODEL, log=logged.append)
     assert calls == [MODEL] and again["choice"] == first["choice"] and "cached" in logged[-1]
@@ -128,7 +130,8 @@ def test_generate_auto_measures_once_says_why_and_reports_its_choice(cache, tmp_
     # A tiny model's millisecond step is too noisy for the 20 % start-up check (tested above with
     # the real model's profile): here the machine is taken to match its profile.
     ar = Candidate.from_dict(first["auto"]["ar"])
-    profile = json.loads(profile_mod.profile_path(str(tmp_path / "tiny"), "cpu").read_text())
+    tiny = str(tmp_path / "tiny")
+    profile = json.loads(profile_mod.profile_path(tiny, "cpu", profile_key(tiny, "cpu")).read_text())
     monkeypatch.setattr(choose_mod, "ar_step_now", lambda *a, **k: step_seconds(profile, ar.backend, ar.threads))
     assert main(argv) == 0
     out, err = capsys.readouterr()

@@ -18,6 +18,7 @@ from .profile import (
     STALE_STEP,
     load_profile,
     off_by,
+    path_of,
     profile_key,
     profile_path,
     save_profile,
@@ -42,9 +43,9 @@ def ensure_profile(model_name: str, device: str = "cpu", log=stderr, full: bool 
     if profile is not None:
         return profile
     log(f"auto: {reason}: measuring this machine's profile for --method auto (once, about 1-3 minutes; cached in "
-        f"{profile_path(model_name, device)})")
+        f"{profile_path(model_name, device, key)})")
     profile = tune(model_name, device, full=full, log=log)
-    save_profile(model_name, device, profile)
+    save_profile(profile)
     log(f"auto: profile measured in {profile['tune_s']:.0f} s")
     return profile
 
@@ -62,7 +63,7 @@ def add_backend(profile: dict, model_name: str, backend: str, device: str, log=s
     if profile.get("link"):
         data["link"] = profile["link"]
     profile["costs"][backend] = data
-    save_profile(model_name, device, profile)
+    save_profile(profile)
 
 
 def ar_step_now(model_name: str, backend: str, device: str, threads: int, context: int = 128) -> float:
@@ -120,14 +121,14 @@ def choose(model_name: str, device: str = "cpu", backend: str | None = None, dis
     if cached:
         why = stale(profile, model_name, device, Candidate.from_dict(cached["ar"]))
         if not why:
-            log(f"auto: {cached['line']} (cached in {profile_path(model_name, device)})")
+            log(f"auto: {cached['line']} (cached in {path_of(profile)})")
             return cached
         profile = ensure_profile(model_name, device, log, why=why)
     if backend is not None and backend not in profile["costs"]:
         add_backend(profile, model_name, backend, device, log)
     result = verdict(profile, model_name, device, backend, distributed, log)
     profile.setdefault("verdicts", {})[vkey] = result
-    save_profile(model_name, device, profile)
+    save_profile(profile)
     log(f"auto: {result['line']}")
     return result
 

@@ -1,6 +1,6 @@
 """The machine profile: what `spdecode tune` measured for one model on this machine, and its key.
 
-One JSON file per model and device under the cache directory. It holds the cost file of every
+One JSON file per model, device and key under the cache directory's `profiles/`. It holds the cost file of every
 backend that survived the probe (plan/costs.py's format, so the planner's simulator reads it as
 is), the link, and the verdicts `--method auto` reached with it. Its key names everything that
 changes those timings: the model's and its drafts' checksums, the CPU's model and flags, torch's
@@ -23,11 +23,25 @@ VERSION = 1
 STALE_STEP = 0.20  # a start-up AR step this far off the profile's means the machine is not the one measured
 
 
-def profile_path(model_name: str, device: str) -> Path:
+def profiles_dir() -> Path:
     from ..runtime.models import cache_dir
 
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model_name}-{device}").strip("_")
-    return cache_dir() / "profiles" / f"{safe}.json"
+    return cache_dir() / "profiles"
+
+
+def _stem(model_name: str, device: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model_name}-{device}").strip("_")
+
+
+def profile_path(model_name: str, device: str, key: dict) -> Path:
+    """One file per key: machines that share a home directory, or runs with capped kernels, each
+    keep their own profile instead of measuring over each other's."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return profiles_dir() / f"{_stem(model_name, device)}-{digest}.json"
+
+
+def path_of(profile: dict) -> Path:
+    return profile_path(profile["key"]["model"], profile["key"]["device"], profile["key"])
 
 
 def draft_checksum(directory: Path) -> str:
@@ -58,27 +72,38 @@ def profile_key(model_name: str, device: str) -> dict:
 
 def load_profile(model_name: str, device: str, key: dict) -> tuple[dict | None, str]:
     """(the profile, "") when one is stored under this key; else (None, why it must be measured)."""
-    path = profile_path(model_name, device)
+    path = profile_path(model_name, device, key)
     if not path.exists():
-        return None, f"no machine profile for {model_name} on {device} yet"
+        return None, changed_since(model_name, device, key)
     try:
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(data.get("costs"), dict):
             raise ValueError("not a profile of this spdecode")
     except (OSError, ValueError) as exc:
         return None, f"the machine profile {path} is unreadable ({exc})"
-    old = data.get("key", {})
-    changed = [k for k in key if old.get(k) != key[k]]
-    if changed:
-        return None, f"the machine profile {path} was measured with another {', '.join(changed)}"
+    if data.get("key") != key:
+        return None, f"the machine profile {path} was measured under another key"
     if not data["costs"]:
         return None, f"the machine profile {path} holds no timings"
     return data, ""
 
 
-def save_profile(model_name: str, device: str, data: dict) -> Path:
+def changed_since(model_name: str, device: str, key: dict) -> str:
+    """Why no profile matches: what differs from the newest profile of this model and device."""
+    for old in sorted(profiles_dir().glob(f"{_stem(model_name, device)}-*.json"), key=lambda p: -p.stat().st_mtime):
+        try:
+            before = json.loads(old.read_text())["key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        changed = [k for k in key if before.get(k) != key[k]]
+        if changed:
+            return f"the machine profile {old.name} was measured with another {', '.join(changed)}"
+    return f"no machine profile for {model_name} on {device} yet"
+
+
+def save_profile(data: dict) -> Path:
     """Write atomically (a reader never sees half a file)."""
-    path = profile_path(model_name, device)
+    path = path_of(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1))

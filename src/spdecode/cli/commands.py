@@ -301,13 +301,13 @@ def cmd_prepare(args) -> int:
 def cmd_tune(args) -> int:
     """`spdecode tune`: measure the machine profile now (replacing any), and optionally decide."""
     from ..auto.choose import choose, ensure_profile
-    from ..auto.profile import profile_path
+    from ..auto.profile import path_of
     from ..runtime.machine import cpu_line
 
     print(f"tune: {args.model} on {args.device}, {cpu_line()}", file=sys.stderr)
     profile = ensure_profile(args.model, args.device, full=args.full,
                              why="spdecode tune" + (" --full" if args.full else ""))
-    print(f"tune: {profile['tune_s']:.0f} s; profile {profile_path(args.model, args.device)}", file=sys.stderr)
+    print(f"tune: {profile['tune_s']:.0f} s; profile {path_of(profile)}", file=sys.stderr)
     if args.choose:
         choose(args.model, args.device)
     return 0
