@@ -145,3 +145,23 @@ def test_auto_refuses_bad_input_before_measuring(cache, monkeypatch, capsys):
                           (["--prompt", "hi", "--model", "/no/such/model"], "does not exist")):
         assert main(["generate", *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_bench_runs_what_auto_chose_with_its_guard(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from spdecode.cli.commands import resolve_auto_spec
+
+    eagle = Candidate("eagle", "fp16w", 2, tree=(8, 3, 4), draft="smollm2-135m-eagle")
+    asked = []
+    monkeypatch.setattr(choose_mod, "choose", lambda model, device, backend: asked.append(backend) or {
+        "choice": eagle.as_dict(), "spec": eagle.spec, "break_even": 1.75})
+    args = SimpleNamespace(method="ar,auto:backend=fp16w", model=MODEL, device="cpu", distributed=False)
+    resolve_auto_spec(args)
+    assert asked == ["fp16w"] and args.method == f"ar,{eagle.spec}:guard=1.7500" and not args.distributed
+    pipeline = Candidate("spd", "fp16w", 1, 2, True, (8, 2, 4), "smollm2-135m-n2-tree")
+    monkeypatch.setattr(choose_mod, "choose", lambda *a: {"choice": pipeline.as_dict(), "spec": pipeline.spec,
+                                                          "break_even": None})
+    args = SimpleNamespace(method="auto,ar", model=MODEL, device="cpu", distributed=False)
+    resolve_auto_spec(args)
+    assert args.method == f"{pipeline.spec},ar" and args.distributed

@@ -148,6 +148,8 @@ def print_table(summary: dict) -> None:
                   + f"; per cycle {fmt(o['nodes_entered_per_cycle'], '.1f')} nodes entered, "
                   f"{fmt(o['verified_per_cycle'])} verified, {fmt(o['tokens_per_cycle'])} tokens emitted, "
                   f"{fmt(o['wasted_rows_per_cycle'], '.1f')} stage-rows pruned; ms per cycle (rank 0): {times}")
+        if ":guard=" in m:
+            print(f"{m}: the online guard handed {o['guard_fallbacks']} of {o['prompts']} prompts to AR part-way")
 
 
 def rank_breakdown(records: list[dict]) -> dict:
