@@ -86,7 +86,7 @@ def split_specs(text: str) -> list[str]:
     whose last option has a value."""
     specs: list[str] = []
     for piece in text.split(","):
-        if specs and "=" in specs[-1] and base_method(piece) not in METHODS:
+        if specs and "=" in specs[-1] and base_method(piece) not in (*METHODS, "auto"):
             specs[-1] += "," + piece
         elif piece.strip():
             specs.append(piece.strip())
@@ -123,6 +123,11 @@ def parse_method_spec(spec: str, base: MethodOptions) -> tuple[str, MethodOption
         changes["dtype"] = measured(changes["dtype"], f"method spec {spec!r}")
     if changes.get("threads") is not None and changes["threads"] < 1:
         raise SpdError(f"threads must be at least 1 in {spec!r}")
+    if "guard" in changes:
+        if name not in ("sd", "eagle", "spd", "speed"):
+            raise SpdError(f"guard= hands a drafting method's request to AR: {name} takes none ({spec!r})")
+        if not 0.0 < changes["guard"] < float("inf"):
+            raise SpdError(f"guard= is the tokens per cycle of break-even, a positive number ({spec!r})")
     return name, replace(base, **changes)
 
 

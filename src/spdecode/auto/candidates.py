@@ -97,7 +97,7 @@ def grid(profile: dict, model_name: str, cores: int, backend: str | None = None,
                 out.append(Candidate("eagle", b, t, tree=shape(EAGLE_TREE), draft=head.name))
             if tree2 is not None and tree2.name in usable:
                 out.append(Candidate("spd", b, t, stages=2, tree=shape(SPD_TREE), draft=tree2.name))
-        if distributed and cores >= 2:
+        if distributed and profile.get("link"):  # two processes could be timed talking: a pipeline may run
             share = cores // 2
             if tree2 is not None and tree2.name in usable:
                 out.append(Candidate("spd", b, share, 2, True, shape(SPD_TREE), tree2.name))

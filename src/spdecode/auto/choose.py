@@ -54,23 +54,25 @@ def add_backend(profile: dict, model_name: str, backend: str, device: str, log=s
     """Time a backend the user named that the probe had pruned."""
     from ..plan.costs import CONTEXTS, measure
     from ..runtime.machine import usable_cores
-    from .tune import QUICK_ROWS, drafts_for_auto
+    from .tune import QUICK_ROWS, drafts_for_auto, tune_threads
 
-    cores = usable_cores()
     log(f"auto: timing --backend {backend}, which the profile had left out")
-    data = measure(model_name, backend, device, threads=sorted({1, cores}), rows=QUICK_ROWS, contexts=CONTEXTS,
-                   drafts=drafts_for_auto(model_name, cores, False), link=False, concurrent=False, log=lambda m: None)
+    data = measure(model_name, backend, device, threads=tune_threads(usable_cores(), False), rows=QUICK_ROWS,
+                   contexts=CONTEXTS, drafts=drafts_for_auto(model_name), link=False, concurrent=False,
+                   log=lambda m: None)
     if profile.get("link"):
         data["link"] = profile["link"]
     profile["costs"][backend] = data
     save_profile(profile)
 
 
-def ar_step_now(model_name: str, backend: str, device: str, threads: int, context: int = 128) -> float:
-    """One whole AR step at `context`, timed now as the profile timed it (plan.costs.time_target)."""
+def ar_step_now(model_name: str, backend: str, device: str, threads: int, tries: int = 2,
+                context: int = 128):
+    """Whole AR steps at `context` timed now as the profile timed them (plan.costs.ar_step_time),
+    one median of 9 per try (a generator: the caller stops when one matches)."""
     import torch
 
-    from ..plan.costs import median_time
+    from ..plan.costs import ar_step_time
     from ..runtime.models import load_model
     from ..runtime.staged import StagedTarget
 
@@ -83,13 +85,8 @@ def ar_step_now(model_name: str, backend: str, device: str, threads: int, contex
             target.reserve(context + 2)
             target.run_layers(0, target.n_layers, target.embed(torch.ones(1, context, dtype=torch.long,
                                                                           device=target.device)), 0)
-            one = torch.tensor([[1]], device=target.device)
-
-            def step():
-                target.rollback(context)
-                int(target.logits(target.forward(one, context)[:, -1])[0].argmax())
-
-            return median_time(step, 9)
+            for _ in range(tries):
+                yield ar_step_time(target, context, 9)
     finally:
         torch.set_num_threads(before)
 
@@ -99,8 +96,7 @@ def stale(profile: dict, model_name: str, device: str, ar: Candidate) -> str:
     want = step_seconds(profile, ar.backend, ar.threads)
     if want is None:
         return "the profile has no AR step to check against"
-    for _ in range(2):
-        got = ar_step_now(model_name, ar.backend, device, ar.threads)
+    for got in ar_step_now(model_name, ar.backend, device, ar.threads):
         if off_by(got, want) <= STALE_STEP:
             return ""
     return (f"an AR step takes {1e3 * got:.1f} ms here now, the profile says {1e3 * want:.1f} ms (more than "
@@ -158,6 +154,8 @@ def verdict(profile: dict, model_name: str, device: str, backend: str | None, di
     return {"choice": choice.as_dict(), "spec": choice.spec, "label": choice.label, "ar": ar.as_dict(),
             "ar_label": ar.label, "tok_s": m.median, "ar_tok_s": a.median, "speedup": ratio, "margin": margin,
             "break_even": m.cycle_s * a.median if choice.method != "ar" else None, "line": line,
+            # what the online guard gets (methods/guard.py; a pipeline of processes has none)
+            "guard": m.cycle_s * a.median if choice.method != "ar" and not choice.distributed else None,
             "predicted": {c.label: predicted[c]["tok_s"] for c in ranked},
             "confirmed": {c.label: {"tok_s": v.tok_s, "median": v.median, "spread": v.spread,
                                     "tokens_per_cycle": v.tokens_per_cycle, "cycle_s": v.cycle_s}

@@ -45,7 +45,7 @@ class Measured:
         return (max(self.tok_s) - min(self.tok_s)) / self.median if self.median else 0.0
 
 
-def pooled(gens) -> tuple[float, float, float]:
+def pooled_speed(gens) -> tuple[float, float, float]:
     """(tok/s, s per cycle, tokens per cycle) of several generations' metrics, token-weighted."""
     new = sum(g.new_tokens - 1 for g in gens)
     t = sum(g.decode_s for g in gens)
@@ -81,8 +81,8 @@ def confirm(cands: list[Candidate], model_name: str, device: str = "cpu", rounds
                 raw[c].append(gens)
                 bar.update()
         for c in local:
-            per_round = [pooled(g)[0] for g in raw[c]]
-            _, cycle_s, tpc = pooled([m for g in raw[c] for m in g])
+            per_round = [pooled_speed(g)[0] for g in raw[c]]
+            _, cycle_s, tpc = pooled_speed([m for g in raw[c] for m in g])
             out[c] = Measured(per_round, cycle_s, tpc)
         for c in cands:
             if c.distributed:
@@ -116,8 +116,8 @@ def confirm_pipeline(c: Candidate, model_name: str, device: str, rounds: int, to
 
     ms = [M(rec) for rec in records]
     k = len(PROMPTS)
-    per_round = [pooled(ms[r * k:(r + 1) * k])[0] for r in range(rounds)]
-    _, cycle_s, tpc = pooled(ms)
+    per_round = [pooled_speed(ms[r * k:(r + 1) * k])[0] for r in range(rounds)]
+    _, cycle_s, tpc = pooled_speed(ms)
     return Measured(per_round, cycle_s, tpc)
 
 

@@ -18,8 +18,6 @@ import time
 import torch
 from tqdm import tqdm
 
-from ..runtime.errors import SpdError
-
 PRUNE = 1.5
 QUICK_ROWS = (1, 2, 5, 9)
 
@@ -56,36 +54,43 @@ def linear_probe(hidden: int, inner: int, backends: list[str], threads: int, rep
     return out
 
 
-def survivors(probe: dict, keep: str | None = None) -> list[str]:
-    """The backends within PRUNE of the probe's best (and `keep`, a backend the user named)."""
+def survivors(probe: dict) -> list[str]:
+    """The backends within PRUNE of the probe's best."""
     total = {b: sum(t.values()) for b, t in probe.items()}
     best = min(total.values())
-    return [b for b in probe if total[b] <= PRUNE * best or b == keep]
+    return [b for b in probe if total[b] <= PRUNE * best]
 
 
-def drafts_for_auto(model_name: str, cores: int, full: bool) -> set[str]:
-    """The bundled drafts the candidates of candidates.py use: eagle's head and the 2-stage
-    drafts; a draft for n stages only where n processes get a core each (or with --full)."""
-    import json
+def drafts_for_auto(model_name: str) -> set[str]:
+    """The bundled drafts the grid of candidates.py uses: eagle's head and the 2-stage drafts."""
+    from ..drafting.pdm import bundled_draft, bundled_head
 
-    from ..drafting.pdm import CONFIG_FILE, bundled_drafts
-
-    out = set()
-    for d in bundled_drafts(model_name):
-        n = len(json.loads((d / CONFIG_FILE).read_text())["stage_sizes"])
-        if full or n <= max(2, cores):
-            out.add(d.name)
-    return out
+    found = (bundled_head(model_name), bundled_draft(model_name, None, 2, tree=True),
+             bundled_draft(model_name, None, 2))
+    return {d.name for d in found if d is not None}
 
 
-def tune(model_name: str, device: str = "cpu", full: bool = False, keep: str | None = None,
-         log=None) -> dict:
+def tune_threads(cores: int, full: bool) -> list[int]:
+    """1, every usable core, and a 2-stage pipeline rank's share; --full: the whole sweep too."""
+    from ..runtime.machine import thread_sweep
+
+    return sorted({1, cores, max(1, cores // 2)} | (set(thread_sweep(cores)) if full else set()))
+
+
+def link_possible(device: str, cores: int) -> bool:
+    """Whether two local processes can each run a stage: a core each, or a GPU each."""
+    if device == "cpu":
+        return cores >= 2
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
+def tune(model_name: str, device: str = "cpu", full: bool = False, log=None) -> dict:
     """Measure the profile (profile.new_profile) and return it (the caller saves it)."""
     from transformers import AutoConfig
 
     from ..plan.costs import CONTEXTS, ROWS, measure, time_link
     from ..runtime.backends import device_backends
-    from ..runtime.machine import thread_sweep, usable_cores
+    from ..runtime.machine import usable_cores
     from ..runtime.models import resolve_model
     from .profile import new_profile, profile_key
 
@@ -96,16 +101,15 @@ def tune(model_name: str, device: str = "cpu", full: bool = False, keep: str | N
     source = resolve_model(model_name)
     cfg = AutoConfig.from_pretrained(source)
     backends = device_backends(device)
-    if keep is not None and keep not in backends:
-        raise SpdError(f"backend {keep} does not run on {device}; choose from {', '.join(backends)}")
     probe = linear_probe(cfg.hidden_size, cfg.intermediate_size, backends, cores) if device == "cpu" else {}
-    chosen = backends if full or not probe else survivors(probe, keep)
-    threads = sorted(set(thread_sweep(cores) if full else (1, cores)))
-    drafts = drafts_for_auto(model_name, cores, full)
+    chosen = backends if full or not probe else survivors(probe)
+    threads = tune_threads(cores, full)
+    drafts = drafts_for_auto(model_name)
     log(f"tune: backends {', '.join(chosen)} (probe: " + ", ".join(
         f"{b} {1e3 * sum(t.values()):.2f} ms" for b, t in probe.items()) + f"); threads {threads}")
     costs = {}
-    steps = len(chosen) + (device != "cpu" or cores >= 2)
+    linked = link_possible(device, cores)
+    steps = len(chosen) + linked
     with tqdm(total=steps, desc="tune", unit="step", leave=False, disable=None) as bar:
         for b in chosen:
             bar.set_postfix_str(b)
@@ -114,7 +118,7 @@ def tune(model_name: str, device: str = "cpu", full: bool = False, keep: str | N
                                concurrent=full, log=lambda m: None)
             bar.update()
         link = None
-        if device != "cpu" or cores >= 2:
+        if linked:
             bar.set_postfix_str("link")
             link = time_link("nccl" if device.startswith("cuda") else "gloo")
             for data in costs.values():

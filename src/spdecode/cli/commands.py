@@ -193,8 +193,7 @@ def resolve_auto_spec(args) -> None:
         backend = measured(value, f"method spec {autos[0]!r}")
     verdict = choose(args.model, args.device, backend)
     c = Candidate.from_dict(verdict["choice"])
-    spec = verdict["spec"] + (f":guard={verdict['break_even']:.4f}" if verdict.get("break_even") and
-                              not c.distributed else "")
+    spec = verdict["spec"] + (f":guard={verdict['guard']:.4f}" if verdict["guard"] else "")
     if c.distributed:
         args.distributed = True
     if spec in specs:  # auto chose a configuration listed beside it: run it once

@@ -49,7 +49,7 @@ def resolve_backend(args) -> None:
 
     if not hasattr(args, "dtype"):
         return
-    auto_method = getattr(args, "method", None) == "auto"
+    auto_method = auto_chooses(args)
     if args.dtype is None or (auto_method and canonical(args.dtype) == AUTO):
         args.dtype = None if auto_method else "float32"  # --method auto chooses the backend with the rest
         return
@@ -71,13 +71,19 @@ def resolve_backend(args) -> None:
 # What --method auto decides, with the parsers' defaults: an option that sets one is refused beside
 # it (it would be ignored).
 AUTO_DECIDES = {"stages": 1, "distributed": False, "threads": None, "draft": None, "tree_budget": None,
-                "tree_depth": None, "tree_topk": None}
+                "tree_depth": None, "tree_topk": None, "gamma": 4, "adaptive_gamma": False, "drafter": "early-exit:8",
+                "chain": "early-exit:8", "speed_depth": None}
+
+
+def auto_chooses(args) -> bool:
+    """generate and serve under --method auto (bench runs `auto` as one of its method specs)."""
+    return getattr(args, "command", None) in ("generate", "serve") and getattr(args, "method", None) == "auto"
 
 
 def resolve_auto(args) -> None:
     """--method auto (generate, serve): choose the configuration (auto.choose) and write it into
     args, as if the user had given it; args.auto keeps the verdict for --json and the server."""
-    if getattr(args, "method", None) != "auto":
+    if not auto_chooses(args):
         return
     given = [f"--{k.replace('_', '-')}" for k, default in AUTO_DECIDES.items() if getattr(args, k, default) != default]
     if given:
@@ -86,6 +92,12 @@ def resolve_auto(args) -> None:
     # What would fail after the choice fails before it (a first choice measures for minutes).
     if hasattr(args, "prompt") and not args.prompt.strip():
         raise SpdError("the prompt is empty")
+    if hasattr(args, "temperature"):
+        from ..runtime.sampling import SamplingParams
+
+        SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # raises on a bad value
+        if args.max_new_tokens < 1:
+            raise SpdError(f"max_new_tokens must be at least 1 (got {args.max_new_tokens})")
     if args.device != "cpu" and not args.device.startswith("cuda"):
         raise SpdError(f"unknown device {args.device!r}: --device takes cpu or cuda[:N]")
     from ..auto.candidates import Candidate
@@ -97,7 +109,7 @@ def resolve_auto(args) -> None:
                                                                             c.distributed)
     if c.tree is not None:
         args.tree_budget, args.tree_depth, args.tree_topk = c.tree
-    args.guard = verdict.get("break_even") if not c.distributed else None
+    args.guard = verdict["guard"]
     args.auto = verdict
 
 

@@ -43,7 +43,7 @@ class Guard(Halt):
             self.after.append(len(tokens))
         self.after[c] = len(tokens)
         done = c - 1  # cycles surely over
-        if done <= self.window or super().is_set():
+        if done < self.window or super().is_set():
             return
         recent = (self.after[done] - self.after[done - self.window]) / self.window
         overall = (self.after[done] - self.after[0]) / done
@@ -59,9 +59,11 @@ def guarded(run: Callable[..., Generation], ar: Callable[..., Generation], break
     def generate(prompt_ids, max_new_tokens, sampling=GREEDY, eos=frozenset(), on_token=None, halt=None):
         guard = Guard(break_even, halt, window)
         gen = run(prompt_ids, max_new_tokens, sampling, eos, on_token=on_token, halt=guard)
-        if gen.metrics.stop_reason != GUARD_REASON or len(gen.tokens) >= max_new_tokens:
-            if gen.metrics.stop_reason == GUARD_REASON:
-                gen.metrics.stop_reason = "length"
+        if gen.metrics.stop_reason != GUARD_REASON:
+            return gen
+        # The guard may trip on the very token that ends the request: that end wins.
+        if gen.tokens[-1] in eos or len(gen.tokens) >= max_new_tokens:
+            gen.metrics.stop_reason = "eos" if gen.tokens[-1] in eos else "length"
             return gen
         rest = ar(list(prompt_ids) + gen.tokens, max_new_tokens - len(gen.tokens), fresh(sampling, gen.tokens),
                   eos, on_token=on_token, halt=halt)

@@ -71,7 +71,6 @@ def time_target(target, rows=ROWS, contexts=CONTEXTS, reps: int = 5) -> dict:
     layer: dict = {}
     chunk: dict = {}
     step: dict = {}
-    one = torch.tensor([[1]], device=t.device)
     for c in contexts:
         t.reserve(c + max(rows) + 1)
         t.rollback(0)
@@ -98,17 +97,26 @@ def time_target(target, rows=ROWS, contexts=CONTEXTS, reps: int = 5) -> dict:
 
             chunk.setdefault(str(c), {})[str(r)] = median_time(tree_chunk, reps) / L
 
-        def ar_step(c=c):
-            t.rollback(c)
-            int(t.logits(t.forward(one, c)[:, -1])[0].argmax())
-
-        step[str(c)] = median_time(ar_step, reps)
+        step[str(c)] = ar_step_time(t, c, reps)
     head = {}
     for r in rows:
         x = torch.randn(1, r, H, dtype=t.dtype, device=t.device)
         head[str(r)] = median_time(lambda x=x: t.logits(x), reps)
     t.rollback(0)
     return {"layer": layer, "chunk": chunk, "head": head, "step": step}
+
+
+@torch.inference_mode()
+def ar_step_time(target, context: int, reps: int = 5) -> float:
+    """One whole AR decode step (embedding, every layer, head, argmax) after `context` tokens
+    already in `target`'s cache (median seconds)."""
+    one = torch.tensor([[1]], device=target.device)
+
+    def ar_step():
+        target.rollback(context)
+        int(target.logits(target.forward(one, context)[:, -1])[0].argmax())
+
+    return median_time(ar_step, reps)
 
 
 def star_layout(context: int, rows: int):
