@@ -70,10 +70,10 @@ def test_auto_measures_once_then_trusts_the_profile_until_an_ar_step_disagrees(c
     ar = Candidate.from_dict(first["ar"])
     stored = json.loads(profile_mod.profile_path(MODEL, "cpu", profile_key(MODEL, "cpu")).read_text())
     step = step_seconds(stored, ar.backend, ar.threads)
-    monkeypatch.setattr(choose_mod, "ar_step_now", lambda *a, **k: step * 1.1)
+    monkeypatch.setattr(choose_mod, "ar_step_now", lambda *a, **k: iter([step * 1.1] * 2))
     again = choose_mod.choose(MODEL, log=logged.append)
     assert calls == [MODEL] and again["choice"] == first["choice"] and "cached" in logged[-1]
-    monkeypatch.setattr(choose_mod, "ar_step_now", lambda *a, **k: step * 1.5)
+    monkeypatch.setattr(choose_mod, "ar_step_now", lambda *a, **k: iter([step * 1.5] * 2))
     choose_mod.choose(MODEL, log=logged.append)
     assert calls == [MODEL, MODEL] and any("more than 20 % off" in m for m in logged)
 
@@ -133,7 +133,8 @@ def test_generate_auto_measures_once_says_why_and_reports_its_choice(cache, tmp_
     ar = Candidate.from_dict(first["auto"]["ar"])
     tiny = str(tmp_path / "tiny")
     profile = json.loads(profile_mod.profile_path(tiny, "cpu", profile_key(tiny, "cpu")).read_text())
-    monkeypatch.setattr(choose_mod, "ar_step_now", lambda *a, **k: step_seconds(profile, ar.backend, ar.threads))
+    monkeypatch.setattr(choose_mod, "ar_step_now", lambda *a, **k: iter([step_seconds(profile, ar.backend,
+                                                                                       ar.threads)]))
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert "measuring" not in err and "cached" in err, err
@@ -156,13 +157,13 @@ def test_bench_runs_what_auto_chose_with_its_guard(monkeypatch, capsys):
     eagle = Candidate("eagle", "fp16w", 2, tree=(8, 3, 4), draft="smollm2-135m-eagle")
     asked = []
     monkeypatch.setattr(choose_mod, "choose", lambda model, device, backend: asked.append(backend) or {
-        "choice": eagle.as_dict(), "spec": eagle.spec, "break_even": 1.75})
+        "choice": eagle.as_dict(), "spec": eagle.spec, "guard": 1.75})
     args = SimpleNamespace(method="ar,auto:backend=fp16w", model=MODEL, device="cpu", distributed=False)
     resolve_auto_spec(args)
     assert asked == ["fp16w"] and args.method == f"ar,{eagle.spec}:guard=1.7500" and not args.distributed
     pipeline = Candidate("spd", "fp16w", 1, 2, True, (8, 2, 4), "smollm2-135m-n2-tree")
     monkeypatch.setattr(choose_mod, "choose", lambda *a: {"choice": pipeline.as_dict(), "spec": pipeline.spec,
-                                                          "break_even": None})
+                                                          "guard": None})
     args = SimpleNamespace(method="auto,ar", model=MODEL, device="cpu", distributed=False)
     resolve_auto_spec(args)
     assert args.method == f"{pipeline.spec},ar" and args.distributed
