@@ -197,8 +197,9 @@ def make_generator(method: str, model, model_name: str, opts: MethodOptions,
                                                   device=opts.device))
         return chain.generate, models + ["target"]
     target = StagedTarget(model, split_for(method, model, model_name, opts))
+    ar = lambda ids, k, s, e, on_token=None, halt=None: generate_ar(target, ids, k, s, e, on_token, halt)  # noqa: E731
     if method == "ar":
-        run = lambda ids, k, s, e, on_token=None, halt=None: generate_ar(target, ids, k, s, e, on_token, halt)  # noqa: E731
+        run = ar
     elif method in PIPELINED:
         shape = TreeShape(*opts.tree(method))
         drafter = make_pipeline_drafter(method, target, model_name, weights_fingerprint(model), opts.draft,
@@ -216,6 +217,5 @@ def make_generator(method: str, model, model_name: str, opts: MethodOptions,
     if opts.guard is not None and method != "ar":
         from .methods.guard import guarded
 
-        run = guarded(run, lambda ids, k, s, e, on_token=None, halt=None: generate_ar(target, ids, k, s, e, on_token,
-                                                                                      halt), opts.guard)
+        run = guarded(run, ar, opts.guard)  # AR on the same target finishes what the guard stops
     return with_threads(run, opts.threads), target.stage_sizes

@@ -143,6 +143,7 @@ def verdict(profile: dict, model_name: str, device: str, backend: str | None, di
     choice, ar, margin = decide(measured)
     m, a = measured[choice], measured[ar]
     ratio = m.median / a.median
+    break_even = m.cycle_s * a.median if choice.method != "ar" else None  # tokens per cycle that only match AR
     if choice == ar:
         rival = max((c for c in measured if c.method != "ar"), key=lambda c: measured[c].median, default=None)
         why = (f"no drafting configuration beat it by more than the {100 * margin:.0f} % run-to-run spread (best: "
@@ -153,9 +154,9 @@ def verdict(profile: dict, model_name: str, device: str, backend: str | None, di
     line = (f"{choice.label}: {m.median:.1f} tok/s confirmed, {predicted[choice]['tok_s']:.1f} predicted; {why}")
     return {"choice": choice.as_dict(), "spec": choice.spec, "label": choice.label, "ar": ar.as_dict(),
             "ar_label": ar.label, "tok_s": m.median, "ar_tok_s": a.median, "speedup": ratio, "margin": margin,
-            "break_even": m.cycle_s * a.median if choice.method != "ar" else None, "line": line,
+            "break_even": break_even, "line": line,
             # what the online guard gets (methods/guard.py; a pipeline of processes has none)
-            "guard": m.cycle_s * a.median if choice.method != "ar" and not choice.distributed else None,
+            "guard": None if choice.distributed else break_even,
             "predicted": {c.label: predicted[c]["tok_s"] for c in ranked},
             "confirmed": {c.label: {"tok_s": v.tok_s, "median": v.median, "spread": v.spread,
                                     "tokens_per_cycle": v.tokens_per_cycle, "cycle_s": v.cycle_s}

@@ -6,7 +6,7 @@ import json
 import sys
 
 from ..runtime.errors import SpdError
-from .options import config_from, method_options, pipeline_worker_args
+from .options import check_request, config_from, method_options, pipeline_worker_args
 
 
 def check_method(args) -> None:
@@ -40,11 +40,8 @@ def cmd_generate(args) -> int:
     from ..generators import make_generator
     from ..runtime.generation import eos_ids
     from ..runtime.prompts import encode_prompt
-    from ..runtime.sampling import SamplingParams
 
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    if not args.prompt.strip():
-        raise SpdError("the prompt is empty")
+    sampling = check_request(args)
     check_method(args)
     if args.distributed:
         return generate_distributed(args)
@@ -182,14 +179,14 @@ def resolve_auto_spec(args) -> None:
         return
     if len(autos) > 1:
         raise SpdError("--method lists auto twice")
+    from ..runtime.backends import measured
+
     _, *opts = autos[0].split(":")
     backend = None
     for o in opts:
         key, _, value = o.partition("=")
         if key not in ("backend", "dtype"):
             raise SpdError(f"auto takes only backend=...: {autos[0]!r}")
-        from ..runtime.backends import measured
-
         backend = measured(value, f"method spec {autos[0]!r}")
     verdict = choose(args.model, args.device, backend)
     c = Candidate.from_dict(verdict["choice"])

@@ -89,17 +89,10 @@ def resolve_auto(args) -> None:
     if given:
         raise SpdError(f"--method auto chooses {', '.join(given)} itself; name a method (e.g. --method eagle) to set "
                        "them")
-    # What would fail after the choice fails before it (a first choice measures for minutes).
-    if hasattr(args, "prompt") and not args.prompt.strip():
-        raise SpdError("the prompt is empty")
-    if hasattr(args, "temperature"):
-        from ..runtime.sampling import SamplingParams
+    check_request(args)  # what would fail after the choice fails before it (a first choice measures for minutes)
+    from ..runtime.models import check_device
 
-        SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # raises on a bad value
-        if args.max_new_tokens < 1:
-            raise SpdError(f"max_new_tokens must be at least 1 (got {args.max_new_tokens})")
-    if args.device != "cpu" and not args.device.startswith("cuda"):
-        raise SpdError(f"unknown device {args.device!r}: --device takes cpu or cuda[:N]")
+    check_device(args.device)
     from ..auto.candidates import Candidate
     from ..auto.choose import choose
 
@@ -111,6 +104,20 @@ def resolve_auto(args) -> None:
         args.tree_budget, args.tree_depth, args.tree_topk = c.tree
     args.guard = verdict["guard"]
     args.auto = verdict
+
+
+def check_request(args):
+    """generate's prompt, sampling settings and token count (serve's come per request): the
+    SamplingParams they make, or an error before anything is loaded or measured."""
+    from ..runtime.sampling import SamplingParams
+
+    if not hasattr(args, "prompt"):
+        return None
+    if not args.prompt.strip():
+        raise SpdError("the prompt is empty")
+    if args.max_new_tokens < 1:
+        raise SpdError(f"max_new_tokens must be at least 1 (got {args.max_new_tokens})")
+    return SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # raises on a bad value
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

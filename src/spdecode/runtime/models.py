@@ -25,6 +25,14 @@ from .errors import SpdError
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def check_device(device: str) -> None:
+    """A device a model can be loaded on here: cpu, or cuda[:N] where CUDA is available."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpdError(f"device {device!r} requested but CUDA is not available on this machine")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise SpdError(f"unsupported device {device!r}; choose cpu or cuda")
+
+
 def cache_dir() -> Path:
     """Root of spdecode's caches; SPDECODE_CACHE overrides ~/.cache/spdecode."""
     env = os.environ.get("SPDECODE_CACHE")
@@ -142,10 +150,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = measured(dtype, "loading a model")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SpdError(f"device {device!r} requested but CUDA is not available on this machine")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise SpdError(f"unsupported device {device!r}; choose cpu or cuda")
+    check_device(device)
     source = resolve_model(name)
     if isinstance(source, str) and not hub_reachable():
         raise SpdError(
