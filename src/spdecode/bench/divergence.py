@@ -4,7 +4,8 @@ Outside float32 a batched verification pass rounds differently from one-row AR, 
 pick the other of two near-equal tokens. That is legitimate only at a near-tie: at the first token
 where the two outputs part, the reference's top-2 logit margin after the shared prefix must be
 tiny. The reference is the backend's own weights computed in float32 throughout (fp16w: the
-Linear weights rounded to fp16; bfloat16: every weight rounded to bf16), so the margin measures
+Linear weights rounded to fp16; bfloat16: every weight rounded to bf16; int4w/int8w: the Linears
+de-quantized from what the kernels hold, the rest rounded to bf16), so the margin measures
 the model the backend holds, not the rounding of its arithmetic. A wide margin means the method
 chose a token the target would not have: a bug, not rounding. fp16w accumulates in fp32, so its
 divergences must all be near-ties (NEAR_TIE); bf16's arithmetic rounds at ~1e-2 relative, so
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..generators import base_method
+from ..runtime.quantized import QUANTIZED, stored_weight
 
 NEAR_TIE = 1e-3  # logit margin below which two tokens are a tie at float32 rounding level
 
@@ -38,6 +40,14 @@ def reference_model(name: str, backend: str):
         for m in model.modules():
             if isinstance(m, torch.nn.Linear):
                 m.weight = torch.nn.Parameter(m.weight.detach().to(stored).float(), requires_grad=False)
+    elif backend in QUANTIZED:  # the Linears as de-quantized (from the fp32 values), the rest bf16
+        head = model.get_output_embeddings()
+        linears = [(m, stored_weight(backend, m, m is head)) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+        for m, w in linears:
+            m.weight = torch.nn.Parameter(w, requires_grad=False)
     elif stored is not None:
         with torch.no_grad():
             for p in model.parameters():

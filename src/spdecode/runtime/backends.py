@@ -10,6 +10,9 @@ Which number format makes that true depends on the CPU, so the backend is a run-
 - fp16w: fp16 weights, fp32 activations and accumulation, through FBGEMM's packed small-row GEMM
   (shipped inside torch); the same model as float32 with every Linear weight rounded to fp16.
   Its row-count dependence is at fp32 rounding level.
+- int4w, int8w: 4-bit group-32 (Q4_1's layout) or 8-bit per-row weights, bf16 activations, through
+  aten's weight-only CPU kernels (quantized.py); the fewest bytes per one-row step. int4w holds a
+  Q4_1 GGUF's own weights (our default model's); on other checkpoints both are lossy quantizations.
 - float16 (fp16): fp16 weights and activations (for GPUs).
 - auto: measured per machine (`backend_probe.choose_backend`).
 
@@ -25,9 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SpdError
+from .quantized import QUANTIZED, int4_kernels_available, int8_kernels_available, quantize_linears
 
 ACTIVATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                     "fp16w": torch.float32}
+                     "fp16w": torch.float32, "int4w": torch.bfloat16, "int8w": torch.bfloat16}
+# Backends that build their weights from the checkpoint's fp32 values (they load in fp32, then
+# pack; int4w must see the exact de-quantised values to recover a Q4 grid).
+PACKED_FROM_FP32 = ("fp16w", *QUANTIZED)
 ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 AUTO = "auto"
 CHOICES = (*ACTIVATION_DTYPES, *ALIASES, AUTO)
@@ -46,6 +53,12 @@ def activation_dtype(backend: str) -> torch.dtype:
     return ACTIVATION_DTYPES[canonical(backend)]
 
 
+def load_dtype(backend: str) -> torch.dtype:
+    """The dtype to load a checkpoint in before `apply_backend` (fp32 for the packed backends)."""
+    backend = canonical(backend)
+    return torch.float32 if backend in PACKED_FROM_FP32 else ACTIVATION_DTYPES[backend]
+
+
 def measured(name: str, where: str) -> str:
     """`name` as a canonical backend that a model can be loaded in: auto, a measurement, must have
     been resolved (backend_probe.choose_backend, or --backend auto for the whole run) before `where`."""
@@ -58,10 +71,16 @@ def measured(name: str, where: str) -> str:
 
 def device_backends(device: str) -> list[str]:
     """The backends worth trying on `device`: on a CPU float32, bfloat16 and fp16w (where FBGEMM's
-    fp16 GEMM is present); on a GPU float32, bfloat16 and float16."""
+    fp16 GEMM is present); on a GPU float32, bfloat16 and float16. The quantized backends
+    (int4w, int8w) change the model on any checkpoint not already on their grid, so they are
+    chosen by name, never by a measurement."""
     if device != "cpu":
         return ["float32", "bfloat16", "float16"]
     return ["float32", "bfloat16"] + (["fp16w"] if fbgemm_fp16_available() else [])
+
+
+def quantized_available(backend: str) -> bool:
+    return {"int4w": int4_kernels_available, "int8w": int8_kernels_available}[backend]()
 
 
 # -- FBGEMM's packed fp16-weight GEMM -------------------------------------------------------------
@@ -127,9 +146,17 @@ def apply_backend(module: nn.Module, backend: str) -> nn.Module:
     """Make `module`'s Linears compute as `backend` does, in place (its tensors must already be in
     `activation_dtype(backend)`); records the backend as `module.weight_backend`. Only fp16w swaps
     modules; the others compute in their dtype as loaded. A module already converted is repacked;
-    Linears still on the meta device (another pipeline rank's layers) are left as they are."""
+    Linears still on the meta device (another pipeline rank's layers) are left as they are.
+    int4w and int8w take a module loaded in `load_dtype` (fp32), quantize its Linears and cast
+    the rest to bf16."""
     backend = canonical(backend)
-    if backend == "fp16w":
+    if backend in QUANTIZED:
+        if any(p.device.type not in ("cpu", "meta") for p in module.parameters()):
+            raise SpdError(f"the {backend} backend runs on the CPU (aten's weight-only kernels)")
+        if not quantized_available(backend):
+            raise SpdError(f"this torch ({torch.__version__}) lacks the {backend} kernels")
+        quantize_linears(module, backend)
+    elif backend == "fp16w":
         if any(p.device.type not in ("cpu", "meta") for p in module.parameters()):
             raise SpdError("the fp16w backend runs on the CPU (FBGEMM); on a GPU use --backend float16")
         for parent in list(module.modules()):
@@ -148,4 +175,4 @@ def backend_of(module: nn.Module) -> str:
     if recorded:
         return recorded
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-    return {v: k for k, v in ACTIVATION_DTYPES.items() if k != "fp16w"}.get(dtype, "float32")
+    return {v: k for k, v in ACTIVATION_DTYPES.items() if k in ("float32", "bfloat16", "float16")}.get(dtype, "float32")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .backends import activation_dtype, apply_backend, measured
+from .backends import apply_backend, load_dtype, measured
 from .errors import SpdError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -159,7 +159,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
         )
     try:
         tok = AutoTokenizer.from_pretrained(source) if tokenizer else None
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=activation_dtype(dtype), attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype(dtype), attn_implementation="sdpa")
     except OSError as exc:
         if isinstance(source, str):
             raise SpdError(
@@ -287,7 +287,7 @@ def load_partial_model(name: str, layers: range, embed: bool, head: bool, dtype:
     config = AutoConfig.from_pretrained(source)
     config._attn_implementation = "sdpa"
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=activation_dtype(dtype), attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=load_dtype(dtype), attn_implementation="sdpa")
     # from_config takes generation settings (EOS ids among them) from config.json; from_pretrained
     # reads generation_config.json when there is one, and so must every rank, or they stop elsewhere.
     try:
@@ -305,7 +305,7 @@ def load_partial_model(name: str, layers: range, embed: bool, head: bool, dtype:
             for key in st.keys():
                 if any(key.startswith(w) for w in wanted):
                     set_module_tensor_to_device(model, key, device,
-                                                value=st.get_tensor(key).to(activation_dtype(dtype)))
+                                                value=st.get_tensor(key).to(load_dtype(dtype)))
     if tied and (head or embed):
         model.lm_head.weight = model.model.embed_tokens.weight
     # Only the materialised Linears are packed (apply_backend leaves those on the meta device).

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The anchor a CPU user would pick: llama.cpp (llama-cpp-python, built from its PyPI source package
+# in a venv of its own) decoding the very GGUF our default model is converted from, on the same
+# prompts, token ids and threads as `spdecode bench`, side by side with our AR and eagle.
+#
+#   scripts/bench_llamacpp.sh [DATA.jsonl] [LIMIT] [MAX_NEW_TOKENS] [ROUNDS]
+#
+# The build takes tens of minutes on 2 cores, once (the venv is kept under
+# ${SPDECODE_CACHE:-~/.cache/spdecode}/llamacpp-venv); it is never part of make or the tests.
+# Rounds alternate llama.cpp and spdecode bench; medians over rounds are printed at the end.
+# Results: $OUT (default ./llamacpp-bench), one JSON per run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:-../shared/eval_data/mt_bench/question.jsonl}
+LIMIT=${2:-12}
+NEW=${3:-128}
+ROUNDS=${4:-3}
+THREADS=${THREADS:-"1 2"}
+OUT=${OUT:-llamacpp-bench}
+VERSION=0.3.36
+CACHE=${SPDECODE_CACHE:-$HOME/.cache/spdecode}
+LVENV=$CACHE/llamacpp-venv
+PY=.venv/bin/python
+mkdir -p "$OUT"
+
+if ! "$LVENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+  echo "building llama-cpp-python $VERSION from source into $LVENV (tens of minutes on 2 cores)" >&2
+  python3 -m venv "$LVENV"
+  # GGML_NATIVE: compiled for this CPU's instruction sets, as a user building it here gets it.
+  CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    "$LVENV/bin/pip" install --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python==$VERSION"
+fi
+
+# Same token ids for both: the prompts encoded once by our tokenizer and chat template.
+$PY scripts/llamacpp_anchor.py prompts --data "$DATA" --limit "$LIMIT" --out "$OUT/prompts.json"
+for round in $(seq 1 "$ROUNDS"); do
+  for t in $THREADS; do
+    "$LVENV/bin/python" scripts/llamacpp_anchor.py decode --prompts "$OUT/prompts.json" --threads "$t" \
+      --max-new-tokens "$NEW" --out "$OUT/llamacpp-t$t-r$round.json"
+  done
+  .venv/bin/spdecode bench --method ar,eagle --ar-sweep --data "$DATA" --limit "$LIMIT" --max-new-tokens "$NEW" \
+    --json-out "$OUT/spdecode-r$round.json" > "$OUT/spdecode-r$round.log"
+done
+$PY scripts/llamacpp_anchor.py summary --dir "$OUT"

@@ -1,0 +1,162 @@
+"""Helper of scripts/bench_llamacpp.sh: the same prompts, token ids and threads for llama.cpp and spdecode.
+
+    prompts  (our venv)        encode a {question_id, turns} set with our tokenizer and chat
+                               template; record the GGUF's path and the bytes of weights one
+                               decode step reads (every tensor but the embedding rows, plus the
+                               tied LM head, which reads the whole embedding)
+    decode   (llama.cpp venv)  greedy decode of those ids with llama-cpp-python: prefill, then one
+                               token per `eval`, timed decode only, stopping at EOS as bench does
+    summary  (our venv)        medians over rounds beside spdecode bench's best AR and eagle
+
+Only the standard library (and llama_cpp in `decode`) is imported at module level, so the
+llama.cpp venv needs nothing of ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+
+def cmd_prompts(args) -> None:
+    import platform
+
+    import torch
+
+    from transformers import AutoTokenizer
+
+    from spdecode.bench.run import load_sets
+    from spdecode.runtime.models import ALIASES, resolve_model
+    from spdecode.runtime.prompts import encode_prompt
+
+    gguf_path = ALIASES[args.model].gguf()
+    tok = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    sets = load_sets(argparse.Namespace(data=args.data, limit=args.limit))
+    prompts = [{"id": f"{name}/{row['question_id']}", "ids": encode_prompt(tok, row["turns"][0])}
+               for name, rows in sets.items() for row in rows]
+    eos = sorted({int(t) for t in ([tok.eos_token_id] if tok.eos_token_id is not None else [])})
+    Path(args.out).write_text(json.dumps({
+        "gguf": str(gguf_path), "eos": eos, "prompts": prompts,
+        "bytes_per_token": gguf_bytes_per_token(gguf_path),
+        "machine": {"cpu": platform.processor() or platform.machine(),
+                    "capability": torch.backends.cpu.get_cpu_capability()},
+    }))
+    print(f"{len(prompts)} prompts -> {args.out}")
+
+
+def gguf_bytes_per_token(path: Path) -> dict:
+    """Bytes of weights a one-token decode step reads: every tensor in full, except the token
+    embedding, of which one row is gathered (but which a tied LM head reads whole)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    emb = sizes.get("token_embd.weight", 0)
+    tied = "output.weight" not in sizes
+    rows = int(reader.tensors[[t.name for t in reader.tensors].index("token_embd.weight")].shape[-1]) \
+        if emb else 1
+    per_token = sum(sizes.values()) - emb + emb // max(rows, 1) + (emb if tied else 0)
+    return {"total_tensor_bytes": sum(sizes.values()), "per_token": per_token, "tied_head": tied}
+
+
+def cmd_decode(args) -> None:
+    import numpy as np
+    from llama_cpp import Llama
+
+    spec = json.loads(Path(args.prompts).read_text())
+    llm = Llama(model_path=spec["gguf"], n_threads=args.threads, n_threads_batch=args.threads, n_ctx=2048,
+                n_batch=512, verbose=False)
+    eos = set(spec["eos"]) | {llm.token_eos()}
+
+    def run(ids, new):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
+        out = []
+        while len(out) < new:
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(nxt)
+            if nxt in eos or len(out) == new:
+                break
+            llm.eval([nxt])
+        return out, t1 - t0, time.perf_counter() - t1
+
+    run(spec["prompts"][0]["ids"], 8)  # warm-up
+    records = []
+    for p in spec["prompts"]:
+        out, prefill, decode = run(p["ids"], args.max_new_tokens)
+        # The first token comes from the prefill's logits; every later one costs one eval.
+        steps = max(len(out) - 1, 1)
+        records.append({"id": p["id"], "new_tokens": len(out), "prefill_s": prefill, "decode_s": decode,
+                        "decode_tok_s": steps / decode if decode > 0 else None, "tokens": out})
+    rates = [r["decode_tok_s"] for r in records if r["decode_tok_s"]]
+    summary = {"threads": args.threads, "median_prompt_tok_s": statistics.median(rates),
+               "decode_tok_s": sum(max(r["new_tokens"] - 1, 1) for r in records) / sum(r["decode_s"] for r in records)}
+    Path(args.out).write_text(json.dumps({"summary": summary, "records": records}))
+    print(f"llama.cpp threads={args.threads}: {summary['median_prompt_tok_s']:.1f} tok/s (median over prompts)")
+
+
+def cmd_summary(args) -> None:
+    root = Path(args.dir)
+    spec = json.loads((root / "prompts.json").read_text())
+    lcpp: dict[int, list[float]] = {}
+    lcpp_tokens: dict[str, list[int]] = {}
+    for f in sorted(root.glob("llamacpp-t*-r*.json")):
+        d = json.loads(f.read_text())
+        lcpp.setdefault(d["summary"]["threads"], []).append(d["summary"]["median_prompt_tok_s"])
+        for r in d["records"]:
+            lcpp_tokens[r["id"]] = r["tokens"]
+    ours: dict[str, list[float]] = {}
+    our_tokens: dict[str, list[int]] = {}
+    for f in sorted(root.glob("spdecode-r*.json")):
+        d = json.loads(f.read_text())
+        for label, per_set in d["summary"].items():
+            rates = [s["median_prompt_tok_s"] for s in per_set.values()]
+            ours.setdefault(label, []).append(statistics.median(rates))
+        for r in d["records"]:
+            if r["method"].startswith("ar") and r.get("dtype") in (None, "float32"):
+                our_tokens.setdefault(f"{r['dataset']}/{r['question_id']}", r["tokens"])
+    med = {f"llama.cpp threads={t}": statistics.median(v) for t, v in sorted(lcpp.items())}
+    med.update({label: statistics.median(v) for label, v in ours.items()})
+    best_lcpp = max(v for k, v in med.items() if k.startswith("llama.cpp"))
+    best_ar = max((v, k) for k, v in med.items() if k.startswith("ar"))
+    best_any = max((v, k) for k, v in med.items() if not k.startswith("llama.cpp"))
+    print(f"medians over {len(next(iter(lcpp.values())))} rounds (tok/s, median over prompts):")
+    for label, v in sorted(med.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:60s} {v:7.1f}  {v / best_lcpp:5.2f}x llama.cpp")
+    print(f"best AR {best_ar[1]}: llama.cpp is {best_lcpp / best_ar[0]:.2f}x ahead")
+    print(f"best spdecode {best_any[1]}: {best_any[0] / best_lcpp:.2f}x llama.cpp")
+    b = spec["bytes_per_token"]
+    print(f"weights read per token: llama.cpp {b['per_token'] / 1e6:.0f} MB (Q4_1 GGUF)")
+    same = [lcpp_tokens[k] == our_tokens[k] for k in lcpp_tokens if k in our_tokens]
+    if same:
+        print(f"llama.cpp greedy outputs identical to our fp32 AR: {sum(same)}/{len(same)} "
+              "(it quantizes activations to 8 bits inside its dot products)")
+    (root / "summary.json").write_text(json.dumps({"medians": med, "bytes_per_token": b}, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prompts")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", required=True)
+    p.add_argument("--limit", type=int, default=12)
+    p.add_argument("--out", required=True)
+    d = sub.add_parser("decode")
+    d.add_argument("--prompts", required=True)
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--out", required=True)
+    s = sub.add_parser("summary")
+    s.add_argument("--dir", required=True)
+    args = ap.parse_args()
+    {"prompts": cmd_prompts, "decode": cmd_decode, "summary": cmd_summary}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Weight-only quantized backends (runtime/quantized.py): the aten kernels they rest on are there
+(this fails the day torch drops them); int4w recovers a Q4_1 grid's own integers, scales and minima
+from its de-quantised fp32 weights; each quantized Linear computes what its de-quantised weights
+compute; a loaded model keeps the checkpoint's identity; the divergence reference holds the
+weights the backend computes with."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from spdecode.bench.divergence import reference_model
+from spdecode.methods.ar import generate_ar
+from spdecode.runtime.backends import apply_backend, backend_of, load_dtype
+from spdecode.runtime.models import weights_fingerprint
+from spdecode.runtime.quantized import (
+    Int4Linear,
+    Int8Linear,
+    int4_dequantize,
+    int4_kernels_available,
+    int4_quantize,
+    int8_kernels_available,
+    stored_weight,
+)
+from spdecode.runtime.staged import StagedTarget
+
+
+def test_the_weight_only_kernels_torch_ships_are_there():
+    """If this fails, torch renamed or dropped aten's CPU weight-only kernels: int4w and int8w
+    cannot load (a clear error says so); find their new entry points (or torchao's)."""
+    assert int4_kernels_available() and int8_kernels_available()
+
+
+def q4_1_weights(n=64, k=96, seed=0):
+    """What a Q4_1 GGUF de-quantises to: per group of 32, q in 0..15 (0 and 15 both used, as
+    ggml's quantizer maps a group's min and max to them), d and m stored in fp16."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k // 32, 32), generator=g)
+    q[..., 0], q[..., 1] = 0, 15
+    d = (torch.rand(n, k // 32, 1, generator=g) * 0.02 + 1e-3).half().float()
+    m = (torch.randn(n, k // 32, 1, generator=g) * 0.05).half().float()
+    return (q * d + m).reshape(n, k), q.reshape(n, k), d[..., 0], m[..., 0]
+
+
+def test_int4_quantize_recovers_a_q4_1_grid_exactly():
+    w, q, d, m = q4_1_weights()
+    got_q, scale, lo = int4_quantize(w)
+    assert torch.equal(got_q, q.to(torch.int32)) and torch.equal(lo, m)
+    assert torch.allclose(scale, d, rtol=1e-6, atol=0)
+    assert torch.equal(int4_dequantize(got_q, scale, lo, torch.float32), w)
+
+
+@pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
+def test_a_quantized_linear_computes_with_its_dequantized_weights(cls):
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(96, 64, bias=True)
+    with torch.no_grad():
+        dense.weight.copy_(q4_1_weights()[0])
+    layer = cls.from_linear(dense)
+    x = torch.randn(1, 9, 96)
+    got = layer(x)
+    backend = "int4w" if cls is Int4Linear else "int8w"
+    want = F.linear(x.bfloat16().float(), stored_weight(backend, dense), dense.bias)
+    assert got.shape == (1, 9, 64) and got.dtype == torch.bfloat16
+    # bf16 output rounding (2^-8 relative) is the only difference allowed; a wrong zero point
+    # (w = q * scale, or q - 8 without the zero) is off by whole scales.
+    assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    assert not torch.allclose(got.float(), F.linear(x, dense.weight + 0.05, dense.bias), atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["int4w", "int8w"])
+def test_a_model_loaded_quantized_keeps_its_identity_and_decodes(backend):
+    model = tiny_model("llama")
+    before = weights_fingerprint(model)
+    assert load_dtype(backend) == torch.float32
+    apply_backend(model, backend)
+    head = model.get_output_embeddings()
+    layers = [m for m in model.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert isinstance(head, Int8Linear) and layers
+    assert all(isinstance(m, Int4Linear if backend == "int4w" else Int8Linear) for m in layers)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert backend_of(model) == backend and weights_fingerprint(model) == before
+    out = generate_ar(StagedTarget(model), [5, 9, 13], 12).tokens
+    assert len(out) == 12
+
+
+def test_the_divergence_reference_holds_what_int4w_computes_with(tmp_path):
+    """The reference (fp32 arithmetic over the backend's weights) and the int4w model itself give
+    logits equal up to bf16 arithmetic; the plain fp32 model is farther away than that."""
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    ref = reference_model(str(tmp_path / "m"), "int4w")
+    fp32 = tiny_model("llama")
+    quant = apply_backend(tiny_model("llama"), "int4w")
+    ids = torch.tensor([[5, 9, 13, 21, 40, 2, 7]])
+    with torch.inference_mode():
+        got = quant(ids).logits.float()
+        near = (ref(ids).logits - got).abs().max()
+        far = (fp32(ids).logits - got).abs().max()
+    assert near < far / 2
