@@ -26,8 +26,17 @@ mkdir -p "$OUT"
 if ! "$LVENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   echo "building llama-cpp-python $VERSION from source into $LVENV (tens of minutes on 2 cores)" >&2
   python3 -m venv "$LVENV"
-  # GGML_NATIVE: compiled for this CPU's instruction sets, as a user building it here gets it.
-  CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+  # Compiled for this CPU's instruction sets, as GGML_NATIVE would, but without AMX: its tile
+  # instructions fault in a process the kernel has not granted AMX state (KVM guests), which
+  # torch requests and ggml 0.3.36 does not.
+  flags=$(grep -m1 '^flags' /proc/cpuinfo)
+  args="-DGGML_NATIVE=OFF"
+  for f in avx avx2 fma f16c bmi2 avx512f avx512vbmi avx512_vnni avx512_bf16 avx_vnni; do
+    opt=$(echo "$f" | tr a-z A-Z); [ "$opt" = AVX512F ] && opt=AVX512; [ "$opt" = AVX512VBMI ] && opt=AVX512_VBMI
+    if [[ " $flags " == *" $f "* ]]; then args="$args -DGGML_$opt=ON"; else args="$args -DGGML_$opt=OFF"; fi
+  done
+  echo "CMAKE_ARGS=$args" >&2
+  CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
     "$LVENV/bin/pip" install --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python==$VERSION"
 fi
 

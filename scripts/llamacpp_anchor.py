@@ -25,7 +25,6 @@ def cmd_prompts(args) -> None:
     import platform
 
     import torch
-
     from transformers import AutoTokenizer
 
     from spdecode.bench.run import load_sets

@@ -34,8 +34,8 @@ BACKEND_HELP = ("the weight backend of every model the run computes with: float3
                 "on several rows only with avx512_bf16 or AMX), fp16w (fp16 weights, fp32 activations and "
                 "accumulation, FBGEMM's packed GEMM), int4w (4-bit group-32 weights as in a Q4_1 GGUF, int8 LM head, "
                 "bf16 activations: the fewest bytes per step; a lossy quantization on other checkpoints), int8w "
-                "(8-bit per-row weights, bf16 activations), float16 (fp16, GPUs), or auto (measured on this machine once, "
-                "cached); --dtype is an alias (default float32)")
+                "(8-bit per-row weights, bf16 activations), float16 (fp16, GPUs), or auto (measured on this "
+                "machine once, cached); --dtype is an alias (default float32)")
 
 
 def add_backend_arg(p: argparse.ArgumentParser) -> None:

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..runtime.backends import apply_backend, backend_of
+from ..runtime.compact_layer import compact_layers
 from ..runtime.errors import SpdError
 from ..runtime.kv_cache import StaticKVCache
 from ..runtime.staged import StagedTarget, run_decoder_layers
@@ -108,6 +109,7 @@ class PipelineDraftModule(nn.Module):
             lcfg.layer_types = ["full_attention"] * cfg.num_layers  # the PDM always attends fully
         layer_cls = type(target.layers[0])
         self.layers = nn.ModuleList(layer_cls(lcfg, layer_idx=i) for i in range(cfg.num_layers))
+        self.step_layers = compact_layers(self.layers)  # a plain list: the same submodules, run compactly
         head = target.model.lm_head.weight
         if draft_vocab is not None:
             draft_vocab = torch.as_tensor(draft_vocab, dtype=torch.long)
@@ -139,7 +141,7 @@ class PipelineDraftModule(nn.Module):
         """Decoder layers over rows [1, r, H] in slots start.. of the PDM cache; raw outputs.
         `positions`/`visible`/`committed` run a draft tree's rows (runtime.staged.run_decoder_layers)."""
         t = self.target[0]
-        return run_decoder_layers(self.layers, range(len(self.layers)), self._types, [None] * len(self.layers),
+        return run_decoder_layers(self.step_layers, range(len(self.layers)), self._types, [None] * len(self.layers),
                                   t.decoder.rotary_emb, t._rotary_per_type, self.cache, rows, start,
                                   positions=positions, visible=visible, committed=committed)
 

@@ -17,6 +17,7 @@ from itertools import pairwise
 
 import torch
 
+from .compact_layer import CompactLlamaLayer, compact_layers, rotary_tables
 from .errors import SpdError
 from .kv_cache import StaticKVCache
 from .tree import DraftTree, ancestor_mask, chunk_tensors
@@ -91,6 +92,7 @@ def run_decoder_layers(layers, indices, layer_types, windows, rotary, rotary_per
     which of them each chunk row sees (default: the earlier ones and itself). See tree.py.
 
     Shared by the staged target and the draft module (whose layers are built from the same class).
+    `layers` are HF's, or compact_layer's wrappers of them (which take their rotary tables ready).
     """
     q = hidden.shape[1]
     committed = start if committed is None else committed
@@ -109,6 +111,8 @@ def run_decoder_layers(layers, indices, layer_types, windows, rotary, rotary_per
         kind = layer_types[i]
         if kind not in pe:
             pe[kind] = rotary(hidden, pos, kind) if rotary_per_type else rotary(hidden, pos)
+            if isinstance(layers[i], CompactLlamaLayer):
+                pe[kind] = rotary_tables(*pe[kind])
         window = windows[i]
         if masked and window not in masks:
             masks[window] = chunk_mask(start, positions, visible, cache.window_start(i, start), window, committed)
@@ -131,7 +135,8 @@ class StagedTarget:
         self.model = model
         self.config = model.config
         self.decoder = model.get_decoder()
-        self.layers = self.decoder.layers
+        self.layers = self.decoder.layers  # HF's (the teacher's hooks and HF's own forward use them)
+        self.step_layers = compact_layers(self.layers)  # what the stage executor runs
         self.n_layers = self.config.num_hidden_layers
         self.stage_sizes = split_layers(self.n_layers, stages)
         bounds, lo = [], 0
@@ -178,9 +183,9 @@ class StagedTarget:
         `positions`, `visible` and `committed` (see run_decoder_layers) run tokens off the plain
         causal line: a draft tree's nodes, over rows of other nodes still in flight.
         """
-        return run_decoder_layers(self.layers, range(lo, hi), self.layer_types, self.windows, self.decoder.rotary_emb,
-                                  self._rotary_per_type, self.cache, hidden, start, capture, positions, visible,
-                                  committed)
+        return run_decoder_layers(self.step_layers, range(lo, hi), self.layer_types, self.windows,
+                                  self.decoder.rotary_emb, self._rotary_per_type, self.cache, hidden, start, capture,
+                                  positions, visible, committed)
 
     def run_stage(self, stage: int, hidden: torch.Tensor, start: int, capture: Collection[int] | None = None):
         lo, hi = self.stage_bounds[stage]
