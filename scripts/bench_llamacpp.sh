@@ -16,6 +16,10 @@ LIMIT=${2:-12}
 NEW=${3:-128}
 ROUNDS=${4:-3}
 THREADS=${THREADS:-"1 2"}
+# Our side: AR swept over every backend and thread count (--ar-sweep; int4w where the checkpoint is
+# a Q4 one, as ours is), eagle on BACKEND and on int4w.
+METHOD=${METHOD:-ar,eagle,eagle:backend=int4w}
+BACKEND=${BACKEND:-fp16w}
 OUT=${OUT:-llamacpp-bench}
 VERSION=0.3.36
 CACHE=${SPDECODE_CACHE:-$HOME/.cache/spdecode}
@@ -47,7 +51,7 @@ for round in $(seq 1 "$ROUNDS"); do
     "$LVENV/bin/python" scripts/llamacpp_anchor.py decode --prompts "$OUT/prompts.json" --threads "$t" \
       --max-new-tokens "$NEW" --out "$OUT/llamacpp-t$t-r$round.json"
   done
-  .venv/bin/spdecode bench --method ar,eagle --ar-sweep --data "$DATA" --limit "$LIMIT" --max-new-tokens "$NEW" \
+  .venv/bin/spdecode bench --method "$METHOD" --backend "$BACKEND" --ar-sweep --data "$DATA" --limit "$LIMIT" --max-new-tokens "$NEW" \
     --json-out "$OUT/spdecode-r$round.json" > "$OUT/spdecode-r$round.log"
 done
 $PY scripts/llamacpp_anchor.py summary --dir "$OUT"

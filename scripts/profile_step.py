@@ -93,9 +93,11 @@ def breakdown(fn, reps: int, layers: int, modules) -> dict:
 
 
 @torch.inference_mode()
-def profile_backend(model_name: str, backend: str, rows_list, context: int, reps: int) -> dict:
+def profile_backend(model_name: str, backend: str, rows_list, context: int, reps: int, hf_layers: bool) -> dict:
     model, _ = load_model(model_name, backend, tokenizer=False)
     target = StagedTarget(model)
+    if hf_layers:  # the layers as HF runs them (before runtime/compact_layer.py)
+        target.step_layers = list(target.layers)
     L, H = target.n_layers, target.config.hidden_size
     target.reserve(context + max(rows_list) + 1)
     ids = torch.randint(0, target.config.vocab_size, (1, context))
@@ -114,6 +116,8 @@ def profile_backend(model_name: str, backend: str, rows_list, context: int, reps
             if d.name.endswith(("-eagle", "-n2-tree")):
                 split = StagedTarget(model, json.loads((d / CONFIG_FILE).read_text())["stage_sizes"])
                 pdm = load_pdm(d, split, weights_fingerprint(model))
+                if hf_layers:
+                    pdm.step_layers = list(pdm.layers)
 
                 def draft_pass(x=x, pdm=pdm):
                     pdm.cache.reset()
@@ -133,18 +137,20 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 9])
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--hf-layers", action="store_true", help="run HF's decoder layers, not the compact ones")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cpu = describe_cpu()
     result = {"machine": {k: cpu[k] for k in ("cpu", "flags", "capability", "usable_cores")},
-              "threads": args.threads, "context": args.context, "backends": {}}
+              "threads": args.threads, "context": args.context, "layers": "hf" if args.hf_layers else "compact",
+              "backends": {}}
     print(f"{cpu['cpu']} ({cpu['capability']}; {' '.join(cpu['flags'])}), {args.threads} thread(s), "
-          f"context {args.context}; ms per decoder layer (heads and draft passes: ms per pass)")
+          f"context {args.context}, {result['layers']} layers; ms per decoder layer (heads, draft passes: per pass)")
     print(f"{'backend':9s} {'rows':>4s} {'part':34s} {'wall':>6s} {'matrix':>6s} {'other':>6s} "
           f"{'attn':>6s} {'ops':>6s} {'python':>6s}")
     for backend in args.backend:
-        got = profile_backend(args.model, backend, args.rows, args.context, args.reps)
+        got = profile_backend(args.model, backend, args.rows, args.context, args.reps, args.hf_layers)
         result["backends"][backend] = got
         for rows, parts in got.items():
             for part, b in parts.items():

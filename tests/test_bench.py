@@ -83,7 +83,7 @@ def test_method_specs_carry_their_own_options(monkeypatch):
     assert specs["sd:drafter=prompt-lookup"][1].tree("sd") == (0, 4, 3)  # sd's default is a chain
     # The AR sweep: every backend this machine has (the run's own first) x 1 up to every usable core.
     monkeypatch.setattr("spdecode.bench.run.thread_sweep", lambda: [1, 2, 4])
-    monkeypatch.setattr("spdecode.bench.run.device_backends", lambda device: ["float32", "bfloat16", "fp16w"])
+    monkeypatch.setattr("spdecode.bench.run.model_backends", lambda model, device: ["float32", "bfloat16", "fp16w"])
     swept = method_specs(BenchConfig(method="ar,eagle", dtype="bfloat16", ar_sweep=True))
     assert [s for s in swept if s.startswith("ar")] == [
         "ar:threads=1", "ar:threads=2", "ar:threads=4",

@@ -98,3 +98,20 @@ def test_the_divergence_reference_holds_what_int4w_computes_with(tmp_path):
         near = (ref(ids).logits - got).abs().max()
         far = (fp32(ids).logits - got).abs().max()
     assert near < far / 2
+
+
+def test_int4w_is_offered_only_for_a_checkpoint_already_on_its_grid(tmp_path):
+    """A Q4_1-style checkpoint (our aliases) gets int4w among the backends auto and --ar-sweep
+    measure; a plain fp32 one does not (there int4w would be a lossy quantization)."""
+    from spdecode.runtime.models import model_backends
+
+    plain = tiny_model("llama")
+    plain.save_pretrained(tmp_path / "plain")
+    on_grid = tiny_model("llama")
+    with torch.no_grad():
+        for m in on_grid.model.layers.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(int4_dequantize(*int4_quantize(m.weight), dtype=torch.float32))
+    on_grid.save_pretrained(tmp_path / "grid")
+    assert "int4w" not in model_backends(str(tmp_path / "plain"))
+    assert model_backends(str(tmp_path / "grid"))[-1] == "int4w"

@@ -106,11 +106,11 @@ def stale(profile: dict, model_name: str, device: str, ar: Candidate) -> str:
 def choose(model_name: str, device: str = "cpu", backend: str | None = None, distributed: bool = True,
            log=stderr) -> dict:
     """The verdict (the choice and why, see `verdict`) for this machine, cached in its profile."""
-    from ..runtime.backends import device_backends
+    from ..runtime.models import model_backends
 
-    if backend is not None and backend not in device_backends(device):
-        raise SpdError(f"backend {backend} does not run on {device}; choose from "
-                       f"{', '.join(device_backends(device))}")
+    if backend is not None and backend not in (offered := model_backends(model_name, device)):
+        raise SpdError(f"auto does not measure backend {backend} for {model_name} on {device}; choose from "
+                       f"{', '.join(offered)}")
     profile = ensure_profile(model_name, device, log)
     vkey = verdict_key(backend, distributed)
     cached = profile.get("verdicts", {}).get(vkey)

@@ -19,7 +19,7 @@ import re
 import time
 from pathlib import Path
 
-VERSION = 1
+VERSION = 2  # 2: int4w among the backends (model_backends, in the key); compact decoder layers
 STALE_STEP = 0.20  # a start-up AR step this far off the profile's means the machine is not the one measured
 
 
@@ -59,7 +59,7 @@ def profile_key(model_name: str, device: str) -> dict:
     from ..drafting.pdm import bundled_drafts
     from ..runtime.backend_probe import KERNEL_ENV, package_version
     from ..runtime.machine import describe_cpu
-    from ..runtime.models import files_fingerprint, resolve_model
+    from ..runtime.models import files_fingerprint, model_backends, resolve_model
 
     source = resolve_model(model_name)
     cpu = describe_cpu()
@@ -67,7 +67,8 @@ def profile_key(model_name: str, device: str) -> dict:
             "drafts": {d.name: draft_checksum(d) for d in bundled_drafts(model_name)}, "device": device,
             "cpu": cpu["cpu"], "flags": cpu["flags"], "capability": cpu["capability"],
             "usable_cores": cpu["usable_cores"], "torch": torch.__version__, "spdecode": package_version(),
-            "env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}}
+            "env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ},
+            "backends": model_backends(model_name, device)}
 
 
 def load_profile(model_name: str, device: str, key: dict) -> tuple[dict | None, str]:

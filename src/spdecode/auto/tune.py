@@ -89,9 +89,8 @@ def tune(model_name: str, device: str = "cpu", full: bool = False, log=None) -> 
     from transformers import AutoConfig
 
     from ..plan.costs import CONTEXTS, ROWS, measure, time_link
-    from ..runtime.backends import device_backends
     from ..runtime.machine import usable_cores
-    from ..runtime.models import resolve_model
+    from ..runtime.models import model_backends, resolve_model
     from .profile import new_profile, profile_key
 
     t0 = time.perf_counter()
@@ -100,7 +99,7 @@ def tune(model_name: str, device: str = "cpu", full: bool = False, log=None) -> 
     cores = usable_cores()
     source = resolve_model(model_name)
     cfg = AutoConfig.from_pretrained(source)
-    backends = device_backends(device)
+    backends = model_backends(model_name, device)
     probe = linear_probe(cfg.hidden_size, cfg.intermediate_size, backends, cores) if device == "cpu" else {}
     chosen = backends if full or not probe else survivors(probe)
     threads = tune_threads(cores, full)

@@ -28,11 +28,10 @@ from ..generators import (
     parse_method_spec,
     split_specs,
 )
-from ..runtime.backends import device_backends
 from ..runtime.errors import SpdError
 from ..runtime.generation import eos_ids
 from ..runtime.machine import cpu_line, describe_cpu, thread_sweep, usable_cores
-from ..runtime.models import DEFAULT_MODEL
+from ..runtime.models import DEFAULT_MODEL, model_backends
 from ..runtime.prompts import encode_prompt
 from ..runtime.sampling import SamplingParams
 from .divergence import divergences, print_divergences, reference_model, rowcount_noise
@@ -106,7 +105,8 @@ def method_specs(cfg: BenchConfig) -> dict[str, tuple[str, MethodOptions]]:
         if "ar" not in specs:
             raise SpdError("--ar-sweep replaces a plain `ar` in --method by every AR configuration: list ar")
         # --distributed: a pipeline's processes share the cores; AR may take them all.
-        dtypes = list(dict.fromkeys([cfg.dtype, *device_backends(cfg.device)])) if cfg.ar_sweep else [cfg.dtype]
+        swept = model_backends(cfg.model, cfg.device) if cfg.ar_sweep else []
+        dtypes = list(dict.fromkeys([cfg.dtype, *swept]))
         specs.remove("ar")
         specs[:0] = [f"ar:threads={t}" + ("" if d == cfg.dtype else f":dtype={d}") for d in dtypes
                      for t in thread_sweep()]

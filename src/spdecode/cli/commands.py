@@ -240,8 +240,9 @@ def measure_costs(args) -> int:
     from pathlib import Path
 
     from ..plan.costs import measure
-    from ..runtime.backends import device_backends, measured
+    from ..runtime.backends import measured
     from ..runtime.machine import thread_sweep
+    from ..runtime.models import model_backends
 
     if not args.out:
         raise SpdError("--measure needs --out FILE.json")
@@ -251,7 +252,8 @@ def measure_costs(args) -> int:
         raise SpdError(f"--threads: expected comma-separated integers, got {args.threads!r}") from None
     if args.reps < 1:
         raise SpdError(f"--reps must be at least 1 (got {args.reps})")
-    backends = [args.dtype] if not args.backends else device_backends(args.device) if args.backends == "all" else [
+    backends = [args.dtype] if not args.backends else model_backends(args.model, args.device) \
+        if args.backends == "all" else [
         measured(b.strip(), "plan --measure") for b in args.backends.split(",") if b.strip()]
     for backend in backends:
         out = Path(args.out)

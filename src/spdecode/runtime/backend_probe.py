@@ -20,7 +20,6 @@ import time
 
 import torch
 
-from .backends import device_backends
 from .machine import describe_cpu
 
 PROBE_ROWS = (1, 9)
@@ -85,9 +84,9 @@ def time_passes(model, rows=PROBE_ROWS, context: int = PROBE_CONTEXT, reps: int 
 def measure_backends(model_name: str, device: str, threads: int, backends: list[str] | None = None,
                      log=None) -> dict[str, dict[int, float]]:
     """backend -> {rows: seconds} for every candidate backend, at `threads` threads."""
-    from .models import load_model
+    from .models import load_model, model_backends
 
-    backends = backends or device_backends(device)
+    backends = backends or model_backends(model_name, device)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .backends import apply_backend, load_dtype, measured
+from .backends import apply_backend, device_backends, load_dtype, measured
 from .errors import SpdError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -169,6 +169,20 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
         raise SpdError(f"cannot load model from {source}: {str(exc).splitlines()[0]}") from exc
     model.to(device).eval().requires_grad_(False)
     return apply_backend(model, dtype), tok
+
+
+def model_backends(name: str, device: str = "cpu") -> list[str]:
+    """The backends worth measuring for model `name` on `device`: `device_backends`, plus int4w on
+    a CPU where the checkpoint's Linears already lie on its grid (a Q4 GGUF de-quantised, as our
+    aliases are): then int4w is the checkpoint's own weights, not a lossy quantization of them."""
+    from .quantized import holds_int4_grid, int4_kernels_available
+
+    backends = device_backends(device)
+    if device == "cpu" and int4_kernels_available():
+        source = resolve_model(name)
+        if not isinstance(source, str) and holds_int4_grid(source):
+            backends.append("int4w")
+    return backends
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

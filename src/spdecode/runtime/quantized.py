@@ -60,6 +60,41 @@ def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtyp
     return ((q.reshape(n, k // INT4_GROUP, INT4_GROUP) - 8) * s[..., None] + z[..., None]).reshape(n, k)
 
 
+def on_int4_grid(weight: torch.Tensor) -> bool:
+    """Whether `weight` [N, K] already lies on a 4-bit group-32 grid (a Q4_1 or Q4_K tensor
+    de-quantised): int4w then holds it as it is, up to the bf16 copy of each scale and zero."""
+    if weight.dim() != 2 or weight.shape[1] % INT4_GROUP:
+        return False
+    w = weight.float()
+    err = (int4_dequantize(*int4_quantize(w), dtype=torch.float32) - w).abs().max()
+    return bool(err <= 1e-6 * w.abs().max().clamp(min=1e-30))
+
+
+def holds_int4_grid(directory) -> bool:
+    """Whether a model directory's decoder Linears lie on a 4-bit group-32 grid: the first and last
+    layers' query and down projections are checked (a mixed-precision GGUF, e.g. Q4_K_M's 6-bit
+    tensors, fails). Only those tensors are read."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    names = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for key in st.keys():
+                if key.endswith(("self_attn.q_proj.weight", "mlp.down_proj.weight")) and ".layers." in key:
+                    names[key] = f
+    layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in names})
+    wanted = [k for k in names if layers and int(k.split(".layers.")[1].split(".")[0]) in (layers[0], layers[-1])]
+    if not wanted:
+        return False
+    for key in wanted:
+        with safe_open(names[key], "pt") as st:
+            if not on_int4_grid(st.get_tensor(key)):
+                return False
+    return True
+
+
 def int8_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [N, K], scale fp32 [N]): symmetric per output row, w ~ q * scale."""
     w = weight.detach().float()
