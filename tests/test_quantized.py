@@ -115,3 +115,13 @@ def test_int4w_is_offered_only_for_a_checkpoint_already_on_its_grid(tmp_path):
     on_grid.save_pretrained(tmp_path / "grid")
     assert "int4w" not in model_backends(str(tmp_path / "plain"))
     assert model_backends(str(tmp_path / "grid"))[-1] == "int4w"
+
+
+@pytest.mark.parametrize("backend", ["fp16w", "int4w", "int8w"])
+def test_training_refuses_a_packed_backend(tmp_path, backend):
+    """No gradient flows through packed kernels: train says so before loading anything."""
+    from spdecode.runtime.errors import SpdError
+    from spdecode.training.commands import TrainConfig, run_train
+
+    with pytest.raises(SpdError, match=f"{backend} is an inference backend"):
+        run_train(TrainConfig(out=str(tmp_path / "d"), dtype=backend))

@@ -32,9 +32,10 @@ from .quantized import QUANTIZED, int4_kernels_available, int8_kernels_available
 
 ACTIVATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                      "fp16w": torch.float32, "int4w": torch.bfloat16, "int8w": torch.bfloat16}
-# Backends that build their weights from the checkpoint's fp32 values (they load in fp32, then
-# pack; int4w must see the exact de-quantised values to recover a Q4 grid).
-PACKED_FROM_FP32 = ("fp16w", *QUANTIZED)
+# Backends computing with a packed copy of the weights: they load in fp32 and pack from those values
+# (int4w must see the exact de-quantised values to recover a Q4 grid); no gradient flows through
+# their kernels, so they are for inference only.
+PACKED = ("fp16w", *QUANTIZED)
 ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 AUTO = "auto"
 CHOICES = (*ACTIVATION_DTYPES, *ALIASES, AUTO)
@@ -56,7 +57,7 @@ def activation_dtype(backend: str) -> torch.dtype:
 def load_dtype(backend: str) -> torch.dtype:
     """The dtype to load a checkpoint in before `apply_backend` (fp32 for the packed backends)."""
     backend = canonical(backend)
-    return torch.float32 if backend in PACKED_FROM_FP32 else ACTIVATION_DTYPES[backend]
+    return torch.float32 if backend in PACKED else ACTIVATION_DTYPES[backend]
 
 
 def measured(name: str, where: str) -> str:

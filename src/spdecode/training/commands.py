@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.backends import PACKED
 from ..runtime.errors import SpdError
 from ..runtime.models import DEFAULT_MODEL
 
@@ -165,9 +166,9 @@ def run_train(cfg: TrainConfig) -> int:
     from .features import TeacherFeatures
     from .loop import TrainSettings, train
 
-    if cfg.dtype == "fp16w":  # its Linears are packed inference kernels: no gradient flows through them
-        raise SpdError("fp16w is an inference backend: train the draft in float32 or bfloat16 (--teacher-dtype "
-                       "fp16w may compute the frozen target's features)")
+    if cfg.dtype in PACKED:  # its Linears are packed inference kernels: no gradient flows through them
+        raise SpdError(f"{cfg.dtype} is an inference backend: train the draft in float32 or bfloat16 "
+                       f"(--teacher-dtype {cfg.dtype} may compute the frozen target's features)")
     if cfg.teacher_batch <= 1:  # the batched pass (similar lengths in a row) did not fragment, and mmap costs
         fixed_mmap_threshold()  # it ~45 % (every large buffer faulted in afresh)
     if cfg.threads:
