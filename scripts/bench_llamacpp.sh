@@ -23,7 +23,10 @@ BACKEND=${BACKEND:-fp16w}
 OUT=${OUT:-llamacpp-bench}
 VERSION=0.3.36
 CACHE=${SPDECODE_CACHE:-$HOME/.cache/spdecode}
-LVENV=$CACHE/llamacpp-venv
+# ALLOW="avx avx2 fma f16c bmi2" builds for those instruction sets only (e.g. to stand in for an
+# AVX2-only CPU beside torch capped by ATEN_CPU_CAPABILITY=avx2 and friends), in a venv of its own.
+ALLOW=${ALLOW:-}
+LVENV=$CACHE/llamacpp-venv${ALLOW:+-$(echo "$ALLOW" | tr ' ' '-')}
 PY=.venv/bin/python
 mkdir -p "$OUT"
 
@@ -33,7 +36,7 @@ if ! "$LVENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   # Compiled for this CPU's instruction sets, as GGML_NATIVE would, but without AMX: its tile
   # instructions fault in a process the kernel has not granted AMX state (KVM guests), which
   # torch requests and ggml 0.3.36 does not.
-  flags=$(grep -m1 '^flags' /proc/cpuinfo)
+  flags=${ALLOW:-$(grep -m1 '^flags' /proc/cpuinfo)}
   args="-DGGML_NATIVE=OFF"
   for f in avx avx2 fma f16c bmi2 avx512f avx512vbmi avx512_vnni avx512_bf16 avx_vnni; do
     opt=$(echo "$f" | tr a-z A-Z); [ "$opt" = AVX512F ] && opt=AVX512; [ "$opt" = AVX512VBMI ] && opt=AVX512_VBMI

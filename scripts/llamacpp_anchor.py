@@ -39,7 +39,7 @@ def cmd_prompts(args) -> None:
     eos = sorted({int(t) for t in ([tok.eos_token_id] if tok.eos_token_id is not None else [])})
     Path(args.out).write_text(json.dumps({
         "gguf": str(gguf_path), "eos": eos, "prompts": prompts,
-        "bytes_per_token": gguf_bytes_per_token(gguf_path),
+        "bytes_per_token": gguf_bytes_per_token(gguf_path), "ours_bytes_per_token": our_bytes_per_token(args.model),
         "machine": {"cpu": platform.processor() or platform.machine(),
                     "capability": torch.backends.cpu.get_cpu_capability()},
     }))
@@ -59,6 +59,30 @@ def gguf_bytes_per_token(path: Path) -> dict:
         if emb else 1
     per_token = sum(sizes.values()) - emb + emb // max(rows, 1) + (emb if tied else 0)
     return {"total_tensor_bytes": sum(sizes.values()), "per_token": per_token, "tied_head": tied}
+
+
+def our_bytes_per_token(model_name: str) -> dict:
+    """Bytes of weights one of our one-row steps reads per backend: every Linear (a tied LM head
+    reads the embedding whole) at the backend's width, scales and zeros included."""
+    import torch
+
+    from spdecode.runtime.models import load_model
+    from spdecode.runtime.quantized import INT4_GROUP, int4_fits
+
+    model, _ = load_model(model_name, "float32", tokenizer=False)
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+    def int4w(m):
+        if m is head:
+            return m.weight.numel() + 2 * m.out_features  # int8 per row, a bf16 scale each
+        if not int4_fits(m):
+            return 2 * m.weight.numel()
+        return m.weight.numel() // 2 + 2 * 2 * m.weight.numel() // INT4_GROUP  # bf16 scale and zero a group
+
+    return {"float32": sum(4 * m.weight.numel() for m in linears),
+            "fp16w/bf16": sum(2 * m.weight.numel() for m in linears),
+            "int4w": sum(int4w(m) for m in linears)}
 
 
 def cmd_decode(args) -> None:
@@ -110,15 +134,17 @@ def cmd_summary(args) -> None:
         for r in d["records"]:
             lcpp_tokens[r["id"]] = r["tokens"]
     ours: dict[str, list[float]] = {}
-    our_tokens: dict[str, list[int]] = {}
+    our_tokens: dict[str, dict[str, list[int]]] = {}  # AR backend -> prompt -> tokens
     for f in sorted(root.glob("spdecode-r*.json")):
         d = json.loads(f.read_text())
+        backend = {r["method"]: r["dtype"] for r in d["records"]}
         for label, per_set in d["summary"].items():
             rates = [s["median_prompt_tok_s"] for s in per_set.values()]
-            ours.setdefault(label, []).append(statistics.median(rates))
+            named = label if ("dtype=" in label or "backend=" in label) else f"{label} ({backend.get(label, '?')})"
+            ours.setdefault(named, []).append(statistics.median(rates))
         for r in d["records"]:
-            if r["method"].startswith("ar") and r.get("dtype") in (None, "float32"):
-                our_tokens.setdefault(f"{r['dataset']}/{r['question_id']}", r["tokens"])
+            if r["method"].startswith("ar"):
+                our_tokens.setdefault(r["dtype"], {}).setdefault(f"{r['dataset']}/{r['question_id']}", r["tokens"])
     med = {f"llama.cpp threads={t}": statistics.median(v) for t, v in sorted(lcpp.items())}
     med.update({label: statistics.median(v) for label, v in ours.items()})
     best_lcpp = max(v for k, v in med.items() if k.startswith("llama.cpp"))
@@ -130,12 +156,17 @@ def cmd_summary(args) -> None:
     print(f"best AR {best_ar[1]}: llama.cpp is {best_lcpp / best_ar[0]:.2f}x ahead")
     print(f"best spdecode {best_any[1]}: {best_any[0] / best_lcpp:.2f}x llama.cpp")
     b = spec["bytes_per_token"]
-    print(f"weights read per token: llama.cpp {b['per_token'] / 1e6:.0f} MB (Q4_1 GGUF)")
-    same = [lcpp_tokens[k] == our_tokens[k] for k in lcpp_tokens if k in our_tokens]
-    if same:
-        print(f"llama.cpp greedy outputs identical to our fp32 AR: {sum(same)}/{len(same)} "
-              "(it quantizes activations to 8 bits inside its dot products)")
-    (root / "summary.json").write_text(json.dumps({"medians": med, "bytes_per_token": b}, indent=1))
+    print(f"weights read per token: llama.cpp {b['per_token'] / 1e6:.0f} MB (Q4_1 GGUF); ours " + ", ".join(
+        f"{k} {v / 1e6:.0f} MB" for k, v in spec.get("ours_bytes_per_token", {}).items()))
+    identical = {}
+    for backend, tokens in sorted(our_tokens.items()):
+        same = [lcpp_tokens[k] == tokens[k] for k in lcpp_tokens if k in tokens]
+        identical[backend] = [sum(same), len(same)]
+    print("llama.cpp greedy outputs identical to our AR's (it quantizes activations to 8 bits inside its dot "
+          "products): " + ", ".join(f"{k} {a}/{n}" for k, (a, n) in identical.items()))
+    (root / "summary.json").write_text(json.dumps({"medians": med, "bytes_per_token": b,
+                                                   "ours_bytes_per_token": spec.get("ours_bytes_per_token"),
+                                                   "identical_to_ar": identical}, indent=1))
 
 
 def main() -> None:
