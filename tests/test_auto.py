@@ -167,3 +167,12 @@ def test_bench_runs_what_auto_chose_with_its_guard(monkeypatch, capsys):
     args = SimpleNamespace(method="auto,ar", model=MODEL, device="cpu", distributed=False)
     resolve_auto_spec(args)
     assert args.method == f"{pipeline.spec},ar" and args.distributed
+
+
+def test_the_probe_keeps_a_backend_best_at_one_row_and_prunes_one_behind_at_both():
+    """int4w's case: cheapest one-row GEMM, dearest nine-row one; it can win AR, so it is
+    measured. A backend behind by more than PRUNE at one row and at the sum cannot win anything."""
+    probe = {"fp16w": {"1": 80e-6, "9": 150e-6}, "bfloat16": {"1": 105e-6, "9": 115e-6},
+             "int4w": {"1": 30e-6, "9": 300e-6}, "float32": {"1": 130e-6, "9": 240e-6}}
+    assert tune_mod.survivors(probe) == ["fp16w", "bfloat16", "int4w"]
+

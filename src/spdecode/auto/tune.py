@@ -1,8 +1,10 @@
 """`spdecode tune`: measure the machine profile `--method auto` decides from.
 
-Quick (the default, and what the first `--method auto` runs): one Linear of the model's MLP shape
-in each backend prunes those far behind the best (a backend whose one-row plus nine-row GEMM
-takes more than PRUNE times the best's cannot win a configuration); the survivors get the cost
+Quick (the default, and what the first `--method auto` runs): Linears of the model's MLP shape,
+as many as its MLPs hold (so their weights come from memory, as in a decode step), in each
+backend prune those far behind the best (a backend whose one-row GEMMs take more than PRUNE
+times the best's, and whose one-row plus nine-row GEMMs too, can win neither AR nor a
+speculative configuration); the survivors get the cost
 file's timings (every layer and the head, plain and as a tree chunk, and a whole AR step) at rows
 {1, 2, 5, 9} (AR, SPD's one node and its root, the trees auto may pick: the shipped 8-node trees
 and their root) at contexts 128 and 512 with 1 thread and with every usable core, the passes of
@@ -22,10 +24,13 @@ PRUNE = 1.5
 QUICK_ROWS = (1, 2, 5, 9)
 
 
-def linear_probe(hidden: int, inner: int, backends: list[str], threads: int, reps: int = 30) -> dict:
-    """backend -> {"1": s, "9": s}: one Linear hidden -> inner (random weights, the backend's
-    kernels) over 1 and 9 rows with `threads` threads."""
-    from ..runtime.backends import activation_dtype, apply_backend
+def linear_probe(hidden: int, inner: int, backends: list[str], threads: int, reps: int = 15,
+                 copies: int = 1) -> dict:
+    """backend -> {"1": s, "9": s}: a Linear hidden -> inner (random weights, the backend's
+    kernels) over 1 and 9 rows with `threads` threads, per Linear, run over `copies` distinct ones
+    in turn: one copy stays in cache, which hides what a decode step pays for reading weights
+    (the reason int4w wins a one-row step)."""
+    from ..runtime.backends import activation_dtype
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -33,19 +38,21 @@ def linear_probe(hidden: int, inner: int, backends: list[str], threads: int, rep
     try:
         with torch.inference_mode():
             for b in backends:
-                # In a Sequential: fp16w swaps a module's Linear children for packed ones.
-                lin = torch.nn.Sequential(torch.nn.Linear(hidden, inner, bias=False)).to(activation_dtype(b))
-                apply_backend(lin, b)
+                lins = [linear_in(b, hidden, inner) for _ in range(copies)]
                 out[b] = {}
                 for rows in (1, 9):
                     x = torch.randn(1, rows, hidden).to(activation_dtype(b))
-                    for _ in range(3):
-                        lin(x)
+
+                    def run(x=x, lins=lins):
+                        for lin in lins:
+                            lin(x)
+
+                    run()
                     times = []
                     for _ in range(reps):
                         t0 = time.perf_counter()
-                        lin(x)
-                        times.append(time.perf_counter() - t0)
+                        run()
+                        times.append((time.perf_counter() - t0) / copies)
                     # The best of three blocks' medians: a neighbour's burst must not prune a backend.
                     blocks = [times[i::3] for i in range(3)]
                     out[b][str(rows)] = min(statistics.median(block) for block in blocks)
@@ -54,11 +61,21 @@ def linear_probe(hidden: int, inner: int, backends: list[str], threads: int, rep
     return out
 
 
+def linear_in(backend: str, hidden: int, inner: int) -> torch.nn.Module:
+    """One Linear as `backend` computes it (in a Sequential: the packed backends swap a module's
+    Linear children), built from weights in the dtype the backend loads."""
+    from ..runtime.backends import apply_backend, load_dtype
+
+    lin = torch.nn.Sequential(torch.nn.Linear(hidden, inner, bias=False)).to(load_dtype(backend))
+    return apply_backend(lin, backend)
+
+
 def survivors(probe: dict) -> list[str]:
-    """The backends within PRUNE of the probe's best."""
+    """The backends within PRUNE of the probe's best one-row time (AR's candidates) or of its best
+    one-row plus nine-row time (the speculative methods')."""
+    one = {b: t["1"] for b, t in probe.items()}
     total = {b: sum(t.values()) for b, t in probe.items()}
-    best = min(total.values())
-    return [b for b in probe if total[b] <= PRUNE * best]
+    return [b for b in probe if one[b] <= PRUNE * min(one.values()) or total[b] <= PRUNE * min(total.values())]
 
 
 def drafts_for_auto(model_name: str) -> set[str]:
@@ -100,7 +117,8 @@ def tune(model_name: str, device: str = "cpu", full: bool = False, log=None) -> 
     source = resolve_model(model_name)
     cfg = AutoConfig.from_pretrained(source)
     backends = model_backends(model_name, device)
-    probe = linear_probe(cfg.hidden_size, cfg.intermediate_size, backends, cores) if device == "cpu" else {}
+    probe = linear_probe(cfg.hidden_size, cfg.intermediate_size, backends, cores,
+                         copies=3 * cfg.num_hidden_layers) if device == "cpu" else {}
     chosen = backends if full or not probe else survivors(probe)
     threads = tune_threads(cores, full)
     drafts = drafts_for_auto(model_name)
