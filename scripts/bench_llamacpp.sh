@@ -15,7 +15,7 @@ DATA=${1:-../shared/eval_data/mt_bench/question.jsonl}
 LIMIT=${2:-12}
 NEW=${3:-128}
 ROUNDS=${4:-3}
-THREADS=${THREADS:-"1 2"}
+THREADS=${THREADS:-"1 2"}  # llama.cpp's; spdecode's --ar-sweep runs 1 up to every usable core
 # Our side: AR swept over every backend and thread count (--ar-sweep; int4w where the checkpoint is
 # a Q4 one, as ours is), eagle on BACKEND and on int4w.
 METHOD=${METHOD:-ar,eagle,eagle:backend=int4w}
@@ -36,7 +36,8 @@ if ! "$LVENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   # Compiled for this CPU's instruction sets, as GGML_NATIVE would, but without AMX: its tile
   # instructions fault in a process the kernel has not granted AMX state (KVM guests), which
   # torch requests and ggml 0.3.36 does not.
-  flags=${ALLOW:-$(grep -m1 '^flags' /proc/cpuinfo)}
+  flags=${ALLOW:-$(grep -m1 '^flags' /proc/cpuinfo || true)}
+  [ -n "$flags" ] || { echo "no x86 flags in /proc/cpuinfo: set ALLOW to the instruction sets to build for" >&2; exit 1; }
   args="-DGGML_NATIVE=OFF"
   for f in avx avx2 fma f16c bmi2 avx512f avx512vbmi avx512_vnni avx512_bf16 avx_vnni; do
     opt=$(echo "$f" | tr a-z A-Z); [ "$opt" = AVX512F ] && opt=AVX512; [ "$opt" = AVX512VBMI ] && opt=AVX512_VBMI

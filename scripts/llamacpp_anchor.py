@@ -36,7 +36,15 @@ def cmd_prompts(args) -> None:
     sets = load_sets(argparse.Namespace(data=args.data, limit=args.limit))
     prompts = [{"id": f"{name}/{row['question_id']}", "ids": encode_prompt(tok, row["turns"][0])}
                for name, rows in sets.items() for row in rows]
-    eos = sorted({int(t) for t in ([tok.eos_token_id] if tok.eos_token_id is not None else [])})
+    from transformers import GenerationConfig
+
+    from spdecode.runtime.generation import eos_ids
+
+    try:  # the ids bench stops on: the generation config's EOS, else the tokenizer's
+        holder = argparse.Namespace(generation_config=GenerationConfig.from_pretrained(resolve_model(args.model)))
+    except OSError:
+        holder = None
+    eos = sorted(eos_ids(holder, tok))
     Path(args.out).write_text(json.dumps({
         "gguf": str(gguf_path), "eos": eos, "prompts": prompts,
         "bytes_per_token": gguf_bytes_per_token(gguf_path), "ours_bytes_per_token": our_bytes_per_token(args.model),
@@ -112,13 +120,15 @@ def cmd_decode(args) -> None:
     records = []
     for p in spec["prompts"]:
         out, prefill, decode = run(p["ids"], args.max_new_tokens)
-        # The first token comes from the prefill's logits; every later one costs one eval.
-        steps = max(len(out) - 1, 1)
+        # The first token comes from the prefill's logits; every later one costs one eval (an
+        # answer that ends at its first token has no decode rate).
+        steps = len(out) - 1
         records.append({"id": p["id"], "new_tokens": len(out), "prefill_s": prefill, "decode_s": decode,
-                        "decode_tok_s": steps / decode if decode > 0 else None, "tokens": out})
+                        "decode_tok_s": steps / decode if steps > 0 else None, "tokens": out})
     rates = [r["decode_tok_s"] for r in records if r["decode_tok_s"]]
+    decode_s = max(sum(r["decode_s"] for r in records), 1e-9)
     summary = {"threads": args.threads, "median_prompt_tok_s": statistics.median(rates),
-               "decode_tok_s": sum(max(r["new_tokens"] - 1, 1) for r in records) / sum(r["decode_s"] for r in records)}
+               "decode_tok_s": sum(r["new_tokens"] - 1 for r in records) / decode_s}
     Path(args.out).write_text(json.dumps({"summary": summary, "records": records}))
     print(f"llama.cpp threads={args.threads}: {summary['median_prompt_tok_s']:.1f} tok/s (median over prompts)")
 
@@ -139,7 +149,8 @@ def cmd_summary(args) -> None:
         d = json.loads(f.read_text())
         backend = {r["method"]: r["dtype"] for r in d["records"]}
         for label, per_set in d["summary"].items():
-            rates = [s["median_prompt_tok_s"] for s in per_set.values()]
+            # One prompt set is one number; several: the median over them ("overall" pools them).
+            rates = [s["median_prompt_tok_s"] for name, s in per_set.items() if name != "overall"]
             named = label if ("dtype=" in label or "backend=" in label) else f"{label} ({backend.get(label, '?')})"
             ours.setdefault(named, []).append(statistics.median(rates))
         for r in d["records"]:
@@ -148,6 +159,8 @@ def cmd_summary(args) -> None:
     med = {f"llama.cpp threads={t}": statistics.median(v) for t, v in sorted(lcpp.items())}
     med.update({label: statistics.median(v) for label, v in ours.items()})
     best_lcpp = max(v for k, v in med.items() if k.startswith("llama.cpp"))
+    if not any(k.startswith("ar") for k in med):
+        raise SystemExit("spdecode bench ran no AR: put ar in METHOD")
     best_ar = max((v, k) for k, v in med.items() if k.startswith("ar"))
     best_any = max((v, k) for k, v in med.items() if not k.startswith("llama.cpp"))
     print(f"medians over {len(next(iter(lcpp.values())))} rounds (tok/s, median over prompts):")

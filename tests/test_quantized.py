@@ -65,7 +65,10 @@ def test_a_quantized_linear_computes_with_its_dequantized_weights(cls):
     # bf16 output rounding (2^-8 relative) is the only difference allowed; a wrong zero point
     # (w = q * scale, or q - 8 without the zero) is off by whole scales.
     assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
-    assert not torch.allclose(got.float(), F.linear(x, dense.weight + 0.05, dense.bias), atol=1e-2)
+    if cls is Int4Linear:  # a wrong zero point (the group minimum forgotten) fails that tolerance
+        q, scale, _ = int4_quantize(dense.weight)
+        wrong = F.linear(x, (q.reshape(64, 3, 32) * scale[..., None]).reshape(64, 96), dense.bias)
+        assert not torch.allclose(got.float(), wrong, rtol=1e-2, atol=1e-2 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("backend", ["int4w", "int8w"])
@@ -125,3 +128,51 @@ def test_training_refuses_a_packed_backend(tmp_path, backend):
 
     with pytest.raises(SpdError, match=f"{backend} is an inference backend"):
         run_train(TrainConfig(out=str(tmp_path / "d"), dtype=backend))
+
+
+def test_a_tied_head_is_quantized_once_as_int8_and_the_lookup_stays_a_bf16_embedding():
+    model = tiny_model("llama", tie_word_embeddings=True)
+    emb = model.model.embed_tokens.weight.detach().clone()
+    apply_backend(model, "int4w")
+    head = model.get_output_embeddings()
+    assert isinstance(head, Int8Linear) and head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.model.embed_tokens(torch.tensor([[3, 7]]))[0], emb[[3, 7]].bfloat16())
+    x = torch.randn(1, 2, emb.shape[1])
+    want = F.linear(x.bfloat16().float(), stored_weight("int8w", _linear(emb)))
+    assert torch.allclose(head(x).float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def _linear(weight):
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    return lin
+
+
+def test_a_draft_on_int4w_keeps_its_head_8_bit():
+    from spdecode.drafting.pdm import new_pdm
+
+    model = apply_backend(tiny_model("llama"), "int4w")
+    target = StagedTarget(model, [3, 3])
+    pdm = apply_backend(new_pdm(target, "tiny", weights_fingerprint(model)), "int4w")
+    assert isinstance(pdm.lm_head, Int8Linear)
+    assert any(isinstance(m, Int4Linear) for m in pdm.layers.modules())
+
+
+def test_one_tensor_off_the_grid_withholds_int4w(tmp_path):
+    from spdecode.runtime.quantized import holds_int4_grid
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for m in model.model.layers.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(int4_dequantize(*int4_quantize(m.weight), dtype=torch.float32))
+    model.save_pretrained(tmp_path / "grid")
+    assert holds_int4_grid(tmp_path / "grid")
+    with torch.no_grad():
+        # One weight of a middle layer's key projection moved off its group's grid (a shift of a
+        # whole tensor would stay on a grid: the minimum moves with it).
+        w = model.model.layers[2].self_attn.k_proj.weight
+        w[0, 5] += 0.3 * (w[0, :32].max() - w[0, :32].min()) / 15
+    model.save_pretrained(tmp_path / "mixed")
+    assert not holds_int4_grid(tmp_path / "mixed")

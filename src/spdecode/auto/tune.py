@@ -1,7 +1,8 @@
 """`spdecode tune`: measure the machine profile `--method auto` decides from.
 
 Quick (the default, and what the first `--method auto` runs): Linears of the model's MLP shape,
-as many as its MLPs hold (so their weights come from memory, as in a decode step), in each
+as many as its MLPs hold up to PROBE_BYTES (so their weights come from memory, as in a decode
+step), in each
 backend prune those far behind the best (a backend whose one-row GEMMs take more than PRUNE
 times the best's, and whose one-row plus nine-row GEMMs too, can win neither AR nor a
 speculative configuration); the survivors get the cost
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 PRUNE = 1.5
 QUICK_ROWS = (1, 2, 5, 9)
+PROBE_BYTES = 256 << 20  # fp32 bytes of the probe's Linears: past the caches, as a decode step's weights
 
 
 def linear_probe(hidden: int, inner: int, backends: list[str], threads: int, reps: int = 15,
@@ -38,6 +40,7 @@ def linear_probe(hidden: int, inner: int, backends: list[str], threads: int, rep
     try:
         with torch.inference_mode():
             for b in backends:
+                lins = None  # the previous backend's copies go before the next are built
                 lins = [linear_in(b, hidden, inner) for _ in range(copies)]
                 out[b] = {}
                 for rows in (1, 9):
@@ -59,6 +62,13 @@ def linear_probe(hidden: int, inner: int, backends: list[str], threads: int, rep
     finally:
         torch.set_num_threads(before)
     return out
+
+
+def probe_copies(cfg) -> int:
+    """How many MLP-shaped Linears the probe runs in turn: as many as the model's MLPs hold, at
+    most PROBE_BYTES of fp32 weights (a large model's MLPs would take gigabytes), at least 2."""
+    per = 4 * cfg.hidden_size * cfg.intermediate_size
+    return max(2, min(3 * cfg.num_hidden_layers, PROBE_BYTES // per))
 
 
 def linear_in(backend: str, hidden: int, inner: int) -> torch.nn.Module:
@@ -118,7 +128,7 @@ def tune(model_name: str, device: str = "cpu", full: bool = False, log=None) -> 
     cfg = AutoConfig.from_pretrained(source)
     backends = model_backends(model_name, device)
     probe = linear_probe(cfg.hidden_size, cfg.intermediate_size, backends, cores,
-                         copies=3 * cfg.num_hidden_layers) if device == "cpu" else {}
+                         copies=probe_copies(cfg)) if device == "cpu" else {}
     chosen = backends if full or not probe else survivors(probe)
     threads = tune_threads(cores, full)
     drafts = drafts_for_auto(model_name)

@@ -145,6 +145,11 @@ class PipelineDraftModule(nn.Module):
                                   t.decoder.rotary_emb, t._rotary_per_type, self.cache, rows, start,
                                   positions=positions, visible=visible, committed=committed)
 
+    def get_output_embeddings(self) -> nn.Linear:
+        """The draft head, by HF's name: a backend that treats output layers apart (int4w keeps
+        them 8-bit) finds it as it finds a model's."""
+        return self.lm_head
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft logits over the draft vocabulary (fp32)."""
         return self.lm_head(self.target[0].decoder.norm(hidden)).float()

@@ -61,8 +61,10 @@ def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtyp
 
 
 def on_int4_grid(weight: torch.Tensor) -> bool:
-    """Whether `weight` [N, K] already lies on a 4-bit group-32 grid (a Q4_1 or Q4_K tensor
-    de-quantised): int4w then holds it as it is, up to the bf16 copy of each scale and zero."""
+    """Whether `weight` [N, K] already lies on Q4_1's grid (every group of 32 spans q = 0..15 of
+    its own scale above its minimum: a Q4_1 tensor de-quantised): int4w then holds it as it is, up
+    to the bf16 copy of each scale and zero. Q4_K's 6-bit sub-scales need not reach 0 and 15, so
+    its tensors are not recognised."""
     if weight.dim() != 2 or weight.shape[1] % INT4_GROUP:
         return False
     w = weight.float()
@@ -70,29 +72,28 @@ def on_int4_grid(weight: torch.Tensor) -> bool:
     return bool(err <= 1e-6 * w.abs().max().clamp(min=1e-30))
 
 
-def holds_int4_grid(directory) -> bool:
-    """Whether a model directory's decoder Linears lie on a 4-bit group-32 grid: the first and last
-    layers' query and down projections are checked (a mixed-precision GGUF, e.g. Q4_K_M's 6-bit
-    tensors, fails). Only those tensors are read."""
+def holds_int4_grid(directory, rows: int = 4) -> bool:
+    """Whether a model directory's decoder Linears lie on Q4_1's grid: the first `rows` output
+    rows of every 2-D projection weight under `.layers.` are checked (groups run along a row, so a
+    row holds whole groups); one tensor off the grid (a mixed-precision GGUF's 6-bit ones) is
+    enough to say no. Only those rows are read."""
     from pathlib import Path
 
     from safetensors import safe_open
 
-    names = {}
+    checked = 0
     for f in sorted(Path(directory).glob("*.safetensors")):
         with safe_open(f, "pt") as st:
             for key in st.keys():
-                if key.endswith(("self_attn.q_proj.weight", "mlp.down_proj.weight")) and ".layers." in key:
-                    names[key] = f
-    layers = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in names})
-    wanted = [k for k in names if layers and int(k.split(".layers.")[1].split(".")[0]) in (layers[0], layers[-1])]
-    if not wanted:
-        return False
-    for key in wanted:
-        with safe_open(names[key], "pt") as st:
-            if not on_int4_grid(st.get_tensor(key)):
-                return False
-    return True
+                if ".layers." not in key or not key.endswith("_proj.weight"):
+                    continue
+                sl = st.get_slice(key)
+                if len(sl.get_shape()) != 2 or not sl.get_dtype().startswith("F"):
+                    return False
+                if not on_int4_grid(sl[:rows]):
+                    return False
+                checked += 1
+    return checked > 0
 
 
 def int8_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +184,10 @@ def quantize_linears(module: nn.Module, backend: str) -> None:
         for name, child in list(parent.named_children()):
             cls = Int8Linear if backend == "int8w" or child is head else Int4Linear
             if isinstance(child, _QuantizedLinear):
-                child.repack()
+                # Repack only from fp32 values (new ones loaded in); after the first packing the
+                # weight is bf16, and quantizing that again would leave a Q4 grid.
+                if child.weight.dtype == torch.float32:
+                    child.repack()
             elif type(child) is nn.Linear and child.weight.device.type == "cpu" \
                     and (cls is not Int4Linear or int4_fits(child)):
                 setattr(parent, name, cls.from_linear(child))

@@ -102,24 +102,25 @@ def run_decoder_layers(layers, indices, layer_types, windows, rotary, rotary_per
         visible = torch.ones(q, q, dtype=torch.bool, device=hidden.device).tril()
     qpos = positions[-q:]
     pos = qpos[None]
-    pe, masks, captured = {}, {}, {}
+    raw, pe, masks, captured = {}, {}, {}, {}
     cache.begin(start, committed, int(qpos.min()))
     # A single query over a cache slice that ends at its own position needs no mask: the slice
     # already is exactly what it may see (the window included). In-flight rows before it do.
     masked = q > 1 or committed < start
     for i in indices:
         kind = layer_types[i]
-        if kind not in pe:
-            pe[kind] = rotary(hidden, pos, kind) if rotary_per_type else rotary(hidden, pos)
-            if isinstance(layers[i], CompactLlamaLayer):
-                pe[kind] = rotary_tables(*pe[kind])
+        compact = isinstance(layers[i], CompactLlamaLayer)  # takes its rotary tables ready
+        if kind not in raw:
+            raw[kind] = rotary(hidden, pos, kind) if rotary_per_type else rotary(hidden, pos)
+        if (kind, compact) not in pe:
+            pe[kind, compact] = rotary_tables(*raw[kind]) if compact else raw[kind]
         window = windows[i]
         if masked and window not in masks:
             masks[window] = chunk_mask(start, positions, visible, cache.window_start(i, start), window, committed)
         out = layers[i](
             hidden,
             attention_mask=masks.get(window),
-            position_embeddings=pe[kind],
+            position_embeddings=pe[kind, compact],
             position_ids=pos,
             past_key_values=cache,
             use_cache=True,
