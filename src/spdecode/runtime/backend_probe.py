@@ -44,13 +44,14 @@ def package_version() -> str:
 
 
 def probe_key(model_name: str, device: str, threads: int) -> str:
-    from .models import files_fingerprint, resolve_model
+    from .models import files_fingerprint, model_backends, resolve_model
 
     source = resolve_model(model_name)
     weights = files_fingerprint(source) if not isinstance(source, str) else source
     env = {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}
     return json.dumps({"weights": weights, "device": device, "threads": threads, "machine": describe_cpu(),
-                       "torch": torch.__version__, "spdecode": package_version(), "env": env}, sort_keys=True)
+                       "torch": torch.__version__, "spdecode": package_version(), "env": env,
+                       "backends": model_backends(model_name, device)}, sort_keys=True)
 
 
 def time_passes(model, rows=PROBE_ROWS, context: int = PROBE_CONTEXT, reps: int = 7) -> dict[int, float]:
