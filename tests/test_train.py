@@ -1,6 +1,7 @@
 """Training the PDM: the training layout is the inference view, training learns, checkpoints resume."""
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -151,15 +152,35 @@ def test_resume_continues_from_the_same_step(tmp_path):
             train(pdm2, teacher2, train_ex, val_ex, tmp_path / "b", settings, log=lambda *_: None)
     finally:
         torch.optim.AdamW.step = real_step
-    state = torch.load(tmp_path / "b" / train_mod.STATE_FILE, weights_only=False)
+    # Plain values only: it loads without unpickling code (as resume reads it).
+    state = torch.load(tmp_path / "b" / train_mod.STATE_FILE, weights_only=True)
     assert state["step"] == 2  # the interrupted step was not counted; the checkpoint is complete
 
     pdm3, teacher3, *_ = setup_training(tmp_path)
     resumed = train(pdm3, teacher3, train_ex, val_ex, tmp_path / "b", settings, resume=True, log=lambda *_: None)
     assert resumed["step"] == total
     a, b = load_file(tmp_path / "a" / WEIGHTS_FILE), load_file(tmp_path / "b" / WEIGHTS_FILE)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    for k in a:  # bit for bit: the resumed run continues exactly where the straight one went
+        assert torch.equal(a[k], b[k]), k
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_resume_unpickles_nothing_but_tensors_and_plain_values(tmp_path, monkeypatch):
+    """A checkpoint directory from someone else must not run their code on --resume."""
+    settings = TrainSettings(epochs=1, lr=1e-3, warmup=1, batch_tokens=200, val_every=1000, save_every=1)
+    pdm, teacher, train_ex, val_ex, _ = setup_training(tmp_path)
+    train(pdm, teacher, train_ex, val_ex, tmp_path / "run", settings, log=lambda *_: None)
+    state = torch.load(tmp_path / "run" / train_mod.STATE_FILE, weights_only=True)
+    torch.save({**state, "history": _RunsCode()}, tmp_path / "run" / train_mod.STATE_FILE)
+    monkeypatch.chdir(tmp_path)
+    pdm2, teacher2, *_ = setup_training(tmp_path)
+    with pytest.raises(SpdError, match="not a plain training checkpoint"):
+        train(pdm2, teacher2, train_ex, val_ex, tmp_path / "run", settings, resume=True, log=lambda *_: None)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_teacher_cache_serves_the_same_anchors_and_dtype_only(tmp_path, monkeypatch):

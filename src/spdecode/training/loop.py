@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +35,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..drafting.pdm import CONFIG_FILE, WEIGHTS_FILE, PipelineDraftModule
+from ..runtime.errors import SpdError
 from .features import TeacherFeatures
 from .layout import chain_logits, profile_logits
 
@@ -185,6 +187,20 @@ def save_checkpoint(pdm, opt, out: Path, state: dict) -> None:
     tmp.rmdir()
 
 
+def load_state(path: Path) -> dict:
+    """A checkpoint's optimiser state and counters, read without running any code: only tensors and
+    plain values unpickle (weights_only), so a checkpoint directory from elsewhere cannot execute
+    anything on resume."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise SpdError(f"{path} is not a plain training checkpoint (tensors and plain values only); refusing "
+                       f"to resume from it: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(state, dict) or "optimizer" not in state or "step" not in state:
+        raise SpdError(f"{path} is not a training checkpoint of this spdecode")
+    return state
+
+
 def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, out: Path,
           settings: TrainSettings, resume: bool = False, log=print) -> dict:
     torch.manual_seed(settings.seed)
@@ -218,7 +234,7 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
     total_steps = max(1, int(len(per_epoch[0]) * settings.epochs))
     schedule = [b for epoch in per_epoch for b in epoch][:total_steps]
     if resume and (out / STATE_FILE).exists():
-        state = torch.load(out / STATE_FILE, weights_only=False)
+        state = load_state(out / STATE_FILE)
         pdm.load_state_dict({k: v.to(pdm.lm_head.weight.dtype) if v.is_floating_point() else v
                              for k, v in load_file(out / WEIGHTS_FILE).items()})
         opt.load_state_dict(state["optimizer"])
