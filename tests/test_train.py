@@ -153,7 +153,7 @@ def test_resume_continues_from_the_same_step(tmp_path):
     finally:
         torch.optim.AdamW.step = real_step
     # Plain values only: it loads without unpickling code (as resume reads it).
-    state = torch.load(tmp_path / "b" / train_mod.STATE_FILE, weights_only=True)
+    state = torch.load(train_mod.checkpoint_dir(tmp_path / "b") / train_mod.STATE_FILE, weights_only=True)
     assert state["step"] == 2  # the interrupted step was not counted; the checkpoint is complete
 
     pdm3, teacher3, *_ = setup_training(tmp_path)
@@ -174,8 +174,8 @@ def test_resume_unpickles_nothing_but_tensors_and_plain_values(tmp_path, monkeyp
     settings = TrainSettings(epochs=1, lr=1e-3, warmup=1, batch_tokens=200, val_every=1000, save_every=1)
     pdm, teacher, train_ex, val_ex, _ = setup_training(tmp_path)
     train(pdm, teacher, train_ex, val_ex, tmp_path / "run", settings, log=lambda *_: None)
-    state = torch.load(tmp_path / "run" / train_mod.STATE_FILE, weights_only=True)
-    torch.save({**state, "history": _RunsCode()}, tmp_path / "run" / train_mod.STATE_FILE)
+    path = train_mod.checkpoint_dir(tmp_path / "run") / train_mod.STATE_FILE
+    torch.save({**torch.load(path, weights_only=True), "history": _RunsCode()}, path)
     monkeypatch.chdir(tmp_path)
     pdm2, teacher2, *_ = setup_training(tmp_path)
     with pytest.raises(SpdError, match="not a plain training checkpoint"):
@@ -247,8 +247,51 @@ def test_micro_batches_give_the_same_loss_and_time_limit_stops_with_a_checkpoint
                              micro_batch=4, time_limit=0.5)
     result = train(pdm, teacher, train_ex, val_ex, tmp_path / "run", settings, log=lambda *_: None)
     assert 0 < result["step"] < 50 * 5  # stopped by time, far before the 50 epochs
-    state = torch.load(tmp_path / "run" / train_mod.STATE_FILE, weights_only=False)
+    state = torch.load(train_mod.checkpoint_dir(tmp_path / "run") / train_mod.STATE_FILE, weights_only=True)
     assert state["step"] == result["step"] and result["history"][-1]["step"] == result["step"]
+    assert state["elapsed_s"] >= 0.5
+
+
+def test_resume_is_atomic_and_its_schedule_continues(tmp_path, monkeypatch):
+    """A checkpoint is written as a new directory that `latest` then names (one rename): a crash
+    while writing the next leaves the last complete one to resume from. A time-limited run's
+    elapsed time is carried: the resumed run's learning rate continues its decay, not restarts."""
+    settings = TrainSettings(epochs=1, lr=1e-3, warmup=1, batch_tokens=200, val_every=1000, save_every=1)
+    pdm, teacher, train_ex, val_ex, _ = setup_training(tmp_path)
+    out = tmp_path / "run"
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def crashing_save(obj, f, *a, **k):  # the 3rd checkpoint dies half-written
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(train_mod.torch, "save", crashing_save)
+    with pytest.raises(OSError):
+        train(pdm, teacher, train_ex, val_ex, out, settings, log=lambda *_: None)
+    monkeypatch.setattr(train_mod.torch, "save", real_save)
+    found = train_mod.checkpoint_dir(out)
+    assert found.name == "checkpoint-2" and torch.load(found / train_mod.STATE_FILE, weights_only=True)["step"] == 2
+    assert not (out / "checkpoint-3").exists()  # the torn one never got its final name
+
+    # The learning rate after a resume continues from the time already spent.
+    timed = TrainSettings(epochs=1, lr=1e-3, warmup=1, batch_tokens=200, val_every=1000, save_every=1,
+                          time_limit=1000.0)
+    state = torch.load(found / train_mod.STATE_FILE, weights_only=True)
+    torch.save({**state, "elapsed_s": 800.0}, found / train_mod.STATE_FILE)
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def record(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    pdm2, teacher2, *_ = setup_training(tmp_path)
+    train(pdm2, teacher2, train_ex, val_ex, out, timed, resume=True, log=lambda *_: None)
+    assert seen and seen[0] <= 1e-3 * (1 - 0.8) + 1e-9  # 80 % of the time spent: the decay is that far on
 
 
 def test_regenerated_file_with_a_torn_last_line_is_read_up_to_it(tmp_path):

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--teacher-batch", type=int, default=1,
                    help="sequences per batched teacher pass when features stay in memory (default 1)")
     t.add_argument("--time-limit", type=float, default=0.0,
-                   help="stop training after this many seconds with a resumable checkpoint (default: none)")
+                   help="stop training after this many seconds with a resumable checkpoint; a resumed run counts "
+                        "its earlier time, and the learning rate's decay continues (default: none)")
     t.add_argument("--eagle", default="", choices=["", "embed", "feedback"],
                    help="train an EAGLE-style head for --method eagle (one stage) whose drafted tokens are "
                         "embedding-only rows (embed) or carry the head's own output (feedback)")

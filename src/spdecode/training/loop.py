@@ -25,6 +25,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ class TrainSettings:
     val_every: int = 100
     save_every: int = 200
     micro_batch: int = 1  # sequences per forward pass (padded); >1 pays off on a GPU
-    time_limit: float = 0.0  # seconds for this invocation (0: none); the lr decays by time as well
+    time_limit: float = 0.0  # seconds for the run, resumes included (0: none); the lr decays by time as well
     chain_depth: int = 4  # an EAGLE-style head: the deepest drafted node; a tree-ready draft: rows per depth
     tree: bool = False  # a tree-ready SPD draft: windows are paths through draft trees in flight
     topk: int = 0  # > 0: add w * -sum over the teacher's top-K tokens of p log q (HASS's top-K distillation)
@@ -176,15 +177,42 @@ def evaluate(pdm, head, teacher, examples, offset: int, window: tuple[int, ...],
             "oov": oov / max(rows + oov, 1)}
 
 
+LATEST = "latest"  # names the checkpoint directory a resume reads
+
+
 def save_checkpoint(pdm, opt, out: Path, state: dict) -> None:
-    """Write weights, config and optimiser state to temporaries, then rename: never a half checkpoint."""
+    """One resumable checkpoint as a set, atomically: weights, config and optimiser state go into a
+    new directory `out/checkpoint-STEP`, then `out/latest` is replaced (one rename) to name it, then
+    older checkpoint directories go. A crash anywhere leaves `latest` naming a complete set. The
+    draft itself (weights and config at the top of `out`, what --draft reads) is refreshed after."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".tmp"
+    name = f"checkpoint-{state['step']}"
+    tmp = out / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
     pdm.save(tmp, dtype=torch.float32)
     torch.save({"optimizer": opt.state_dict(), **state}, tmp / STATE_FILE)
-    for name in (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE):
-        os.replace(tmp / name, out / name)
-    tmp.rmdir()
+    shutil.rmtree(out / name, ignore_errors=True)
+    os.replace(tmp, out / name)
+    (out / f".{LATEST}.tmp").write_text(name)
+    os.replace(out / f".{LATEST}.tmp", out / LATEST)
+    for old in out.glob("checkpoint-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    for f in (WEIGHTS_FILE, CONFIG_FILE):
+        shutil.copyfile(out / name / f, out / f".{f}.tmp")
+        os.replace(out / f".{f}.tmp", out / f)
+
+
+def checkpoint_dir(out: Path) -> Path | None:
+    """The complete checkpoint set a resume reads: the one `latest` names (or, from an older
+    layout, `out` itself when it holds a state file); None when there is none."""
+    latest = out / LATEST
+    if latest.exists():
+        found = out / latest.read_text().strip()
+        if not (found / STATE_FILE).exists():
+            raise SpdError(f"{latest} names {found}, which holds no {STATE_FILE}: not a checkpoint to resume")
+        return found
+    return out if (out / STATE_FILE).exists() else None
 
 
 def load_state(path: Path) -> dict:
@@ -214,7 +242,7 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
             return settings.lr * (s + 1) / settings.warmup
         done = (s - settings.warmup) / max(1, total_steps - settings.warmup)
         if settings.time_limit:
-            done = max(done, (time.perf_counter() - t_start) / settings.time_limit)
+            done = max(done, elapsed() / settings.time_limit)
         return settings.lr * max(0.1, 1 - done)
 
     def batches(epoch):
@@ -233,19 +261,25 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
     per_epoch = [list(batches(e)) for e in range(math.ceil(settings.epochs))]
     total_steps = max(1, int(len(per_epoch[0]) * settings.epochs))
     schedule = [b for epoch in per_epoch for b in epoch][:total_steps]
-    if resume and (out / STATE_FILE).exists():
-        state = load_state(out / STATE_FILE)
+    elapsed_before = 0.0  # of the run's earlier invocations: a time limit and its lr decay span them all
+    found = checkpoint_dir(out) if resume else None
+    if found is not None:
+        state = load_state(found / STATE_FILE)
         pdm.load_state_dict({k: v.to(pdm.lm_head.weight.dtype) if v.is_floating_point() else v
-                             for k, v in load_file(out / WEIGHTS_FILE).items()})
+                             for k, v in load_file(found / WEIGHTS_FILE).items()})
         opt.load_state_dict(state["optimizer"])
         step, history = state["step"], state.get("history", [])
-        log(f"resumed from {out} at step {step}/{total_steps}")
+        elapsed_before = float(state.get("elapsed_s", 0.0))
+        log(f"resumed from {found} at step {step}/{total_steps}, {elapsed_before:.0f} s in")
 
     windows = validation_windows(pdm, settings)
     head = TeacherHead(pdm)
     meta = {"settings": asdict(settings), "train_sequences": len(train_ex), "train_tokens": tokens_total}
     bar = tqdm(total=total_steps, initial=step, desc="train PDM", unit="step", dynamic_ncols=True)
     t_start, tok_done, last = time.perf_counter(), 0, {}
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t_start
     lengths = [len(ids) for ids, _ in train_ex]
 
     def validate():
@@ -264,7 +298,7 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
     pdm.train()
     try:
         while step < total_steps:
-            out_of_time = settings.time_limit and time.perf_counter() - t_start > settings.time_limit
+            out_of_time = settings.time_limit and elapsed() > settings.time_limit
             if out_of_time:
                 break
             window = window_for_step(pdm, settings, step)
@@ -290,15 +324,15 @@ def train(pdm: PipelineDraftModule, teacher: TeacherFeatures, train_ex, val_ex, 
             if val_ex and (step % settings.val_every == 0 or step == total_steps):
                 validate()
             if step % settings.save_every == 0 or step == total_steps:
-                save_checkpoint(pdm, opt, out, {"step": step, "history": history, **meta})
+                save_checkpoint(pdm, opt, out, {"step": step, "history": history, "elapsed_s": elapsed(), **meta})
         if out_of_time:
             bar.write(f"time limit of {settings.time_limit:.0f} s reached at step {step}/{total_steps}")
             if val_ex and (not history or history[-1]["step"] != step):
                 validate()
-            save_checkpoint(pdm, opt, out, {"step": step, "history": history, **meta})
+            save_checkpoint(pdm, opt, out, {"step": step, "history": history, "elapsed_s": elapsed(), **meta})
     except KeyboardInterrupt:
         bar.close()
-        save_checkpoint(pdm, opt, out, {"step": step, "history": history, **meta})
+        save_checkpoint(pdm, opt, out, {"step": step, "history": history, "elapsed_s": elapsed(), **meta})
         log(f"interrupted: resumable checkpoint at step {step} saved in {out} (rerun with --resume)")
         raise
     bar.close()
