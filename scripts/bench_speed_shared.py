@@ -16,8 +16,8 @@ import statistics
 import time
 
 import torch
+from speed_shared import SharedWeightsDecoder  # scripts/, beside this script
 
-from spdecode.methods.speed_shared import SharedWeightsDecoder
 from spdecode.runtime.models import load_model
 
 

@@ -77,3 +77,18 @@ def test_imports_never_run_to_a_higher_layer():
             if d and LAYERS[d.split(".")[0]] > LAYERS[m.split(".")[0]]:
                 wrong.append(f"{m} -> {d}")
     assert not wrong, wrong
+
+
+def test_every_method_module_is_used_by_the_package():
+    """Demo code lives in scripts/: every module of methods/ is imported by some other module of
+    the package (a method the library or its CLI can run), not only by a script or a test."""
+    src = Path(__file__).resolve().parents[1] / "src" / "spdecode"
+    imported = set()
+    for f in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.update({node.module.split(".")[-1], *(a.name for a in node.names)})
+            elif isinstance(node, ast.Import):
+                imported.update(a.name.split(".")[-1] for a in node.names)
+    unused = [f.stem for f in (src / "methods").glob("*.py") if f.stem != "__init__" and f.stem not in imported]
+    assert not unused, f"methods/ modules nothing in the package imports (move them to scripts/): {unused}"

@@ -1,7 +1,9 @@
 """SPEED as an SPD drafter (early exit of the newest token's stage-0 state): greedy equals AR in
 one process and across processes; sampling follows AR; the shared-weights batched step is exact."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +14,18 @@ from test_distributed import EOS, launch
 from spdecode.drafting.drafters import SpeedDrafter
 from spdecode.methods.ar import generate_ar
 from spdecode.methods.spd import generate_spd
-from spdecode.methods.speed_shared import SharedWeightsDecoder
 from spdecode.runtime.errors import SpdError
 from spdecode.runtime.staged import StagedTarget
 
 PROMPT = [5, 17, 42, 8, 33, 71, 9, 5, 17, 42]
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("sizes,depth", [([6], 6), ([6], 2), ([3, 3], 3), ([3, 3], 1), ([2, 2, 2], 2),
@@ -69,7 +78,9 @@ def test_distributed_equals_single_process(tmp_path):
 
 def test_shared_weights_batched_step_equals_one_after_the_other():
     """SPEED's regime: two in-flight tokens at different depths of ONE shared block, computed with
-    one weight read (a batch of 2), give the same states as running them one after the other."""
+    one weight read (a batch of 2), give the same states as running them one after the other.
+    The block is demo code in scripts/ (speed_shared.py), not a method of the package."""
+    SharedWeightsDecoder = load_script("speed_shared").SharedWeightsDecoder
     model = tiny_model("llama", num_hidden_layers=1)
     dec = SharedWeightsDecoder(model.model.layers[0], model.model.rotary_emb, depth=4)
     g = torch.Generator().manual_seed(0)

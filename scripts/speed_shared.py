@@ -7,6 +7,9 @@ Decoding is bound by weight reads, so a tick with k rows costs far less than k t
 
 `run_sequential` (token after token, layer after layer) and `run_pipelined` (a software pipeline
 across depths) compute the same states; scripts/bench_speed_shared.py times them.
+
+Demo code, not part of the package: Llama-family layers only, used by that script and by
+tests/test_speed.py (which imports it from here). The package's SPEED is methods/spd_core.py's.
 """
 
 from __future__ import annotations
