@@ -356,3 +356,24 @@ def test_an_over_long_prompt_is_shortened_in_its_text_not_its_template():
     text, ids = fit_prompt(tok, "word " * 500, 64)
     assert len(ids) <= 64 and ids[:3] == short[:3] and ids[-3:] == short[-3:]
     assert ids == template_ids(tok, [{"role": "user", "content": text}], add_generation_prompt=True)
+
+
+def test_a_rewritten_prompt_file_gets_its_own_regeneration_cache(tmp_path):
+    """The regenerated answers are keyed on the conversations themselves (and the model and dtype),
+    not the file's name: the same name with other content (a file `data clean` rewrote) must not
+    reuse, or resume from, the old answers."""
+    from spdecode.data import load_conversations
+    from spdecode.training.commands import regeneration_cache
+
+    data = tmp_path / "prompts.jsonl"
+    one = '{"conversations": [{"from": "human", "value": "first question"}, {"from": "gpt", "value": "a"}]}\n'
+    two = '{"conversations": [{"from": "human", "value": "second question"}, {"from": "gpt", "value": "b"}]}\n'
+    data.write_text(one + two)
+    before = regeneration_cache(tmp_path, "m", "fp", load_conversations(str(data), None), "bfloat16")
+    assert before == regeneration_cache(tmp_path, "m", "fp", load_conversations(str(data), None), "bfloat16")
+    data.write_text(two)  # one removed, as `data clean` may
+    after = regeneration_cache(tmp_path, "m", "fp", load_conversations(str(data), None), "bfloat16")
+    assert after != before and after.parent == before.parent
+    convs = load_conversations(str(data), None)
+    assert regeneration_cache(tmp_path, "m", "other", convs, "bfloat16") != after  # another model's answers
+    assert regeneration_cache(tmp_path, "m", "fp", convs, "float32") != after

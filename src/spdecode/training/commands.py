@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import Counter
@@ -98,6 +99,15 @@ def init_settings(directory: str | Path, fingerprint: str) -> tuple[list[int], t
     return cfg["anchors"], vocab
 
 
+def regeneration_cache(root: Path, model: str, fingerprint: str, convs: list, dtype: str) -> Path:
+    """Where a model's answers to `convs` are kept (and resumed by count): keyed on the
+    conversations' content, the model's weights and the dtype, never on a file's name, so a
+    rewritten or cleaned prompt file gets answers of its own."""
+    h = hashlib.sha256(json.dumps(convs, sort_keys=True, ensure_ascii=False).encode())
+    h.update(f"{fingerprint}|{dtype}".encode())
+    return Path(root) / "regenerated" / f"{Path(model).name}-{h.hexdigest()[:16]}.jsonl"
+
+
 def examples_from(tok, data: str, limit: int | None, max_len: int, regenerate_with: TrainConfig | None = None):
     """Tokenised training conversations with their assistant masks; `regenerate_with`: first have
     that run's model answer every first user turn itself (cached under the cache dir)."""
@@ -107,13 +117,13 @@ def examples_from(tok, data: str, limit: int | None, max_len: int, regenerate_wi
 
     convs = load_conversations(data, limit)
     if regenerate_with is not None:
-        from ..runtime.models import load_model
+        from ..runtime.models import load_model, weights_fingerprint
 
         c = regenerate_with
         # Regenerating is generation-bound: bfloat16 and batches of 32 make it ~2x faster on CPU.
         gen_model, _ = load_model(c.model, c.regen_dtype, c.device)
-        name = f"{Path(c.model).name}-{Path(data).name}-{limit}-{c.regen_dtype}.jsonl"
-        convs = regenerate(gen_model, tok, convs, cache_dir() / "regenerated" / name, batch_size=c.regen_batch)
+        path = regeneration_cache(cache_dir(), c.model, weights_fingerprint(gen_model), convs, c.regen_dtype)
+        convs = regenerate(gen_model, tok, convs, path, batch_size=c.regen_batch)
         del gen_model
     examples = [ex for ex in (tokenize_conversation(tok, c, max_len) for c in convs) if ex]
     if not examples:
