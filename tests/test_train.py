@@ -377,3 +377,19 @@ def test_a_rewritten_prompt_file_gets_its_own_regeneration_cache(tmp_path):
     convs = load_conversations(str(data), None)
     assert regeneration_cache(tmp_path, "m", "other", convs, "bfloat16") != after  # another model's answers
     assert regeneration_cache(tmp_path, "m", "fp", convs, "float32") != after
+
+
+def test_teacher_features_stay_in_host_memory_and_move_per_batch(tmp_path):
+    """Every example's features are held on the CPU (pinned beside a GPU), not on the training
+    device, where a larger target leaves no room for them; `select` moves one batch's worth."""
+    pdm, teacher, train_ex, _, _ = setup_training(tmp_path)
+    teacher.warm(train_ex[:3], batch_size=2)
+    teacher.get(3, train_ex[3][0])
+    assert teacher.pin is False  # a CPU target: nothing to pin
+    assert all(v.device.type == "cpu" for f in teacher.memory.values() for v in f.values())
+    got = teacher.select(teacher.memory[0], pdm.cfg.anchors, torch.float32)
+    assert all(g.device == pdm.target[0].device and g.dtype == torch.float32 for g in got)
+    # A GPU target's features would be pinned host copies (`_host` does so when `pin` is set).
+    teacher.pin = True
+    if torch.cuda.is_available():
+        assert all(v.is_pinned() for v in teacher._host(teacher.memory[0]).values())

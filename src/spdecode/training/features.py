@@ -70,7 +70,15 @@ class TeacherFeatures:
         self.target, self.anchors = target, sorted(set(anchors))
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.model_id = model_id
+        # Held in host memory (pinned beside a GPU, so a batch's copy overlaps compute), moved to
+        # the training device per batch by `select`: every example's features on the GPU beside a
+        # larger target would not fit.
+        self.pin = target.device.type == "cuda"
         self.memory: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _host(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {k: v.to("cpu") for k, v in feats.items()}
+        return {k: v.pin_memory() for k, v in out.items()} if self.pin else out
 
     def _path(self, ids: list[int]) -> Path:
         key = json.dumps([self.model_id, str(self.target.dtype), self.anchors, ids])
@@ -91,16 +99,16 @@ class TeacherFeatures:
         tmp.replace(path)
 
     def _cached(self, ids: list[int]) -> dict[str, torch.Tensor] | None:
-        """The sequence's features from the cache dir, on the teacher's device; None if not there."""
+        """The sequence's features from the cache dir, in host memory; None if not there."""
         path = self._path(ids) if self.cache_dir else None
-        return load_file(path, device=str(self.target.device)) if path is not None and path.exists() else None
+        return self._host(load_file(path)) if path is not None and path.exists() else None
 
     def get(self, i: int, ids: list[int]) -> dict[str, torch.Tensor]:
         if i in self.memory:
             return self.memory[i]
         feats = self._cached(ids)
         if feats is None:
-            feats = self.compute(ids)
+            feats = self._host(self.compute(ids))
             if self.cache_dir:
                 self._store(ids, feats)
         self.memory[i] = feats
@@ -124,7 +132,7 @@ class TeacherFeatures:
                 group = order[j : j + batch_size]
                 seqs = [examples[i][0] for i in group]
                 for i, ids, feats in zip(group, seqs, self.compute_batch(seqs), strict=True):
-                    self.memory[i] = feats
+                    self.memory[i] = feats = self._host(feats)
                     if self.cache_dir:
                         self._store(ids, feats)
                 bar.update(len(group))
@@ -161,7 +169,9 @@ class TeacherFeatures:
         return out
 
     def select(self, feats: dict, wanted: list[int], dtype) -> list[torch.Tensor]:
-        return [feats["anchors"][self.anchors.index(j)].to(dtype) for j in wanted]
+        """The wanted anchors of one example, on the training device in `dtype` (copied per batch)."""
+        device = self.target.device
+        return [feats["anchors"][self.anchors.index(j)].to(device, dtype, non_blocking=self.pin) for j in wanted]
 
 
 def fit_prompt(tok, text: str, max_prompt: int) -> tuple[str, list[int]]:

@@ -139,7 +139,7 @@ def batch_loss(pdm: PipelineDraftModule, head: TeacherHead, teacher: TeacherFeat
         best = torch.zeros(len(items), S, dtype=torch.long, device=t.device)
         for i, (feats, mask) in enumerate(items):
             rows[i, : len(mask) - 1] = torch.tensor(mask[1:], device=t.device)
-            best[i, : len(mask)] = feats["best"]
+            best[i, : len(mask)] = feats["best"]  # host -> device, per batch
         ok_vocab = head.in_vocab[best]
         oov = int((rows & ~ok_vocab).sum())
         rows &= ok_vocab
