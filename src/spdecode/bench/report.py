@@ -165,6 +165,9 @@ def rank_breakdown(records: list[dict]) -> dict:
 
 def plot_speedups(summary: dict, path: str) -> None:
     """Grouped bars: wall-clock speedup over AR per dataset (and overall), one bar per method."""
+    from ..runtime.errors import require_extra
+
+    require_extra("plot", "bench --plot")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -30,6 +30,9 @@ def window_end(events: list[dict], cycles: int) -> float:
 def plot_trace(path: str, out: str, cycles: int = 8) -> str:
     """Write a PNG of the first `cycles` cycles: a row per process, a bar per phase, the verdicts
     marked on rank 0's row. Returns `out`."""
+    from ..runtime.errors import require_extra
+
+    require_extra("plot", "plot-trace")
     import matplotlib
 
     matplotlib.use("Agg")

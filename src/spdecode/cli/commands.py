@@ -90,9 +90,12 @@ def cmd_serve(args) -> int:
     import contextlib
 
     from ..generators import make_generator
+    from ..runtime.errors import require_extra
     from ..runtime.generation import eos_ids
     from ..runtime.sampling import GREEDY
     from ..runtime.staged import context_length
+
+    require_extra("serve", "spdecode serve")
     from ..serve.run import serve
 
     check_method(args)
@@ -154,8 +157,10 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_data_clean(args) -> int:
+    from ..runtime.errors import require_extra
     from ..training.commands import run_clean
 
+    require_extra("data", "spdecode data clean")
     return run_clean(args.data, args.out, args.eval, args.threshold, args.ngram)
 
 

@@ -169,6 +169,9 @@ def run(args) -> int:
 def serve_pipeline(args, root, target, tok, eos, shape, sizes) -> int:
     """Rank 0 of `spdecode serve --distributed`: the same ranks decode every request; the engine
     thread drives them (every message from one thread), a heartbeat keeps them up between requests."""
+    from ..runtime.errors import require_extra
+
+    require_extra("serve", "spdecode serve --distributed")
     from ..serve.run import EXIT_PIPELINE_FAILED, serve
 
     if tok is None:

@@ -142,6 +142,9 @@ def print_plan(rows: list[dict], source: str, link: str) -> None:
 
 
 def plot_plan(rows: list[dict], out: str) -> None:
+    from ..runtime.errors import require_extra
+
+    require_extra("plot", "plan --plot")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -3,3 +3,16 @@
 
 class SpdError(Exception):
     """Bad input or an unusable environment: reported to the user without a traceback."""
+
+
+# What each optional feature imports, and the extra of pyproject.toml that installs it.
+EXTRAS = {"serve": ("fastapi", "uvicorn", "prometheus_client"), "plot": ("matplotlib",), "data": ("datasketch",)}
+
+
+def require_extra(extra: str, what: str) -> None:
+    """Fail with the install line when `what` needs an extra that is not installed."""
+    from importlib.util import find_spec
+
+    missing = [m for m in EXTRAS[extra] if find_spec(m) is None]
+    if missing:
+        raise SpdError(f"{what} needs {', '.join(missing)}: pip install 'spdecode[{extra}]'")
