@@ -48,6 +48,45 @@ def test_a_conversation_sharing_thirteen_words_with_an_evaluation_text_goes():
     assert kept == [conv("A question.", twelve)] and report.contaminated == 2
 
 
+def test_short_evaluation_turns_are_caught_by_8_grams_and_exact_matches():
+    """The 13-gram rule cannot see an evaluation text under 13 words: 8-grams of those catch it
+    inside other text, and a turn that is word for word a text under 8 words goes too."""
+    short = "Write a C++ program to find the nth Fibonacci number using recursion."
+    assert 8 <= len(words(short)) < 13
+    tiny = "Who wrote Hamlet?"
+    check = Contamination([short, tiny])
+    kept, report = clean([conv("Please: write a c++ program to find the nth fibonacci number, thanks", "Sure."),
+                          conv("Who wrote Hamlet?", "Shakespeare wrote it around 1600, in London."),
+                          conv("Who wrote Hamlet? And why is it still read in schools today?", "It is rich."),
+                          conv("Write a C++ program to print a triangle of stars.", "Here is one.")], check)
+    assert report.by_rule == {"13-gram": 0, "8-gram": 1, "exact": 1}
+    # Neither a longer question around a short text nor shared common words are removed.
+    assert [c[0]["content"][:12] for c in kept] == ["Who wrote Ha", "Write a C++ "]
+    assert "8-gram 1 (25.00%)" in report.line() and "exact 1 (25.00%)" in report.line()
+
+
+def test_no_first_turn_of_the_evaluation_sets_survives_clean():
+    check = Contamination(eval_texts(["mt_bench", "gsm8k", "humaneval"]))
+    firsts = [row["turns"][0] for name in ("mt_bench", "gsm8k", "humaneval") for row in load_prompt_set(name)]
+    kept, report = clean([conv(q, f"An answer of my own, number {i}.") for i, q in enumerate(firsts)], check)
+    assert kept == [] and report.contaminated == len(firsts)
+    assert report.by_rule["8-gram"] + report.by_rule["exact"] >= 4  # the short MT-Bench turns 13-grams miss
+
+
+def test_plain_train_refuses_data_holding_evaluation_text(tmp_path, chat_model):
+    from spdecode.runtime.errors import SpdError
+    from spdecode.training.commands import TrainConfig, run_train
+
+    _, _, path = chat_model
+    question = load_prompt_set("mt_bench")[0]["turns"][0]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": conv(q, "An answer long enough to train on, really.")}) + "\n"
+                            for q in ["Count to five.", question, "Name three colours."]))
+    with pytest.raises(SpdError, match=r"1 of 3 training conversations .* `spdecode data clean"):
+        run_train(TrainConfig(out=str(tmp_path / "draft"), model=str(path), stages=2, data=str(data), max_len=64,
+                              draft_vocab="64", epochs=1))
+
+
 def test_humaneval_solutions_and_tests_are_evaluation_text_too():
     texts = eval_texts(["humaneval"])
     solution = human_eval_records()[0]["canonical_solution"]

@@ -99,6 +99,25 @@ def init_settings(directory: str | Path, fingerprint: str) -> tuple[list[int], t
     return cfg["anchors"], vocab
 
 
+def require_clean(convs: list, data: str) -> None:
+    """Training data must not hold evaluation text (clean.py's rules against every evaluation set
+    on this machine): otherwise a clear refusal naming `spdecode data clean`."""
+    import sys
+
+    from .clean import contaminated
+
+    used, bad = contaminated(convs)
+    if not used:
+        print("train: no evaluation set found here to check the data against (set SPDECODE_EVAL_DATA)",
+              file=sys.stderr)
+        return
+    if bad:
+        first = next(m["content"] for m in bad[0] if m["role"] == "user")
+        raise SpdError(f"{len(bad)} of {len(convs)} training conversations in {data} share text with the evaluation "
+                       f"sets ({', '.join(used)}), e.g. {first[:80]!r}: clean them first with `spdecode data clean "
+                       f"--data {data} --out CLEAN.jsonl` and train on CLEAN.jsonl")
+
+
 def regeneration_cache(root: Path, model: str, fingerprint: str, convs: list, dtype: str) -> Path:
     """Where a model's answers to `convs` are kept (and resumed by count): keyed on the
     conversations' content, the model's weights and the dtype, never on a file's name, so a
@@ -108,14 +127,18 @@ def regeneration_cache(root: Path, model: str, fingerprint: str, convs: list, dt
     return Path(root) / "regenerated" / f"{Path(model).name}-{h.hexdigest()[:16]}.jsonl"
 
 
-def examples_from(tok, data: str, limit: int | None, max_len: int, regenerate_with: TrainConfig | None = None):
+def examples_from(tok, data: str, limit: int | None, max_len: int, regenerate_with: TrainConfig | None = None,
+                  decontaminated: bool = False):
     """Tokenised training conversations with their assistant masks; `regenerate_with`: first have
-    that run's model answer every first user turn itself (cached under the cache dir)."""
+    that run's model answer every first user turn itself (cached under the cache dir);
+    `decontaminated`: refuse data sharing text with the evaluation sets (`require_clean`)."""
     from ..data import load_conversations
     from ..runtime.models import cache_dir
     from .features import regenerate, tokenize_conversation
 
     convs = load_conversations(data, limit)
+    if decontaminated:
+        require_clean(convs, data)
     if regenerate_with is not None:
         from ..runtime.models import load_model, weights_fingerprint
 
@@ -197,7 +220,8 @@ def run_train(cfg: TrainConfig) -> int:
                        "trees anyway): choose one")
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
     target = StagedTarget(model, 1 if cfg.eagle else cfg.stages)  # an EAGLE-style head is the n = 1 PDM
-    examples = examples_from(tok, cfg.data, cfg.limit, cfg.max_len, cfg if cfg.regenerate else None)
+    examples = examples_from(tok, cfg.data, cfg.limit, cfg.max_len, cfg if cfg.regenerate else None,
+                             decontaminated=True)
     random.Random(cfg.seed).shuffle(examples)
     n_val = max(1, int(len(examples) * cfg.val_frac)) if len(examples) > 1 else 0
     train_ex, val_ex = examples[n_val:], examples[:n_val]
