@@ -170,6 +170,45 @@ def test_bad_requests_get_an_openai_error_and_the_server_goes_on(server, tiny, b
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+def test_an_oversized_body_gets_413_and_a_huge_stop_string_400_and_the_server_goes_on(server, tiny):
+    """A 20 MB body is refused before it is read whole (with or without a content-length); stop
+    strings, checked against the text at every token, have a length limit."""
+    path, model, tok = tiny
+    huge = json.dumps({"model": path, "messages": [{"role": "user", "content": "x" * (20 << 20)}]}).encode()
+    r = httpx.post(server.url + "/v1/chat/completions", content=huge, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    chunked = httpx.post(server.url + "/v1/chat/completions", content=iter([huge[i:i + (1 << 20)] for i in
+                                                                             range(0, len(huge), 1 << 20)]),
+                         headers={"content-type": "application/json"})
+    assert chunked.status_code == 413
+    stops = ["y" * 100_000] * 16
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": path, "messages": [
+        {"role": "user", "content": "Hi"}], "stop": stops, "max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+    want, _, _ = greedy_text(model, tok, chat_ids(tok, "Hi there"), 12)
+    got = server.client().chat.completions.create(model=path, messages=[{"role": "user", "content": "Hi there"}],
+                                                  max_tokens=12, temperature=0)
+    assert got.choices[0].message.content == want
+
+
+def test_a_chat_template_that_raises_is_an_openai_400():
+    """E.g. a template's role-alternation check: the client's error, said as such."""
+    from jinja2.exceptions import TemplateError
+
+    from spdecode.serve.app import chat_prompt_ids
+    from spdecode.serve.openai_api import ApiError
+
+    class Refusing:
+        chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+
+        def apply_chat_template(self, *a, **k):
+            raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    with pytest.raises(ApiError) as err:
+        chat_prompt_ids(Refusing(), [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    assert err.value.status == 400 and err.value.param == "messages" and "alternate" in err.value.message
+
+
 def test_neutral_values_of_unimplemented_parameters_are_accepted(server, tiny):
     path, model, tok = tiny
     want, _, _ = greedy_text(model, tok, list(tok("Hi").input_ids), 8)

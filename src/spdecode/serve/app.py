@@ -10,6 +10,7 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..runtime.errors import SpdError
@@ -19,6 +20,16 @@ from .metrics import ServerMetrics
 from .openai_api import ApiError, ChatRequest, CompletionRequest, chat_messages, parse, sampling_of, stops_of
 
 POLL_S = 0.2  # how often a waiting request checks that its client is still there
+MAX_BODY_BYTES = 4 << 20  # a request body past this is refused (413) before it is read whole
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The chat template over `messages`; a template that refuses them (e.g. a role-alternation
+    check raising) is the client's error, an OpenAI-shaped 400, not a server error."""
+    try:
+        return template_ids(tokenizer, messages, add_generation_prompt=True)
+    except Exception as exc:  # jinja2's TemplateError, or whatever the template raises
+        raise ApiError(400, f"the model's chat template refused these messages: {exc}", "messages") from None
 
 
 def create_app(engine: Engine, tokenizer, model_id: str, context_length: int, metrics: ServerMetrics,
@@ -52,8 +63,19 @@ def create_app(engine: Engine, tokenizer, model_id: str, context_length: int, me
                                             "owned_by": "spdecode", "max_model_len": context_length}]}
 
     async def body_of(request: Request):
+        too_big = ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes", code="request_too_large")
         try:
-            return await request.json()
+            if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+                raise too_big
+        except ValueError:
+            raise ApiError(400, "the content-length header is not a number") from None
+        raw = bytearray()
+        async for chunk in request.stream():  # chunked bodies carry no length: count as they come
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise too_big
+        try:
+            return json.loads(bytes(raw))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON") from None
 
@@ -94,7 +116,8 @@ def create_app(engine: Engine, tokenizer, model_id: str, context_length: int, me
         check_model(req.model)
         if not tokenizer.chat_template:
             raise ApiError(400, f"{model_id} has no chat template: use /v1/completions", "messages")
-        ids = template_ids(tokenizer, chat_messages(req), add_generation_prompt=True)
+        # Templating and tokenizing take CPU time: off the event loop, which serves every client.
+        ids = await run_in_threadpool(chat_prompt_ids, tokenizer, chat_messages(req))
         job = make_job(ids, req, req.max_completion_tokens or req.max_tokens)
         return await respond(request, job, req, chat=True)
 
@@ -110,7 +133,7 @@ def create_app(engine: Engine, tokenizer, model_id: str, context_length: int, me
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ApiError(400, "the prompt is empty", "prompt")
-            ids = list(tokenizer(prompt).input_ids)
+            ids = list((await run_in_threadpool(tokenizer, prompt)).input_ids)
         else:
             ids = list(prompt)
             if any(not 0 <= t < len(tokenizer) for t in ids):

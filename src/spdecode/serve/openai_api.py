@@ -23,6 +23,7 @@ NEUTRAL: dict[str, tuple] = {
     "reasoning_effort": (None,), "user": None, "stream_options": None,
 }
 MAX_STOPS = 16
+MAX_STOP_CHARS = 1024  # a stop string is checked against the text's tail at every token
 
 
 class ApiError(Exception):
@@ -98,6 +99,8 @@ def stops_of(req: _Common) -> list[str]:
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > MAX_STOPS:
         raise ApiError(400, f"at most {MAX_STOPS} stop strings", "stop")
+    if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"a stop string may have at most {MAX_STOP_CHARS} characters", "stop")
     return [s for s in stops if s]
 
 
