@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from spdecode.drafting.pdm import CONFIG_FILE, bundled_drafts, load_pdm
+from spdecode.plan.costs import median_time
 from spdecode.runtime.machine import describe_cpu
 from spdecode.runtime.models import load_model, weights_fingerprint
 from spdecode.runtime.staged import StagedTarget
@@ -38,16 +37,6 @@ def kind(name: str) -> str:
     if any(k in name for k in ATTENTION):
         return "attention"
     return "ops"
-
-
-def wall(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def linear_calls(fn, modules) -> list:
@@ -65,9 +54,9 @@ def linear_calls(fn, modules) -> list:
 
 def breakdown(fn, reps: int, layers: int, modules) -> dict:
     """ms per layer: wall, matrix, non-matrix and its parts, and the non-matrix ops taking most."""
-    w = wall(fn, reps)
+    w = median_time(fn, reps)
     calls = linear_calls(fn, modules)
-    matrix = wall(lambda: [m(x) for m, x in calls], reps)
+    matrix = median_time(lambda: [m(x) for m, x in calls], reps)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(reps):
             fn()

@@ -103,6 +103,14 @@ def test_the_divergence_reference_holds_what_int4w_computes_with(tmp_path):
     assert near < far / 2
 
 
+def on_int4_grid_layers(model) -> None:
+    """Snap a model's decoder Linears onto Q4_1's grid, as a Q4_1 GGUF de-quantised lies."""
+    with torch.no_grad():
+        for m in model.model.layers.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(int4_dequantize(*int4_quantize(m.weight), dtype=torch.float32))
+
+
 def test_int4w_is_offered_only_for_a_checkpoint_already_on_its_grid(tmp_path):
     """A Q4_1-style checkpoint (our aliases) gets int4w among the backends auto and --ar-sweep
     measure; a plain fp32 one does not (there int4w would be a lossy quantization)."""
@@ -111,10 +119,7 @@ def test_int4w_is_offered_only_for_a_checkpoint_already_on_its_grid(tmp_path):
     plain = tiny_model("llama")
     plain.save_pretrained(tmp_path / "plain")
     on_grid = tiny_model("llama")
-    with torch.no_grad():
-        for m in on_grid.model.layers.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.copy_(int4_dequantize(*int4_quantize(m.weight), dtype=torch.float32))
+    on_int4_grid_layers(on_grid)
     on_grid.save_pretrained(tmp_path / "grid")
     assert "int4w" not in model_backends(str(tmp_path / "plain"))
     assert model_backends(str(tmp_path / "grid"))[-1] == "int4w"
@@ -163,10 +168,7 @@ def test_one_tensor_off_the_grid_withholds_int4w(tmp_path):
     from spdecode.runtime.quantized import holds_int4_grid
 
     model = tiny_model("llama")
-    with torch.no_grad():
-        for m in model.model.layers.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.copy_(int4_dequantize(*int4_quantize(m.weight), dtype=torch.float32))
+    on_int4_grid_layers(model)
     model.save_pretrained(tmp_path / "grid")
     assert holds_int4_grid(tmp_path / "grid")
     with torch.no_grad():

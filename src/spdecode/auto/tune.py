@@ -1,16 +1,15 @@
 """`spdecode tune`: measure the machine profile `--method auto` decides from.
 
-Quick (the default, and what the first `--method auto` runs): Linears of the model's MLP shape,
-as many as its MLPs hold up to PROBE_BYTES (so their weights come from memory, as in a decode
-step), in each
-backend prune those far behind the best (a backend whose one-row GEMMs take more than PRUNE
-times the best's, and whose one-row plus nine-row GEMMs too, can win neither AR nor a
-speculative configuration); the survivors get the cost
-file's timings (every layer and the head, plain and as a tree chunk, and a whole AR step) at rows
-{1, 2, 5, 9} (AR, SPD's one node and its root, the trees auto may pick: the shipped 8-node trees
-and their root) at contexts 128 and 512 with 1 thread and with every usable core, the passes of
-the drafts auto may use, and the link between two local processes. `--full` adds every backend,
-rows 1..17, every bundled draft and a rank's timings beside a busy twin (plan/costs.py).
+Quick (the default, and what the first `--method auto` runs): Linears of the model's MLP shape, as
+many as its MLPs hold up to PROBE_BYTES (so their weights come from memory, as in a decode step),
+in each backend prune those far behind the best (a backend whose one-row GEMMs take more than PRUNE
+times the best's, and whose one-row plus nine-row GEMMs too, can win neither AR nor a speculative
+configuration); the survivors get the cost file's timings (every layer and the head, plain and as a
+tree chunk, and a whole AR step) at rows {1, 2, 5, 9} (AR, SPD's one node and its root, the trees
+auto may pick: the shipped 8-node trees and their root) at contexts 128 and 512 with 1 thread and
+with every usable core, the passes of the drafts auto may use, and the link between two local
+processes. `--full` adds every backend, rows 1..17, every bundled draft and a rank's timings beside
+a busy twin (plan/costs.py).
 """
 
 from __future__ import annotations

@@ -257,9 +257,12 @@ def measure_costs(args) -> int:
         raise SpdError(f"--threads: expected comma-separated integers, got {args.threads!r}") from None
     if args.reps < 1:
         raise SpdError(f"--reps must be at least 1 (got {args.reps})")
-    backends = [args.dtype] if not args.backends else model_backends(args.model, args.device) \
-        if args.backends == "all" else [
-        measured(b.strip(), "plan --measure") for b in args.backends.split(",") if b.strip()]
+    if not args.backends:
+        backends = [args.dtype]
+    elif args.backends == "all":
+        backends = model_backends(args.model, args.device)
+    else:
+        backends = [measured(b.strip(), "plan --measure") for b in args.backends.split(",") if b.strip()]
     for backend in backends:
         out = Path(args.out)
         if "{backend}" in args.out:

@@ -160,7 +160,7 @@ def clean(convs: Iterable[list[dict]], contamination: Contamination, threshold: 
         rule = contamination.conversation(conv)
         if rule:
             report.contaminated += 1
-            report.by_rule[rule] = report.by_rule.get(rule, 0) + 1
+            report.by_rule[rule] += 1
             if len(report.contaminated_examples) < 5:
                 report.contaminated_examples.append(user[:120])
             continue
