@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from spdecode.methods.ar import generate_ar
 from spdecode.methods.pipespec import PipeSpecChain, check_chain, expected_tokens_per_step, rho
-from spdecode.runtime.errors import SpdError
+from spdecode.runtime.errors import DecoderFailure, SpdError
+from spdecode.runtime.sampling import SamplingParams
 from spdecode.runtime.staged import StagedTarget
 
 PROMPTS = [[5, 17, 42, 8, 33, 71, 9, 5, 17, 42], [3, 3, 3, 60, 61, 3, 3], [90, 1, 44]]
@@ -76,8 +77,50 @@ def test_a_killed_stage_stops_the_chain(tiny_dir):
         ps.generate(PROMPTS[0], 40)
     assert time.monotonic() - t0 < 10
     assert all(not p.is_alive() for p in ps.procs)
-    with pytest.raises(SpdError, match="closed"):
+    with pytest.raises(DecoderFailure, match="closed"):
         ps.generate(PROMPTS[0], 4)
+    assert "closed" in ps.problem()
+    ps.restart()  # what a server does after a failure: new stage processes, the same answers
+    try:
+        assert ps.problem() is None
+        assert ps.generate(PROMPTS[0], 40).tokens == refs[0]
+        os.kill(ps.procs[0].pid, signal.SIGKILL)  # a stage that dies between requests
+        deadline = time.monotonic() + 10
+        while ps.problem() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "stage 0 (early-exit:1) exited" in ps.problem()
+        ps.watch()  # a server's periodic check restarts it
+        assert ps.problem() is None and ps.generate(PROMPTS[1], 40).tokens == refs[1]
+    finally:
+        ps.close()
+
+
+def test_a_request_longer_than_the_timeout_is_no_failure(tmp_path):
+    """The chain's deadline is an idle one: a request may run past `timeout` while tokens flow
+    (it used to be a deadline for the whole request: a long answer failed and closed the chain)."""
+    tiny_model("llama", max_position_embeddings=4096).save_pretrained(tmp_path / "long")
+    with PipeSpecChain(str(tmp_path / "long"), ["early-exit:1"], gamma=2) as ps:
+        ps.timeout = 0.5  # after the stages started (loading a model takes longer)
+        t0 = time.monotonic()
+        gen = ps.generate(PROMPTS[0], 3000)
+        took = time.monotonic() - t0
+    assert len(gen.tokens) == 3000
+    assert took > 4 * ps.timeout, f"the request took only {took:.2f} s: too short to test the deadline"
+
+
+def test_sampled_q_live_in_a_ring_of_2_gamma_slots(tiny_dir):
+    """Sampled PipeSpec shares each stage's q per position with its downstream; only ~2 gamma + 1
+    positions are live at once, so a ring of them, not a dense [answer length, vocab] tensor (which
+    at a 2k context is ~400 MB of /dev/shm). A long run wraps the ring many times; each slot
+    records its position, so a q read after it was overwritten would raise, not pass."""
+    root, _, _ = tiny_dir
+    shapes = []
+    # patience: every verifying stage waits for its upstream's drafts, so q's are read all along.
+    with PipeSpecChain(str(root / "target"), ["early-exit:1", "early-exit:3"], gamma=2, patience=1.0) as ps:
+        gen = ps.generate(PROMPTS[0], 200, SamplingParams(temperature=1.0, seed=3),
+                          on_token=lambda t: shapes.append(tuple(ps.shared.probs.shape)))
+    assert len(gen.tokens) == 200 and gen.metrics.drafts_verified > 100
+    assert set(shapes) == {(2, 2 * 2 + 2, 97)}
 
 
 def test_a_stage_that_fails_to_start_is_reported(tiny_dir, tmp_path):

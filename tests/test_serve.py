@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import signal
 import time
 
 import httpx2 as httpx  # the HTTP client the openai package is built on
@@ -191,6 +193,25 @@ def test_an_oversized_body_gets_413_and_a_huge_stop_string_400_and_the_server_go
     assert got.choices[0].message.content == want
 
 
+def test_a_prompt_that_fits_the_context_but_not_the_drafts_in_flight_gets_400_with_the_real_limit(server, tiny):
+    """SPD over trees (2 stages, budget 4) writes 2 x (4 + 1) positions past the answer. A request
+    that fits the context but not with them used to be admitted and then refused by the engine (or
+    silently cut short): now the client gets OpenAI's context_length_exceeded with the real limit."""
+    path, model, tok = tiny
+    usable = 4096 - 2 * (4 + 1)
+    assert server.client().models.list().data[0].model_extra["max_model_len"] == usable
+    for prompt, max_tokens in ((usable - 4, 8), (usable, 1)):
+        r = httpx.post(server.url + "/v1/completions", json={"model": path, "prompt": [5] * prompt,
+                                                              "max_tokens": max_tokens, "temperature": 0})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["code"] == "context_length_exceeded", r.text
+        assert f"may use {usable} of the model's 4096" in err["message"]
+    ids = [5] * (usable - 6)  # exactly at the limit: answered in full
+    want, n, _ = greedy_text(model, tok, ids, 6)
+    r = server.client().completions.create(model=path, prompt=ids, max_tokens=6, temperature=0)
+    assert (r.choices[0].text, r.usage.completion_tokens) == (want, n)
+
+
 def test_a_chat_template_that_raises_is_an_openai_400():
     """E.g. a template's role-alternation check: the client's error, said as such."""
     from jinja2.exceptions import TemplateError
@@ -291,6 +312,20 @@ def test_pipespec_is_served_exactly_and_a_halt_reaches_its_stage_processes(tiny)
         assert time.time() - left < 1.5, "the chain went on after its client left"
         r = client.completions.create(model=path, prompt="Once upon a time", max_tokens=30, temperature=0)
         assert r.choices[0].text == want
+        # A stage process that dies: /health says so until the server has restarted the chain, which
+        # then answers exactly (a dead chain used to close for good behind a /health of "ok").
+        stages = [p for p in s.processes() if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()
+                  and b"resource_tracker" not in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert len(stages) == 2
+        os.kill(stages[-1], signal.SIGKILL)
+        health, deadline = [], time.time() + 60
+        while time.time() < deadline and (not health or health[-1] != 200):
+            health.append(httpx.get(s.url + "/health").status_code)
+            time.sleep(0.05)
+        assert 503 in health and health[-1] == 200, health
+        r = client.completions.create(model=path, prompt="Once upon a time", max_tokens=30, temperature=0)
+        assert r.choices[0].text == want
+        assert stages[-1] not in s.processes()
     finally:
         pids = s.processes()
         code, err = s.stop()

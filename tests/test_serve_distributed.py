@@ -59,10 +59,21 @@ def test_a_warm_pipeline_serves_exact_answers_and_stops_cleanly(tiny):
             r = ask(s, path, text, max_tokens=40)
             assert (r.choices[0].message.content, r.usage.completion_tokens, r.choices[0].finish_reason) == \
                 (want, n, finish)
-        # A prompt that fits the context but not with the pipeline's in-flight rows: a clear error
-        # from the engine before any rank is involved, and the pipeline serves on.
-        r = httpx.post(s.url + "/v1/completions", json={"model": path, "prompt": [5] * 4090, "max_tokens": 2})
-        assert r.status_code == 400 and "context" in r.json()["error"]["message"], r.text
+        # Probes: for three rank timeouts (4 s), a request a second that fits the context but not the
+        # pipeline's drafts in flight (such requests used to reach the engine, fail before any
+        # message and starve the heartbeat until the ranks timed out and the server died); a 20 MB
+        # body; 16 stop strings of 100k characters. Each gets its 4xx at once; the pipeline serves on.
+        usable = 4096 - 2 * (4 + 1)
+        t0 = time.time()
+        while time.time() - t0 < 3 * 4:
+            r = httpx.post(s.url + "/v1/completions", json={"model": path, "prompt": [5] * (usable - 4),
+                                                            "max_tokens": 8}, timeout=10)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+            time.sleep(1)
+        huge = {"model": path, "messages": [{"role": "user", "content": "x" * (20 << 20)}]}
+        assert httpx.post(s.url + "/v1/chat/completions", json=huge, timeout=30).status_code == 413
+        stops = {"model": path, "messages": [{"role": "user", "content": "Hi"}], "stop": ["y" * 100_000] * 16}
+        assert httpx.post(s.url + "/v1/chat/completions", json=stops, timeout=30).status_code == 400
         # A client that leaves mid-stream, then idle longer than the ranks' 4 s timeout.
         body = {"model": path, "prompt": "A long tale", "max_tokens": 2000, "temperature": 0, "stream": True}
         with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:

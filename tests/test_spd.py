@@ -244,3 +244,40 @@ def test_a_prompt_near_the_context_end_still_decodes(method):
             assert gen.tokens == ref[:3]  # 256 - 250 - 3
         else:
             assert generate_ar(StagedTarget(model), prompt, 50).tokens == ref
+
+
+@pytest.mark.parametrize("method", ["ar", "spd", "spd-trees"])
+def test_a_request_without_max_tokens_reserves_what_it_uses(method, monkeypatch):
+    """A request allowed the whole context (a chat request without max_tokens) used to reserve a
+    context's worth of KV cache and anchor store up front, however soon it ended. It reserves its
+    first positions, and the buffers grow as the answer does, with the same tokens."""
+    import spdecode.methods.spd as spd
+    from spdecode.runtime.generation import RESERVE_AHEAD, Halt
+
+    model = tiny_model("llama", max_position_embeddings=4096)
+    ref = generate_ar(StagedTarget(model), PROMPT, 700).tokens
+    stores = []
+    monkeypatch.setattr(spd, "anchor_store", lambda *a, real=spd.anchor_store: stores.append(real(*a)) or stores[-1])
+
+    def run(max_new_tokens, halt_after=None):
+        """(tokens, KV cache capacity, anchor store rows) of one request."""
+        target, halt, seen = StagedTarget(model, 1 if method == "ar" else 3), Halt(), []
+
+        def on_token(t):
+            seen.append(t)
+            if len(seen) == halt_after:
+                halt.set("stop")
+
+        if method == "ar":
+            return generate_ar(target, PROMPT, max_new_tokens, on_token=on_token, halt=halt).tokens, \
+                target.cache.capacity, 0
+        pdm = PdmTreeDrafter(new_pdm(target, "tiny", "fp", num_layers=2))
+        shape = TreeShape(6, 3, 3) if method == "spd-trees" else TreeShape()
+        gen = generate_spd(target, pdm, PROMPT, max_new_tokens, on_token=on_token, shape=shape, halt=halt)
+        return gen.tokens, target.cache.capacity, stores[-1].buf[0].shape[0]
+
+    tokens, cache, store = run(4000, halt_after=10)
+    assert tokens == ref[:10]
+    assert cache < 2 * RESERVE_AHEAD and store < 2 * RESERVE_AHEAD, (cache, store)
+    tokens, cache, store = run(700)  # past the first reservation: the buffers grow, the tokens stay AR's
+    assert tokens == ref and cache >= len(PROMPT) + 700 and (method == "ar" or store >= len(PROMPT) + 700)

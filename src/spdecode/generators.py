@@ -157,6 +157,23 @@ def split_for(method: str, model, model_name: str, opts: MethodOptions) -> list[
     return sizes if method in (*PIPELINED, "ar") else split_layers(model.config.num_hidden_layers, 1)
 
 
+def positions_in_flight(method: str, opts: MethodOptions, n_stages: int) -> int:
+    """Positions past a request's last token that `method` writes while it decodes (its drafts in
+    flight), which the model's context must hold too: what a server admits is the context less this."""
+    from .methods.pipespec import lookahead as chain_lookahead
+    from .methods.spd import lookahead_rows
+    from .methods.spd_core import TreeShape
+
+    if method == "ar":
+        return 0
+    if method == "pipespec":
+        return chain_lookahead(len(opts.chain.split(",")) + 1, opts.gamma)
+    budget, depth, topk = opts.tree(method)
+    if budget == 0:
+        return opts.gamma  # sd's chain of gamma drafts per pass
+    return lookahead_rows(n_stages if method in PIPELINED else 1, TreeShape(budget, depth, topk))
+
+
 def with_threads(run: Callable[..., Generation], threads: int | None) -> Callable[..., Generation]:
     """`run` with torch's intra-op threads set to `threads` while it runs (restored afterwards)."""
     if not threads:

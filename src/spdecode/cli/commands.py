@@ -88,14 +88,17 @@ def generate_distributed(args) -> int:
 def cmd_serve(args) -> int:
     """`spdecode serve`: one process, or rank 0 of the pipeline (distributed/worker.py) serving."""
     import contextlib
+    from dataclasses import replace
 
-    from ..generators import make_generator
+    from ..generators import make_generator, positions_in_flight
     from ..runtime.errors import require_extra
     from ..runtime.generation import eos_ids
     from ..runtime.sampling import GREEDY
     from ..runtime.staged import context_length
 
     require_extra("serve", "spdecode serve")
+    from ..methods.pipespec import CHAIN_WATCH_S, PipeSpecChain
+    from ..serve.engine import Decoder
     from ..serve.run import serve
 
     check_method(args)
@@ -108,11 +111,17 @@ def cmd_serve(args) -> int:
     model, tok = load_for_method(args)
     eos = eos_ids(model, tok)
     with contextlib.ExitStack() as stack:
-        run, stages = make_generator(args.method, model, args.model, method_options(args), stack)
+        opts = method_options(args)
+        run, stages = make_generator(args.method, model, args.model, opts, stack)
         run(list(tok("Hello").input_ids), 4, GREEDY, eos)  # warm-up, off the first request
         what = f"{args.method}, stages {stages}, {args.dtype}, one process"
-        return serve(run, tok, eos, args.model, context_length(model.config), args.host, args.port, args.max_queue,
-                     description=what, fingerprint=system_fingerprint(args))
+        decoder = Decoder(run, positions_in_flight(args.method, opts, len(stages)))
+        chain = getattr(run, "__self__", None)  # PipeSpec's chain: its stage processes need watching
+        if isinstance(chain, PipeSpecChain):
+            decoder = replace(decoder, recover=chain.restart, problem=chain.problem, heartbeat=chain.watch,
+                              heartbeat_s=CHAIN_WATCH_S)
+        return serve(decoder, tok, eos, args.model, context_length(model.config), args.host, args.port,
+                     args.max_queue, description=what, fingerprint=system_fingerprint(args))
 
 
 def system_fingerprint(args) -> str:

@@ -19,6 +19,7 @@ target's choices on the way back to rank 0.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,7 @@ class Link:
         self.transport = transport if transport is not None else TorchTransport()
         self.pending: list = []  # (work, tensor) of this cycle's sends; tensors must outlive them
         self.previous: list = []  # last cycle's sends
+        self.last_send = time.monotonic()  # when this rank last sent: a server's heartbeat counts from it
 
     def send(self, dst: int, msg: Message, tag: int) -> None:
         if msg.payload is not None and msg.payload.shape[0] == 0:
@@ -135,6 +137,7 @@ class Link:
             parts.append(msg.extra.reshape(-1).to(self.device).contiguous())
         for t in parts:
             self.pending.append((self.transport.isend(t, dst, tag), t))
+        self.last_send = time.monotonic()
 
     def recv(self, src: int, tag: int) -> Message:
         head = torch.empty(HEADER, dtype=torch.long, device=self.device)

@@ -44,7 +44,7 @@ from ..methods.spd import (
 from ..methods.spd_core import ONE_NODE, SpdRun, TreeShape
 from ..runtime import trace
 from ..runtime.errors import SpdError
-from ..runtime.generation import Generation, Halt, start_generation
+from ..runtime.generation import Generation, Halt, first_reservation, start_generation
 from ..runtime.sampling import GREEDY, SamplingParams
 from ..runtime.staged import StagedTarget
 from .comm import END, NONE, PREFILL, REPORT, SHUTDOWN, SLOT, TAG_FORWARD, TAG_TO_ROOT, Link, Message, pack_plan
@@ -106,8 +106,8 @@ class RootRank:
         max_new_tokens, sampler, stop, m = start_generation(t, prompt_ids, max_new_tokens, draft_sampling, eos,
                                                             self.drafter.method + "-dist", lookahead=extra,
                                                             halt=halt)
-        # Every slot this request can fill, in every rank's cache: each reserves it once.
-        self.positions = len(prompt_ids) + max_new_tokens + extra
+        # What every rank reserves at prefill (its cache grows past it if the answer runs long).
+        self.positions = first_reservation(len(prompt_ids), max_new_tokens, extra)
         self.store = anchor_store(t, self.drafter, self.positions)
         self.sampling = sampling
         self.run = SpdRun(n, prompt_ids, self.drafter, stop, m, self.store, shape, on_token, sampler)

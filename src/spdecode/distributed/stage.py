@@ -30,8 +30,8 @@ def _bits_float(b: int) -> float:
 def sampling_vector(s: SamplingParams, max_positions: int = 0) -> torch.Tensor:
     """A request's sampling parameters, exactly, as an int64 vector (the PREFILL message's extra):
     [temperature and top_p as float64 bits, top_k, seed kind (0 none, 1 int64, 2 wrapped uint64), seed,
-    max_positions]. `max_positions` (0: not given) is how many positions the request can reach
-    (prompt + max_new_tokens + n_stages): every rank reserves its KV cache for that at prefill."""
+    max_positions]. `max_positions` (0: not given) is how many positions every rank reserves in its
+    KV cache at prefill (generation.first_reservation)."""
     seed, kind = (0, 0) if s.seed is None else (int(s.seed), 1)
     if kind and not -2**63 <= seed < 2**64:
         raise SpdError(f"seed {seed} is out of range (a 64-bit integer)")
@@ -56,8 +56,9 @@ def request_from(v: torch.Tensor) -> tuple[SamplingParams, int]:
 def serve_stage(target: StagedTarget, link: Link, stage: int) -> None:
     """Loop of a rank s >= 1 until SHUTDOWN: prefill, cycles, and an END ack after each request.
 
-    At prefill the rank reserves its KV cache once for the whole request, for the slots rank 0
-    names in the PREFILL message, so that the cache never grows (allocate and copy) while decoding.
+    At prefill the rank reserves its KV cache for the positions rank 0 names in the PREFILL message
+    (the prompt, the answer's first positions and the drafts in flight); it grows past them only
+    for a long answer.
     Each SLOT message carries a plan (comm.pack_plan): the compaction to apply first (what the
     verdicts since the previous slot left alive), then where the slot's rows go and what they see.
     """

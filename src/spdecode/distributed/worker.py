@@ -172,6 +172,8 @@ def serve_pipeline(args, root, target, tok, eos, shape, sizes) -> int:
     from ..runtime.errors import require_extra
 
     require_extra("serve", "spdecode serve --distributed")
+    from ..methods.spd import lookahead_rows
+    from ..serve.engine import Decoder
     from ..serve.run import EXIT_PIPELINE_FAILED, serve
 
     if tok is None:
@@ -184,9 +186,12 @@ def serve_pipeline(args, root, target, tok, eos, shape, sizes) -> int:
 
     what = (f"{args.method} over {len(sizes)} processes, stages {sizes}, "
             f"tree {shape.budget}/{shape.depth}/{shape.topk}, {args.dtype}")
-    code = serve(generate, tok, eos, args.model, target.context_length, host, int(port), args.max_queue,
-                 fatal=lambda exc: root.in_request, on_close=root.shutdown, on_idle=root.heartbeat,
-                 idle_s=max(1.0, args.timeout / 4), description=what,
+    # The heartbeat is due heartbeat_s after rank 0's last message, whatever the requests do.
+    decoder = Decoder(generate, lookahead_rows(len(sizes), shape), fatal=lambda exc: root.in_request,
+                      heartbeat=root.heartbeat, heartbeat_s=max(1.0, args.timeout / 4),
+                      last_contact=lambda: root.link.last_send, on_close=root.shutdown)
+    code = serve(decoder, tok, eos, args.model, target.context_length, host, int(port), args.max_queue,
+                 description=what,
                  fingerprint=args.fingerprint or f"spdecode-{args.method}-{args.dtype}-{len(sizes)}proc")
     if code == EXIT_PIPELINE_FAILED:
         raise SpdError("the server stopped: a pipeline rank failed")

@@ -33,7 +33,15 @@ class AnchorStore:
 
     def put(self, j: int, start: int, h: torch.Tensor) -> None:
         """Store h_j [q, H] of the tokens at positions start..start+q-1."""
+        self._fit(start + h.shape[0])
         self.buf[self.slot[j]][start : start + h.shape[0]] = h
+
+    def _fit(self, n: int) -> None:
+        """Room for positions < n: the buffers double (a request reserves only its first positions)."""
+        have = self.buf[0].shape[0]
+        if n > have:
+            grown = max(n, 2 * have)
+            self.buf = [torch.cat([b, b.new_zeros(grown - have, b.shape[1])]) for b in self.buf]
 
     def put_nodes(self, j: int, ids: list[int], h: torch.Tensor) -> None:
         """Store h_j [q, H] of in-flight nodes `ids` (one row each)."""
@@ -55,6 +63,7 @@ class AnchorStore:
 
     def commit(self, i: int, position: int) -> None:
         """Node i left the pipeline verified: its anchors become position `position`'s."""
+        self._fit(position + 1)
         for j, h in self.nodes.pop(i, {}).items():
             self.buf[self.slot[j]][position] = h
 

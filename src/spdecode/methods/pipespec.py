@@ -26,7 +26,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from ..runtime.errors import SpdError
+from ..runtime.errors import DecoderFailure, SpdError
 from ..runtime.generation import Generation, check_prompt
 from ..runtime.metrics import Metrics
 from ..runtime.sampling import GREEDY, SamplingParams
@@ -43,6 +43,15 @@ def expected_tokens_per_step(alpha: float, gamma: int) -> float:
     r = rho(alpha, gamma)
     block = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
     return (1 - r) + r * block
+
+
+CHAIN_WATCH_S = 2.0  # how often a server checks its chain's stage processes between requests
+
+
+def lookahead(n: int, gamma: int) -> int:
+    """Positions past the target's last token that a chain of n models can write: each upstream
+    stage runs up to 2 gamma tokens ahead of its downstream, and all of them must fit in context."""
+    return 2 * n * gamma + 1
 
 
 def check_chain(drafters: list[str]) -> None:
@@ -126,20 +135,49 @@ class PipeSpecChain:
             raise SpdError(f"gamma must be at least 1 (got {gamma})")
         self.specs = list(drafters) + ["target"]
         self.gamma, self.timeout = gamma, timeout
+        self.model_name, self.dtype, self.device = model_name, dtype, device
+        self.patience, self.threads = patience, threads
+        self.shared: SharedChain | None = None
+        self._start()
+
+    def _start(self) -> None:
+        """Start one process per stage and wait until each has loaded its model."""
         ctx = mp.get_context("spawn")  # fork after torch has run threads is unsafe
         self.cond = ctx.Condition()
         self.inboxes = [ctx.Queue() for _ in self.specs]
         self.outbox = ctx.Queue()
         self.procs = [ctx.Process(target=stage_main, name=f"pipespec-{i}-{s}", daemon=True,
-                                  args=(i, self.specs, model_name, dtype, gamma, patience, threads, self.inboxes[i],
-                                        self.outbox, self.cond, device))
+                                  args=(i, self.specs, self.model_name, self.dtype, self.gamma, self.patience,
+                                        self.threads, self.inboxes[i], self.outbox, self.cond, self.device))
                       for i, s in enumerate(self.specs)]
-        self.closed = False
-        self.shared: SharedChain | None = None
+        self.closed, self.starting = False, True
         for p in self.procs:
             p.start()
         ready = self._collect("ready")
         self.context_length, self.vocab_size = ready[len(self.specs) - 1]
+        self.starting = False
+
+    def restart(self) -> None:
+        """New stage processes after a failure (a server's recovery): the old ones are ended first."""
+        self.close(graceful=False)
+        self.shared = None
+        self._start()
+
+    def problem(self) -> str | None:
+        """Why the chain cannot serve now (closed, or a stage process gone); None when it can."""
+        if self.closed:
+            return "pipespec: the chain is closed"
+        if self.starting:
+            return "pipespec: the stage processes are starting"
+        for i, p in enumerate(list(self.procs)):
+            if p.exitcode is not None:
+                return f"pipespec: stage {i} ({self.specs[i]}) exited with code {p.exitcode}"
+        return None
+
+    def watch(self) -> None:
+        """A server's check between requests: restart the chain if a stage process is gone."""
+        if self.problem():
+            self.restart()
 
     @property
     def n(self) -> int:
@@ -149,13 +187,17 @@ class PipeSpecChain:
         if self.shared is not None:
             self.shared.done[0] = 1  # survivors leave their loop at once
         self.close(graceful=False)
-        raise SpdError(f"pipespec: {why}")
+        raise DecoderFailure(f"pipespec: {why}")
 
     def _collect(self, kind: str, poll=None) -> dict:
-        got, deadline = {}, time.monotonic() + self.timeout
+        """One `kind` message from every stage. The deadline is an idle one: `timeout` seconds in
+        which no stage answers and no stage's token list moves (a long request is no failure)."""
+        got, deadline, seen = {}, time.monotonic() + self.timeout, None
         while len(got) < self.n:
             if poll:
                 poll()
+            if self.shared is not None and (moved := self.shared.length.tolist()) != seen:
+                seen, deadline = moved, time.monotonic() + self.timeout
             try:
                 k, i, payload = self.outbox.get(timeout=0.05 if poll else 0.2)
             except queue.Empty:
@@ -163,7 +205,7 @@ class PipeSpecChain:
                     if p.exitcode is not None and i not in got:
                         self._fail(f"stage {i} ({self.specs[i]}) exited with code {p.exitcode}")
                 if time.monotonic() > deadline:
-                    self._fail(f"no answer from the stages within {self.timeout:.0f} s")
+                    self._fail(f"no progress from the stages in {self.timeout:g} s")
                 continue
             if k == "error":
                 self._fail(f"stage {i} ({self.specs[i]}): {payload}")
@@ -177,14 +219,13 @@ class PipeSpecChain:
         (runtime.generation.Halt) ends the request early: the tokens stop at the one it was set on,
         and the stages, told through the shared done flag, leave their loops."""
         if self.closed:
-            raise SpdError("pipespec: the chain is closed")
+            raise DecoderFailure("pipespec: the chain is closed")
         n, g = self.n, self.gamma
-        # Upstream stages run up to 2 gamma tokens ahead of their downstream: keep them in context.
-        max_new_tokens = check_prompt(list(prompt_ids), max_new_tokens, self.context_length - 2 * n * g - 1)
+        max_new_tokens = check_prompt(list(prompt_ids), max_new_tokens, self.context_length - lookahead(n, g))
         P = len(prompt_ids)
         vocab = 1 if sampling.greedy else self.vocab_size
-        self.shared = SharedChain(n, P + max_new_tokens + 2 * n * g + 2, max_new_tokens + 2 * n * g + 2, vocab,
-                                  not sampling.greedy)
+        self.shared = SharedChain(n, P + max_new_tokens + lookahead(n, g) + 1, vocab, not sampling.greedy,
+                                  ring=2 * g + 2)
         # Every stage's list starts as the prompt (a stage may publish drafts before anything else).
         self.shared.seq[:, :P] = torch.tensor(prompt_ids, dtype=torch.long)
         self.shared.length[:] = P

@@ -50,13 +50,35 @@ def is_prefix(a: list[int], b: list[int]) -> bool:
 
 
 class SharedChain:
-    """Per-request shared tensors (allocated by the parent, passed through the stage queues)."""
+    """Per-request shared tensors (allocated by the parent, passed through the stage queues).
 
-    def __init__(self, n: int, capacity: int, new_capacity: int, vocab: int, sampling: bool):
+    A stage's q's live in a ring of `ring` positions, not one per position of the answer (a dense
+    q at a 2k context is ~400 MB of shared memory, past a container's 64 MB /dev/shm): stage i
+    writes position p only while p <= len(stage i+1) + 2 gamma, and stage i+1 reads q's of
+    positions >= its own length, so 2 gamma + 2 slots keep every q that can still be read. Each slot
+    records its position; a read that finds another is an error, never a wrong q."""
+
+    def __init__(self, n: int, capacity: int, vocab: int, sampling: bool, ring: int):
         self.seq = torch.zeros(n, capacity, dtype=torch.long).share_memory_()
         self.length = torch.zeros(n, dtype=torch.long).share_memory_()
         self.done = torch.zeros(1, dtype=torch.long).share_memory_()
-        self.probs = torch.zeros(n - 1, new_capacity, vocab).share_memory_() if sampling and n > 1 else None
+        self.probs = torch.zeros(n - 1, ring, vocab).share_memory_() if sampling and n > 1 else None
+        self.probs_at = torch.full((n - 1, ring), -1, dtype=torch.long).share_memory_() if self.probs is not None \
+            else None
+
+    def put_q(self, i: int, position: int, q: torch.Tensor) -> None:
+        slot = position % self.probs.shape[1]
+        self.probs[i, slot] = q
+        self.probs_at[i, slot] = position
+
+    def q_of(self, i: int, lo: int, hi: int) -> torch.Tensor:
+        """Stage i's q's for positions lo..hi-1 [hi - lo, vocab] (a copy)."""
+        positions = torch.arange(lo, hi)
+        slots = positions % self.probs.shape[1]
+        if not torch.equal(self.probs_at[i, slots], positions):
+            raise RuntimeError(f"pipespec: stage {i}'s q's for positions {lo}..{hi - 1} were overwritten "
+                               "before they were read (the ring is too small for the schedule)")
+        return self.probs[i, slots]
 
     def read(self, i: int) -> list[int]:
         return self.seq[i, : int(self.length[i])].tolist()
@@ -154,7 +176,7 @@ class Stage:
                         end = min(len(up), len(tokens) + min(room, self.gamma))
                         drafts = up[len(tokens) : end]
                         if sh.probs is not None:
-                            qs = sh.probs[i - 1, len(tokens) - P : end - P].clone()
+                            qs = sh.q_of(i - 1, len(tokens), end)
                     elif time.perf_counter() - idle_since < self.patience:
                         cond.wait(WAIT_S)  # give the upstream a chance to draft first
                         continue
@@ -179,7 +201,7 @@ class Stage:
                 for token, p, ok in new:
                     tokens.append(token)
                     if p is not None and not last:
-                        sh.probs[i, len(tokens) - 1 - P] = p
+                        sh.put_q(i, len(tokens) - 1, p)
                     if ok is not None:
                         st.drafts_verified += 1
                         st.drafts_accepted += ok

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from ..drafting.drafters import AnchorStore
-from ..runtime.generation import Generation, Halt, start_generation
+from ..runtime.generation import Generation, Halt, first_reservation, start_generation
 from ..runtime.sampling import GREEDY, Sampler, SamplingParams
 from ..runtime.staged import StagedTarget
 from ..runtime.verify import target_choices
@@ -24,7 +24,7 @@ from .spd_core import ONE_NODE, SpdRun, TreeShape
 
 
 def anchor_store(target, drafter, positions: int) -> AnchorStore | None:
-    """Buffers for the hidden states the drafter reads, for every position a generation can write."""
+    """Buffers for the hidden states the drafter reads: `positions` at first, more as they are written."""
     anchors = list(drafter.anchors)
     return AnchorStore(anchors, target.config.hidden_size, target.dtype, target.device, positions) if anchors else None
 
@@ -150,6 +150,6 @@ def generate_spd(
     extra = lookahead_rows(n, shape)
     max_new_tokens, sampler, stop, m = start_generation(target, prompt_ids, max_new_tokens, sampling, eos,
                                                         method or drafter.method, lookahead=extra, halt=halt)
-    store = anchor_store(target, drafter, len(prompt_ids) + max_new_tokens + extra)
+    store = anchor_store(target, drafter, first_reservation(len(prompt_ids), max_new_tokens, extra))
     run = SpdRun(n, prompt_ids, drafter, stop, m, store, shape, on_token, sampler)
     return run.drive(LocalPipeline(target, drafter, store, sampler))

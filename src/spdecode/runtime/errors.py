@@ -5,6 +5,11 @@ class SpdError(Exception):
     """Bad input or an unusable environment: reported to the user without a traceback."""
 
 
+class DecoderFailure(SpdError):
+    """The decoder itself failed (a stage process died or hung), not the request it was running:
+    a server restarts it where it can, or ends."""
+
+
 # What each optional feature imports, and the extra of pyproject.toml that installs it.
 EXTRAS = {"serve": ("fastapi", "uvicorn", "prometheus_client"), "plot": ("matplotlib",), "data": ("datasketch",)}
 

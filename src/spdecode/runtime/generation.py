@@ -34,6 +34,17 @@ def check_prompt(prompt_ids: list[int], max_new_tokens: int, context_length: int
     return min(max_new_tokens, room)
 
 
+RESERVE_AHEAD = 512  # answer positions reserved up front; the KV cache and anchor store grow past them
+
+
+def first_reservation(prompt: int, max_new_tokens: int, lookahead: int = 0) -> int:
+    """Positions a request reserves before it decodes: the prompt, the first RESERVE_AHEAD tokens
+    of its answer and the drafts in flight. Not the whole budget: a request that may run to the end
+    of the context (no max_tokens) but stops early must not hold a context's worth of memory; the
+    buffers double as a long answer needs them (a few copies, amortised)."""
+    return prompt + min(max_new_tokens, RESERVE_AHEAD) + lookahead
+
+
 def start_generation(target, prompt_ids: list[int], max_new_tokens: int, sampling, eos, method: str,
                      lookahead: int = 0, n_stages: int | None = None, halt: Halt | None = None):
     """What every decoder does first: check the prompt, make room, reset the cache, and set up
@@ -48,7 +59,7 @@ def start_generation(target, prompt_ids: list[int], max_new_tokens: int, samplin
     from .sampling import Sampler
 
     max_new_tokens = check_prompt(prompt_ids, max_new_tokens, target.context_length - lookahead)
-    target.reserve(len(prompt_ids) + max_new_tokens + lookahead)
+    target.reserve(first_reservation(len(prompt_ids), max_new_tokens, lookahead))
     target.rollback(0)
     m = Metrics(method=method, n_stages=target.n_stages if n_stages is None else n_stages,
                 prompt_tokens=len(prompt_ids))

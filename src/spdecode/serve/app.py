@@ -35,6 +35,8 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 def create_app(engine: Engine, tokenizer, model_id: str, context_length: int, metrics: ServerMetrics,
                description: str = "", fingerprint: str = "spdecode") -> FastAPI:
     """`fingerprint`: every response's system_fingerprint, the configuration serving it."""
+    # The method writes drafts past the answer: a request may use the context less those.
+    in_flight = engine.decoder.in_flight
     app = FastAPI(title="spdecode", description=description)
     created = int(time.time())
 
@@ -49,8 +51,9 @@ def create_app(engine: Engine, tokenizer, model_id: str, context_length: int, me
 
     @app.get("/health")
     async def health():
-        if engine.down:
-            raise ApiError(503, engine.down, code="unavailable")
+        problem = engine.down or (engine.decoder.problem() if engine.decoder.problem else None)
+        if problem:  # the engine stopped, or the decoder cannot serve until it is restarted
+            raise ApiError(503, problem, code="unavailable")
         return {"status": "ok", "running": int(engine.running is not None), "waiting": engine.waiting()}
 
     @app.get("/metrics")
@@ -60,7 +63,9 @@ def create_app(engine: Engine, tokenizer, model_id: str, context_length: int, me
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "spdecode", "max_model_len": context_length}]}
+                                            "owned_by": "spdecode",
+                                            # what a request (prompt and answer) may use, as vLLM reports it
+                                            "max_model_len": context_length - in_flight}]}
 
     async def body_of(request: Request):
         too_big = ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes", code="request_too_large")
@@ -87,20 +92,24 @@ def create_app(engine: Engine, tokenizer, model_id: str, context_length: int, me
     def make_job(ids: list[int], req, max_tokens: int | None) -> Job:
         if not ids:
             raise ApiError(400, "the prompt is empty", "prompt")
-        room, whole = context_length - len(ids), max_tokens is None
+        usable = context_length - in_flight
+        room = usable - len(ids)
+        limit = (f"the model's context is {context_length} tokens" if not in_flight else
+                 f"a request may use {usable} of the model's {context_length} tokens of context (this method "
+                 f"keeps {in_flight} positions of drafts in flight)")
         if room < 1:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens, the model's context is {context_length}",
+            raise ApiError(400, f"the prompt has {len(ids)} tokens and leaves no room for an answer: {limit}",
                            "messages" if isinstance(req, ChatRequest) else "prompt", "context_length_exceeded")
         if max_tokens is None:
             max_tokens = room
         elif max_tokens > room:
-            raise ApiError(400, f"max_tokens {max_tokens} and the prompt's {len(ids)} tokens exceed the model's "
-                                f"context of {context_length} tokens", "max_tokens", "context_length_exceeded")
+            raise ApiError(400, f"max_tokens {max_tokens} and the prompt's {len(ids)} tokens do not fit: {limit}",
+                           "max_tokens", "context_length_exceeded")
         try:
             sampling = sampling_of(req)
         except SpdError as exc:
             raise ApiError(400, str(exc)) from None
-        return Job(ids, max_tokens, sampling, stops_of(req), asyncio.get_running_loop(), whole_context=whole)
+        return Job(ids, max_tokens, sampling, stops_of(req), asyncio.get_running_loop())
 
     def submit(job: Job) -> None:
         try:

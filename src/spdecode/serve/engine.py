@@ -14,11 +14,10 @@ import queue
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..runtime.errors import SpdError
+from ..runtime.errors import DecoderFailure, SpdError
 from ..runtime.generation import Generation, Halt
 from ..runtime.sampling import SamplingParams
 from .text import TextStream
@@ -45,9 +44,6 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     halt: Halt = field(default_factory=Halt)
-    # No max_tokens asked for (the rest of the context): a method that keeps rows in flight past the
-    # answer clamps it by those, as it should, without a warning per request in the server's log.
-    whole_context: bool = False
     id: int = field(default_factory=itertools.count(1).__next__)
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -78,21 +74,39 @@ def describe(exc: Exception) -> str:
 Generate = Callable[..., Generation]  # generate(ids, max_new_tokens, sampling, eos, on_token, halt)
 
 
-class Engine:
-    """`generate` run for each submitted Job in one thread. `fatal(exc)` tells whether an error
-    leaves the decoder unusable (a pipeline rank failed): then every waiting job fails and the
-    engine stops, and `on_fatal(message)` tells the server to exit."""
+@dataclass
+class Decoder:
+    """What the engine runs, and how the server keeps it alive and tells the truth about it."""
 
-    def __init__(self, generate: Generate, tokenizer, eos: set[int], max_queue: int = 32,
-                 fatal: Callable[[Exception], bool] = lambda exc: False, on_fatal=None, metrics=None,
-                 on_close: Callable[[], None] | None = None, on_idle: Callable[[], None] | None = None,
-                 idle_s: float = 30.0):
+    generate: Generate
+    in_flight: int = 0  # positions written past a request's last token (drafts in flight)
+    # Does this error leave the decoder unusable for good (a pipeline rank failed mid-request)?
+    fatal: Callable[[Exception], bool] = lambda exc: False
+    # After a DecoderFailure: bring the decoder back (PipeSpec restarts its stage processes), or raise.
+    recover: Callable[[], None] | None = None
+    # Why the decoder cannot serve right now (a stage process died), for /health; None: it can.
+    problem: Callable[[], str | None] | None = None
+    # A heartbeat (the pipeline's round trip; PipeSpec's stage check), due once the decoder's last
+    # contact (last_contact(), time.monotonic(); by default the last heartbeat) is heartbeat_s old.
+    heartbeat: Callable[[], None] | None = None
+    heartbeat_s: float = 30.0
+    last_contact: Callable[[], float] | None = None
+    on_close: Callable[[], None] | None = None  # the goodbye at the end (the pipeline's SHUTDOWN)
+
+
+class Engine:
+    """The decoder's `generate` run for each submitted Job in one thread. An error that leaves the
+    decoder unusable (`fatal`, or a DecoderFailure it cannot recover from) fails every waiting job
+    and stops the engine, and `on_fatal(message)` tells the server to exit."""
+
+    def __init__(self, decoder: Decoder, tokenizer, eos: set[int], max_queue: int = 32, on_fatal=None,
+                 metrics=None):
         if max_queue < 1:
             raise SpdError(f"--max-queue must be at least 1 (got {max_queue})")
-        self.generate, self.tokenizer, self.eos = generate, tokenizer, set(eos)
+        self.decoder, self.tokenizer, self.eos = decoder, tokenizer, set(eos)
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
-        self.fatal, self.on_fatal, self.on_close, self.metrics = fatal, on_fatal, on_close, metrics
-        self.on_idle, self.idle_s = on_idle, idle_s  # on_idle: every idle_s without a job (a heartbeat)
+        self.on_fatal, self.metrics = on_fatal, metrics
+        self.last_beat = time.monotonic()
         self.running: Job | None = None
         self.down: str | None = None  # why the engine takes no more jobs
         self.thread = threading.Thread(target=self._loop, name="spdecode-engine", daemon=True)
@@ -134,15 +148,19 @@ class Engine:
         failed = False
         try:
             while True:
-                try:
-                    job = self.jobs.get(timeout=self.idle_s if self.on_idle else None)
-                except queue.Empty:
+                wait = self._until_heartbeat()
+                if wait is not None and wait <= 0:
                     try:
-                        self.on_idle()
+                        self.decoder.heartbeat()
                     except Exception as exc:  # noqa: BLE001 - a heartbeat that fails: the pipeline is gone
                         failed = True
                         self._die(describe(exc))
                         break
+                    self.last_beat = time.monotonic()
+                    continue
+                try:
+                    job = self.jobs.get(timeout=wait)
+                except queue.Empty:
                     continue
                 if job is _STOP:
                     break
@@ -157,24 +175,51 @@ class Engine:
                 try:
                     self._run(job)
                 except Exception as exc:  # noqa: BLE001 - reported to the client; fatal ones end the engine
-                    message = describe(exc)
-                    if self.fatal(exc):
+                    if not self._failed(job, exc):
                         failed = True
-                        job.post("error", 503, f"the decoding pipeline failed: {message}")
-                        self._die(message)
                         break
-                    job.post("error", 400 if isinstance(exc, SpdError) else 500, message)
-                    if self.metrics:
-                        self.metrics.failed()
                 finally:
                     self.running = None
                     self._gauges()
         finally:
-            if self.on_close and not failed:  # after a failure a peer may be dead: no goodbye
+            if self.decoder.on_close and not failed:  # after a failure a peer may be dead: no goodbye
                 try:
-                    self.on_close()
+                    self.decoder.on_close()
                 except Exception as exc:  # noqa: BLE001 - e.g. the other ranks were stopped first (SIGTERM)
                     print(f"warning: closing the decoder: {exc}", file=sys.stderr, flush=True)
+
+    def _until_heartbeat(self) -> float | None:
+        """Seconds until the next heartbeat is due (None: no heartbeat). Counted from the decoder's
+        last contact, not from the last job: a job refused before its first message (a prompt the
+        method cannot fit) is no contact, and a stream of those must not starve the heartbeat."""
+        d = self.decoder
+        if d.heartbeat is None:
+            return None
+        contact = max(self.last_beat, d.last_contact() if d.last_contact else 0.0)
+        return d.heartbeat_s - (time.monotonic() - contact)
+
+    def _failed(self, job: Job, exc: Exception) -> bool:
+        """Tell the job's client why it failed; False when the decoder is gone for good."""
+        message, d = describe(exc), self.decoder
+        if isinstance(exc, DecoderFailure) and d.recover is not None and not d.fatal(exc):
+            try:
+                d.recover()
+            except Exception as again:  # noqa: BLE001 - it cannot come back: end the server
+                job.post("error", 503, f"the decoder failed: {message}")
+                self._die(f"{message}; restarting it failed: {describe(again)}")
+                return False
+            job.post("error", 503, f"the decoder failed and was restarted: {message}")
+            if self.metrics:
+                self.metrics.failed()
+            return True
+        if d.fatal(exc) or isinstance(exc, DecoderFailure):
+            job.post("error", 503, f"the decoding pipeline failed: {message}")
+            self._die(message)
+            return False
+        job.post("error", 400 if isinstance(exc, SpdError) else 500, message)
+        if self.metrics:
+            self.metrics.failed()
+        return True
 
     def _die(self, message: str) -> None:
         """The decoder is unusable: fail everything waiting, take nothing more, tell the server."""
@@ -199,11 +244,8 @@ class Engine:
                 job.post("text", delta)
 
         started = time.perf_counter()
-        with warnings.catch_warnings():
-            if job.whole_context:
-                warnings.filterwarnings("ignore", message="max_new_tokens .* clamped")
-            gen = self.generate(job.prompt_ids, job.max_tokens, job.sampling, self.eos, on_token=on_token,
-                                halt=job.halt)
+        gen = self.decoder.generate(job.prompt_ids, job.max_tokens, job.sampling, self.eos, on_token=on_token,
+                                    halt=job.halt)
         rest = "" if stream.stopped else stream.finish()
         if rest:
             job.post("text", rest)

@@ -14,7 +14,7 @@ import sys
 import uvicorn
 
 from .app import create_app
-from .engine import Engine
+from .engine import Decoder, Engine
 from .metrics import ServerMetrics
 
 EXIT_PIPELINE_FAILED = 3
@@ -34,9 +34,9 @@ class _Server(uvicorn.Server):
             self._captured_signals.remove(sig)
 
 
-def serve(generate, tokenizer, eos, model_id: str, context_length: int, host: str = "127.0.0.1", port: int = 8000,
-          max_queue: int = 32, fatal=lambda exc: False, on_close=None, on_idle=None, idle_s: float = 30.0,
-          description: str = "", log_level: str = "warning", fingerprint: str = "spdecode") -> int:
+def serve(decoder: Decoder, tokenizer, eos, model_id: str, context_length: int, host: str = "127.0.0.1",
+          port: int = 8000, max_queue: int = 32, description: str = "", log_level: str = "warning",
+          fingerprint: str = "spdecode") -> int:
     """Serve until SIGTERM/SIGINT (exit code 0) or a fatal engine error (EXIT_PIPELINE_FAILED)."""
     metrics = ServerMetrics()
     failure: list[str] = []
@@ -48,8 +48,7 @@ def serve(generate, tokenizer, eos, model_id: str, context_length: int, host: st
         if server:
             server[0].should_exit = True
 
-    engine = Engine(generate, tokenizer, eos, max_queue, fatal=fatal, on_fatal=on_fatal, metrics=metrics,
-                    on_close=on_close, on_idle=on_idle, idle_s=idle_s)
+    engine = Engine(decoder, tokenizer, eos, max_queue, on_fatal=on_fatal, metrics=metrics)
     app = create_app(engine, tokenizer, model_id, context_length, metrics, description, fingerprint)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
                             lifespan="off")
