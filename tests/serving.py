@@ -37,10 +37,12 @@ def free_port() -> int:
 class Server:
     """`spdecode serve ARGS` on a free port; waits until /health answers."""
 
-    def __init__(self, args: list[str], ready_s: float = 120):
+    def __init__(self, args: list[str], ready_s: float = 120, env: dict | None = None):
+        """env: variables to set for the server (a value None unsets one); OMP_NUM_THREADS is 1 unless given."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        env = {k: v for k, v in env.items() if v is not None}
         self.proc = subprocess.Popen([sys.executable, "-m", "spdecode", "serve", *args, "--port", str(self.port)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                      start_new_session=True)
