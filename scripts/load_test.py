@@ -91,12 +91,14 @@ class Load:
         self.lock = threading.Lock()
         self.killed_at: float | None = None
 
-    def record(self, **row) -> None:
+    def record(self, **row):
+        """Keep one request's row; returns its status."""
         row["t"] = time.time()
         with self.lock:
             self.rows.append(row)
+        return row["status"]
 
-    def greedy(self, client, rng: random.Random) -> None:
+    def greedy(self, client, rng: random.Random):
         prompt, stream = rng.choice(PROMPTS), rng.random() < 0.5
         t0, first = time.time(), None
         try:
@@ -113,27 +115,29 @@ class Load:
                 text = "".join(parts)
             else:
                 text, finish = r.choices[0].message.content, r.choices[0].finish_reason
-            self.record(kind="greedy", stream=stream, status=200, latency=time.time() - t0,
+            return self.record(kind="greedy", stream=stream, status=200, latency=time.time() - t0,
                         ttft=None if first is None else first - t0, right=(text, finish) == self.refs[prompt])
         except Exception as exc:  # noqa: BLE001 - every failure is counted by kind
-            self.record(kind="greedy", stream=stream, status=status_of(exc), latency=time.time() - t0, error=str(exc))
+            return self.record(kind="greedy", stream=stream, status=status_of(exc), latency=time.time() - t0,
+                               error=str(exc))
 
-    def disconnect(self, rng: random.Random) -> None:
+    def disconnect(self, rng: random.Random):
         import httpx2 as httpx
 
         body = {"model": self.model, "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
                 "max_tokens": 200, "temperature": 0, "stream": True}
         try:
-            with httpx.stream("POST", self.server.url + "/v1/chat/completions", json=body, timeout=300) as r:
-                lines = r.iter_lines()
-                for _ in range(2):
-                    next(lines)
+            with httpx.stream("POST", self.server.url + "/v1/chat/completions", json=body, timeout=900) as r:
                 status = r.status_code
+                if status == 200:
+                    lines = r.iter_lines()
+                    for _ in range(2):
+                        next(lines)
         except Exception as exc:  # noqa: BLE001
             status = status_of(exc)
-        self.record(kind="disconnect", status=status)
+        return self.record(kind="disconnect", status=status)
 
-    def refused(self, rng: random.Random) -> None:
+    def refused(self, rng: random.Random):
         import httpx2 as httpx
 
         what = rng.choice(REFUSALS)
@@ -153,7 +157,7 @@ class Load:
             status = httpx.post(url, content=content, headers=headers, timeout=300).status_code
         except Exception as exc:  # noqa: BLE001
             status = status_of(exc)
-        self.record(kind=f"refused:{what}", status=status, expected=expected)
+        return self.record(kind=f"refused:{what}", status=status, expected=expected)
 
 
 def status_of(exc: Exception) -> int | str:
@@ -162,17 +166,19 @@ def status_of(exc: Exception) -> int | str:
 
 def run_client(load: Load, index: int, deadline: float, seed: int) -> None:
     rng = random.Random(seed * 1000 + index)
-    client = load.server.client()
+    client = load.server.client(timeout=900)  # a full queue ahead of a request is minutes of waiting
     while time.time() < deadline:
         kind = rng.choice(KINDS)
         if kind == "greedy":
-            load.greedy(client, rng)
+            status = load.greedy(client, rng)
         elif kind == "disconnect":
-            load.disconnect(rng)
+            status = load.disconnect(rng)
         else:
-            load.refused(rng)
+            status = load.refused(rng)
         if load.server.proc.poll() is not None:
             return
+        if status == 429:  # as a client should: back off before trying again
+            time.sleep(rng.uniform(0.5, 1.5))
 
 
 def rank_pid(server: Server, rank: int) -> int:
@@ -198,7 +204,8 @@ def summarize(load: Load, extra: dict) -> dict:
     by_kind = {}
     for r in rows:
         by_kind.setdefault(r["kind"], Counter())[str(r["status"])] += 1
-    unexpected = [r for r in rows if r["kind"].startswith("refused") and r["status"] != r["expected"]]
+    before_kill = [r for r in rows if load.killed_at is None or r["t"] < load.killed_at]
+    unexpected = [r for r in before_kill if r["kind"].startswith("refused") and r["status"] != r["expected"]]
     five = [r for r in rows if isinstance(r["status"], int) and r["status"] >= 500]
     after_kill = [r for r in five if load.killed_at is not None and r["t"] >= load.killed_at]
     return {
@@ -208,6 +215,7 @@ def summarize(load: Load, extra: dict) -> dict:
         "median_latency_s": round(statistics.median(lat), 3) if lat else None,
         "status_by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
         "refusals_with_wrong_status": len(unexpected), "5xx": len(five), "5xx_after_kill": len(after_kill),
+        "failed_after_kill": len(rows) - len(before_kill),
         **extra,
     }
 

@@ -59,10 +59,10 @@ class Server:
         self.stop()
         raise RuntimeError("the server did not come up")
 
-    def client(self):
+    def client(self, timeout: float = 120):
         import openai
 
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
 
     def processes(self) -> list[int]:
         """The server process and its live descendants (torchrun and its ranks, which it starts in
