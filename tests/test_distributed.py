@@ -15,6 +15,7 @@ from conftest import tiny_model, train_tiny_pdm
 from transformers import GenerationConfig
 
 from spdecode.distributed.launch import torchrun_command
+from spdecode.distributed.stage import STAGE_STATS
 from spdecode.drafting.pdm import load_pdm
 from spdecode.drafting.pdm_tree import PdmTreeDrafter
 from spdecode.methods.ar import generate_ar
@@ -76,6 +77,10 @@ def test_distributed_equals_single_process_and_ar(tiny_setup, sizes, tree):
         accepted += m["drafts_accepted"]
         rejected += m["drafts_verified"] - m["drafts_accepted"]
         assert len(rec["rank_stats"]) == len(sizes) - 1
+        for stats in rec["rank_stats"]:  # each rank's time part by part, and the slots and rows it ran
+            st = dict(zip(STAGE_STATS, stats, strict=True))
+            assert 0 < st["slots"] <= m["cycles"] and st["layers"] > 0 and st["plan"] > 0 and st["post"] > 0
+            assert st["rows"] == st["slots"] if tree[0] == 1 else st["rows"] >= st["slots"]
     assert accepted and rejected  # rollbacks across processes were exercised
 
 

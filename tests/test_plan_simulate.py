@@ -71,7 +71,7 @@ def test_replaying_a_runs_walks_gives_its_cycles_exactly(n, seed, p):
     right = {pos: rng.random() < p for pos in range(P, P + 60)}
     gen = run_once(n, right)[0]
     walks = gen.metrics.walks
-    if not any(tried for tried, _ in walks):  # nothing was ever verified: no trace to replay
+    if not any(w[0] for w in walks):  # nothing was ever verified: no trace to replay
         return
     c = Costs(flat_costs(), "1")
     sizes = best_split(c, n) if n > 1 else [12]
@@ -107,6 +107,24 @@ def test_the_clock_is_the_slowest_rank_plus_the_links():
     assert simulate(c, [6, 6], Drawn(1.0), tokens=200, draft_pass=lambda rows: 2e-3)["cycle_ms"] == \
         pytest.approx(8.0, rel=0.02)
     assert simulate(c, [6, 6], Drawn(1.0), tokens=200, cycle_s=1e-3)["cycle_ms"] == pytest.approx(7.0, rel=0.02)
+
+
+def test_a_calibrated_pipeline_charges_each_ranks_work_per_slot_and_its_shared_core_ratios():
+    """A real rank does work per slot beyond its layers (plan, compaction, posting; plan/calibrate.py):
+    each busy slot of a stage rank costs it, and rank 0's settle-and-send per cycle. The ratios
+    measured with two ranks on one machine's cores apply only to configurations that share them."""
+    base = flat_costs(layers=12, layer=1e-3)
+    calibrated = {**base, "pipeline": {"rows": [1, 9], "root_rows": [1, 9], "stage_slot_s": [1e-3, 3e-3],
+                                       "root_send_s": [0.5e-3, 0.5e-3], "stage_layers_ratio": [1.5, 1.5],
+                                       "stage_head_ratio": [1.0, 1.0], "root_stage0_ratio": [1.0, 1.0]}}
+    calibrated["target"]["1 concurrent"] = calibrated["target"]["1"]
+    plain = simulate(Costs(base, "1"), [6, 6], Drawn(1.0), tokens=200)["cycle_ms"]
+    # Separate machines: rank 1's 6 ms of layers and 1 ms per slot; rank 0's 6 ms and 0.5 ms more.
+    assert simulate(Costs(calibrated, "1"), [6, 6], Drawn(1.0), tokens=200)["cycle_ms"] == \
+        pytest.approx(plain + 1.0, rel=0.02)
+    # Sharing the cores as the calibration run did: rank 1's layers take 1.5 times the table's.
+    assert simulate(Costs(calibrated, "1 concurrent"), [6, 6], Drawn(1.0), tokens=200)["cycle_ms"] == \
+        pytest.approx(9.0 + 1.0, rel=0.02)
 
 
 def test_one_process_runs_its_stages_one_after_another():
@@ -156,12 +174,34 @@ def test_the_planner_on_the_shipped_costs(tmp_path):
     assert nearest_draft({"m-n2": {}, "m-eagle": {}}, 1, "eagle") == "m-eagle"
     with pytest.raises(SpdError, match="alpha"):
         plan(data, 2, alpha=1.5)
+    # What SPD over trees needs to pay: at that acceptance it reaches AR (eagle), a step below it does not.
+    for r in rows[2:]:
+        if "alpha_to_beat_ar" not in r:
+            continue
+        sizes = tuple(int(x) for x in r["config"].split(", ")[0].split()[1].split(","))
+        at = {a: plan_one(data, sizes, a, devices=4) for a in (r["alpha_to_beat_ar"], r["alpha_to_beat_ar"] - 1 / 128)}
+        assert at[r["alpha_to_beat_ar"]] >= rows[0]["tok_s"] > at[r["alpha_to_beat_ar"] - 1 / 128]
+        assert r["alpha_to_beat_eagle"] is None or r["alpha_to_beat_eagle"] >= r["alpha_to_beat_ar"]
     # Eight devices: every depth of pipeline, trees too (a node collects children from many slots).
-    deep = plan(data, 8, 0.45, link="10gbe")
+    deep = plan(data, 8, 0.45, link="10gbe", needs=False)
     assert [r["devices"] for r in deep][-2:] == [8, 8] and all(r["tok_s"] > 0 for r in deep)
     # A slower link costs a pipeline time; NVLink-like links cost it less than 10 GbE.
     fast, slow = plan(data, 2, 0.45, link="nvlink")[2], plan(data, 2, 0.45, link="10gbe")[2]
     assert fast["tok_s"] > slow["tok_s"]
+
+
+def plan_one(data, sizes, alpha, devices):
+    """The planner's prediction for SPD over spd's default tree on `sizes`, at `alpha`, when it
+    plans for `devices` (ranks share this machine's cores when they are no more than its cores)."""
+    from spdecode.generators import MethodOptions
+    from spdecode.plan.costs import CONCURRENT
+    from spdecode.plan.planner import PROMPT, nearest_draft
+    from spdecode.plan.predict import Setup, predict
+
+    shape = TreeShape(*MethodOptions().tree("spd"))
+    threads = CONCURRENT if devices <= data["hardware"]["cores"] else "1"
+    name = nearest_draft(Costs(data, threads).draft, len(sizes), "tree")
+    return predict(data, Setup("spd", sizes, threads, True, shape, name), Drawn(alpha), PROMPT, 256)["tok_s"]
 
 
 def test_plan_replays_the_walks_of_a_bench_or_eval_draft_json(tmp_path):
@@ -181,16 +221,26 @@ def test_plan_replays_the_walks_of_a_bench_or_eval_draft_json(tmp_path):
 
 def test_plan_on_the_command_line(tmp_path):
     out = tmp_path / "p.json"
+    validated = tmp_path / "validate.json"  # what plan --validate measured: marked apart from the simulated rows
+    rec = {"config": "spd:budget=1 (2 proc)", "method": "spd", "stages": [16, 14], "distributed": True,
+           "tree": [1, 1, 1], "measured_tok_s": 30.0, "predicted_tok_s_alpha": 33.0, "alpha": 0.5}
+    validated.write_text(json.dumps({"records": [{**rec, "config": "ar:threads=2", "method": "ar", "stages": [30],
+                                                  "distributed": False, "tree": None, "measured_tok_s": 40.0}, rec]}))
     res = subprocess.run([sys.executable, "-m", "spdecode", "plan", "--devices", "3", "--dtype", "bfloat16",
-                          "--json-out", str(out), "--plot", str(tmp_path / "p.png")], capture_output=True, text=True)
+                          "--json-out", str(out), "--plot", str(tmp_path / "p.png"), "--measured", str(validated)],
+                         capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "recommended:" in res.stdout and len(json.loads(out.read_text())["rows"]) == 6
+    assert "every row below is simulated" in res.stdout and "2 process(es), spd:budget=1 (2 proc): 30.0 tok/s " \
+        "measured (0.75x the best AR measured)" in res.stdout
+    assert "acceptance per depth SPD over trees needs" in res.stdout
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     for args, message in ((["--costs", str(tmp_path / "none.json")], "no cost file"),
                           (["--validate", "--measure"], "one after the other"),
                           (["--validate", "--runs", "0"], "--runs must be at least 1"),
                           (["--validate", "--distributed-methods", "ar"], "runs pipelines"),
-                          (["--validate", "--dtype", "float16"], "no shipped cost file")):
+                          (["--validate", "--dtype", "float16"], "no shipped cost file"),
+                          (["--measured", str(tmp_path / "p.png")], "not the JSON of `spdecode plan --validate")):
         res = subprocess.run([sys.executable, "-m", "spdecode", "plan", *args], capture_output=True, text=True)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
 

@@ -157,9 +157,13 @@ def rank_breakdown(records: list[dict]) -> dict:
     cycles = sum(r["cycles"] for r in records) or 1
     out = {"rank0": {k: 1e3 * sum(r["phase_s"].get(k, 0.0) for r in records) / cycles
                      for k in records[0]["phase_s"]}}
+    from ..distributed.stage import PHASES, WORK
+
     for s in range(len(records[0]["rank_stats"])):
-        out[f"rank{s + 1}"] = {k: 1e3 * sum(r["rank_stats"][s][i] for r in records) / cycles
-                               for i, k in enumerate(("compute", "wait", "send"))}
+        ms = {k: 1e3 * sum(r["rank_stats"][s][i] for r in records) / cycles for i, k in enumerate(PHASES)}
+        # The slot's parts (plan, layers, head, post) and the prefill's work, as one "compute" too.
+        out[f"rank{s + 1}"] = {"compute": sum(ms[k] for k in WORK), "wait": ms["wait"], "send": ms["send"],
+                               **{k: ms[k] for k in WORK[1:]}}
     return out
 
 

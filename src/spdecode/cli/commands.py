@@ -233,18 +233,19 @@ def cmd_plan(args) -> int:
     if args.validate:
         return validate_plan(args)
     if not args.measure:
-        from ..plan.planner import load_costs, load_walks, plan, plot_plan, print_plan
+        from ..plan.planner import load_costs, load_measured, load_walks, plan, plot_plan, print_plan
 
         data, source = load_costs(args.costs, args.model, args.dtype)
         walks = load_walks(args.traces) if args.traces else None
+        measured = load_measured(args.measured) if args.measured else []
         rows = plan(data, args.devices, args.alpha, args.link, walks=walks, traces=args.traces or "",
                     timeline=args.trace)
-        print_plan(rows, source, args.link)
+        print_plan(rows, source, args.link, measured)
         if args.json_out:
             with open(args.json_out, "w") as f:
-                json.dump({"costs": source, "link": args.link, "rows": rows}, f, indent=1)
+                json.dump({"costs": source, "link": args.link, "rows": rows, "measured": measured}, f, indent=1)
         if args.plot:
-            plot_plan(rows, args.plot)
+            plot_plan(rows, args.plot, measured)
         return 0
     return measure_costs(args)
 

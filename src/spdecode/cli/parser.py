@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--link", default="same-host", help="same-host (measured), pcie, nvlink, 10gbe, 100gbe")
     pl.add_argument("--json-out", default=None)
     pl.add_argument("--plot", default=None, help="PNG of predicted speedup against devices")
+    pl.add_argument("--measured", default=None, metavar="VALIDATE.json",
+                    help="a plan --validate --json-out file: its measured configurations are marked as such in "
+                         "the table and the plot, beside the simulated ones")
     pl.add_argument("--model", default=DEFAULT_MODEL)
     add_backend_arg(pl)
     pl.add_argument("--device", default="cpu")

@@ -16,7 +16,13 @@ from ..runtime.staged import StagedTarget
 from ..runtime.verify import target_choices
 from .comm import END, NONE, PREFILL, REPORT, SHUTDOWN, SLOT, TAG_FORWARD, TAG_TO_ROOT, Link, Message, unpack_plan
 
-PHASES = ("other", "wait", "compute", "send")  # a stage rank's timer laps (their codes in a trace)
+# A stage rank's timer laps (their codes in a trace). A slot's work is timed part by part: `plan`
+# (unpack the plan, compact the cache), `layers`, `head` (the last rank's LM head and choices) and
+# `post` (posting the report and the slot on); the prefill's is `compute`.
+PHASES = ("other", "wait", "compute", "send", "plan", "layers", "head", "post")
+WORK = ("compute", "plan", "layers", "head", "post")
+# What a rank reports at a request's END: seconds per phase, then the slots it ran and their rows.
+STAGE_STATS = PHASES + ("slots", "rows")
 
 
 def _float_bits(x: float) -> int:
@@ -63,7 +69,7 @@ def serve_stage(target: StagedTarget, link: Link, stage: int) -> None:
     verdicts since the previous slot left alive), then where the slot's rows go and what they see.
     """
     last = stage == target.n_stages - 1
-    sampler, timer = None, Clock(defaultdict(float))
+    sampler, timer, counts = None, Clock(defaultdict(float)), defaultdict(int)
 
     def report(msg: Message) -> None:
         link.send(0, msg, TAG_TO_ROOT)
@@ -84,11 +90,13 @@ def serve_stage(target: StagedTarget, link: Link, stage: int) -> None:
             forward(Message(msg.kind))
             if msg.kind == END:  # the request is over: acknowledge with this rank's timers (and trace)
                 spans = trace.spans()
-                report(Message(END, payload=torch.tensor([[timer.phases[k] for k in ("compute", "wait", "send")]]),
+                stats = [timer.phases[k] for k in PHASES] + [counts["slots"], counts["rows"]]
+                report(Message(END, payload=torch.tensor([stats], dtype=torch.float64),
                                meta=[PHASES.index(n) for n, _, _ in spans] or None,
                                extra=torch.tensor([t for _, t0, t1 in spans for t in (t0, t1)],
                                                   dtype=torch.float64) if spans else None))
                 timer.phases.clear()
+                counts.clear()
                 if trace.active():
                     trace.start(stage, f"rank {stage}")  # the next request's spans only
             else:
@@ -114,17 +122,22 @@ def serve_stage(target: StagedTarget, link: Link, stage: int) -> None:
             elif msg.kind == SLOT:
                 plan = unpack_plan(msg.meta, msg.extra)
                 target.compact(plan.compaction, stage)
+                timer.lap("plan")
                 h = msg.payload
                 if plan.layout.rows:
                     h = target.run_stage_chunk(stage, msg.payload[None], plan.layout)[0]
+                    counts["slots"] += 1
+                    counts["rows"] += plan.layout.rows
+                timer.lap("layers")
                 if last:
                     choices = target_choices(target.logits(h[None])[0], sampler, plan.successors) \
                         if plan.layout.rows else []
+                    timer.lap("head")
                     report(Message(REPORT, msg.slot, payload=h, meta=choices))
                 else:
                     forward(Message(SLOT, msg.slot, payload=h, meta=msg.meta, extra=msg.extra))
                     report(Message(REPORT, msg.slot, payload=h))
-                timer.lap("compute")
+                timer.lap("post")
             else:
                 raise SpdError(f"protocol error: rank {stage} got a message of kind {msg.kind}")
         link.end_cycle()

@@ -143,8 +143,7 @@ def run(args) -> int:
                       "backend": args.dtype, "threads_per_rank": torch.get_num_threads(),
                       "prompt_tokens": len(ids), "tokens": gen.tokens,
                       "text": tok.decode(gen.tokens, skip_special_tokens=True), "metrics": gen.metrics.as_dict(),
-                      "rank_stats": {f"rank{s + 1}": dict(zip(("compute_s", "wait_s", "send_s"), st, strict=True))
-                                     for s, st in enumerate(root.rank_stats)}}
+                      "rank_stats": {f"rank{s + 1}": rank_stats_dict(st) for s, st in enumerate(root.rank_stats)}}
             if streamer:
                 streamer.end()
                 # One line: the launcher passes on the ranks' summary lines only.
@@ -196,6 +195,13 @@ def serve_pipeline(args, root, target, tok, eos, shape, sizes) -> int:
     if code == EXIT_PIPELINE_FAILED:
         raise SpdError("the server stopped: a pipeline rank failed")
     return code
+
+
+def rank_stats_dict(stats: list[float]) -> dict:
+    """A stage rank's END report by name: seconds per phase (`X_s`), slots run and their rows."""
+    from .stage import STAGE_STATS
+
+    return {(k if k in ("slots", "rows") else f"{k}_s"): v for k, v in zip(STAGE_STATS, stats, strict=True)}
 
 
 def report_failure(rank, exc: Exception) -> None:

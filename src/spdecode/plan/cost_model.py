@@ -9,6 +9,7 @@ out per layer: every pass pays it for the layers it runs, whatever its rows.
 from __future__ import annotations
 
 from ..runtime.errors import SpdError
+from .calibrate import at
 
 
 def at_rows(table: dict[int, float], rows: int) -> float:
@@ -59,6 +60,10 @@ class Costs:
         step = at_context(t["step"], context) if t.get("step") else None
         self.overhead = max(0.0, (step - self.layers * self._layer[1] - self._head[1]) / self.layers) if step else 0.0
         self.link = data.get("link", {"latency_s": 0.0, "bandwidth_bytes_per_s": float("inf")})
+        # A real pipeline's work per slot beyond the table (plan/calibrate.py; older files: none), and
+        # how its parts ran against the table where the ranks shared the cores as they did there.
+        self.pipeline = data.get("pipeline")
+        self.shared_cores = threads == "1 concurrent" and self.pipeline is not None
         # A drafter's timings at this configuration's thread count (a rank runs one thread).
         key = threads.split()[0]
         self.draft = {name: {int(r): s for r, s in at_threads(by, key).items()}
@@ -84,6 +89,27 @@ class Costs:
         if not rows:
             return 0.0
         return layers * ((at_rows(self._chunk, rows) if chunk else self.layer(rows)) + self.overhead)
+
+    def calibrated(self, name: str, rows: int, default: float = 0.0) -> float:
+        """The pipeline calibration's `name` at `rows` rows (plan/calibrate.py; `default` without one)."""
+        if self.pipeline is None:
+            return default
+        by = self.pipeline["root_rows" if name.startswith("root_") else "rows"]
+        return at(by, self.pipeline[name], max(rows, 1))
+
+    def ratio(self, name: str, rows: int) -> float:
+        """How a rank's part ran against the table, where the ranks share the cores as in the
+        calibration run (1 elsewhere)."""
+        return self.calibrated(name, rows, 1.0) if self.shared_cores else 1.0
+
+    def stage_slot(self, rows: int) -> float:
+        """A stage rank's work per slot beyond its layers and head: unpack the plan, compact its
+        cache, post its report and the slot on (0 where the cost file has no calibration)."""
+        return self.calibrated("stage_slot_s", rows) if rows else 0.0
+
+    def root_send(self, rows: int) -> float:
+        """Rank 0's settle, compaction, plan and send per cycle beyond send() (0 without a calibration)."""
+        return self.calibrated("root_send_s", rows)
 
     def send(self) -> float:
         """What posting one engine message costs its sender (0 where the cost file has no timing)."""

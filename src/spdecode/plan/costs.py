@@ -12,6 +12,8 @@ Recorded (seconds, medians of repeated timings; rows = tokens in one pass, at a 
   engine core's bookkeeping per cycle, which a lone pass does not show;
 - `link`: point-to-point latency and bandwidth between two local processes on the backend a
   pipeline uses (gloo on CPU, NCCL on GPU), and one hop of an engine message (several sends);
+- `pipeline`: a short real run of two processes, each rank's time part by part against the
+  table (plan/calibrate.py);
 - `hardware`: what it was measured on.
 """
 
@@ -307,9 +309,10 @@ def time_link(backend: str = "gloo", reps: int = 20) -> dict:
 
 def measure(model_name: str, dtype: str = "float32", device: str = "cpu", threads=(1, 2), rows=ROWS,
             contexts=CONTEXTS, reps: int = 5, drafts: bool | set[str] = True, link: bool = True,
-            concurrent: bool = True, log=print) -> dict:
+            concurrent: bool = True, pipeline: bool = True, log=print) -> dict:
     """Everything above for `model_name` in `dtype` on `device`, as the cost file records it;
-    `drafts`: every bundled draft, none, or those named."""
+    `drafts`: every bundled draft, none, or those named; `pipeline`: also a real two-process run's
+    calibration (plan/calibrate.py), where the concurrent timings and a bundled draft exist."""
     from ..drafting.pdm import CONFIG_FILE, bundled_drafts, load_pdm
     from ..runtime.models import weights_fingerprint
     from ..runtime.staged import StagedTarget
@@ -343,4 +346,8 @@ def measure(model_name: str, dtype: str = "float32", device: str = "cpu", thread
     if link:
         log("timing the link between two processes")
         out["link"] = time_link("nccl" if device.startswith("cuda") else "gloo")
+    if pipeline and CONCURRENT in out["target"] and drafts is True and bundled_drafts(model_name):
+        from .calibrate import time_pipeline
+
+        out["pipeline"] = time_pipeline(model_name, dtype, device, out, log)
     return out

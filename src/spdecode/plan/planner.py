@@ -54,9 +54,10 @@ def load_walks(path: str) -> list[list[int]]:
 
 def plan(data: dict, devices: int, alpha: float, link: str = "same-host", draft: str | None = None,
          tokens: int = 256, walks: list[list[int]] | None = None, traces: str = "",
-         timeline: str | None = None) -> list[dict]:
+         timeline: str | None = None, needs: bool = True) -> list[dict]:
     """One row per configuration (AR first); `timeline`: write the simulated run of the best one
-    as a trace (the format of `generate --trace`)."""
+    as a trace (the format of `generate --trace`); `needs`: for SPD over trees, also the acceptance
+    per depth at which it would beat AR and eagle."""
     if devices < 1:
         raise SpdError(f"--devices must be at least 1 (got {devices})")
     if not 0.0 <= alpha <= 1.0:
@@ -83,6 +84,12 @@ def plan(data: dict, devices: int, alpha: float, link: str = "same-host", draft:
                      "speedup": r["tok_s"] / ar, "tokens_per_cycle": r["tokens_per_cycle"], "acceptance": told,
                      "utilisation": r["utilisation"],
                      "drafter_cost_from": setup.drafter if setup.drafter_timed(costs.draft) else "none (0 s)"})
+        if needs and method == "spd" and setup.shape.tree:  # what the drafts must reach for it to pay
+            def at(a: float) -> float:
+                return predict(data, setup, Drawn(a), PROMPT, tokens)["tok_s"]
+
+            rows[-1]["alpha_to_beat_ar"] = needed_alpha(at, ar)
+            rows[-1]["alpha_to_beat_eagle"] = needed_alpha(at, rows[1]["tok_s"])
 
     costs = Costs(data, best, context)
     head = nearest_draft(costs.draft, 1, "eagle")
@@ -110,6 +117,20 @@ def plan(data: dict, devices: int, alpha: float, link: str = "same-host", draft:
     return rows
 
 
+def needed_alpha(tok_s_at, target: float, steps: int = 7) -> float | None:
+    """The least acceptance per depth at which `tok_s_at(alpha)` reaches `target` (bisection to
+    1/2^steps; None: not even at 1.0). The simulation is seeded, so it is monotone up to its noise."""
+    if tok_s_at(1.0) < target:
+        return None
+    lo, hi = 0.0, 1.0
+    if tok_s_at(lo) >= target:
+        return 0.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if tok_s_at(mid) >= target else (mid, hi)
+    return hi
+
+
 def nearest_draft(drafts: dict, n: int, kind: str = "") -> str | None:
     """The timed draft whose cost stands in for n stages: an EAGLE-style head (`<model>-eagle`) for
     kind "eagle"; else the draft `<model>-n<N>` (kind "tree": `<model>-n<N>-tree` first) whose N is
@@ -128,8 +149,22 @@ def nearest_draft(drafts: dict, n: int, kind: str = "") -> str | None:
     return near.get(kind == "tree", next(iter(near.values())))
 
 
-def print_plan(rows: list[dict], source: str, link: str) -> None:
-    print(f"costs: {source}; link: {link}")
+def load_measured(path: str) -> list[dict]:
+    """The configurations a `plan --validate --json-out` file measured on this machine: devices
+    (processes), what ran, measured tok/s and the speedup over the best AR measured beside it."""
+    try:
+        records = json.loads(Path(path).read_text())["records"]
+        ar = max(r["measured_tok_s"] for r in records if r["method"] == "ar")
+        return [{"devices": len(r["stages"]) if r["distributed"] else 1, "config": r["config"], "method": r["method"],
+                 "tree": r["tree"], "tok_s": r["measured_tok_s"], "speedup": r["measured_tok_s"] / ar,
+                 "predicted_tok_s": r["predicted_tok_s_alpha"], "alpha": r["alpha"]}
+                for r in records if r["distributed"] or r["method"] in ("ar", "eagle")]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise SpdError(f"--measured {path}: not the JSON of `spdecode plan --validate --json-out` ({exc})") from None
+
+
+def print_plan(rows: list[dict], source: str, link: str, measured: list[dict] = ()) -> None:
+    print(f"costs: {source}; link: {link}; every row below is simulated (predicted)")
     print(f"{'method':<6} {'devices':>7}  {'configuration':<40} {'tok/s':>7} {'vs AR':>6} {'tok/cycle':>9}  "
           "acceptance; drafting cost from")
     for r in rows:
@@ -139,9 +174,25 @@ def print_plan(rows: list[dict], source: str, link: str) -> None:
     best = max(rows, key=lambda r: r["tok_s"])
     print(f"recommended: {best['method']} on {best['devices']} device(s), {best['config']} "
           f"({best['speedup']:.2f}x the best AR)")
+    if measured:
+        print("measured on this machine (plan --validate; alpha: the run's own):")
+        for m in measured:
+            print(f"  {m['devices']} process(es), {m['config']}: {m['tok_s']:.1f} tok/s measured "
+                  f"({m['speedup']:.2f}x the best AR measured), {m['predicted_tok_s']:.1f} predicted at alpha "
+                  f"{m['alpha'] or 0:.2f}")
+    needs = [r for r in rows if "alpha_to_beat_ar" in r]
+    if needs:
+        print("acceptance per depth SPD over trees needs (simulated; '-': not even at 1.0):")
+        for r in needs:
+            print(f"  {r['devices']} devices, {r['config']}: to beat AR {fmt_alpha(r['alpha_to_beat_ar'])}, "
+                  f"to beat eagle {fmt_alpha(r['alpha_to_beat_eagle'])}")
 
 
-def plot_plan(rows: list[dict], out: str) -> None:
+def fmt_alpha(a: float | None) -> str:
+    return "-" if a is None else f"{a:.2f}"
+
+
+def plot_plan(rows: list[dict], out: str, measured: list[dict] = ()) -> None:
     from ..runtime.errors import require_extra
 
     require_extra("plot", "plan --plot")
@@ -154,9 +205,14 @@ def plot_plan(rows: list[dict], out: str) -> None:
     for label in dict.fromkeys(series(r) for r in rows):
         pts = [(r["devices"], r["speedup"]) for r in rows if series(r) == label]
         ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+    for m in measured:  # points measured here, apart from the simulated lines
+        ax.plot(m["devices"], m["speedup"], marker="*", ms=11, ls="none", color="black")
+        ax.annotate(f"measured: {m['config']}", (m["devices"], m["speedup"]), fontsize=6, xytext=(4, 2),
+                    textcoords="offset points")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("devices")
-    ax.set_ylabel("predicted speedup over the best AR")
+    ax.set_ylabel("speedup over the best AR")
+    ax.set_title("lines: simulated from the cost file" + ("; stars: measured here" if measured else ""), fontsize=8)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)

@@ -53,15 +53,16 @@ class Drawn:
 
 
 class Replayed:
-    """An exact accept/reject sequence per depth, from a run's walks ([tried, accepted] per
+    """An exact accept/reject sequence per depth, from a run's walks ([tried, accepted, leaf] per
     verification pass, Metrics.walks): the d-th verification of a simulated walk takes the next
     outcome recorded at depth d (round again when it runs out; a depth never reached takes the
-    deepest one recorded)."""
+    deepest one recorded). A walk that ended at a leaf of the real tree counts as a stop one level
+    down: the real tree had no draft there, so a simulated walk must not go on past it."""
 
     def __init__(self, walks: list[list[int]]):
         self.by_depth: list[list[bool]] = []
-        for tried, accepted in walks:
-            for d in range(tried):
+        for tried, accepted, *leaf in walks:
+            for d in range(tried + bool(leaf and leaf[0])):
                 while len(self.by_depth) <= d:
                     self.by_depth.append([])
                 self.by_depth[d].append(d < accepted)
@@ -157,6 +158,18 @@ def stage_cost(costs: Costs, sizes: list[int], s: int, rows: int) -> float:
     return costs.layers_pass(sizes[s], rows, chunk=True) + (costs.head(rows) if s == len(sizes) - 1 else 0.0)
 
 
+def rank_stage_cost(costs: Costs, sizes: list[int], s: int, rows: int) -> float:
+    """Stage s as a rank of a real pipeline runs it: its layers (and head) as the calibration found
+    them beside the other ranks, and its work per slot around them (plan/calibrate.py)."""
+    if not rows:
+        return 0.0
+    if s == 0:
+        return costs.layers_pass(sizes[0], rows, chunk=True) * costs.ratio("root_stage0_ratio", rows)
+    head = costs.head(rows) * costs.ratio("stage_head_ratio", rows) if s == len(sizes) - 1 else 0.0
+    return (costs.layers_pass(sizes[s], rows, chunk=True) * costs.ratio("stage_layers_ratio", rows) + head
+            + costs.stage_slot(rows))
+
+
 def busy_stages(sched) -> list[tuple[int, int]]:
     """(stage, rows) each stage runs this cycle: the entering slot's rows at stage 0, the rows
     still live of the older slots after it."""
@@ -227,14 +240,17 @@ class SimPipeline:
         run.grow()
         rows = dict(busy_stages(run.sched))
         start0, draft = self.now, run.drafter.take()
-        stage0 = stage_cost(self.costs, self.sizes, 0, rows.get(0, 0))
+        stage0 = rank_stage_cost(self.costs, self.sizes, 0, rows.get(0, 0))
         # Rank 0 posts the slot to rank 1; every other rank a report to rank 0 (and its slot on).
-        work0 = draft + stage0 + self.cycle_s + self.costs.send()
+        work0 = draft + stage0 + self.cycle_s + self.costs.send() + self.costs.root_send(rows.get(0, 0))
         reports = []
         for s in range(1, n):  # rank s: the slot rank s-1 sent last cycle, once it is free
             msg = self.costs.message(rows.get(s, 0) * self.hidden_bytes)
             begin = max(self.sent[s - 1] + msg, self.free[s])
-            work = stage_cost(self.costs, self.sizes, s, rows.get(s, 0)) + self.costs.send() * (1 + (s < n - 1))
+            # Its posts: a report to rank 0 (in the calibrated per-slot work where there is one) and,
+            # but on the last rank, the slot on.
+            posts = (s < n - 1) + (self.costs.pipeline is None)
+            work = rank_stage_cost(self.costs, self.sizes, s, rows.get(s, 0)) + self.costs.send() * posts
             if self.events is not None:
                 self.events += [(s, "wait", self.free[s], begin), (s, "compute", begin, begin + work)]
             self.busy[s] += work

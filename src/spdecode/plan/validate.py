@@ -86,7 +86,7 @@ def predict_records(data: dict, setup: Setup, records: list[dict], alpha: float 
     replaying each one's walks (`replay`; a generation that verified nothing draws from alpha), or
     drawing every verification from the average `alpha`."""
     def acceptance(i: int, r: dict):
-        if replay and any(tried for tried, _ in r.get("walks", [])):
+        if replay and any(w[0] for w in r.get("walks", [])):
             return Replayed(r["walks"])
         return Drawn(alpha or 0.0, seed=i)
 

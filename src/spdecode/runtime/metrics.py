@@ -44,7 +44,8 @@ class Metrics:
     nodes_entered: int = 0
     wasted_rows: int = 0
     # Every verification pass in order, as [tried, accepted] (the drafts it checked, those that
-    # went on): the exact accept/reject sequence `spdecode plan` replays.
+    # went on) and, from draft trees, a third 1 where the walk ended at a node with no draft below
+    # it (a leaf, not a rejection): the exact accept/reject sequence `spdecode plan` replays.
     walks: list[list[int]] = field(default_factory=list)
     # --method auto's online guard: the tokens emitted when it handed the request to AR (None: it did not).
     guard_fallback_at: int | None = None
