@@ -14,6 +14,7 @@ from conftest import tiny_model
 from test_distributed import launch
 
 from spdecode.bench.timeline import plot_trace
+from spdecode.distributed.stage import WORK
 from spdecode.drafting.pdm import new_pdm
 from spdecode.drafting.pdm_tree import PdmTreeDrafter
 from spdecode.methods.spd import generate_spd
@@ -61,12 +62,12 @@ def test_a_distributed_trace_has_every_rank_and_plots(tmp_path):
     events = json.loads(out.read_text())["traceEvents"]
     by_rank = {pid: {e["name"] for e in events if e["pid"] == pid and e["ph"] == "X"} for pid in (0, 1)}
     assert {"draft", "stage0", "wait", "send"} <= by_rank[0]
-    assert {"compute", "wait"} <= by_rank[1]
+    assert {"compute", "wait", "plan", "layers", "head", "post"} <= by_rank[1]  # a slot's parts: WORK
     # One clock for both rows: rank 1's stage runs while rank 0 drafts and runs stage 0 (a pipeline).
     def spans(pid, names):
         return [(e["ts"], e["ts"] + e["dur"]) for e in events if e["pid"] == pid and e.get("name") in names]
 
-    overlap = sum(max(0.0, min(a1, b1) - max(a0, b0)) for a0, a1 in spans(1, {"compute"})
+    overlap = sum(max(0.0, min(a1, b1) - max(a0, b0)) for a0, a1 in spans(1, set(WORK))
                   for b0, b1 in spans(0, {"draft", "stage0"}))
     assert overlap > 0
     png = plot_trace(str(out), str(tmp_path / "t.png"), cycles=5)

@@ -41,8 +41,7 @@ def time_pipeline(model_name: str, dtype: str, device: str, data: dict, log=prin
     from ..bench.run import BenchConfig, run_distributed_spd
     from ..generators import MethodOptions
     from ..runtime.models import load_model
-    from .cost_model import Costs
-    from .costs import CONCURRENT
+    from .cost_model import CONCURRENT, Costs
 
     if CONCURRENT not in data["target"]:
         raise SpdError("the pipeline calibration compares against the concurrent timings: measure them first")
@@ -89,14 +88,3 @@ def parts(records: list[dict], costs) -> dict:
         "root_send_s": max(0.0, phase["send"] - costs.send()),
         "ms_per_slot": {k: 1e3 * total[k] / slots for k in ("plan", "layers", "head", "post", "wait", "send")},
     }
-
-
-def at(rows: list[float], values: list[float], r: float) -> float:
-    """`values` measured at `rows`, linear in rows between them, held flat outside."""
-    pts = sorted(zip(rows, values, strict=True))
-    if r <= pts[0][0]:
-        return pts[0][1]
-    for (r0, v0), (r1, v1) in zip(pts, pts[1:], strict=False):
-        if r <= r1:
-            return v0 + (v1 - v0) * (r - r0) / (r1 - r0) if r1 > r0 else v1
-    return pts[-1][1]

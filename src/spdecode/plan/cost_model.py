@@ -9,7 +9,8 @@ out per layer: every pass pays it for the layers it runs, whatever its rows.
 from __future__ import annotations
 
 from ..runtime.errors import SpdError
-from .calibrate import at
+
+CONCURRENT = "1 concurrent"  # the cost file's key for one thread beside a twin process
 
 
 def at_rows(table: dict[int, float], rows: int) -> float:
@@ -22,6 +23,17 @@ def at_rows(table: dict[int, float], rows: int) -> float:
     if lo == hi:
         return table[lo] * (rows / lo if rows > keys[-1] else 1.0)
     return table[lo] + (table[hi] - table[lo]) * (rows - lo) / (hi - lo)
+
+
+def at(rows: list[float], values: list[float], r: float) -> float:
+    """`values` measured at `rows`, linear in rows between them, held flat outside."""
+    pts = sorted(zip(rows, values, strict=True))
+    if r <= pts[0][0]:
+        return pts[0][1]
+    for (r0, v0), (r1, v1) in zip(pts, pts[1:], strict=False):
+        if r <= r1:
+            return v0 + (v1 - v0) * (r - r0) / (r1 - r0) if r1 > r0 else v1
+    return pts[-1][1]
 
 
 def at_context(by_context: dict[str, object], context: float, value=lambda v: v) -> float:
@@ -63,7 +75,7 @@ class Costs:
         # A real pipeline's work per slot beyond the table (plan/calibrate.py; older files: none), and
         # how its parts ran against the table where the ranks shared the cores as they did there.
         self.pipeline = data.get("pipeline")
-        self.shared_cores = threads == "1 concurrent" and self.pipeline is not None
+        self.shared_cores = threads == CONCURRENT and self.pipeline is not None
         # A drafter's timings at this configuration's thread count (a rank runs one thread).
         key = threads.split()[0]
         self.draft = {name: {int(r): s for r, s in at_threads(by, key).items()}

@@ -29,9 +29,9 @@ from datetime import UTC, datetime
 import torch
 
 from ..runtime.errors import SpdError
+from .cost_model import CONCURRENT
 
 ROWS = tuple(range(1, 18))  # one row (AR) up to a root and a 16-node tree: where rows stop being cheap
-CONCURRENT = "1 concurrent"  # the timings of one thread beside a twin process
 CONTEXTS = (128, 512)
 
 
