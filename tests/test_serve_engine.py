@@ -4,6 +4,7 @@ jobs do, a failed decoder is restarted (or ends the engine), and nothing is left
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from spdecode.runtime.errors import DecoderFailure, SpdError
@@ -29,6 +30,19 @@ def events_of(job: Job, loop, timeout: float = 5.0) -> list:
     return loop.run_until_complete(collect())
 
 
+@contextlib.contextmanager
+def running(engine: Engine):
+    """The engine's thread started, and an event loop for its jobs' events; closed afterwards."""
+    loop = asyncio.new_event_loop()
+    engine.start()
+    try:
+        yield loop
+    finally:
+        engine.close()
+        engine.join(5)
+        loop.close()
+
+
 def test_fast_failing_jobs_do_not_starve_the_heartbeat():
     """Jobs refused before the decoder sends anything (a prompt the method cannot fit) are no
     contact with the pipeline: a stream of them, one well inside the heartbeat period after
@@ -45,19 +59,13 @@ def test_fast_failing_jobs_do_not_starve_the_heartbeat():
 
     engine = Engine(Decoder(refuse, heartbeat=heartbeat, heartbeat_s=0.3, last_contact=lambda: contact[0]),
                     OneCharTokenizer(), set())
-    loop = asyncio.new_event_loop()
-    engine.start()
-    try:
+    with running(engine) as loop:
         start = time.monotonic()
         while time.monotonic() - start < 2.0:
             job = Job([1, 2], 4, GREEDY, [], loop)
             engine.submit(job)
             assert events_of(job, loop)[-1][:2] == ("error", 400)
             time.sleep(0.05)
-    finally:
-        engine.close()
-        engine.join(5)
-        loop.close()
     gaps = [b - a for a, b in zip([start, *beats], beats, strict=False)]
     assert len(beats) >= 4 and max(gaps) < 0.6, gaps
 
@@ -75,18 +83,12 @@ def test_a_decoder_failure_is_restarted_and_the_next_job_served():
 
     engine = Engine(Decoder(generate, recover=lambda: restarts.__setitem__(0, restarts[0] + 1)),
                     OneCharTokenizer(), set())
-    loop = asyncio.new_event_loop()
-    engine.start()
-    try:
+    with running(engine) as loop:
         first, second = Job([1], 2, GREEDY, [], loop), Job([1], 2, GREEDY, [], loop)
         engine.submit(first)
         engine.submit(second)
         failed, served = events_of(first, loop), events_of(second, loop)
         still_up = engine.down is None
-    finally:
-        engine.close()
-        engine.join(5)
-        loop.close()
     assert failed[-1][:2] == ("error", 503) and "restarted" in failed[-1][2]
     assert served[-1][0] == "done" and served[-1][1].text == "hi"
     assert restarts == [1] and still_up
@@ -102,16 +104,12 @@ def test_a_decoder_that_cannot_be_restarted_ends_the_engine():
         raise SpdError("stage 0 failed to start again")
 
     engine = Engine(Decoder(generate, recover=recover), OneCharTokenizer(), set(), on_fatal=told.append)
-    loop = asyncio.new_event_loop()
-    engine.start()
-    try:
+    with running(engine) as loop:
         first, waiting = Job([1], 2, GREEDY, [], loop), Job([1], 2, GREEDY, [], loop)
         engine.submit(first)
         engine.submit(waiting)
         assert events_of(first, loop)[-1][:2] == ("error", 503)
         assert events_of(waiting, loop)[-1][:2] == ("error", 503)
         engine.join(5)
-    finally:
-        loop.close()
     assert not engine.thread.is_alive()
     assert told and "failed to start again" in told[0] and engine.down

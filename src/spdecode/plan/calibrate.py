@@ -68,12 +68,12 @@ ROOT = ("root_send_s", "root_stage0_ratio")  # by rank 0's stage 0 rows per cycl
 def parts(records: list[dict], costs) -> dict:
     """One run's rank times, part by part, against what `costs` charges (two ranks: rank 1 runs the
     last stage and the head)."""
-    from ..distributed.stage import PHASES
+    from ..distributed.stage import STAGE_STATS
 
     sizes = records[0]["stage_sizes"]
     if len(sizes) != 2:
         raise SpdError("the calibration reads a run of two processes")
-    total = {k: sum(r["rank_stats"][0][i] for r in records) for i, k in enumerate((*PHASES, "slots", "rows"))}
+    total = {k: sum(r["rank_stats"][0][i] for r in records) for i, k in enumerate(STAGE_STATS)}
     slots, rows = total["slots"], total["rows"] / max(total["slots"], 1)
     cycles = sum(r["cycles"] for r in records)
     phase = {k: sum(r["phase_s"].get(k, 0.0) for r in records) / cycles for k in ("stage0", "send")}
