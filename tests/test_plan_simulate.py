@@ -111,20 +111,44 @@ def test_the_clock_is_the_slowest_rank_plus_the_links():
 
 def test_a_calibrated_pipeline_charges_each_ranks_work_per_slot_and_its_shared_core_ratios():
     """A real rank does work per slot beyond its layers (plan, compaction, posting; plan/calibrate.py):
-    each busy slot of a stage rank costs it, and rank 0's settle-and-send per cycle. The ratios
-    measured with two ranks on one machine's cores apply only to configurations that share them."""
+    each busy slot of a stage rank costs it, and rank 0's settle-and-send per cycle, which comes
+    after the last rank's report. The ratios measured with two ranks on one machine's cores apply
+    only to configurations that share them."""
     base = flat_costs(layers=12, layer=1e-3)
     calibrated = {**base, "pipeline": {"rows": [1, 9], "root_rows": [1, 9], "stage_slot_s": [1e-3, 3e-3],
                                        "root_send_s": [0.5e-3, 0.5e-3], "stage_layers_ratio": [1.5, 1.5],
                                        "stage_head_ratio": [1.0, 1.0], "root_stage0_ratio": [1.0, 1.0]}}
     calibrated["target"]["1 concurrent"] = calibrated["target"]["1"]
     plain = simulate(Costs(base, "1"), [6, 6], Drawn(1.0), tokens=200)["cycle_ms"]
-    # Separate machines: rank 1's 6 ms of layers and 1 ms per slot; rank 0's 6 ms and 0.5 ms more.
+    # Separate machines: rank 1's 6 ms of layers and 1 ms per slot, then rank 0's 0.5 ms to send on.
     assert simulate(Costs(calibrated, "1"), [6, 6], Drawn(1.0), tokens=200)["cycle_ms"] == \
-        pytest.approx(plain + 1.0, rel=0.02)
+        pytest.approx(plain + 1.5, rel=0.02)
     # Sharing the cores as the calibration run did: rank 1's layers take 1.5 times the table's.
     assert simulate(Costs(calibrated, "1 concurrent"), [6, 6], Drawn(1.0), tokens=200)["cycle_ms"] == \
-        pytest.approx(9.0 + 1.0, rel=0.02)
+        pytest.approx(9.0 + 1.0 + 0.5, rel=0.02)
+
+
+def test_hops_seen_in_the_calibration_run_apply_where_the_ranks_share_the_cores():
+    """Messages between busy processes on shared cores hop slower than an idle ping-pong: the
+    calibrated hops replace the link there, twice a cycle (slot down, report back); rank 0's
+    receive of a report that came first costs it on every machine."""
+    base = flat_costs(layers=12, layer=1e-3)
+    timed = {"rows": [1, 9], "root_rows": [1, 9], "stage_slot_s": [0.0, 0.0], "root_send_s": [0.0, 0.0],
+             "stage_layers_ratio": [1.0, 1.0], "stage_head_ratio": [1.0, 1.0], "root_stage0_ratio": [1.0, 1.0]}
+    hops = {"forward_hop_s": [1e-3, 1e-3], "report_hop_s": [2e-3, 2e-3], "report_recv_s": [0.5e-3, 0.5e-3]}
+    calibrated = {**base, "pipeline": timed | hops}
+    calibrated["target"]["1 concurrent"] = calibrated["target"]["1"]
+    # Shared cores: rank 1 starts 1 ms after rank 0 sent, reports 2 ms after its 6 ms.
+    assert simulate(Costs(calibrated, "1 concurrent"), [6, 6], Drawn(1.0), tokens=200)["cycle_ms"] == \
+        pytest.approx(1.0 + 6.0 + 2.0, rel=0.02)
+    # Separate machines (free links): rank 0's 6 ms and its receive of the report that was there.
+    assert simulate(Costs(calibrated, "1"), [6, 6], Drawn(1.0), tokens=200)["cycle_ms"] == \
+        pytest.approx(6.5, rel=0.02)
+    # A calibration from before the hops were timed: the link's message cost, as before.
+    older = {**base, "pipeline": timed}
+    older["target"]["1 concurrent"] = older["target"]["1"]
+    assert simulate(Costs(older, "1 concurrent"), [6, 6], Drawn(1.0), tokens=200)["cycle_ms"] == \
+        pytest.approx(6.0, rel=0.02)
 
 
 def test_one_process_runs_its_stages_one_after_another():

@@ -35,3 +35,29 @@ def test_validate_measures_each_configuration_beside_its_predictions(tmp_path):
     spd = rows["spd:stages=2:budget=1:threads=1"]
     assert spd["predicted_tokens_per_cycle_traces"] == pytest.approx(spd["measured_tokens_per_cycle"], abs=1e-9)
     assert rows["ar:threads=1"]["predicted_tokens_per_cycle_traces"] == 1.0
+
+    # --replay predicts the saved measurements again without measuring: the same cost file gives
+    # the same predictions; one whose target runs at half the speed halves AR's.
+    def replay(costs=None):
+        again = tmp_path / "again.json"
+        args = ["--costs", str(costs)] if costs else []
+        res = subprocess.run([sys.executable, "-m", "spdecode", "plan", "--validate", "--replay", str(out),
+                              "--json-out", str(again), *args], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return {r["config"]: r for r in json.loads(again.read_text())["records"]}
+
+    same = replay()
+    for key, r in rows.items():
+        assert same[key]["predicted_tok_s_traces"] == pytest.approx(r["predicted_tok_s_traces"], rel=1e-9)
+        assert same[key]["measured_tok_s"] == r["measured_tok_s"]
+    costs = json.loads(open(report["costs"]).read())
+    for by_threads in costs["target"].values():
+        for part in ("layer", "chunk"):  # seconds by context, then by rows
+            for by_rows in by_threads[part].values():
+                by_rows.update({k: 2 * v for k, v in by_rows.items()})
+        for part in ("head", "step"):  # by rows; by context
+            by_threads[part] = {k: 2 * v for k, v in by_threads[part].items()}
+    (tmp_path / "slow.json").write_text(json.dumps(costs))
+    slow = replay(tmp_path / "slow.json")
+    ar = "ar:threads=1"
+    assert slow[ar]["predicted_tok_s_traces"] == pytest.approx(rows[ar]["predicted_tok_s_traces"] / 2, rel=0.01)

@@ -19,6 +19,7 @@ from spdecode.drafting.pdm import new_pdm
 from spdecode.drafting.pdm_tree import PdmTreeDrafter
 from spdecode.methods.spd import generate_spd
 from spdecode.methods.spd_core import TreeShape
+from spdecode.plan.calibrate import hops
 from spdecode.runtime import trace
 from spdecode.runtime.errors import SpdError
 from spdecode.runtime.staged import StagedTarget
@@ -70,6 +71,10 @@ def test_a_distributed_trace_has_every_rank_and_plots(tmp_path):
     overlap = sum(max(0.0, min(a1, b1) - max(a0, b0)) for a0, a1 in spans(1, set(WORK))
                   for b0, b1 in spans(0, {"draft", "stage0"}))
     assert overlap > 0
+    # The calibration reads the hops of both directions from such a trace (plan/calibrate.py).
+    timed = hops(events)
+    assert timed["hops_timed"][0] > 0 and timed["hops_timed"][1] + timed["hops_timed"][2] > 0
+    assert 0 < timed["forward_hop_s"] < 1.0 and 0 < timed["report_hop_s"] < 1.0
     png = plot_trace(str(out), str(tmp_path / "t.png"), cycles=5)
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 

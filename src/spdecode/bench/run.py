@@ -137,9 +137,10 @@ def distributed_key(spec: str, method: str, opts: MethodOptions) -> str:
     return f"{method}-dist-" + "-".join(parts)
 
 
-def run_distributed_spd(cfg, method: str, opts: MethodOptions, key: str, model, tok, sets) -> list[dict]:
+def run_distributed_spd(cfg, method: str, opts: MethodOptions, key: str, model, tok, sets,
+                        trace: str | None = None) -> list[dict]:
     """A pipeline method with one process per stage (torchrun) over every prompt; records like the
-    in-process ones, under `key`."""
+    in-process ones, under `key`; `trace`: rank 0 writes every rank's timeline there."""
     import tempfile
 
     from ..distributed.launch import run_distributed
@@ -152,7 +153,7 @@ def run_distributed_spd(cfg, method: str, opts: MethodOptions, key: str, model, 
         req.write_text("".join(json.dumps(encode_prompt(tok, row["turns"][0])) + "\n" for _, row in order))
         worker = worker_args(cfg.model, sizes, cfg.max_new_tokens, cfg.sampling, opts.dtype, opts.device, cfg.timeout,
                              opts.draft, method, opts.speed_depth, opts.threads, opts.tree(method))
-        worker += ["--requests", str(req), "--json-out", str(out)]
+        worker += ["--requests", str(req), "--json-out", str(out)] + (["--trace", str(trace)] if trace else [])
         print(f"{key}: {len(sizes)} processes, stages {sizes}, tree {opts.tree(method)}", flush=True)
         code = run_distributed(len(sizes), worker, cfg.master_port, cfg.rdzv_endpoint)
         if code != 0:

@@ -230,7 +230,7 @@ def cmd_vocab(args) -> int:
 def cmd_plan(args) -> int:
     if args.measure and args.validate:
         raise SpdError("--measure writes a cost file and --validate checks one: run them one after the other")
-    if args.validate:
+    if args.validate or args.replay:
         return validate_plan(args)
     if not args.measure:
         from ..plan.planner import load_costs, load_measured, load_walks, plan, plot_plan, print_plan
@@ -288,7 +288,11 @@ def measure_costs(args) -> int:
 
 
 def validate_plan(args) -> int:
-    from ..plan.validate import IN_PROCESS, ONE_PROCESS_PER_STAGE, ValidateConfig, print_validation, validate
+    from ..plan.validate import IN_PROCESS, ONE_PROCESS_PER_STAGE, ValidateConfig, print_validation, repredict, validate
+
+    if args.replay:
+        print_validation(repredict(args.replay, args.costs, args.json_out))
+        return 0
 
     cfg = ValidateConfig(model=args.model, dtype=args.dtype, device=args.device, costs=args.costs,
                          methods=IN_PROCESS if args.methods is None else args.methods,

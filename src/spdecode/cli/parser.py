@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(generate --trace's format: plot-trace draws it)")
     pl.add_argument("--validate", action="store_true",
                     help="measure the configurations this machine can run (median of --runs) beside their predictions")
+    pl.add_argument("--replay", default=None, metavar="VALIDATE.json",
+                    help="--validate: predict a saved validation's measurements again (against --costs, default "
+                    "its own cost file) instead of measuring")
     pl.add_argument("--data", default="mt_bench,gsm8k,humaneval", help="--validate: prompt sets or a .jsonl")
     pl.add_argument("--limit", type=int, default=4, help="--validate: prompts per set (default 4)")
     pl.add_argument("--max-new-tokens", type=int, default=128, help="--validate: tokens per prompt (default 128)")

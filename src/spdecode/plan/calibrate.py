@@ -12,7 +12,13 @@ processes (one node per slot, then spd's tree), reads every rank's time part by 
   and choices) over what the cost table charges for those slots at their rows;
 - `root_stage0_ratio`: rank 0's stage 0 likewise;
 - `root_send_s`: rank 0's settle, compaction, plan and send per cycle beyond the post that the
-  table charges.
+  table charges;
+- `forward_hop_s`, `report_hop_s`: a message's hop as its receiver, already waiting, saw it in the
+  run's trace: from rank 0's send to rank 1 holding the slot, and from rank 1's report to rank 0
+  holding it (with the anchors it stores). Two busy processes on a guest's cores hop far slower
+  than a ping-pong on idle ones (`link.message_s`): on a 2-vCPU KVM guest a mean of 1-1.3 ms, a
+  tenth of them past 3 ms, against 0.3 ms idle, and a pipeline pays it twice per cycle;
+- `report_recv_s`: rank 0's wait for a report that was there before it (receive, store anchors).
 
 Each is recorded per run, at that run's mean rows per slot (`rows`; rank 0's: `root_rows`), and
 read linear in rows between the two runs.
@@ -24,7 +30,11 @@ the runs they were measured from.
 
 from __future__ import annotations
 
+import bisect
+import json
 import statistics
+import tempfile
+from pathlib import Path
 
 from ..runtime.errors import SpdError
 
@@ -52,17 +62,55 @@ def time_pipeline(model_name: str, dtype: str, device: str, data: dict, log=prin
     for kind, budget in (("one node per slot", 1), ("tree", None)):
         opts = MethodOptions(stages=2, tree_budget=budget, dtype=dtype, device=device)
         log(f"timing a real two-process pipeline ({kind})")
-        records = run_distributed_spd(bench, "spd", opts, f"spd {kind}", model, tok, sets)
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = Path(tmp) / "trace.json"
+            records = run_distributed_spd(bench, "spd", opts, f"spd {kind}", model, tok, sets, trace=str(trace))
+            events = json.loads(trace.read_text())["traceEvents"]
         context = statistics.fmean(r["prompt_tokens"] + r["new_tokens"] / 2 for r in records)
-        runs[kind] = parts(records, Costs(data, CONCURRENT, context=context))
+        runs[kind] = parts(records, Costs(data, CONCURRENT, context=context)) | hops(events)
     out = {"runs": runs}
-    for k in ("rows", "root_rows", *STAGE, *ROOT):
+    for k in ("rows", "root_rows", *STAGE, *ROOT, *HOPS):
         out[k] = [r[k] for r in runs.values()]
     return out
 
 
 STAGE = ("stage_slot_s", "stage_layers_ratio", "stage_head_ratio")  # by a stage rank's rows per slot
 ROOT = ("root_send_s", "root_stage0_ratio")  # by rank 0's stage 0 rows per cycle
+HOPS = ("forward_hop_s", "report_hop_s", "report_recv_s")  # by a stage rank's rows per slot
+
+
+def hops(events: list[dict]) -> dict:
+    """Each direction's hop between ranks 0 and 1 in a run's trace (runtime/trace.py events): the
+    mean over messages whose receiver was already waiting when they left of what it waited after
+    the send; and rank 0's wait for a report that was there first (its receive and the anchors it
+    stores), which the hop does not hold."""
+    def spans(pid: int, name: str) -> list[tuple[float, float]]:
+        return sorted((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6) for e in events
+                      if e.get("ph") == "X" and e["pid"] == pid and e["name"] == name)
+
+    def waits(sent: list[float], waiting: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+        hop, there = [], []
+        for begin, end in waiting:
+            i = bisect.bisect_right(sent, end) - 1  # the last message out before the receiver had one
+            if i >= 0:
+                (hop if begin <= sent[i] else there).append(end - max(begin, sent[i]))
+        return hop, there
+
+    # A stage rank's slot: its wait for the message ends where its `plan` begins; it reports in `post`.
+    plans = [b for b, _ in spans(1, "plan")]
+
+    def before_plan(end: float) -> bool:
+        i = bisect.bisect_left(plans, end - 1e-6)
+        return i < len(plans) and plans[i] <= end + 1e-6
+
+    forward, _ = waits([e for _, e in spans(0, "send")], [w for w in spans(1, "wait") if before_plan(w[1])])
+    report, there = waits([e for _, e in spans(1, "post")], spans(0, "wait"))
+    if not forward or not report + there:
+        raise SpdError("the calibration run's trace shows no slot that found its receiver waiting")
+    # A run whose rank 0 never waited on a report (or always did) bounds one by the other.
+    return {"forward_hop_s": statistics.fmean(forward), "report_hop_s": statistics.fmean(report or there),
+            "report_recv_s": statistics.fmean(there or report),
+            "hops_timed": [len(forward), len(report), len(there)]}
 
 
 def parts(records: list[dict], costs) -> dict:

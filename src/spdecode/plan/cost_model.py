@@ -123,6 +123,20 @@ class Costs:
         """Rank 0's settle, compaction, plan and send per cycle beyond send() (0 without a calibration)."""
         return self.calibrated("root_send_s", rows)
 
+    def hop(self, kind: str, nbytes: int, rows: int) -> float:
+        """One hop of an engine message carrying `nbytes` of hidden states (`kind` "forward": a slot
+        down the pipeline; "report": a report back to rank 0): where the ranks share the cores as in
+        the calibration run, as a waiting receiver saw it there; else `message(nbytes)`."""
+        name = f"{kind}_hop_s"
+        if self.shared_cores and name in self.pipeline:
+            return self.calibrated(name, rows)
+        return self.message(nbytes)
+
+    def report_recv(self, rows: int) -> float:
+        """Rank 0 taking a report that came before it waited for it: the receive and the anchors it
+        stores (0 without a calibration)."""
+        return self.calibrated("report_recv_s", rows) if self.pipeline and "report_recv_s" in self.pipeline else 0.0
+
     def send(self) -> float:
         """What posting one engine message costs its sender (0 where the cost file has no timing)."""
         return self.link.get("send_s", 0.0)

@@ -236,35 +236,37 @@ class SimPipeline:
         return REJECT
 
     def cycle(self, run: SpdRun, slot) -> None:
-        n = len(self.sizes)
+        n, costs = len(self.sizes), self.costs
         run.grow()
         rows = dict(busy_stages(run.sched))
         start0, draft = self.now, run.drafter.take()
-        stage0 = rank_stage_cost(self.costs, self.sizes, 0, rows.get(0, 0))
-        # Rank 0 posts the slot to rank 1; every other rank a report to rank 0 (and its slot on).
-        work0 = draft + stage0 + self.cycle_s + self.costs.send() + self.costs.root_send(rows.get(0, 0))
+        stage0 = rank_stage_cost(costs, self.sizes, 0, rows.get(0, 0))
+        ready0 = start0 + draft + stage0
+        # After every report rank 0 settles, compacts, plans and posts its slot on: the calibrated
+        # send lap holds the core's bookkeeping (the engine's own lap is empty on a pipeline).
+        after = costs.send() + costs.root_send(rows.get(0, 0)) + (self.cycle_s if costs.pipeline is None else 0.0)
         reports = []
         for s in range(1, n):  # rank s: the slot rank s-1 sent last cycle, once it is free
-            msg = self.costs.message(rows.get(s, 0) * self.hidden_bytes)
-            begin = max(self.sent[s - 1] + msg, self.free[s])
+            r = rows.get(s, 0)
+            begin = max(self.sent[s - 1] + costs.hop("forward", r * self.hidden_bytes, r), self.free[s])
             # Its posts: a report to rank 0 (in the calibrated per-slot work where there is one) and,
             # but on the last rank, the slot on.
-            posts = (s < n - 1) + (self.costs.pipeline is None)
-            work = rank_stage_cost(self.costs, self.sizes, s, rows.get(s, 0)) + self.costs.send() * posts
+            posts = (s < n - 1) + (costs.pipeline is None)
+            work = rank_stage_cost(costs, self.sizes, s, r) + costs.send() * posts
             if self.events is not None:
                 self.events += [(s, "wait", self.free[s], begin), (s, "compute", begin, begin + work)]
             self.busy[s] += work
             self.free[s] = begin + work
-            reports.append(self.free[s] + msg)
-        self.busy[0] += work0
+            reports.append(self.free[s] + costs.hop("report", r * self.hidden_bytes, r))
+        gathered = max([ready0 + costs.report_recv(rows.get(n - 1, 0)), *reports])
+        self.busy[0] += draft + stage0 + after
         self.sent[1:] = self.free[1:]
         mark = verdict_mark(run.settle(walk_choices(run.sched, self.acceptance)))
-        self.now = max([start0 + work0, *reports])
+        self.now = gathered + after
         self.sent[0] = self.now
         if self.events is not None:
-            t, end = start0 + draft + stage0, self.now - self.cycle_s
-            self.events += [(0, "draft", start0, start0 + draft), (0, "stage0", start0 + draft, t),
-                            (0, "wait", t, end), (0, "bookkeeping", end, self.now)]
+            self.events += [(0, "draft", start0, start0 + draft), (0, "stage0", start0 + draft, ready0),
+                            (0, "wait", ready0, gathered), (0, "send", gathered, self.now)]
             if mark:
                 self.events.append((0, mark, self.now, None))
 

@@ -144,25 +144,58 @@ def validate(cfg: ValidateConfig, log=print) -> dict:
         setup = setup_for(method, opts, sizes, distributed, data, cfg.model)
         first = [r for r in runs[0] if r["method"] == key]
         measured = [pooled([r for r in run if r["method"] == key]) for run in runs]
-        alpha = measured[0]["alpha"]
-
-        traces = predict_records(data, setup, first, alpha, replay=True)
-        average = predict_records(data, setup, first, alpha, replay=False)
-        tok_s = statistics.median(m["decode_tok_s"] for m in measured)
         rows.append({"config": key, "method": method, "stages": sizes, "distributed": distributed,
                      "threads": setup.threads, "tree": list(opts.tree(method)) if method != "ar" else None,
-                     "drafter_cost_from": setup.drafter if setup.drafter_timed(data.get("draft", {})) else "none (0 s)",
-                     "measured_tok_s": tok_s, "measured_runs_tok_s": [m["decode_tok_s"] for m in measured],
-                     "measured_tokens_per_cycle": measured[0]["tokens_per_cycle"], "alpha": alpha,
-                     "predicted_tok_s_traces": traces["tok_s"], "predicted_tok_s_alpha": average["tok_s"],
-                     "predicted_tokens_per_cycle_traces": traces["tokens_per_cycle"],
-                     "predicted_tokens_per_cycle_alpha": average["tokens_per_cycle"],
-                     "error_traces": traces["tok_s"] / tok_s - 1, "error_alpha": average["tok_s"] / tok_s - 1})
-    worst = max(max(abs(r["error_traces"]), abs(r["error_alpha"])) for r in rows)
-    out = {"config": asdict(cfg), "costs": source, "records": rows, "max_relative_error": worst}
-    if cfg.json_out:
-        Path(cfg.json_out).write_text(json.dumps(out, indent=1))
+                     "shape": [setup.shape.budget, setup.shape.depth, setup.shape.topk],
+                     "layers": list(setup.sizes), "drafter": setup.drafter,
+                     "measured_tok_s": statistics.median(m["decode_tok_s"] for m in measured),
+                     "measured_runs_tok_s": [m["decode_tok_s"] for m in measured],
+                     "measured_tokens_per_cycle": measured[0]["tokens_per_cycle"], "alpha": measured[0]["alpha"],
+                     # What the predictions replay: the first run's generations (--from re-predicts them).
+                     "generations": [{k: r.get(k) for k in ("prompt_tokens", "new_tokens", "walks")} for r in first]})
+    return compare(data, source, rows, asdict(cfg))
+
+
+def row_setup(row: dict) -> Setup:
+    """The simulator's setup for a saved row (the one setup_for made when it was measured)."""
+    return Setup(row["method"], tuple(row["layers"]), row["threads"], row["distributed"], TreeShape(*row["shape"]),
+                 row["drafter"])
+
+
+def compare(data: dict, source: str, rows: list[dict], config: dict) -> dict:
+    """Each measured configuration's predictions from the cost file `data` (from `source`) beside
+    its measurement: from its generations' walks and from its alpha alone."""
+    out_rows = []
+    for row in rows:
+        setup = row_setup(row)
+        traces = predict_records(data, setup, row["generations"], row["alpha"], replay=True)
+        average = predict_records(data, setup, row["generations"], row["alpha"], replay=False)
+        tok_s = row["measured_tok_s"]
+        out_rows.append(row | {
+            "drafter_cost_from": setup.drafter if setup.drafter_timed(data.get("draft", {})) else "none (0 s)",
+            "predicted_tok_s_traces": traces["tok_s"], "predicted_tok_s_alpha": average["tok_s"],
+            "predicted_tokens_per_cycle_traces": traces["tokens_per_cycle"],
+            "predicted_tokens_per_cycle_alpha": average["tokens_per_cycle"],
+            "error_traces": traces["tok_s"] / tok_s - 1, "error_alpha": average["tok_s"] / tok_s - 1})
+    worst = max(max(abs(r["error_traces"]), abs(r["error_alpha"])) for r in out_rows)
+    out = {"config": config, "costs": source, "records": out_rows, "max_relative_error": worst}
+    if config.get("json_out"):
+        Path(config["json_out"]).write_text(json.dumps(out, indent=1))
     return out
+
+
+def repredict(path: str, costs: str | None = None, json_out: str | None = None) -> dict:
+    """A saved validation's measurements (`plan --validate --json-out`) against the cost file `costs`
+    (default: the one it was compared with): the model checked again without measuring again."""
+    saved = json.loads(Path(path).read_text())
+    if any("generations" not in r for r in saved.get("records", [])):
+        raise SpdError(f"{path} holds no generations to replay (written before plan --validate kept them)")
+    cfg = saved["config"]
+    data, source = load_costs(costs or saved["costs"], cfg["model"], cfg["dtype"])
+    if (data.get("model"), data.get("dtype")) != (cfg["model"], cfg["dtype"]):
+        raise SpdError(f"{source} was measured for {data.get('model')} in {data.get('dtype')}, not {cfg['model']} in "
+                       f"{cfg['dtype']}")
+    return compare(data, source, saved["records"], cfg | {"json_out": json_out})
 
 
 def print_validation(out: dict) -> None:
