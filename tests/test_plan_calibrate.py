@@ -10,27 +10,37 @@ def span(pid: int, name: str, t0_ms: float, t1_ms: float) -> dict:
     return {"name": name, "ph": "X", "pid": pid, "tid": 0, "ts": t0_ms * 1e3, "dur": (t1_ms - t0_ms) * 1e3}
 
 
-def test_hops_are_what_a_waiting_receiver_waits_after_the_send_and_a_report_there_first_is_its_receive():
-    events = [
-        # Cycle 1: rank 0 sends at 10 ms; rank 1, waiting since 5, has the slot at 11 (a 1 ms hop).
-        span(0, "send", 9.5, 10.0), span(1, "wait", 5.0, 11.0), span(1, "plan", 11.0, 11.2),
-        # Rank 1 reports at 20; rank 0, waiting since 15, has it at 23 (a 3 ms hop).
-        span(1, "post", 19.8, 20.0), span(0, "wait", 15.0, 23.0),
-        # Cycle 2: rank 0 sends at 24, rank 1 has it at 25 (1 ms); reports at 30, but rank 0 only
-        # waits from 31 and holds it at 31.5: the report was there first, 0.5 ms to take it.
-        span(0, "send", 23.5, 24.0), span(1, "wait", 20.0, 25.0), span(1, "plan", 25.0, 25.1),
-        span(1, "post", 29.9, 30.0), span(0, "wait", 31.0, 31.5),
-        # A NONE message (no plan after the wait) is no slot's hop.
-        span(0, "send", 40.0, 40.1), span(1, "wait", 30.0, 47.0), span(1, "send", 47.0, 47.1),
-        {"name": "process_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": "rank 0"}},
+def request(t: float) -> list[dict]:
+    """One request of two cycles from `t` ms: rank 1's prefill, rank 0's cycle 1 (its wait is for
+    the priming report) and cycle 2, each slot waited for, planned and reported by rank 1."""
+    return [
+        span(1, "wait", t, t + 1.0), span(1, "compute", t + 1.0, t + 3.0),  # the prefill
+        span(1, "wait", t + 3.0, t + 4.0), span(1, "send", t + 4.0, t + 4.1),  # the priming NONE
+        span(0, "wait", t + 5.0, t + 5.5), span(0, "send", t + 9.5, t + 10.0),  # cycle 1
+        # Rank 1, waiting since t + 4.1, has the slot 1 ms after rank 0's send; reports at t + 20.
+        span(1, "wait", t + 4.1, t + 11.0), span(1, "plan", t + 11.0, t + 11.2), span(1, "post", t + 19.8, t + 20.0),
+        # Cycle 2: rank 0, waiting since t + 15, has the report at t + 23 (a 3 ms hop).
+        span(0, "wait", t + 15.0, t + 23.0), span(0, "send", t + 23.5, t + 24.0),
+        # Rank 1 has slot 2 before rank 0's lap ends (the send was out): a hop of 0; its report is
+        # taken in the request's drain, untimed.
+        span(1, "wait", t + 20.1, t + 23.9), span(1, "plan", t + 23.9, t + 24.1), span(1, "post", t + 29.9, t + 30.0),
     ]
-    out = hops(events)
-    assert out["forward_hop_s"] == pytest.approx(1e-3)
+
+
+def test_hops_pair_each_slot_and_report_within_a_request():
+    # The second request's cycle-2 report was there first: rank 0 only waits from +24, 0.5 ms.
+    second = [e for e in request(100.0) if not (e["pid"] == 0 and e["name"] == "wait" and e["ts"] == 115e3)]
+    second.append(span(0, "wait", 121.0, 121.5))
+    out = hops(request(0.0) + second + [{"name": "process_name", "ph": "M", "pid": 0, "tid": 0}])
+    assert out["hops_timed"] == [4, 1, 1]
+    assert out["forward_hop_s"] == pytest.approx((1.0 + 0.0) / 2 * 1e-3)
     assert out["report_hop_s"] == pytest.approx(3e-3)
     assert out["report_recv_s"] == pytest.approx(0.5e-3)
-    assert out["hops_timed"] == [2, 1, 1]
 
 
-def test_a_trace_without_a_waiting_receiver_is_refused():
+def test_a_trace_that_is_not_one_pipeline_is_refused():
     with pytest.raises(SpdError, match="no slot that found its receiver waiting"):
         hops([span(0, "send", 0.0, 1.0)])
+    lost = [e for e in request(0.0) if not (e["pid"] == 1 and e["name"] == "post" and e["ts"] == 29.9e3)]
+    with pytest.raises(SpdError, match="not one pipeline's"):
+        hops(lost)

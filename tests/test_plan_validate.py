@@ -10,6 +10,29 @@ import sys
 
 import pytest
 
+from spdecode.generators import MethodOptions, parse_method_spec
+from spdecode.plan.cost_model import CONCURRENT
+from spdecode.plan.planner import load_costs
+from spdecode.plan.validate import replayed_row, row_setup, saved_setup, setup_for
+from spdecode.runtime.models import DEFAULT_MODEL
+
+
+@pytest.mark.parametrize("spec,sizes,distributed", [
+    ("ar:threads=1", [30], False), ("sd:threads=2", [30], False), ("sd:budget=8:threads=2", [30], False),
+    ("eagle:threads=2", [30], False), ("spd:stages=2:budget=1:threads=2", [15, 15], False), ("spd", [13, 17], True),
+])
+def test_a_saved_row_rebuilds_the_setup_it_was_measured_with(spec, sizes, distributed):
+    """plan --validate --replay predicts a saved row again: from its JSON, the very setup (method,
+    layers, thread key, shape, drafter) that was simulated when it was measured."""
+    data, _ = load_costs(None, DEFAULT_MODEL, "float32")
+    method, opts = parse_method_spec(spec, MethodOptions())
+    setup = setup_for(method, opts, sizes, distributed, data, DEFAULT_MODEL)
+    row = json.loads(json.dumps(saved_setup(setup) | {"stages": sizes}))
+    assert row_setup(row) == setup
+    # Against a cost file without concurrent timings, a pipeline's ranks take the one-thread ones.
+    alone = {**data, "target": {k: v for k, v in data["target"].items() if k != CONCURRENT}}
+    assert row_setup(replayed_row(row, alone)).threads == ("1" if distributed else setup.threads)
+
 
 @pytest.mark.integration
 def test_validate_measures_each_configuration_beside_its_predictions(tmp_path):
@@ -49,7 +72,6 @@ def test_validate_measures_each_configuration_beside_its_predictions(tmp_path):
     same = replay()
     for key, r in rows.items():
         assert same[key]["predicted_tok_s_traces"] == pytest.approx(r["predicted_tok_s_traces"], rel=1e-9)
-        assert same[key]["measured_tok_s"] == r["measured_tok_s"]
     costs = json.loads(open(report["costs"]).read())
     for by_threads in costs["target"].values():
         for part in ("layer", "chunk"):  # seconds by context, then by rows

@@ -228,7 +228,7 @@ def cmd_vocab(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    if args.measure and args.validate:
+    if args.measure and (args.validate or args.replay):
         raise SpdError("--measure writes a cost file and --validate checks one: run them one after the other")
     if args.validate or args.replay:
         return validate_plan(args)

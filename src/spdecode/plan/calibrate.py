@@ -80,31 +80,46 @@ HOPS = ("forward_hop_s", "report_hop_s", "report_recv_s")  # by a stage rank's r
 
 
 def hops(events: list[dict]) -> dict:
-    """Each direction's hop between ranks 0 and 1 in a run's trace (runtime/trace.py events): the
-    mean over messages whose receiver was already waiting when they left of what it waited after
-    the send; and rank 0's wait for a report that was there first (its receive and the anchors it
-    stores), which the hop does not hold."""
+    """Each direction's hop between ranks 0 and 1 in a run's trace (runtime/trace.py events).
+
+    Every cycle rank 0 sends one slot (its `send` lap), which rank 1 waits for, plans, runs and
+    reports (`post`); rank 0 takes that report in its next cycle's `wait` (the last cycle's in the
+    request's drain, untimed; the first cycle's wait is for the priming message). So within a
+    request (rank 1's `compute` lap, the prefill, starts each one) the i-th send pairs with rank
+    1's i-th slot wait, and the i-th post with rank 0's (i+1)-th wait. A hop is what a receiver
+    already waiting when the message left waited after its sender's lap ended (a lap ends after its
+    send, so it can come out negative: 0); a report that was there first costs rank 0 its whole
+    wait (the receive and the anchors it stores)."""
     def spans(pid: int, name: str) -> list[tuple[float, float]]:
         return sorted((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6) for e in events
                       if e.get("ph") == "X" and e["pid"] == pid and e["name"] == name)
 
-    def waits(sent: list[float], waiting: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
-        hop, there = [], []
-        for begin, end in waiting:
-            i = bisect.bisect_right(sent, end) - 1  # the last message out before the receiver had one
-            if i >= 0:
-                (hop if begin <= sent[i] else there).append(end - max(begin, sent[i]))
-        return hop, there
+    def within(seq, lo, hi):
+        return [x for x in seq if lo <= x[0] < hi]
 
-    # A stage rank's slot: its wait for the message ends where its `plan` begins; it reports in `post`.
     plans = [b for b, _ in spans(1, "plan")]
 
     def before_plan(end: float) -> bool:
         i = bisect.bisect_left(plans, end - 1e-6)
         return i < len(plans) and plans[i] <= end + 1e-6
 
-    forward, _ = waits([e for _, e in spans(0, "send")], [w for w in spans(1, "wait") if before_plan(w[1])])
-    report, there = waits([e for _, e in spans(1, "post")], spans(0, "wait"))
+    starts = [b for b, _ in spans(1, "compute")] + [float("inf")]
+    sends, waits0, posts = spans(0, "send"), spans(0, "wait"), spans(1, "post")
+    slot_waits = [w for w in spans(1, "wait") if before_plan(w[1])]
+    forward, report, there = [], [], []
+    for lo, hi in zip(starts, starts[1:], strict=False):
+        s, w0, p, w1 = (within(x, lo, hi) for x in (sends, waits0, posts, slot_waits))
+        if not len(s) == len(w0) == len(p) == len(w1):
+            raise SpdError(f"the calibration trace's request at {lo:.3f} s has {len(s)} slots sent, {len(w1)} "
+                           f"received and {len(p)} reported, {len(w0)} waits on rank 0: not one pipeline's")
+        for (_, sent), (begin, end) in zip(s, w1, strict=True):
+            if begin <= sent:
+                forward.append(max(0.0, end - sent))
+        for (_, posted), (begin, end) in zip(p, w0[1:], strict=False):
+            if begin <= posted:
+                report.append(max(0.0, end - posted))
+            else:
+                there.append(end - begin)
     if not forward or not report + there:
         raise SpdError("the calibration run's trace shows no slot that found its receiver waiting")
     # A run whose rank 0 never waited on a report (or always did) bounds one by the other.

@@ -258,7 +258,11 @@ class SimPipeline:
             self.busy[s] += work
             self.free[s] = begin + work
             reports.append(self.free[s] + costs.hop("report", r * self.hidden_bytes, r))
-        gathered = max([ready0 + costs.report_recv(rows.get(n - 1, 0)), *reports])
+        # Rank 0 takes the reports in rank order: one there before it costs it the receive; one
+        # that comes while it waits, the hop (which holds the receive).
+        gathered = ready0
+        for s, arrival in enumerate(reports, start=1):
+            gathered = max(gathered + costs.report_recv(rows.get(s, 0)), arrival)
         self.busy[0] += draft + stage0 + after
         self.sent[1:] = self.free[1:]
         mark = verdict_mark(run.settle(walk_choices(run.sched, self.acceptance)))

@@ -55,13 +55,20 @@ class ValidateConfig:
     timeout: float = 120.0
 
 
+def rank_threads(threads: str, distributed: bool, ranks: int, data: dict) -> str:
+    """The cost file's key for a configuration's timings: a pipeline whose ranks share one machine's
+    cores (and memory bandwidth) is timed by the concurrent ones where the file has them."""
+    if distributed and CONCURRENT in data["target"] and ranks <= data["hardware"]["cores"]:
+        return CONCURRENT
+    return "1" if threads == CONCURRENT else threads
+
+
 def setup_for(method: str, opts: MethodOptions, sizes: list[int], distributed: bool, data: dict,
               model_name: str) -> Setup:
     """What the simulator must run for a measured configuration."""
     layers = (sum(sizes),)
-    threads = str(opts.threads or (1 if distributed else torch.get_num_threads()))
-    if distributed and CONCURRENT in data["target"] and len(sizes) <= data["hardware"]["cores"]:
-        threads = CONCURRENT  # ranks sharing one machine's cores and memory bandwidth
+    threads = rank_threads(str(opts.threads or (1 if distributed else torch.get_num_threads())), distributed,
+                           len(sizes), data)
     if method == "ar":
         return Setup("ar", layers, threads)
     budget, depth, topk = opts.tree(method)
@@ -144,22 +151,31 @@ def validate(cfg: ValidateConfig, log=print) -> dict:
         setup = setup_for(method, opts, sizes, distributed, data, cfg.model)
         first = [r for r in runs[0] if r["method"] == key]
         measured = [pooled([r for r in run if r["method"] == key]) for run in runs]
-        rows.append({"config": key, "method": method, "stages": sizes, "distributed": distributed,
-                     "threads": setup.threads, "tree": list(opts.tree(method)) if method != "ar" else None,
-                     "shape": [setup.shape.budget, setup.shape.depth, setup.shape.topk],
-                     "layers": list(setup.sizes), "drafter": setup.drafter,
-                     "measured_tok_s": statistics.median(m["decode_tok_s"] for m in measured),
+        rows.append({"config": key, "stages": sizes, "tree": list(opts.tree(method)) if method != "ar" else None,
+                     **saved_setup(setup), "measured_tok_s": statistics.median(m["decode_tok_s"] for m in measured),
                      "measured_runs_tok_s": [m["decode_tok_s"] for m in measured],
                      "measured_tokens_per_cycle": measured[0]["tokens_per_cycle"], "alpha": measured[0]["alpha"],
-                     # What the predictions replay: the first run's generations (--from re-predicts them).
+                     # What the predictions replay: the first run's generations (--replay predicts them again).
                      "generations": [{k: r.get(k) for k in ("prompt_tokens", "new_tokens", "walks")} for r in first]})
     return compare(data, source, rows, asdict(cfg))
+
+
+def saved_setup(setup: Setup) -> dict:
+    """What a saved row keeps of its setup (row_setup rebuilds it)."""
+    return {"method": setup.method, "layers": list(setup.sizes), "threads": setup.threads,
+            "distributed": setup.distributed, "shape": [setup.shape.budget, setup.shape.depth, setup.shape.topk],
+            "drafter": setup.drafter}
 
 
 def row_setup(row: dict) -> Setup:
     """The simulator's setup for a saved row (the one setup_for made when it was measured)."""
     return Setup(row["method"], tuple(row["layers"]), row["threads"], row["distributed"], TreeShape(*row["shape"]),
                  row["drafter"])
+
+
+def replayed_row(row: dict, data: dict) -> dict:
+    """A saved row against another cost file: its pipeline's thread key as that file has it."""
+    return row | {"threads": rank_threads(row["threads"], row["distributed"], len(row["layers"]), data)}
 
 
 def compare(data: dict, source: str, rows: list[dict], config: dict) -> dict:
@@ -178,7 +194,7 @@ def compare(data: dict, source: str, rows: list[dict], config: dict) -> dict:
             "predicted_tokens_per_cycle_alpha": average["tokens_per_cycle"],
             "error_traces": traces["tok_s"] / tok_s - 1, "error_alpha": average["tok_s"] / tok_s - 1})
     worst = max(max(abs(r["error_traces"]), abs(r["error_alpha"])) for r in out_rows)
-    out = {"config": config, "costs": source, "records": out_rows, "max_relative_error": worst}
+    out = {"config": config, "costs": str(Path(source).resolve()), "records": out_rows, "max_relative_error": worst}
     if config.get("json_out"):
         Path(config["json_out"]).write_text(json.dumps(out, indent=1))
     return out
@@ -195,7 +211,7 @@ def repredict(path: str, costs: str | None = None, json_out: str | None = None) 
     if (data.get("model"), data.get("dtype")) != (cfg["model"], cfg["dtype"]):
         raise SpdError(f"{source} was measured for {data.get('model')} in {data.get('dtype')}, not {cfg['model']} in "
                        f"{cfg['dtype']}")
-    return compare(data, source, saved["records"], cfg | {"json_out": json_out})
+    return compare(data, source, [replayed_row(r, data) for r in saved["records"]], cfg | {"json_out": json_out})
 
 
 def print_validation(out: dict) -> None:
