@@ -56,3 +56,16 @@ def test_contexts_beyond_the_model_are_dropped_and_bad_options_refused(tiny_dir)
     res = subprocess.run([sys.executable, "-m", "spdecode", "plan", "--measure", "--model", tiny_dir, "--threads",
                           "a"], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("error:")
+
+
+def test_a_table_timed_in_rounds_keeps_each_entrys_median():
+    """plan --measure times the target's table in rounds (the machine's speed drifts between them)
+    and keeps each entry's median: one slow round does not make the table slow."""
+    from spdecode.plan.costs import median_tables
+
+    rounds = [{"layer": {"128": {"1": 1.0, "2": 2.0}}, "step": {"128": 10.0}},
+              {"layer": {"128": {"1": 9.0, "2": 2.2}}, "step": {"128": 11.0}},  # a slow moment for one row
+              {"layer": {"128": {"1": 1.2, "2": 9.0}}, "step": {"128": 30.0}}]
+    assert median_tables(rounds) == {"layer": {"128": {"1": 1.2, "2": 2.2}}, "step": {"128": 11.0}}
+    with pytest.raises(SpdError, match="rounds"):
+        measure("unused", rounds=0, log=lambda m: None)

@@ -33,6 +33,18 @@ from .cost_model import CONCURRENT
 
 ROWS = tuple(range(1, 18))  # one row (AR) up to a root and a 16-node tree: where rows stop being cheap
 CONTEXTS = (128, 512)
+# The target's table is timed this many times, the thread counts interleaved, and each entry's
+# median kept: on a 2-vCPU KVM guest a 2-thread AR step timed 5 times in a row came out anywhere
+# in 26.6-29.9 ms from one half-second to the next (1 thread: within 5 %), which a single round
+# of timings took for the machine's speed (the one-process 2-thread predictions were 7-9 % off).
+ROUNDS = 3
+
+
+def median_tables(tables: list[dict]) -> dict:
+    """The entry-wise median of several timings of the same table (nested dicts of seconds)."""
+    first = tables[0]
+    return {k: median_tables([t[k] for t in tables]) if isinstance(first[k], dict)
+            else statistics.median(t[k] for t in tables) for k in first}
 
 
 def median_time(fn, reps: int) -> float:
@@ -309,7 +321,7 @@ def time_link(backend: str = "gloo", reps: int = 20) -> dict:
 
 def measure(model_name: str, dtype: str = "float32", device: str = "cpu", threads=(1, 2), rows=ROWS,
             contexts=CONTEXTS, reps: int = 5, drafts: bool | set[str] = True, link: bool = True,
-            concurrent: bool = True, pipeline: bool = True, log=print) -> dict:
+            concurrent: bool = True, pipeline: bool = True, rounds: int = ROUNDS, log=print) -> dict:
     """Everything above for `model_name` in `dtype` on `device`, as the cost file records it;
     `drafts`: every bundled draft, none, or those named; `pipeline`: also a real two-process run's
     calibration (plan/calibrate.py), where the concurrent timings and a bundled draft exist."""
@@ -319,16 +331,23 @@ def measure(model_name: str, dtype: str = "float32", device: str = "cpu", thread
 
     if any(k < 1 for k in threads):
         raise SpdError(f"thread counts must be at least 1 (got {threads})")
+    if rounds < 1:
+        raise SpdError(f"rounds must be at least 1 (got {rounds})")
     model, target = _load(model_name, dtype, device)
     out = {"model": model_name, "dtype": dtype, "n_layers": target.n_layers, "rows": list(rows),
            "contexts": [c for c in contexts if c + max(rows) + 1 <= target.context_length],
            "hardware": hardware(device), "target": {}, "draft": {}, "draft_call": {}}
     before = torch.get_num_threads()
     try:
+        tables = {k: [] for k in threads}
+        for r in range(rounds):
+            for k in threads:
+                torch.set_num_threads(k)
+                log(f"timing the target with {k} thread(s), round {r + 1} of {rounds}")
+                tables[k].append(time_target(target, rows, contexts, reps))
         for k in threads:
             torch.set_num_threads(k)
-            log(f"timing the target with {k} thread(s)")
-            out["target"][str(k)] = time_target(target, rows, contexts, reps)
+            out["target"][str(k)] = median_tables(tables[k])
             if not drafts:
                 continue
             for d in bundled_drafts(model_name):
