@@ -209,9 +209,13 @@ def test_the_planner_on_the_shipped_costs(tmp_path):
     # Eight devices: every depth of pipeline, trees too (a node collects children from many slots).
     deep = plan(data, 8, 0.45, link="10gbe", needs=False)
     assert [r["devices"] for r in deep][-2:] == [8, 8] and all(r["tok_s"] > 0 for r in deep)
-    # A slower link costs a pipeline time; NVLink-like links cost it less than 10 GbE.
-    fast, slow = plan(data, 2, 0.45, link="nvlink")[2], plan(data, 2, 0.45, link="10gbe")[2]
-    assert fast["tok_s"] > slow["tok_s"]
+    # A slower link costs a pipeline time where it is on the path: NVLink-like links beat 10 GbE
+    # for one node per slot on separate devices. (Ranks that share this machine's cores hop as the
+    # calibration run measured, whatever the link; a tree's pipeline here waits on its ranks.)
+    fast, slow = plan(data, 4, 0.45, link="nvlink", needs=False), plan(data, 4, 0.45, link="10gbe", needs=False)
+    assert all(f["tok_s"] >= s["tok_s"] for f, s in zip(fast, slow, strict=True))
+    assert all(f["tok_s"] > s["tok_s"] for f, s in zip(fast, slow, strict=True)
+               if f["method"] == "spd" and "one node per slot" in f["config"])
 
 
 def plan_one(data, sizes, alpha, devices):
