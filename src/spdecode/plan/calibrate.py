@@ -16,7 +16,7 @@ processes (one node per slot, then spd's tree), reads every rank's time part by 
 - `forward_hop_s`, `report_hop_s`: a message's hop as its receiver, already waiting, saw it in the
   run's trace: from rank 0's send to rank 1 holding the slot, and from rank 1's report to rank 0
   holding it (with the anchors it stores). Two busy processes on a guest's cores hop far slower
-  than a ping-pong on idle ones (`link.message_s`): on a 2-vCPU KVM guest a mean of 1-1.3 ms, a
+  than a ping-pong on idle ones (`link.message_s`): on a 2-vCPU KVM guest a mean of 1.0-1.6 ms, a
   tenth of them past 3 ms, against 0.3 ms idle, and a pipeline pays it twice per cycle;
 - `report_recv_s`: rank 0's wait for a report that was there before it (receive, store anchors).
 
@@ -31,7 +31,6 @@ the runs they were measured from.
 from __future__ import annotations
 
 import bisect
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -49,6 +48,7 @@ def time_pipeline(model_name: str, dtype: str, device: str, data: dict, log=prin
     """The calibration above, from runs of `model_name` in `dtype` with two processes; `data`: the
     cost file measured so far (its "1 concurrent" timings are what the ratios compare against)."""
     from ..bench.run import BenchConfig, run_distributed_spd
+    from ..bench.timeline import load_trace
     from ..generators import MethodOptions
     from ..runtime.models import load_model
     from .cost_model import CONCURRENT, Costs
@@ -65,7 +65,7 @@ def time_pipeline(model_name: str, dtype: str, device: str, data: dict, log=prin
         with tempfile.TemporaryDirectory() as tmp:
             trace = Path(tmp) / "trace.json"
             records = run_distributed_spd(bench, "spd", opts, f"spd {kind}", model, tok, sets, trace=str(trace))
-            events = json.loads(trace.read_text())["traceEvents"]
+            events = load_trace(str(trace))["traceEvents"]
         context = statistics.fmean(r["prompt_tokens"] + r["new_tokens"] / 2 for r in records)
         runs[kind] = parts(records, Costs(data, CONCURRENT, context=context)) | hops(events)
     out = {"runs": runs}

@@ -102,9 +102,10 @@ class Costs:
             return 0.0
         return layers * ((at_rows(self._chunk, rows) if chunk else self.layer(rows)) + self.overhead)
 
-    def calibrated(self, name: str, rows: int, default: float = 0.0) -> float:
-        """The pipeline calibration's `name` at `rows` rows (plan/calibrate.py; `default` without one)."""
-        if self.pipeline is None:
+    def calibrated(self, name: str, rows: int, default: float | None = 0.0) -> float | None:
+        """The pipeline calibration's `name` at `rows` rows (plan/calibrate.py; `default` without one,
+        or where the file's calibration predates `name`)."""
+        if self.pipeline is None or name not in self.pipeline:
             return default
         by = self.pipeline["root_rows" if name.startswith("root_") else "rows"]
         return at(by, self.pipeline[name], max(rows, 1))
@@ -127,15 +128,13 @@ class Costs:
         """One hop of an engine message carrying `nbytes` of hidden states (`kind` "forward": a slot
         down the pipeline; "report": a report back to rank 0): where the ranks share the cores as in
         the calibration run, as a waiting receiver saw it there; else `message(nbytes)`."""
-        name = f"{kind}_hop_s"
-        if self.shared_cores and name in self.pipeline:
-            return self.calibrated(name, rows)
-        return self.message(nbytes)
+        hop = self.calibrated(f"{kind}_hop_s", rows, None) if self.shared_cores else None
+        return self.message(nbytes) if hop is None else hop
 
     def report_recv(self, rows: int) -> float:
         """Rank 0 taking a report that came before it waited for it: the receive and the anchors it
         stores (0 without a calibration)."""
-        return self.calibrated("report_recv_s", rows) if self.pipeline and "report_recv_s" in self.pipeline else 0.0
+        return self.calibrated("report_recv_s", rows)
 
     def send(self) -> float:
         """What posting one engine message costs its sender (0 where the cost file has no timing)."""
