@@ -43,7 +43,7 @@ lint: install
 	$(VENV)/bin/ruff check src tests scripts
 
 test: model lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
 
 bench: model
 	$(PY) scripts/bench_ar.py

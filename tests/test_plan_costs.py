@@ -69,3 +69,26 @@ def test_a_table_timed_in_rounds_keeps_each_entrys_median():
     assert median_tables(rounds) == {"layer": {"128": {"1": 1.2, "2": 2.2}}, "step": {"128": 11.0}}
     with pytest.raises(SpdError, match="rounds"):
         measure("unused", rounds=0, log=lambda m: None)
+
+
+def test_a_part_is_timed_after_what_precedes_it_at_work_and_that_is_not_charged_to_it():
+    """The head and a drafter's pass are timed right after a pass over the target (alone in a loop
+    they find their weights warm and come out fast): `before` runs ahead of every timed call, and
+    its own time stays out of the median."""
+    import time
+
+    from spdecode.plan.costs import median_time
+
+    calls = []
+
+    def before():
+        calls.append("before")
+        time.sleep(0.02)
+
+    def part():
+        calls.append("part")
+
+    assert median_time(part, 4, before=before) < 0.01
+    assert calls == ["part"] + ["before", "part"] * 4  # the warm-up, then every timing preceded
+    calls.clear()
+    assert median_time(part, 3) < 0.01 and calls == ["part"] * 4

@@ -4,9 +4,9 @@ Recorded (seconds, medians of repeated timings; rows = tokens in one pass, at a 
 - `layer`: one decoder layer's decode pass, for 1..R rows, at a few context lengths, per thread
   count, alone and, on a CPU, with another process decoding without a pause beside it
   (`concurrent`: two ranks on two cores share the memory bandwidth, which a lone timing hides);
-- `head`: the final norm and LM head over R rows;
+- `head`: the final norm and LM head over R rows, right after a pass over the layers (as at work);
 - `draft`: one pass of the bundled drafter (the PDM of each bundled draft: its layers and head)
-  over R rows, the cost of one tree level;
+  over R rows, the cost of one tree level, right after a pass of the target (as at work);
 - `draft_call`: each bundled drafter at work in a short real generation with its own shape (one
   process): seconds per PDM pass with everything around it (masks, tree growth, Python) and the
   engine core's bookkeeping per cycle, which a lone pass does not show;
@@ -47,10 +47,17 @@ def median_tables(tables: list[dict]) -> dict:
             else statistics.median(t[k] for t in tables) for k in first}
 
 
-def median_time(fn, reps: int) -> float:
+def median_time(fn, reps: int, before=None) -> float:
+    """Median seconds of `fn()` after a warm-up; `before`, where given, runs untimed ahead of each
+    call: what precedes the part in a decoding cycle. A part timed alone in a loop finds its weights
+    and buffers warm, which at work it does not: at 9 rows and 2 threads the LM head took 5.0 ms in
+    a loop and 8.1 ms right after the layers (int8w; fp16w 2.6 -> 4.7, bf16 2.6 -> 4.1), and the
+    one-process predictions of the weight-only backends came out 12-20 % fast."""
     fn()  # warm-up
     times = []
     for _ in range(reps):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -113,11 +120,33 @@ def time_target(target, rows=ROWS, contexts=CONTEXTS, reps: int = 5) -> dict:
 
         step[str(c)] = ar_step_time(t, c, reps)
     head = {}
+    layers_first = target_pass(t, contexts[-1], max(rows), head=False)
     for r in rows:
         x = torch.randn(1, r, H, dtype=t.dtype, device=t.device)
-        head[str(r)] = median_time(lambda x=x: t.logits(x), reps)
+        head[str(r)] = median_time(lambda x=x: t.logits(x), reps, before=lambda x=x: layers_first(x))
     t.rollback(0)
     return {"layer": layer, "chunk": chunk, "head": head, "step": step}
+
+
+def target_pass(target, context: int, rows: int, head: bool = True):
+    """fn(x): `target`'s every layer over x (at most `rows` rows) as a decode after `context` tokens
+    (primed once here), then its head: what runs before the head and before a drafter in a cycle."""
+    t = target
+    t.reserve(context + rows + 1)
+    t.rollback(0)
+    ids = torch.randint(0, t.config.vocab_size, (1, context), device=t.device)
+    t.run_layers(0, t.n_layers, t.embed(ids), 0)
+
+    @torch.inference_mode()
+    def run(x):
+        t.rollback(context)
+        h = t.run_layers(0, t.n_layers, x, context)
+        if head:
+            t.logits(h)
+        if t.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return run
 
 
 @torch.inference_mode()
@@ -143,8 +172,9 @@ def star_layout(context: int, rows: int):
 
 
 @torch.inference_mode()
-def time_pdm(pdm, rows=ROWS, reps: int = 5) -> dict:
-    """{rows: s} of one PDM pass (its layers and head) over `rows` rows: one level of a draft tree."""
+def time_pdm(pdm, rows=ROWS, reps: int = 5, before=None) -> dict:
+    """{rows: s} of one PDM pass (its layers and head) over `rows` rows: one level of a draft tree;
+    `before(x)`: run untimed ahead of each pass (target_pass: the target's pass it follows at work)."""
     t = pdm.target[0]
     out = {}
     for r in rows:
@@ -154,7 +184,7 @@ def time_pdm(pdm, rows=ROWS, reps: int = 5) -> dict:
             pdm.cache.reset()
             pdm.head(pdm.run(x, 0))
 
-        out[str(r)] = median_time(level, reps)
+        out[str(r)] = median_time(level, reps, None if before is None else lambda x=x: before(x))
     return out
 
 
@@ -345,6 +375,7 @@ def measure(model_name: str, dtype: str = "float32", device: str = "cpu", thread
                 torch.set_num_threads(k)
                 log(f"timing the target with {k} thread(s), round {r + 1} of {rounds}")
                 tables[k].append(time_target(target, rows, contexts, reps))
+        cycle_before = target_pass(target, out["contexts"][-1], max(rows)) if drafts else None
         for k in threads:
             torch.set_num_threads(k)
             out["target"][str(k)] = median_tables(tables[k])
@@ -355,7 +386,7 @@ def measure(model_name: str, dtype: str = "float32", device: str = "cpu", thread
                     cfg = json.loads((d / CONFIG_FILE).read_text())
                     split = StagedTarget(model, cfg["stage_sizes"])
                     pdm = load_pdm(d, split, weights_fingerprint(model))
-                    out["draft"].setdefault(d.name, {})[str(k)] = time_pdm(pdm, rows, reps)
+                    out["draft"].setdefault(d.name, {})[str(k)] = time_pdm(pdm, rows, reps, cycle_before)
                     out["draft_call"].setdefault(d.name, {})[str(k)] = time_drafting(model, model_name, d)
     finally:
         torch.set_num_threads(before)
