@@ -58,6 +58,9 @@ def test_validate_measures_each_configuration_beside_its_predictions(tmp_path):
     spd = rows["spd:stages=2:budget=1:threads=1"]
     assert spd["predicted_tokens_per_cycle_traces"] == pytest.approx(spd["measured_tokens_per_cycle"], abs=1e-9)
     assert rows["ar:threads=1"]["predicted_tokens_per_cycle_traces"] == 1.0
+    # The machine's speed, probed before each run and after the last, beside the cost file's.
+    assert len(report["host_probe"]["step_s"]) == 3 and min(report["host_probe"]["step_s"]) > 0
+    assert report["host_slowdown"] > 0 and "host: an AR step" in res.stdout
 
     # --replay predicts the saved measurements again without measuring: the same cost file gives
     # the same predictions; one whose target runs at half the speed halves AR's.
@@ -67,7 +70,8 @@ def test_validate_measures_each_configuration_beside_its_predictions(tmp_path):
         res = subprocess.run([sys.executable, "-m", "spdecode", "plan", "--validate", "--replay", str(out),
                               "--json-out", str(again), *args], capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
-        return {r["config"]: r for r in json.loads(again.read_text())["records"]}
+        saved = json.loads(again.read_text())
+        return {r["config"]: r for r in saved["records"]} | {"report": saved}
 
     same = replay()
     for key, r in rows.items():
@@ -83,3 +87,6 @@ def test_validate_measures_each_configuration_beside_its_predictions(tmp_path):
     slow = replay(tmp_path / "slow.json")
     ar = "ar:threads=1"
     assert slow[ar]["predicted_tok_s_traces"] == pytest.approx(rows[ar]["predicted_tok_s_traces"] / 2, rel=0.01)
+    # Against that file the host ran twice as fast as "measured": scaled by it, AR's error is as before.
+    assert slow["report"]["host_slowdown"] == pytest.approx(report["host_slowdown"] / 2, rel=1e-9)
+    assert slow[ar]["error_traces_host_scaled"] == pytest.approx(rows[ar]["error_traces_host_scaled"], abs=0.01)

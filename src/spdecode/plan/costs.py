@@ -162,6 +162,19 @@ def ar_step_time(target, context: int, reps: int = 5) -> float:
     return median_time(ar_step, reps)
 
 
+@torch.inference_mode()
+def host_probe(model, context: int, reps: int = 5) -> float:
+    """An AR step after `context` tokens, timed as `--measure` times its table's `step`: how fast the
+    machine runs now, for `plan --validate` to set beside the cost file (a guest's speed drifts)."""
+    from ..runtime.staged import StagedTarget
+
+    t = StagedTarget(model)
+    t.reserve(context + 2)
+    t.rollback(0)
+    t.run_layers(0, t.n_layers, t.embed(torch.randint(0, t.config.vocab_size, (1, context), device=t.device)), 0)
+    return ar_step_time(t, context, reps)
+
+
 def star_layout(context: int, rows: int):
     """A chunk as the speculative engines run one: a root at `context` and rows - 1 draft nodes
     below it, each seeing the root and itself (a tree mask, positions off the causal line)."""

@@ -3,7 +3,8 @@
 Every configuration measurable on this machine (by default AR with 1 and 2 threads, sd, eagle,
 one-process SPD at n = 2 and 4, and SPD with one process per stage, one node per slot and over
 trees) decodes the same prompts `runs` times, the way `spdecode bench` runs them (its runners,
-methods interleaved per prompt); the measurement is the median of the runs' pooled decode tok/s.
+methods interleaved per prompt; run by run, the pipelines in each); the measurement is the median
+of the runs' pooled decode tok/s.
 Each is predicted twice from the cost file: replaying the exact accept/reject sequence of every
 generation of the first run (its walks), and from that configuration's average alpha alone (what
 a user without traces has), both over each generation's own prompt and token counts.
@@ -101,33 +102,50 @@ def predict_records(data: dict, setup: Setup, records: list[dict], alpha: float 
                               for i, r in enumerate(records)])
 
 
-def measure_all(cfg: ValidateConfig, bench: BenchConfig, log=print):
-    """Per configuration key: (method, options, stage sizes, distributed) and its records of each run."""
+def measure_all(cfg: ValidateConfig, bench: BenchConfig, probe_context: int, log=print):
+    """Per configuration key: (method, options, stage sizes, distributed) and its records of each run;
+    and the host probe (costs.host_probe at `probe_context`) before each run and after the last."""
     from ..runtime.models import load_model
+    from .costs import host_probe
 
     local = method_specs(bench) if cfg.methods.strip() else {}
     piped = method_specs(replace(bench, method=cfg.distributed, distributed=True)) if cfg.distributed else {}
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
     sets = load_sets(bench)
     eos = eos_ids(model, tok)
-    setups, runs = {}, [[] for _ in range(cfg.runs)]
+    setups, runs, probes = {}, [[] for _ in range(cfg.runs)], []
+    threads = torch.get_num_threads()  # the probe's, whatever a configuration's runner sets
+
+    def probe():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            probes.append(host_probe(model, probe_context))
+        finally:
+            torch.set_num_threads(before)
+
     with contextlib.ExitStack() as stack:
         built = {spec: make_generator(method, model, cfg.model, opts, stack) for spec, (method, opts) in local.items()}
         for spec, (method, opts) in local.items():
             setups[spec] = (method, opts, list(built[spec][1]), False)
         runners = {spec: b[0] for spec, b in built.items()}
         dtypes = {spec: opts.dtype for spec, (_, opts) in local.items()}
+        # Run by run, every configuration in each (the pipelines after the one-process ones): this
+        # guest's speed drifts by 10-15 % within minutes, and a configuration measured only at the
+        # end (the pipelines were, all their runs after the others') met another machine.
         for r in range(cfg.runs):
-            log(f"run {r + 1} of {cfg.runs}: {', '.join(local)}")
-            runs[r] += run_prompts(bench, runners, dtypes, tok, sets, eos)
-    for spec, (method, opts) in piped.items():
-        key = distributed_key(spec, method, opts)
-        for r in range(cfg.runs):
-            log(f"run {r + 1} of {cfg.runs}: {key}")
-            recs = run_distributed_spd(bench, method, opts, key, model, tok, sets)
-            runs[r] += recs
-        setups[key] = (method, opts, recs[0]["stage_sizes"], True)
-    return setups, runs
+            probe()
+            if runners:
+                log(f"run {r + 1} of {cfg.runs}: {', '.join(local)}")
+                runs[r] += run_prompts(bench, runners, dtypes, tok, sets, eos)
+            for spec, (method, opts) in piped.items():
+                key = distributed_key(spec, method, opts)
+                log(f"run {r + 1} of {cfg.runs}: {key}")
+                recs = run_distributed_spd(bench, method, opts, key, model, tok, sets)
+                runs[r] += recs
+                setups[key] = (method, opts, recs[0]["stage_sizes"], True)
+        probe()
+    return setups, runs, {"threads": str(threads), "context": probe_context, "step_s": probes}
 
 
 def validate(cfg: ValidateConfig, log=print) -> dict:
@@ -145,7 +163,7 @@ def validate(cfg: ValidateConfig, log=print) -> dict:
     bench = BenchConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, method=cfg.methods, data=cfg.data,
                         limit=cfg.limit, max_new_tokens=cfg.max_new_tokens, stages=cfg.stages,
                         master_port=cfg.master_port, timeout=cfg.timeout)
-    setups, runs = measure_all(cfg, bench, log)
+    setups, runs, probe = measure_all(cfg, bench, min(data.get("contexts") or [128]), log)
     rows = []
     for key, (method, opts, sizes, distributed) in setups.items():
         setup = setup_for(method, opts, sizes, distributed, data, cfg.model)
@@ -157,7 +175,7 @@ def validate(cfg: ValidateConfig, log=print) -> dict:
                      "measured_tokens_per_cycle": measured[0]["tokens_per_cycle"], "alpha": measured[0]["alpha"],
                      # What the predictions replay: the first run's generations (--replay predicts them again).
                      "generations": [{k: r.get(k) for k in ("prompt_tokens", "new_tokens", "walks")} for r in first]})
-    return compare(data, source, rows, asdict(cfg))
+    return compare(data, source, rows, asdict(cfg), probe)
 
 
 def saved_setup(setup: Setup) -> dict:
@@ -178,23 +196,42 @@ def replayed_row(row: dict, data: dict) -> dict:
     return row | {"threads": rank_threads(row["threads"], row["distributed"], len(row["layers"]), data)}
 
 
-def compare(data: dict, source: str, rows: list[dict], config: dict) -> dict:
+def host_slowdown(data: dict, probe: dict | None) -> float | None:
+    """How much slower the machine ran an AR step during the validation (the probes' median) than
+    when the cost file was measured (its `step` at the same threads and context); None where either
+    is missing."""
+    step = data["target"].get((probe or {}).get("threads"), {}).get("step", {}).get(str((probe or {}).get("context")))
+    return statistics.median(probe["step_s"]) / step if step and probe.get("step_s") else None
+
+
+def compare(data: dict, source: str, rows: list[dict], config: dict, probe: dict | None = None) -> dict:
     """Each measured configuration's predictions from the cost file `data` (from `source`) beside
-    its measurement: from its generations' walks and from its alpha alone."""
+    its measurement: from its generations' walks and from its alpha alone. Where the host was
+    probed, also the errors of the predictions scaled by how much slower the machine ran than when
+    the costs were measured (the model's error with the guest's drift taken out; the raw error
+    stays the verdict)."""
+    slowdown = host_slowdown(data, probe)
     out_rows = []
     for row in rows:
         setup = row_setup(row)
         traces = predict_records(data, setup, row["generations"], row["alpha"], replay=True)
         average = predict_records(data, setup, row["generations"], row["alpha"], replay=False)
         tok_s = row["measured_tok_s"]
+        scaled = {} if slowdown is None else {
+            "error_traces_host_scaled": traces["tok_s"] / slowdown / tok_s - 1,
+            "error_alpha_host_scaled": average["tok_s"] / slowdown / tok_s - 1}
         out_rows.append(row | {
             "drafter_cost_from": setup.drafter if setup.drafter_timed(data.get("draft", {})) else "none (0 s)",
             "predicted_tok_s_traces": traces["tok_s"], "predicted_tok_s_alpha": average["tok_s"],
             "predicted_tokens_per_cycle_traces": traces["tokens_per_cycle"],
             "predicted_tokens_per_cycle_alpha": average["tokens_per_cycle"],
-            "error_traces": traces["tok_s"] / tok_s - 1, "error_alpha": average["tok_s"] / tok_s - 1})
+            "error_traces": traces["tok_s"] / tok_s - 1, "error_alpha": average["tok_s"] / tok_s - 1, **scaled})
     worst = max(max(abs(r["error_traces"]), abs(r["error_alpha"])) for r in out_rows)
-    out = {"config": config, "costs": str(Path(source).resolve()), "records": out_rows, "max_relative_error": worst}
+    out = {"config": config, "costs": str(Path(source).resolve()), "records": out_rows, "max_relative_error": worst,
+           "host_probe": probe, "host_slowdown": slowdown}
+    if slowdown is not None:
+        out["max_relative_error_host_scaled"] = max(max(abs(r["error_traces_host_scaled"]),
+                                                        abs(r["error_alpha_host_scaled"])) for r in out_rows)
     if config.get("json_out"):
         Path(config["json_out"]).write_text(json.dumps(out, indent=1))
     return out
@@ -211,7 +248,8 @@ def repredict(path: str, costs: str | None = None, json_out: str | None = None) 
     if (data.get("model"), data.get("dtype")) != (cfg["model"], cfg["dtype"]):
         raise SpdError(f"{source} was measured for {data.get('model')} in {data.get('dtype')}, not {cfg['model']} in "
                        f"{cfg['dtype']}")
-    return compare(data, source, [replayed_row(r, data) for r in saved["records"]], cfg | {"json_out": json_out})
+    return compare(data, source, [replayed_row(r, data) for r in saved["records"]], cfg | {"json_out": json_out},
+                   saved.get("host_probe"))
 
 
 def print_validation(out: dict) -> None:
@@ -225,3 +263,8 @@ def print_validation(out: dict) -> None:
         print(f"{r['config']:<34} {r['measured_tok_s']:>8.1f} {runs:>17}  {r['predicted_tok_s_traces']:>6.1f} "
               f"{r['error_traces']:>+6.0%}  {r['predicted_tok_s_alpha']:>6.1f} {r['error_alpha']:>+6.0%}  {tpc}")
     print(f"max relative error: {out['max_relative_error']:.1%} (tok/s: median of the runs, decode only)")
+    if out.get("host_slowdown") is not None:
+        p = out["host_probe"]
+        print(f"host: an AR step ({p['threads']} threads, context {p['context']}) took {out['host_slowdown']:.2f}x "
+              f"what the cost file has (probed {len(p['step_s'])} times, median); with the predictions scaled by "
+              f"it, max relative error {out['max_relative_error_host_scaled']:.1%}")
