@@ -19,7 +19,8 @@ import re
 import time
 from pathlib import Path
 
-VERSION = 2  # 2: int4w among the backends (model_backends, in the key); compact decoder layers
+VERSION = 3  # 2: int4w among the backends (model_backends, in the key); compact decoder layers; 3: the
+# head and drafter passes timed as they run (plan.costs: after the layers, after the target)
 STALE_STEP = 0.20  # a start-up AR step this far off the profile's means the machine is not the one measured
 
 
