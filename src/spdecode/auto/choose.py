@@ -72,7 +72,7 @@ def ar_step_now(model_name: str, backend: str, device: str, threads: int, tries:
     one median of 9 per try (a generator: the caller stops when one matches)."""
     import torch
 
-    from ..plan.costs import ar_step_time
+    from ..plan.costs import ar_step_time, prime
     from ..runtime.models import load_model
     from ..runtime.staged import StagedTarget
 
@@ -81,12 +81,9 @@ def ar_step_now(model_name: str, backend: str, device: str, threads: int, tries:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.inference_mode():
-            target.reserve(context + 2)
-            target.run_layers(0, target.n_layers, target.embed(torch.ones(1, context, dtype=torch.long,
-                                                                          device=target.device)), 0)
-            for _ in range(tries):
-                yield ar_step_time(target, context, 9)
+        prime(target, context)
+        for _ in range(tries):
+            yield ar_step_time(target, context, 9)
     finally:
         torch.set_num_threads(before)
 

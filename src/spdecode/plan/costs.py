@@ -93,10 +93,7 @@ def time_target(target, rows=ROWS, contexts=CONTEXTS, reps: int = 5) -> dict:
     chunk: dict = {}
     step: dict = {}
     for c in contexts:
-        t.reserve(c + max(rows) + 1)
-        t.rollback(0)
-        ids = torch.randint(0, t.config.vocab_size, (1, c), device=t.device)
-        t.run_layers(0, L, t.embed(ids), 0)
+        prime(t, c, max(rows))
         layer[str(c)] = {}
         for r in rows:
             x = torch.randn(1, r, H, dtype=t.dtype, device=t.device)
@@ -128,14 +125,21 @@ def time_target(target, rows=ROWS, contexts=CONTEXTS, reps: int = 5) -> dict:
     return {"layer": layer, "chunk": chunk, "head": head, "step": step}
 
 
+@torch.inference_mode()
+def prime(target, context: int, rows: int = 1) -> None:
+    """`context` random tokens in `target`'s cache and room for `rows` more: the state a timing
+    here starts from (a decode pass reads the whole cache)."""
+    target.reserve(context + rows + 1)
+    target.rollback(0)
+    ids = torch.randint(0, target.config.vocab_size, (1, context), device=target.device)
+    target.run_layers(0, target.n_layers, target.embed(ids), 0)
+
+
 def target_pass(target, context: int, rows: int, head: bool = True):
     """fn(x): `target`'s every layer over x (at most `rows` rows) as a decode after `context` tokens
     (primed once here), then its head: what runs before the head and before a drafter in a cycle."""
     t = target
-    t.reserve(context + rows + 1)
-    t.rollback(0)
-    ids = torch.randint(0, t.config.vocab_size, (1, context), device=t.device)
-    t.run_layers(0, t.n_layers, t.embed(ids), 0)
+    prime(t, context, rows)
 
     @torch.inference_mode()
     def run(x):
@@ -169,9 +173,7 @@ def host_probe(model, context: int, reps: int = 5) -> float:
     from ..runtime.staged import StagedTarget
 
     t = StagedTarget(model)
-    t.reserve(context + 2)
-    t.rollback(0)
-    t.run_layers(0, t.n_layers, t.embed(torch.randint(0, t.config.vocab_size, (1, context), device=t.device)), 0)
+    prime(t, context)
     return ar_step_time(t, context, reps)
 
 
@@ -250,9 +252,7 @@ def _concurrent(rank: int, model_name: str, dtype: str, rows, contexts, reps: in
         return
     with torch.inference_mode():
         context = max(contexts)
-        target.reserve(context + 2)
-        target.rollback(0)
-        target.run_layers(0, target.n_layers, target.embed(torch.ones(1, context, dtype=torch.long)), 0)
+        prime(target, context)
         one = torch.tensor([[1]])
         while not done.is_set():  # a busy neighbour: decode steps over the whole model, one after another
             target.rollback(context)

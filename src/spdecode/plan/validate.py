@@ -200,8 +200,10 @@ def host_slowdown(data: dict, probe: dict | None) -> float | None:
     """How much slower the machine ran an AR step during the validation (the probes' median) than
     when the cost file was measured (its `step` at the same threads and context); None where either
     is missing."""
-    step = data["target"].get((probe or {}).get("threads"), {}).get("step", {}).get(str((probe or {}).get("context")))
-    return statistics.median(probe["step_s"]) / step if step and probe.get("step_s") else None
+    if not probe or not probe.get("step_s"):
+        return None
+    step = data["target"].get(probe["threads"], {}).get("step", {}).get(str(probe["context"]))
+    return statistics.median(probe["step_s"]) / step if step else None
 
 
 def compare(data: dict, source: str, rows: list[dict], config: dict, probe: dict | None = None) -> dict:
