@@ -27,6 +27,17 @@ TINY_CONFIGS = {
 FAMILIES = list(TINY_CONFIGS)
 
 
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any model load fails the test: the checks it covers must come first."""
+    import spdecode.runtime.models
+
+    def load_model(*args, **kwargs):
+        raise AssertionError(f"a model was loaded: {args}")
+
+    monkeypatch.setattr(spdecode.runtime.models, "load_model", load_model)
+
+
 def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     kw = dict(TINY_CONFIGS[family])
     kw.update(overrides)

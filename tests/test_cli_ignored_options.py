@@ -13,16 +13,6 @@ from spdecode.cli import main
 from spdecode.runtime.errors import SpdError
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Any model load fails the test: these checks must come first."""
-
-    def load_model(*args, **kwargs):
-        raise AssertionError(f"a model was loaded: {args}")
-
-    monkeypatch.setattr(spdecode.runtime.models, "load_model", load_model)
-
-
 @pytest.mark.parametrize("argv", [
     ["--method", "ar"], ["--method", "sd"], ["--method", "speed"], ["--method", "pipespec"],
     ["--method", "speed", "--distributed", "--stages", "2"],

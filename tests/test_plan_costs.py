@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import tiny_model
 
-from spdecode.plan.costs import measure
+from spdecode.plan.measure import measure
 from spdecode.runtime.errors import SpdError
 
 
@@ -61,14 +61,39 @@ def test_contexts_beyond_the_model_are_dropped_and_bad_options_refused(tiny_dir)
 def test_a_table_timed_in_rounds_keeps_each_entrys_median():
     """plan --measure times the target's table in rounds (the machine's speed drifts between them)
     and keeps each entry's median: one slow round does not make the table slow."""
-    from spdecode.plan.costs import median_tables
+    from spdecode.plan.measure import median_tables
 
     rounds = [{"layer": {"128": {"1": 1.0, "2": 2.0}}, "step": {"128": 10.0}},
               {"layer": {"128": {"1": 9.0, "2": 2.2}}, "step": {"128": 11.0}},  # a slow moment for one row
               {"layer": {"128": {"1": 1.2, "2": 9.0}}, "step": {"128": 30.0}}]
     assert median_tables(rounds) == {"layer": {"128": {"1": 1.2, "2": 2.2}}, "step": {"128": 11.0}}
+    # The pipeline calibration's lists (one entry per run kind) likewise; names and shapes kept.
+    calibrations = [{"stage_slot_s": [1.0, 5.0], "backend": "gloo", "shape": [8, 2, 4]},
+                    {"stage_slot_s": [3.0, 4.0], "backend": "gloo", "shape": [8, 2, 4]},
+                    {"stage_slot_s": [2.0, 9.0], "backend": "gloo", "shape": [8, 2, 4]}]
+    assert median_tables(calibrations) == {"stage_slot_s": [2.0, 5.0], "backend": "gloo", "shape": [8, 2, 4]}
     with pytest.raises(SpdError, match="rounds"):
         measure("unused", rounds=0, log=lambda m: None)
+
+
+def test_a_cost_file_timed_between_runs_times_a_round_before_each(tiny_dir):
+    """plan --validate times its cost file between its runs: `between(r)` runs after round r's
+    timings, every part in that round (here the concurrent table too), and the file keeps each
+    entry's median over the rounds."""
+    log, calls = [], []
+
+    def between(r):
+        calls.append((r, list(log)))
+
+    costs = measure(tiny_dir, threads=(1,), rows=(1, 2), contexts=(16,), reps=1, drafts=False, link=False,
+                    rounds=2, between=between, log=log.append)
+    assert [r for r, _ in calls] == [0, 1]
+    assert calls[0][1][-1].endswith("round 1 of 2") or "two processes" in calls[0][1][-1]
+    assert any("round 1 of 2" in m for m in calls[0][1]) and not any("round 2 of 2" in m for m in calls[0][1])
+    assert any("round 2 of 2" in m for m in calls[1][1])
+    kinds = ["1", "1 concurrent"] if costs["hardware"]["cores"] >= 2 else ["1"]
+    assert sorted(costs["target"]) == kinds and sum("two processes" in m for m in log) == 2 * (len(kinds) - 1)
+    assert set(costs["target"]["1"]["layer"]["16"]) == {"1", "2"} and all(positive_leaves(costs["target"]["1"]))
 
 
 def test_a_part_is_timed_after_what_precedes_it_at_work_and_that_is_not_charged_to_it():

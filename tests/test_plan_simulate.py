@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_spd_core import P, run_once
 
+from spdecode.cli import main
 from spdecode.methods.schedule import tau
 from spdecode.methods.spd_core import TreeShape
 from spdecode.plan.cost_model import Costs
@@ -222,7 +223,7 @@ def plan_one(data, sizes, alpha, devices):
     """The planner's prediction for SPD over spd's default tree on `sizes`, at `alpha`, when it
     plans for `devices` (ranks share this machine's cores when they are no more than its cores)."""
     from spdecode.generators import MethodOptions
-    from spdecode.plan.costs import CONCURRENT
+    from spdecode.plan.cost_model import CONCURRENT
     from spdecode.plan.planner import PROMPT, nearest_draft
     from spdecode.plan.predict import Setup, predict
 
@@ -247,7 +248,7 @@ def test_plan_replays_the_walks_of_a_bench_or_eval_draft_json(tmp_path):
         load_walks(str(tmp_path / "missing.json"))
 
 
-def test_plan_on_the_command_line(tmp_path):
+def test_plan_on_the_command_line(tmp_path, capsys, no_loading):
     out = tmp_path / "p.json"
     validated = tmp_path / "validate.json"  # what plan --validate measured: marked apart from the simulated rows
     rec = {"config": "spd:budget=1 (2 proc)", "method": "spd", "stages": [16, 14], "distributed": True,
@@ -264,13 +265,19 @@ def test_plan_on_the_command_line(tmp_path):
     assert "acceptance per depth SPD over trees needs" in res.stdout
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     for args, message in ((["--costs", str(tmp_path / "none.json")], "no cost file"),
-                          (["--validate", "--measure"], "one after the other"),
+                          (["--validate", "--measure"], "drop --measure"),
+                          (["--validate", "--costs", str(out), "--out", str(out)], "with --costs or --replay"),
                           (["--validate", "--runs", "0"], "--runs must be at least 1"),
+                          (["--validate", "--reps", "0"], "--reps must be at least 1"),
+                          (["--validate", "--methods", "", "--distributed-methods", ""], "nothing to validate"),
                           (["--validate", "--distributed-methods", "ar"], "runs pipelines"),
-                          (["--validate", "--dtype", "float16"], "no shipped cost file"),
+                          (["--validate", "--out", str(tmp_path / "no" / "c.json")], "no such directory"),
+                          (["--dtype", "float16"], "no shipped cost file"),
                           (["--measured", str(tmp_path / "p.png")], "not the JSON of `spdecode plan --validate")):
-        res = subprocess.run([sys.executable, "-m", "spdecode", "plan", *args], capture_output=True, text=True)
-        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+        # In this process (each its own interpreter took seconds): refused before any model loads.
+        code = main(["plan", *args])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (args, err)
 
 
 def test_a_simulated_run_is_drawn_like_a_measured_one(tmp_path):

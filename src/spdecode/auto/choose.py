@@ -52,7 +52,8 @@ def ensure_profile(model_name: str, device: str = "cpu", log=stderr, full: bool 
 
 def add_backend(profile: dict, model_name: str, backend: str, device: str, log=stderr) -> None:
     """Time a backend the user named that the probe had pruned."""
-    from ..plan.costs import CONTEXTS, measure
+    from ..plan.costs import CONTEXTS
+    from ..plan.measure import measure
     from ..runtime.machine import usable_cores
     from .tune import QUICK_ROWS, drafts_for_auto, tune_threads
 

@@ -114,7 +114,8 @@ def tune(model_name: str, device: str = "cpu", full: bool = False, log=None) -> 
     """Measure the profile (profile.new_profile) and return it (the caller saves it)."""
     from transformers import AutoConfig
 
-    from ..plan.costs import CONTEXTS, ROWS, measure, time_link
+    from ..plan.costs import CONTEXTS, ROWS, time_link
+    from ..plan.measure import measure
     from ..runtime.machine import usable_cores
     from ..runtime.models import model_backends, resolve_model
     from .profile import new_profile, profile_key

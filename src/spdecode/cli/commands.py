@@ -229,7 +229,10 @@ def cmd_vocab(args) -> int:
 
 def cmd_plan(args) -> int:
     if args.measure and (args.validate or args.replay):
-        raise SpdError("--measure writes a cost file and --validate checks one: run them one after the other")
+        raise SpdError("--validate times its own cost file between its runs (or checks --costs): drop --measure")
+    if args.out and (args.replay or (args.validate and args.costs)):
+        raise SpdError("--out writes the cost file --validate times between its runs; with --costs or --replay it "
+                       "times none")
     if args.validate or args.replay:
         return validate_plan(args)
     if not args.measure:
@@ -254,7 +257,7 @@ def measure_costs(args) -> int:
     """plan --measure: one cost file per backend of --backends (default --backend)."""
     from pathlib import Path
 
-    from ..plan.costs import measure
+    from ..plan.measure import measure
     from ..runtime.backends import measured
     from ..runtime.machine import thread_sweep
     from ..runtime.models import model_backends
@@ -294,7 +297,10 @@ def validate_plan(args) -> int:
         print_validation(repredict(args.replay, args.costs, args.json_out))
         return 0
 
+    if args.reps < 1:
+        raise SpdError(f"--reps must be at least 1 (got {args.reps})")
     cfg = ValidateConfig(model=args.model, dtype=args.dtype, device=args.device, costs=args.costs,
+                         costs_out=args.out, reps=args.reps,
                          methods=IN_PROCESS if args.methods is None else args.methods,
                          distributed=ONE_PROCESS_PER_STAGE if args.distributed_methods is None
                          else args.distributed_methods, stages=args.stages, data=args.data, limit=args.limit,

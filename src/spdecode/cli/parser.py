@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="predict which method and split pay off on some hardware, from measured costs")
     pl.add_argument("--measure", action="store_true", help="time layers, head, drafts and the link; write --out")
-    pl.add_argument("--costs", default=None, help="cost file (default: the one shipped for --model and --dtype)")
+    pl.add_argument("--costs", default=None, help="cost file (default: the one shipped for --model and --dtype; "
+                    "--validate: one timed between its runs)")
     pl.add_argument("--devices", type=int, default=2, help="devices (ranks) available (default 2)")
     pl.add_argument("--alpha", type=float, default=0.45, help="per-draft acceptance to assume (default 0.45)")
     pl.add_argument("--link", default="same-host", help="same-host (measured), pcie, nvlink, 10gbe, 100gbe")
@@ -228,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "machine has; default: --backend); with several, --out's {backend} is replaced, or the "
                          "backend is added to its name")
     pl.add_argument("--reps", type=int, default=5, help="timings per point, the median kept (default 5)")
-    pl.add_argument("--out", default=None, help="cost file to write (JSON)")
+    pl.add_argument("--out", default=None, help="cost file to write (JSON): --measure's, or the one --validate "
+                    "times between its runs")
     pl.add_argument("--traces", default=None, help="replay the accept/reject sequences of an eval-draft or bench "
                     "--json-out file instead of --alpha")
     pl.add_argument("--trace", default=None, help="write the best configuration's simulated run as a trace "

@@ -29,22 +29,9 @@ from datetime import UTC, datetime
 import torch
 
 from ..runtime.errors import SpdError
-from .cost_model import CONCURRENT
 
 ROWS = tuple(range(1, 18))  # one row (AR) up to a root and a 16-node tree: where rows stop being cheap
 CONTEXTS = (128, 512)
-# The target's table is timed this many times, the thread counts interleaved, and each entry's
-# median kept: on a 2-vCPU KVM guest a 2-thread AR step timed 5 times in a row came out anywhere
-# in 26.6-29.9 ms from one half-second to the next (1 thread: within 5 %), which a single round
-# of timings took for the machine's speed (the one-process 2-thread predictions were 7-9 % off).
-ROUNDS = 3
-
-
-def median_tables(tables: list[dict]) -> dict:
-    """The entry-wise median of several timings of the same table (nested dicts of seconds)."""
-    first = tables[0]
-    return {k: median_tables([t[k] for t in tables]) if isinstance(first[k], dict)
-            else statistics.median(t[k] for t in tables) for k in first}
 
 
 def median_time(fn, reps: int, before=None) -> float:
@@ -230,7 +217,8 @@ def time_drafting(model, model_name: str, draft_dir, tokens: int = 48) -> dict:
             "bookkeeping_s_per_cycle": m.phase_s["bookkeeping"] / m.cycles}
 
 
-def _load(model_name: str, dtype: str, device: str):
+def load_target(model_name: str, dtype: str, device: str):
+    """The model and its one-stage StagedTarget, without a tokenizer: what the timings run."""
     from ..runtime.models import load_model
     from ..runtime.staged import StagedTarget
 
@@ -244,7 +232,7 @@ def _concurrent(rank: int, model_name: str, dtype: str, rows, contexts, reps: in
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(1)
-    _, target = _load(model_name, dtype, "cpu")
+    _, target = load_target(model_name, dtype, "cpu")
     barrier.wait()
     if rank == 0:
         results.put(time_target(target, rows, contexts, reps))
@@ -360,57 +348,3 @@ def time_link(backend: str = "gloo", reps: int = 20) -> dict:
     message, send = one_way["message"]
     return {"backend": backend, "latency_s": latency,
             "bandwidth_bytes_per_s": 4 * big / max(one_way[big] - latency, 1e-9), "message_s": message, "send_s": send}
-
-
-def measure(model_name: str, dtype: str = "float32", device: str = "cpu", threads=(1, 2), rows=ROWS,
-            contexts=CONTEXTS, reps: int = 5, drafts: bool | set[str] = True, link: bool = True,
-            concurrent: bool = True, pipeline: bool = True, rounds: int = ROUNDS, log=print) -> dict:
-    """Everything above for `model_name` in `dtype` on `device`, as the cost file records it;
-    `drafts`: every bundled draft, none, or those named; `pipeline`: also a real two-process run's
-    calibration (plan/calibrate.py), where the concurrent timings and a bundled draft exist."""
-    from ..drafting.pdm import CONFIG_FILE, bundled_drafts, load_pdm
-    from ..runtime.models import weights_fingerprint
-    from ..runtime.staged import StagedTarget
-
-    if any(k < 1 for k in threads):
-        raise SpdError(f"thread counts must be at least 1 (got {threads})")
-    if rounds < 1:
-        raise SpdError(f"rounds must be at least 1 (got {rounds})")
-    model, target = _load(model_name, dtype, device)
-    out = {"model": model_name, "dtype": dtype, "n_layers": target.n_layers, "rows": list(rows),
-           "contexts": [c for c in contexts if c + max(rows) + 1 <= target.context_length],
-           "hardware": hardware(device), "target": {}, "draft": {}, "draft_call": {}}
-    before = torch.get_num_threads()
-    try:
-        tables = {k: [] for k in threads}
-        for r in range(rounds):
-            for k in threads:
-                torch.set_num_threads(k)
-                log(f"timing the target with {k} thread(s), round {r + 1} of {rounds}")
-                tables[k].append(time_target(target, rows, contexts, reps))
-        cycle_before = target_pass(target, out["contexts"][-1], max(rows)) if drafts else None
-        for k in threads:
-            torch.set_num_threads(k)
-            out["target"][str(k)] = median_tables(tables[k])
-            if not drafts:
-                continue
-            for d in bundled_drafts(model_name):
-                if drafts is True or d.name in drafts:
-                    cfg = json.loads((d / CONFIG_FILE).read_text())
-                    split = StagedTarget(model, cfg["stage_sizes"])
-                    pdm = load_pdm(d, split, weights_fingerprint(model))
-                    out["draft"].setdefault(d.name, {})[str(k)] = time_pdm(pdm, rows, reps, cycle_before)
-                    out["draft_call"].setdefault(d.name, {})[str(k)] = time_drafting(model, model_name, d)
-    finally:
-        torch.set_num_threads(before)
-    if concurrent and device == "cpu" and out["hardware"]["cores"] >= 2:
-        log("timing the target with one thread in each of two processes at once")
-        out["target"][CONCURRENT] = time_concurrent(model_name, dtype, rows, contexts, reps)
-    if link:
-        log("timing the link between two processes")
-        out["link"] = time_link("nccl" if device.startswith("cuda") else "gloo")
-    if pipeline and CONCURRENT in out["target"] and drafts is True and bundled_drafts(model_name):
-        from .calibrate import time_pipeline
-
-        out["pipeline"] = time_pipeline(model_name, dtype, device, out, log)
-    return out

@@ -16,8 +16,7 @@ from pathlib import Path
 from ..generators import MethodOptions
 from ..methods.spd_core import TreeShape
 from ..runtime.errors import SpdError
-from .cost_model import Costs
-from .costs import CONCURRENT
+from .cost_model import CONCURRENT, Costs
 from .predict import Setup, predict
 from .simulate import Drawn, Replayed, best_split, write_timeline
 

@@ -8,6 +8,11 @@ of the runs' pooled decode tok/s.
 Each is predicted twice from the cost file: replaying the exact accept/reject sequence of every
 generation of the first run (its walks), and from that configuration's average alpha alone (what
 a user without traces has), both over each generation's own prompt and token counts.
+
+The cost file is the one given (`--costs`), or, by default, timed here between the runs: one
+round of `plan --measure`'s timings (what these configurations use) before each run, each entry's
+median kept (plan/measure.py). A file measured before met another machine than the runs on a guest
+whose speed drifts (10-30 % between hours); the host probe reports that drift either way.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from ..methods.spd_core import TreeShape
 from ..runtime.errors import SpdError
 from ..runtime.generation import eos_ids
 from ..runtime.models import DEFAULT_MODEL
-from .costs import CONCURRENT
+from .cost_model import CONCURRENT
 from .planner import load_costs
 from .predict import Setup, pooled_prediction, predict
 from .simulate import Drawn, Replayed
@@ -43,7 +48,9 @@ class ValidateConfig:
     model: str = DEFAULT_MODEL
     dtype: str = "float32"
     device: str = "cpu"
-    costs: str | None = None  # default: the cost file shipped for the model and dtype
+    costs: str | None = None  # the cost file to check; None: timed between the runs
+    costs_out: str | None = None  # where the cost file timed between the runs is written
+    reps: int = 5  # timings per point of that cost file
     methods: str = IN_PROCESS  # method specs run in this process (bench's syntax)
     distributed: str = ONE_PROCESS_PER_STAGE  # pipeline specs run with one process per stage ("" for none)
     stages: int = 2  # the pipelines' stages where a spec gives none
@@ -102,11 +109,13 @@ def predict_records(data: dict, setup: Setup, records: list[dict], alpha: float 
                               for i, r in enumerate(records)])
 
 
-def measure_all(cfg: ValidateConfig, bench: BenchConfig, probe_context: int, log=print):
+def measure_all(cfg: ValidateConfig, bench: BenchConfig, data: dict | None, log=print):
     """Per configuration key: (method, options, stage sizes, distributed) and its records of each run;
-    and the host probe (costs.host_probe at `probe_context`) before each run and after the last."""
+    the host probe (costs.host_probe) before each run and after the last; and the cost file: `data`,
+    or where that is None, timed between the runs (what the configurations use)."""
     from ..runtime.models import load_model
-    from .costs import host_probe
+    from .costs import CONTEXTS, host_probe
+    from .measure import measure
 
     local = method_specs(bench) if cfg.methods.strip() else {}
     piped = method_specs(replace(bench, method=cfg.distributed, distributed=True)) if cfg.distributed else {}
@@ -114,38 +123,59 @@ def measure_all(cfg: ValidateConfig, bench: BenchConfig, probe_context: int, log
     sets = load_sets(bench)
     eos = eos_ids(model, tok)
     setups, runs, probes = {}, [[] for _ in range(cfg.runs)], []
-    threads = torch.get_num_threads()  # the probe's, whatever a configuration's runner sets
-
-    def probe():
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            probes.append(host_probe(model, probe_context))
-        finally:
-            torch.set_num_threads(before)
-
     with contextlib.ExitStack() as stack:
         built = {spec: make_generator(method, model, cfg.model, opts, stack) for spec, (method, opts) in local.items()}
         for spec, (method, opts) in local.items():
             setups[spec] = (method, opts, list(built[spec][1]), False)
         runners = {spec: b[0] for spec, b in built.items()}
         dtypes = {spec: opts.dtype for spec, (_, opts) in local.items()}
+        timed_threads, drafts = timed_parts(setups, cfg.model, bool(piped))
+        # The probe's threads, whatever a configuration's runner sets: the process's, where the
+        # cost file times them.
+        threads = torch.get_num_threads() if data or torch.get_num_threads() in timed_threads else timed_threads[-1]
+        probe_context = min(data.get("contexts") or [128]) if data else min(CONTEXTS)
+
+        def probe():
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                probes.append(host_probe(model, probe_context))
+            finally:
+                torch.set_num_threads(before)
+
         # Run by run, every configuration in each (the pipelines after the one-process ones): this
         # guest's speed drifts by 10-15 % within minutes, and a configuration measured only at the
         # end (the pipelines were, all their runs after the others') met another machine.
-        for r in range(cfg.runs):
+        def run(r: int) -> None:
             probe()
             if runners:
                 log(f"run {r + 1} of {cfg.runs}: {', '.join(local)}")
-                runs[r] += run_prompts(bench, runners, dtypes, tok, sets, eos)
+                runs[r].extend(run_prompts(bench, runners, dtypes, tok, sets, eos))
             for spec, (method, opts) in piped.items():
                 key = distributed_key(spec, method, opts)
                 log(f"run {r + 1} of {cfg.runs}: {key}")
                 recs = run_distributed_spd(bench, method, opts, key, model, tok, sets)
-                runs[r] += recs
+                runs[r].extend(recs)
                 setups[key] = (method, opts, recs[0]["stage_sizes"], True)
+
+        if data is None:
+            data = measure(cfg.model, cfg.dtype, cfg.device, timed_threads, reps=cfg.reps, drafts=drafts,
+                           link=bool(piped), concurrent=bool(piped), pipeline=bool(piped), rounds=cfg.runs, between=run,
+                           log=lambda m: log(f"costs: {m}"))
+        else:
+            for r in range(cfg.runs):
+                run(r)
         probe()
-    return setups, runs, {"threads": str(threads), "context": probe_context, "step_s": probes}
+    return setups, runs, {"threads": str(threads), "context": probe_context, "step_s": probes}, data
+
+
+def timed_parts(setups: dict, model_name: str, piped: bool) -> tuple[tuple[int, ...], bool | set[str]]:
+    """The thread counts and bundled drafts a cost file must time for these one-process
+    configurations (`setups`: as measure_all keeps them), and pipelines (`piped`: their ranks run
+    one thread each, with every bundled draft that fits their split)."""
+    timed = [setup_for(method, opts, sizes, False, {}, model_name) for method, opts, sizes, _ in setups.values()]
+    threads = {int(s.threads) for s in timed} | ({1} if piped else set())
+    return tuple(sorted(threads)), True if piped else {s.drafter for s in timed if s.drafter}
 
 
 def validate(cfg: ValidateConfig, log=print) -> dict:
@@ -153,17 +183,27 @@ def validate(cfg: ValidateConfig, log=print) -> dict:
         raise SpdError(f"--runs must be at least 1 (got {cfg.runs})")
     if cfg.max_new_tokens < 2:
         raise SpdError("--max-new-tokens must be at least 2 to time any decoding")
+    if not cfg.methods.strip() and not cfg.distributed.strip():
+        raise SpdError("nothing to validate: --methods and --distributed-methods are both empty")
     bad = [s for s in split_specs(cfg.distributed) if base_method(s) not in PIPELINED]
     if bad:
         raise SpdError(f"--distributed-methods runs pipelines (spd, speed), not {', '.join(bad)}")
-    data, source = load_costs(cfg.costs, cfg.model, cfg.dtype)
-    if (data.get("model"), data.get("dtype")) != (cfg.model, cfg.dtype):
-        raise SpdError(f"{source} was measured for {data.get('model')} in {data.get('dtype')}, not {cfg.model} in "
-                       f"{cfg.dtype}")
+    data = source = None
+    if cfg.costs:
+        data, source = load_costs(cfg.costs, cfg.model, cfg.dtype)
+        if (data.get("model"), data.get("dtype")) != (cfg.model, cfg.dtype):
+            raise SpdError(f"{source} was measured for {data.get('model')} in {data.get('dtype')}, not {cfg.model} "
+                           f"in {cfg.dtype}")
+    elif cfg.costs_out and not Path(cfg.costs_out).parent.is_dir():
+        raise SpdError(f"--out {cfg.costs_out}: no such directory")
     bench = BenchConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, method=cfg.methods, data=cfg.data,
                         limit=cfg.limit, max_new_tokens=cfg.max_new_tokens, stages=cfg.stages,
                         master_port=cfg.master_port, timeout=cfg.timeout)
-    setups, runs, probe = measure_all(cfg, bench, min(data.get("contexts") or [128]), log)
+    setups, runs, probe, data = measure_all(cfg, bench, data, log)
+    if source is None:
+        source = cfg.costs_out or (str(Path(cfg.json_out).with_suffix(".costs.json")) if cfg.json_out else None)
+        if source:
+            Path(source).write_text(json.dumps(data, indent=1))
     rows = []
     for key, (method, opts, sizes, distributed) in setups.items():
         setup = setup_for(method, opts, sizes, distributed, data, cfg.model)
@@ -175,7 +215,7 @@ def validate(cfg: ValidateConfig, log=print) -> dict:
                      "measured_tokens_per_cycle": measured[0]["tokens_per_cycle"], "alpha": measured[0]["alpha"],
                      # What the predictions replay: the first run's generations (--replay predicts them again).
                      "generations": [{k: r.get(k) for k in ("prompt_tokens", "new_tokens", "walks")} for r in first]})
-    return compare(data, source, rows, asdict(cfg), probe)
+    return compare(data, source, rows, asdict(cfg), probe, timed_between=cfg.costs is None)
 
 
 def saved_setup(setup: Setup) -> dict:
@@ -206,9 +246,11 @@ def host_slowdown(data: dict, probe: dict | None) -> float | None:
     return statistics.median(probe["step_s"]) / step if step else None
 
 
-def compare(data: dict, source: str, rows: list[dict], config: dict, probe: dict | None = None) -> dict:
+def compare(data: dict, source: str | None, rows: list[dict], config: dict, probe: dict | None = None,
+            timed_between: bool = False) -> dict:
     """Each measured configuration's predictions from the cost file `data` (from `source`) beside
-    its measurement: from its generations' walks and from its alpha alone; and, where the host was
+    its measurement: from its generations' walks and from its alpha alone (`source`: None for a
+    file timed between the runs and not saved); and, where the host was
     probed, how much slower it ran than when the costs were measured (host_slowdown). The probe is
     a gauge, not a correction: a tenth of a second of AR steps, it moved 36-42 ms within one bf16
     validation, and predictions scaled by it came out no closer."""
@@ -226,8 +268,9 @@ def compare(data: dict, source: str, rows: list[dict], config: dict, probe: dict
             "predicted_tokens_per_cycle_alpha": average["tokens_per_cycle"],
             "error_traces": traces["tok_s"] / tok_s - 1, "error_alpha": average["tok_s"] / tok_s - 1})
     worst = max(max(abs(r["error_traces"]), abs(r["error_alpha"])) for r in out_rows)
-    out = {"config": config, "costs": str(Path(source).resolve()), "records": out_rows, "max_relative_error": worst,
-           "host_probe": probe, "host_slowdown": slowdown}
+    out = {"config": config, "costs": str(Path(source).resolve()) if source else None, "costs_timed_between_runs":
+           timed_between, "records": out_rows, "max_relative_error": worst, "host_probe": probe,
+           "host_slowdown": slowdown}
     if config.get("json_out"):
         Path(config["json_out"]).write_text(json.dumps(out, indent=1))
     return out
@@ -240,16 +283,19 @@ def repredict(path: str, costs: str | None = None, json_out: str | None = None) 
     if any("generations" not in r for r in saved.get("records", [])):
         raise SpdError(f"{path} holds no generations to replay (written before plan --validate kept them)")
     cfg = saved["config"]
+    if not (costs or saved.get("costs")):
+        raise SpdError(f"{path}: its cost file was timed between its runs and not saved: give --costs")
     data, source = load_costs(costs or saved["costs"], cfg["model"], cfg["dtype"])
     if (data.get("model"), data.get("dtype")) != (cfg["model"], cfg["dtype"]):
         raise SpdError(f"{source} was measured for {data.get('model')} in {data.get('dtype')}, not {cfg['model']} in "
                        f"{cfg['dtype']}")
     return compare(data, source, [replayed_row(r, data) for r in saved["records"]], cfg | {"json_out": json_out},
-                   saved.get("host_probe"))
+                   saved.get("host_probe"), saved.get("costs_timed_between_runs", False) and not costs)
 
 
 def print_validation(out: dict) -> None:
-    print(f"costs: {out['costs']}")
+    when = " (timed between the runs)" if out.get("costs_timed_between_runs") else ""
+    print(f"costs: {out['costs'] or 'not saved'}{when}")
     print(f"{'configuration':<34} {'measured':>8} {'runs':>17}  {'traces':>6} {'error':>6}  {'alpha':>6} {'error':>6}"
           f"  {'tok/cycle measured, traces, alpha'}")
     for r in out["records"]:
