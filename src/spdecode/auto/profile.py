@@ -79,10 +79,13 @@ def load_profile(model_name: str, device: str, key: dict) -> tuple[dict | None, 
         return None, changed_since(model_name, device, key)
     try:
         data = json.loads(path.read_text())
-        if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(data.get("costs"), dict):
-            raise ValueError("not a profile of this spdecode")
+        if not isinstance(data, dict) or not isinstance(data.get("costs"), dict):
+            raise ValueError("not a machine profile")
     except (OSError, ValueError) as exc:
         return None, f"the machine profile {path} is unreadable ({exc})"
+    if data.get("version") != VERSION:  # same key: this spdecode times the parts another way
+        return None, (f"the machine profile {path} is version {data.get('version')}, and this spdecode measures "
+                      f"version {VERSION}")
     if data.get("key") != key:
         return None, f"the machine profile {path} was measured under another key"
     if not data["costs"]:
@@ -99,7 +102,7 @@ def changed_since(model_name: str, device: str, key: dict) -> str:
             continue
         changed = [k for k in key if before.get(k) != key[k]]
         if changed:
-            return f"the machine profile {old.name} was measured with another {', '.join(changed)}"
+            return f"{', '.join(changed)} changed since the machine profile {old.name} was measured"
     return f"no machine profile for {model_name} on {device} yet"
 
 
