@@ -233,6 +233,8 @@ def cmd_plan(args) -> int:
     if args.out and (args.replay or (args.validate and args.costs)):
         raise SpdError("--out writes the cost file --validate times between its runs; with --costs or --replay it "
                        "times none")
+    if args.reps < 1 and (args.measure or (args.validate and not args.replay)):  # both time a cost file
+        raise SpdError(f"--reps must be at least 1 (got {args.reps})")
     if args.validate or args.replay:
         return validate_plan(args)
     if not args.measure:
@@ -268,8 +270,6 @@ def measure_costs(args) -> int:
         threads = tuple(int(x) for x in args.threads.split(",")) if args.threads else tuple(thread_sweep())
     except ValueError:
         raise SpdError(f"--threads: expected comma-separated integers, got {args.threads!r}") from None
-    if args.reps < 1:
-        raise SpdError(f"--reps must be at least 1 (got {args.reps})")
     if not args.backends:
         backends = [args.dtype]
     elif args.backends == "all":
@@ -297,8 +297,6 @@ def validate_plan(args) -> int:
         print_validation(repredict(args.replay, args.costs, args.json_out))
         return 0
 
-    if args.reps < 1:
-        raise SpdError(f"--reps must be at least 1 (got {args.reps})")
     cfg = ValidateConfig(model=args.model, dtype=args.dtype, device=args.device, costs=args.costs,
                          costs_out=args.out, reps=args.reps,
                          methods=IN_PROCESS if args.methods is None else args.methods,
