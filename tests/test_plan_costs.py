@@ -77,13 +77,14 @@ def test_a_table_timed_in_rounds_keeps_each_entrys_median():
 
 
 def test_a_cost_file_timed_between_runs_times_a_round_before_each(tiny_dir):
-    """plan --validate times its cost file between its runs: `between(r)` runs after round r's
-    timings, every part in that round (here the concurrent table too), and the file keeps each
-    entry's median over the rounds."""
-    log, calls = [], []
+    """plan --validate times its cost file between its runs: `between(r, costs)` runs after round
+    r's timings with that round's whole file, every part in that round (here the concurrent table
+    too), and the file keeps each entry's median over the rounds."""
+    log, calls, tables = [], [], []
 
-    def between(r):
+    def between(r, costs):
         calls.append((r, list(log)))
+        tables.append(costs)
 
     costs = measure(tiny_dir, threads=(1,), rows=(1, 2), contexts=(16,), reps=1, drafts=False, link=False,
                     rounds=2, between=between, log=log.append)
@@ -94,6 +95,10 @@ def test_a_cost_file_timed_between_runs_times_a_round_before_each(tiny_dir):
     kinds = ["1", "1 concurrent"] if costs["hardware"]["cores"] >= 2 else ["1"]
     assert sorted(costs["target"]) == kinds and sum("two processes" in m for m in log) == 2 * (len(kinds) - 1)
     assert set(costs["target"]["1"]["layer"]["16"]) == {"1", "2"} and all(positive_leaves(costs["target"]["1"]))
+    # Each round's file is whole (a run is predicted from it alone) and the saved one their median.
+    assert all(sorted(t["target"]) == kinds and t["n_layers"] == costs["n_layers"] for t in tables)
+    one_row = [t["target"]["1"]["layer"]["16"]["1"] for t in tables]
+    assert costs["target"]["1"]["layer"]["16"]["1"] == pytest.approx(sum(one_row) / 2)
 
 
 def test_a_part_is_timed_after_what_precedes_it_at_work_and_that_is_not_charged_to_it():

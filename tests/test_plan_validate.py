@@ -12,7 +12,7 @@ import pytest
 from spdecode.generators import MethodOptions, parse_method_spec
 from spdecode.plan.cost_model import CONCURRENT
 from spdecode.plan.planner import load_costs
-from spdecode.plan.validate import replayed_row, row_setup, saved_setup, setup_for
+from spdecode.plan.validate import compare, replayed_row, row_setup, saved_setup, setup_for
 from spdecode.runtime.models import DEFAULT_MODEL
 
 
@@ -31,6 +31,36 @@ def test_a_saved_row_rebuilds_the_setup_it_was_measured_with(spec, sizes, distri
     # Against a cost file without concurrent timings, a pipeline's ranks take the one-thread ones.
     alone = {**data, "target": {k: v for k, v in data["target"].items() if k != CONCURRENT}}
     assert row_setup(replayed_row(row, alone)).threads == ("1" if distributed else setup.threads)
+
+
+def test_each_run_is_set_against_the_costs_timed_just_before_it():
+    """Timed between the runs, run r is predicted from round r's cost file: where the machine ran at
+    half speed for one round (its costs and its run both slow), each run meets its prediction,
+    which the rounds' median file set against the runs' median would not."""
+    from test_plan_simulate import flat_costs
+
+    def at(layer):
+        data = flat_costs(layers=10, layer=layer, head=1e-3)
+        data["target"]["1"]["step"] = {"128": 10 * layer + 1e-3}  # no overhead beyond layers and head
+        return data
+
+    fast, slow = at(1e-3), at(2e-3)
+    ar = 1 / (10 * 1e-3 + 1e-3)  # tok/s at the fast speed: the AR token is ten layers and the head
+    row = {"config": "ar:threads=1", "method": "ar", "layers": [10], "threads": "1", "distributed": False,
+           "shape": [1, 1, 1], "drafter": None, "alpha": None, "measured_tokens_per_cycle": 1.0,
+           "generations": [{"prompt_tokens": 100, "new_tokens": 33, "walks": []}]}
+    measured = [ar, ar * 11 / 21, ar * 11 / 21]  # the second and third runs on the slow machine
+    row |= {"measured_runs_tok_s": measured, "measured_tok_s": sorted(measured)[1]}
+    paired = compare(fast, None, [row], {}, rounds=[fast, slow, slow])
+    r = paired["records"][0]
+    assert r["predicted_runs_tok_s_traces"] == pytest.approx(measured, rel=1e-9)
+    assert abs(r["error_traces"]) < 1e-9 and paired["max_relative_error"] < 1e-9 and paired["runs_paired_with_rounds"]
+    # Against one file for every run (here the fast one): the slow runs are 90 % off.
+    single = compare(fast, None, [row], {})
+    assert single["max_relative_error"] == pytest.approx(21 / 11 - 1, rel=1e-6)
+    assert "round_costs" not in single and not single["runs_paired_with_rounds"]
+    # A row whose runs are not one per round (a saved file from before) is set against the file alone.
+    assert compare(fast, None, [row], {}, rounds=[fast, slow])["max_relative_error"] == single["max_relative_error"]
 
 
 @pytest.mark.integration
@@ -55,6 +85,7 @@ def test_validate_measures_each_configuration_beside_its_predictions(tmp_path):
     assert log.index("costs: timing the target with 1 thread(s), round 1 of 1") < log.index("run 1 of 1"), log[-3000:]
     costs = json.loads(timed.read_text())
     assert report["costs"] == str(timed.resolve()) and report["costs_timed_between_runs"]
+    assert report["runs_paired_with_rounds"] and len(report["round_costs"]) == 1
     assert "(timed between the runs)" in res.stdout
     assert list(costs["target"]) == ["1"] and list(costs["draft"]) == [f"{DEFAULT_MODEL}-n2"]
     assert "pipeline" not in costs and "link" not in costs

@@ -6,7 +6,8 @@ kept: on a 2-vCPU KVM guest a 2-thread AR step timed 5 times in a row came out a
 The drafters, the concurrent table and the pipeline calibration are timed once, after the rounds.
 
 `plan --validate` times its own cost file between its runs (`between`): then every part is timed
-in every round, right before that round's run, and each entry's median kept. The same guest's
+in every round, right before that round's run (which gets that round's file to set it against),
+and each entry's median kept. The same guest's
 speed drifts 10-30 % between hours and up to 30 % within minutes (an AR step probed at 22, 18, 15
 and 15 ms within one validation), so a cost file measured before a validation met another machine
 than the runs it predicts: the error it shows is then the drift's as much as the simulator's.
@@ -57,7 +58,8 @@ def measure(model_name: str, dtype: str = "float32", device: str = "cpu", thread
     """The cost file of `model_name` in `dtype` on `device` (plan/costs.py says what each part is);
     `drafts`: every bundled draft, none, or those named; `pipeline`: also a real two-process run's
     calibration (plan/calibrate.py), where the concurrent timings and a bundled draft exist;
-    `between(r)`: run after round r, every part then timed in every round (above)."""
+    `between(r, costs)`: run after round r with that round's whole cost file, every part then timed
+    in every round (above)."""
     if any(k < 1 for k in threads):
         raise SpdError(f"thread counts must be at least 1 (got {threads})")
     if rounds < 1:
@@ -84,7 +86,7 @@ def measure(model_name: str, dtype: str = "float32", device: str = "cpu", thread
             if between is not None:
                 timed[-1] = beyond_table(out | timed[-1], **parts)
                 torch.set_num_threads(before)
-                between(r)
+                between(r, timed[-1])
         out |= median_tables(timed)
         if between is None:
             out |= beyond_table(out, **parts)

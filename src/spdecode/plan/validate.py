@@ -13,6 +13,10 @@ The cost file is the one given (`--costs`), or, by default, timed here between t
 round of `plan --measure`'s timings (what these configurations use) before each run, each entry's
 median kept (plan/measure.py). A file measured before met another machine than the runs on a guest
 whose speed drifts (10-30 % between hours); the host probe reports that drift either way.
+Timed between the runs, each run is set against the round timed just before it: a configuration's
+prediction and error are the medians over the runs of its prediction from that round and its
+error against it. The guest's speed moved by a fifth between two rounds of one validation (its
+host probes 55.6, 38.6, 44.6 ms), which a median file set against median runs turns into error.
 """
 
 from __future__ import annotations
@@ -111,8 +115,9 @@ def predict_records(data: dict, setup: Setup, records: list[dict], alpha: float 
 
 def measure_all(cfg: ValidateConfig, bench: BenchConfig, data: dict | None, log=print):
     """Per configuration key: (method, options, stage sizes, distributed) and its records of each run;
-    the host probe (costs.host_probe) before each run and after the last; and the cost file: `data`,
-    or where that is None, timed between the runs (what the configurations use)."""
+    the host probe (costs.host_probe) before each run and after the last; the cost file: `data`, or
+    where that is None, timed between the runs (what the configurations use); and then each round's
+    file, the one timed before each run (else None)."""
     from ..runtime.models import load_model
     from .costs import CONTEXTS, host_probe
     from .measure import measure
@@ -122,7 +127,7 @@ def measure_all(cfg: ValidateConfig, bench: BenchConfig, data: dict | None, log=
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
     sets = load_sets(bench)
     eos = eos_ids(model, tok)
-    setups, runs, probes = {}, [[] for _ in range(cfg.runs)], []
+    setups, runs, probes, rounds = {}, [[] for _ in range(cfg.runs)], [], []
     with contextlib.ExitStack() as stack:
         built = {spec: make_generator(method, model, cfg.model, opts, stack) for spec, (method, opts) in local.items()}
         for spec, (method, opts) in local.items():
@@ -146,7 +151,9 @@ def measure_all(cfg: ValidateConfig, bench: BenchConfig, data: dict | None, log=
         # Run by run, every configuration in each (the pipelines after the one-process ones): this
         # guest's speed drifts by 10-15 % within minutes, and a configuration measured only at the
         # end (the pipelines were, all their runs after the others') met another machine.
-        def run(r: int) -> None:
+        def run(r: int, costs: dict | None = None) -> None:
+            if costs is not None:
+                rounds.append(costs)
             probe()
             if runners:
                 log(f"run {r + 1} of {cfg.runs}: {', '.join(local)}")
@@ -166,7 +173,7 @@ def measure_all(cfg: ValidateConfig, bench: BenchConfig, data: dict | None, log=
             for r in range(cfg.runs):
                 run(r)
         probe()
-    return setups, runs, {"threads": str(threads), "context": probe_context, "step_s": probes}, data
+    return setups, runs, {"threads": str(threads), "context": probe_context, "step_s": probes}, data, rounds or None
 
 
 def timed_parts(setups: dict, model_name: str, piped: bool) -> tuple[tuple[int, ...], bool | set[str]]:
@@ -199,7 +206,7 @@ def validate(cfg: ValidateConfig, log=print) -> dict:
     bench = BenchConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, method=cfg.methods, data=cfg.data,
                         limit=cfg.limit, max_new_tokens=cfg.max_new_tokens, stages=cfg.stages,
                         master_port=cfg.master_port, timeout=cfg.timeout)
-    setups, runs, probe, data = measure_all(cfg, bench, data, log)
+    setups, runs, probe, data, rounds = measure_all(cfg, bench, data, log)
     if source is None:
         source = cfg.costs_out or (str(Path(cfg.json_out).with_suffix(".costs.json")) if cfg.json_out else None)
         if source:
@@ -215,7 +222,7 @@ def validate(cfg: ValidateConfig, log=print) -> dict:
                      "measured_tokens_per_cycle": measured[0]["tokens_per_cycle"], "alpha": measured[0]["alpha"],
                      # What the predictions replay: the first run's generations (--replay predicts them again).
                      "generations": [{k: r.get(k) for k in ("prompt_tokens", "new_tokens", "walks")} for r in first]})
-    return compare(data, source, rows, asdict(cfg), probe, timed_between=cfg.costs is None)
+    return compare(data, source, rows, asdict(cfg), probe, timed_between=cfg.costs is None, rounds=rounds)
 
 
 def saved_setup(setup: Setup) -> dict:
@@ -247,30 +254,39 @@ def host_slowdown(data: dict, probe: dict | None) -> float | None:
 
 
 def compare(data: dict, source: str | None, rows: list[dict], config: dict, probe: dict | None = None,
-            timed_between: bool = False) -> dict:
+            timed_between: bool = False, rounds: list[dict] | None = None) -> dict:
     """Each measured configuration's predictions from the cost file `data` (from `source`) beside
     its measurement: from its generations' walks and from its alpha alone (`source`: None for a
-    file timed between the runs and not saved); and, where the host was
-    probed, how much slower it ran than when the costs were measured (host_slowdown). The probe is
-    a gauge, not a correction: a tenth of a second of AR steps, it moved 36-42 ms within one bf16
-    validation, and predictions scaled by it came out no closer."""
+    file timed between the runs and not saved); `rounds`, where given (one cost file per run, each
+    timed just before it), pair each run with its own (predicted and error: the medians over the
+    runs); and, where the host was probed, how much slower it ran than when the costs were
+    measured (host_slowdown). The probe is a gauge, not a correction: a tenth of a second of AR
+    steps, it moved 36-42 ms within one bf16 validation, and predictions scaled by it came out no
+    closer."""
     slowdown = host_slowdown(data, probe)
     out_rows = []
     for row in rows:
         setup = row_setup(row)
-        traces = predict_records(data, setup, row["generations"], row["alpha"], replay=True)
-        average = predict_records(data, setup, row["generations"], row["alpha"], replay=False)
-        tok_s = row["measured_tok_s"]
+        measured = row["measured_runs_tok_s"]
+        paired = rounds is not None and len(rounds) == len(measured)
+        tables, against = (rounds, measured) if paired else ([data], [row["measured_tok_s"]])
+        kinds = {}
+        for kind, replay in (("traces", True), ("alpha", False)):
+            runs = [predict_records(t, setup, row["generations"], row["alpha"], replay) for t in tables]
+            kinds[kind] = {"tok_s": statistics.median(p["tok_s"] for p in runs),
+                           "runs": [p["tok_s"] for p in runs], "tokens_per_cycle": runs[0]["tokens_per_cycle"],
+                           "error": statistics.median(p["tok_s"] / m - 1 for p, m in zip(runs, against, strict=True))}
         out_rows.append(row | {
             "drafter_cost_from": setup.drafter if setup.drafter_timed(data.get("draft", {})) else "none (0 s)",
-            "predicted_tok_s_traces": traces["tok_s"], "predicted_tok_s_alpha": average["tok_s"],
-            "predicted_tokens_per_cycle_traces": traces["tokens_per_cycle"],
-            "predicted_tokens_per_cycle_alpha": average["tokens_per_cycle"],
-            "error_traces": traces["tok_s"] / tok_s - 1, "error_alpha": average["tok_s"] / tok_s - 1})
+            **{f"predicted_tok_s_{k}": v["tok_s"] for k, v in kinds.items()},
+            **({f"predicted_runs_tok_s_{k}": v["runs"] for k, v in kinds.items()} if paired else {}),
+            **{f"predicted_tokens_per_cycle_{k}": v["tokens_per_cycle"] for k, v in kinds.items()},
+            **{f"error_{k}": v["error"] for k, v in kinds.items()}})
     worst = max(max(abs(r["error_traces"]), abs(r["error_alpha"])) for r in out_rows)
     out = {"config": config, "costs": str(Path(source).resolve()) if source else None, "costs_timed_between_runs":
            timed_between, "records": out_rows, "max_relative_error": worst, "host_probe": probe,
-           "host_slowdown": slowdown}
+           "host_slowdown": slowdown, "runs_paired_with_rounds": bool(rounds),
+           **({"round_costs": rounds} if rounds else {})}
     if config.get("json_out"):
         Path(config["json_out"]).write_text(json.dumps(out, indent=1))
     return out
@@ -289,8 +305,10 @@ def repredict(path: str, costs: str | None = None, json_out: str | None = None) 
     if (data.get("model"), data.get("dtype")) != (cfg["model"], cfg["dtype"]):
         raise SpdError(f"{source} was measured for {data.get('model')} in {data.get('dtype')}, not {cfg['model']} in "
                        f"{cfg['dtype']}")
+    # Its runs paired with the rounds timed before them, unless another file is given.
+    rounds = None if costs else saved.get("round_costs")
     return compare(data, source, [replayed_row(r, data) for r in saved["records"]], cfg | {"json_out": json_out},
-                   saved.get("host_probe"), saved.get("costs_timed_between_runs", False) and not costs)
+                   saved.get("host_probe"), saved.get("costs_timed_between_runs", False) and not costs, rounds)
 
 
 def print_validation(out: dict) -> None:
@@ -304,7 +322,9 @@ def print_validation(out: dict) -> None:
                f"{r['predicted_tokens_per_cycle_alpha']:.2f}")
         print(f"{r['config']:<34} {r['measured_tok_s']:>8.1f} {runs:>17}  {r['predicted_tok_s_traces']:>6.1f} "
               f"{r['error_traces']:>+6.0%}  {r['predicted_tok_s_alpha']:>6.1f} {r['error_alpha']:>+6.0%}  {tpc}")
-    print(f"max relative error: {out['max_relative_error']:.1%} (tok/s: median of the runs, decode only)")
+    paired = " (each run against the round of costs timed just before it: the errors' median)" if out.get(
+        "runs_paired_with_rounds") else ""
+    print(f"max relative error: {out['max_relative_error']:.1%}{paired} (tok/s: median of the runs, decode only)")
     if out.get("host_slowdown") is not None:
         p = out["host_probe"]
         probes = "/".join(f"{1e3 * t:.1f}" for t in p["step_s"])
