@@ -122,3 +122,57 @@ def test_a_part_is_timed_after_what_precedes_it_at_work_and_that_is_not_charged_
     assert calls == ["part"] + ["before", "part"] * 4  # the warm-up, then every timing preceded
     calls.clear()
     assert median_time(part, 3) < 0.01 and calls == ["part"] * 4
+
+
+def one_process_costs(stage_ratio=None):
+    """12 layers of 1 ms (no head, no overhead beyond them) and a drafter "d" whose real run's
+    stages ran `stage_ratio` times the table (None: a file from before that was timed)."""
+    from test_plan_simulate import flat_costs
+
+    data = flat_costs(layers=12, layer=1e-3)
+    data["target"]["1"]["step"] = {"128": 12e-3}
+    data["draft"] = {"d": {"1": {str(r): 1e-4 for r in (1, 2, 4, 8, 16)}}}
+    call = {"s_per_pass": 1e-4, "rows_per_pass": 1.0, "bookkeeping_s_per_cycle": 0.0}
+    data["draft_call"] = {"d": {"1": call | ({} if stage_ratio is None else {"stage_ratio": stage_ratio})}}
+    return data
+
+
+def test_a_drafters_real_run_says_how_one_processs_stages_run_against_the_table():
+    """measure.stage_ratio: a drafter's real one-process run (costs.time_drafting's record) took
+    its stages per cycle against what the table charges for the same walks, the machine's speed
+    at the run taken out: a run 25 % over the table reads 1.25 on a machine as fast as when the
+    table was timed, and still 1.25 on one 10 % slower then (its AR step 10 % slower too)."""
+    from spdecode.plan.measure import stage_ratio
+
+    data = one_process_costs()
+    # One node per slot at 2 stages, every draft right: every cycle but the first runs both
+    # stages over one row, 12 layers of 1 ms.
+    call = {"stage_sizes": [6, 6], "shape": [1, 1, 1], "walks": [[1, 1]] * 60, "prompt_tokens": 64,
+            "new_tokens": 48, "context": 112}
+    assert stage_ratio(data, "d", "1", call | {"stages_s_per_cycle": 15e-3, "step_s": 12e-3}) == pytest.approx(
+        1.25, rel=0.03)
+    assert stage_ratio(data, "d", "1", call | {"stages_s_per_cycle": 16.5e-3, "step_s": 13.2e-3}) == pytest.approx(
+        1.25, rel=0.03)
+
+
+def test_one_processs_stages_are_charged_as_its_drafters_run_found_them():
+    """The simulator charges a one-process cycle's stages at the drafter's stage ratio; AR, and a
+    pipeline (its ranks have their own calibration), are untouched, and a file from before reads 1."""
+    from spdecode.methods.spd_core import TreeShape
+    from spdecode.plan.predict import Setup, predict
+    from spdecode.plan.simulate import Drawn
+
+    local = Setup("spd", (6, 6), "1", False, TreeShape(1, 1, 1), "d")
+    piped = Setup("spd", (6, 6), "1", True, TreeShape(1, 1, 1), "d")
+    ar = Setup("ar", (12,), "1")
+    before, after = one_process_costs(), one_process_costs(stage_ratio=1.5)
+
+    def cycle_s(data, setup):
+        p = predict(data, setup, Drawn(1.0), 64, 200)
+        return p["decode_s"] / p["cycles"]
+
+    # A cycle: the drafter's pass (0.1 ms) and both stages (12 ms, then 18).
+    assert cycle_s(before, local) == pytest.approx(12.1e-3, rel=0.02)
+    assert cycle_s(after, local) == pytest.approx(18.1e-3, rel=0.02)
+    for setup in (piped, ar):
+        assert cycle_s(after, setup) == pytest.approx(cycle_s(before, setup), rel=1e-9)
