@@ -12,7 +12,15 @@ import pytest
 from spdecode.generators import MethodOptions, parse_method_spec
 from spdecode.plan.cost_model import CONCURRENT
 from spdecode.plan.planner import load_costs
-from spdecode.plan.validate import compare, replayed_row, row_setup, saved_setup, setup_for
+from spdecode.plan.validate import (
+    compare,
+    depth_acceptance,
+    predict_records,
+    replayed_row,
+    row_setup,
+    saved_setup,
+    setup_for,
+)
 from spdecode.runtime.models import DEFAULT_MODEL
 
 
@@ -61,6 +69,24 @@ def test_each_run_is_set_against_the_costs_timed_just_before_it():
     assert "round_costs" not in single and not single["runs_paired_with_rounds"]
     # A row whose runs are not one per round (a saved file from before) is set against the file alone.
     assert compare(fast, None, [row], {}, rounds=[fast, slow])["max_relative_error"] == single["max_relative_error"]
+
+
+def test_the_prediction_without_walks_draws_each_depths_acceptance_as_the_replay_counts_it():
+    """From acceptance alone, each depth's share of accepts as the walks' replay counts them (a walk
+    that ended at a leaf of the real tree stops one level down), each verification drawn on its
+    own; and the expectation over several draws: SPD as published at 4 stages makes 1 / (1 + (1 -
+    alpha) * 3) tokens a cycle."""
+    from test_plan_simulate import flat_costs
+
+    from spdecode.methods.spd_core import TreeShape
+    from spdecode.plan.predict import Setup
+
+    walks = [[2, 2, 1], [1, 0, 0], [2, 1, 0]]  # [tried, accepted, ended at a leaf]
+    assert depth_acceptance([{"walks": walks[:2]}, {"walks": walks[2:]}]) == pytest.approx([2 / 3, 1 / 2, 0.0])
+    assert depth_acceptance([{"walks": []}]) is None
+    setup = Setup("spd", (3, 3, 3, 3), "1", False, TreeShape(1, 1, 1), None)
+    p = predict_records(flat_costs(layers=12), setup, [{"prompt_tokens": 64, "new_tokens": 1200}], 0.46, False)
+    assert p["tokens_per_cycle"] == pytest.approx(1 / (1 + 0.54 * 3), rel=0.03)
 
 
 @pytest.mark.integration

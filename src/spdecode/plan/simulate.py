@@ -70,6 +70,10 @@ class Replayed:
             raise SpdError("the trace holds no verification to replay")
         self.at = [0] * len(self.by_depth)
 
+    def rates(self) -> list[float]:
+        """The share of outcomes at each depth that accepted (what drawing them on their own takes)."""
+        return [sum(outcomes) / len(outcomes) for outcomes in self.by_depth]
+
     def next(self, depth: int) -> bool:
         d = min(depth, len(self.by_depth) - 1)
         out = self.by_depth[d][self.at[d] % len(self.by_depth[d])]
