@@ -82,14 +82,12 @@ class Costs:
                       for name, by in data.get("draft", {}).items()}
         # What a pass costs at work beyond the lone pass, and the core's bookkeeping per cycle
         # (cost files from before these were timed have neither: 0).
-        # And how its real run's stages ran against the table (measure.stage_ratio; older files: 1).
-        self.draft_overhead, self.bookkeeping, self.stage_ratios = {}, {}, {}
+        self.draft_overhead, self.bookkeeping = {}, {}
         for name, by in data.get("draft_call", {}).items():
             call = at_threads(by, key)
             self.draft_overhead[name] = max(0.0, call["s_per_pass"] - at_rows(self.draft[name],
                                                                              round(call["rows_per_pass"])))
             self.bookkeeping[name] = call["bookkeeping_s_per_cycle"]
-            self.stage_ratios[name] = call.get("stage_ratio", 1.0)
 
     def layer(self, rows: int) -> float:
         return at_rows(self._layer, rows)
@@ -160,11 +158,6 @@ class Costs:
     def cycle_bookkeeping(self, name: str | None) -> float:
         """The engine core's own work per cycle (the schedule, plans, counters) beside `name`'s drafting."""
         return self.bookkeeping.get(name, 0.0)
-
-    def stage_ratio(self, name: str | None) -> float:
-        """A one-process cycle's stages at work beside `name`'s drafting, against the table (1 where
-        the cost file has no such run)."""
-        return self.stage_ratios.get(name, 1.0)
 
     def early_exit_pass(self, depth: int, rows: int) -> float:
         """The target's first `depth` layers and its head over `rows` rows (sd's early-exit drafter)."""

@@ -20,7 +20,6 @@ import statistics
 
 import torch
 
-from ..methods.spd_core import TreeShape
 from ..runtime.errors import SpdError
 from .cost_model import CONCURRENT
 from .costs import (
@@ -114,9 +113,7 @@ def beyond_table(data: dict, model, target, model_name: str, dtype: str, device:
                 cfg = json.loads((d / CONFIG_FILE).read_text())
                 pdm = load_pdm(d, StagedTarget(model, cfg["stage_sizes"]), weights_fingerprint(model))
                 out["draft"].setdefault(d.name, {})[str(k)] = time_pdm(pdm, rows, reps, cycle_before)
-                call = time_drafting(model, model_name, d)
-                call["stage_ratio"] = stage_ratio(out, d.name, str(k), call)
-                out["draft_call"].setdefault(d.name, {})[str(k)] = call
+                out["draft_call"].setdefault(d.name, {})[str(k)] = time_drafting(model, model_name, d)
     if concurrent and device == "cpu" and out["hardware"]["cores"] >= 2:
         log("timing the target with one thread in each of two processes at once")
         out["target"][CONCURRENT] = time_concurrent(model_name, dtype, rows, out["contexts"], reps)
@@ -125,23 +122,3 @@ def beyond_table(data: dict, model, target, model_name: str, dtype: str, device:
 
         out["pipeline"] = time_pipeline(model_name, dtype, device, out, log)
     return out
-
-
-def stage_ratio(data: dict, name: str, threads: str, call: dict) -> float:
-    """How a drafter's real one-process run (`call`: costs.time_drafting's) ran its stages and
-    verification against the table in `data`: per cycle, over what the simulator charges for the
-    same walks, the machine's speed at the run (an AR step around it against the table's step)
-    taken out. The table times a stage call alone, in a loop; at work the calls alternate with the
-    drafter's passes and the cycle's Python (int8w, one node per slot: 0.55 ms a layer at 2 stages,
-    0.57 at 4, against 0.55 in the table), and the one-process SPD predictions came out 2-6 %
-    fast, more at 4 stages than at 2."""
-    from .cost_model import at_context
-    from .predict import Setup, predict
-    from .simulate import Replayed
-
-    sizes = tuple(call["stage_sizes"])
-    setup = Setup("spd" if len(sizes) > 1 else "eagle", sizes, threads, False, TreeShape(*call["shape"]), name)
-    sim = predict(data, setup, Replayed(call["walks"]), call["prompt_tokens"], call["new_tokens"], timeline=True)
-    charged = sum(t1 - t0 for _, phase, t0, t1 in sim["events"] if phase == "stages") / sim["cycles"]
-    speed = call["step_s"] / at_context(data["target"][threads]["step"], call["context"])
-    return call["stages_s_per_cycle"] / (charged * speed)

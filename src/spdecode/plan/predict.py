@@ -58,8 +58,7 @@ def predict(data: dict, setup: Setup, acceptance, prompt: int, tokens: int, time
             out["events"] = [(0, "token", i * step, (i + 1) * step) for i in range(tokens - 1)]
         return out
     return simulate(costs, list(setup.sizes), acceptance, setup.shape, setup.distributed, setup.draft_pass(costs),
-                    tokens=tokens, prompt=prompt, cycle_s=costs.cycle_bookkeeping(setup.drafter),
-                    stage_ratio=costs.stage_ratio(setup.drafter), timeline=timeline)
+                    tokens=tokens, prompt=prompt, cycle_s=costs.cycle_bookkeeping(setup.drafter), timeline=timeline)
 
 
 def pooled_prediction(results: list[dict]) -> dict:

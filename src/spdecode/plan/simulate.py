@@ -197,7 +197,6 @@ class SimLocal:
     sizes: list[int]
     acceptance: object
     cycle_s: float = 0.0  # the engine core's bookkeeping per cycle
-    stage_ratio: float = 1.0  # the stages at work against the table (measure.stage_ratio)
     now: float = 0.0
     events: list | None = None  # (pid, phase or mark, start s, end s) when recording a timeline
 
@@ -206,7 +205,7 @@ class SimLocal:
 
     def cycle(self, run: SpdRun, slot) -> None:
         run.grow()
-        work = self.stage_ratio * sum(stage_cost(self.costs, self.sizes, s, rows) for s, rows in busy_stages(run.sched))
+        work = sum(stage_cost(self.costs, self.sizes, s, rows) for s, rows in busy_stages(run.sched))
         mark = verdict_mark(run.settle(walk_choices(run.sched, self.acceptance)))
         draft = run.drafter.take()
         if self.events is not None:
@@ -282,20 +281,16 @@ class SimPipeline:
 
 def simulate(costs: Costs, sizes: list[int], acceptance, shape: TreeShape = ONE_NODE, distributed: bool = True,
              draft_pass: Callable[[int], float] = lambda rows: 0.0, tokens: int = 256, prompt: int = 64,
-             cycle_s: float = 0.0, stage_ratio: float = 1.0, timeline: bool = False) -> dict:
+             cycle_s: float = 0.0, timeline: bool = False) -> dict:
     """Predicted decode time, tok/s, tokens per cycle and per-rank utilisation of one generation of
     `tokens` new tokens after a `prompt`-token prompt: the engine core over `sizes` stages (one
     stage: eagle or sd), in one process per stage (`distributed`) or all in one process; `cycle_s`:
-    the engine core's own work per cycle; `stage_ratio`: one process's stages at work against the
-    table (a pipeline's ranks have their own calibration); `timeline`: also return the run's
-    phases per rank as `events` (write_timeline turns them into the trace format of `generate
-    --trace`)."""
+    the engine core's own work per cycle; `timeline`: also return the run's phases per rank as
+    `events` (write_timeline turns them into the trace format of `generate --trace`)."""
     if sum(sizes) != costs.layers or min(sizes) < 1:
         raise SpdError(f"stage sizes {sizes} do not split {costs.layers} layers")
     m = Metrics(method="sim", n_stages=len(sizes), prompt_tokens=prompt)
-    piped = distributed and len(sizes) > 1
-    executor = (SimPipeline(costs, list(sizes), acceptance, cycle_s) if piped else
-                SimLocal(costs, list(sizes), acceptance, cycle_s, stage_ratio))
+    executor = (SimPipeline if distributed and len(sizes) > 1 else SimLocal)(costs, list(sizes), acceptance, cycle_s)
     executor.events = [] if timeline else None
     run = SpdRun(len(sizes), list(range(prompt)), StandIn(draft_pass), StopRule(set(), tokens), m, shape=shape)
     run.drive(executor)
