@@ -7,10 +7,10 @@ The drafters, the concurrent table and the pipeline calibration are timed once, 
 
 `plan --validate` times its own cost file between its runs (`between`): then every part is timed
 in every round, right before that round's run (which gets that round's file to set it against),
-and each entry's median kept. The same guest's
-speed drifts 10-30 % between hours and up to 30 % within minutes (an AR step probed at 22, 18, 15
-and 15 ms within one validation), so a cost file measured before a validation met another machine
-than the runs it predicts: the error it shows is then the drift's as much as the simulator's.
+and each entry's median kept. The same guest's speed drifts 10-30 % between hours and up to 30 %
+within minutes (an AR step probed at 22, 18, 15 and 15 ms within one validation), so a cost file
+measured before a validation met another machine than the runs it predicts: the error it shows is
+then the drift's as much as the simulator's.
 """
 
 from __future__ import annotations
