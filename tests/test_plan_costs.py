@@ -39,7 +39,7 @@ def test_measure_times_every_part_and_records_the_machine(tiny_dir):
     for k in kinds:
         t = costs["target"][k]
         assert set(t["layer"]) == {"16", "64"} and all(set(v) == {"1", "4"} for v in t["layer"].values())
-        assert set(t["head"]) == {"1", "4"}
+        assert set(t["head"]) == {"1", "4"} and set(t["chunk1_in_flight"]) == {"16", "64"}
         assert all(positive_leaves(t))
     link = costs["link"]
     assert link["backend"] == "gloo" and 0 < link["latency_s"] < 1 and link["bandwidth_bytes_per_s"] > 1e6

@@ -12,15 +12,20 @@ import sys
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from conftest import tiny_model
+from oracles import ReferenceDrafter
 from test_spd_core import P, run_once
 
 from spdecode.cli import main
+from spdecode.methods.ar import generate_ar
+from spdecode.methods.spd import generate_spd
 from spdecode.methods.schedule import tau
 from spdecode.methods.spd_core import TreeShape
 from spdecode.plan.cost_model import Costs
 from spdecode.plan.planner import SHIPPED, load_costs, load_walks, nearest_draft, plan
 from spdecode.plan.simulate import Drawn, Replayed, best_split, simulate
 from spdecode.runtime.errors import SpdError
+from spdecode.runtime.staged import StagedTarget
 
 
 def flat_costs(layers=12, layer=1e-3, head=0.0, latency=0.0, grow=0.0):
@@ -161,6 +166,34 @@ def test_one_process_runs_its_stages_one_after_another():
     r = simulate(c, [12], Drawn(0.0), TreeShape(8, 3, 4), tokens=400, draft_pass=lambda rows: 1e-3)
     nine_rows = 1e-3 + 8 * 1e-4
     assert r["cycle_ms"] == pytest.approx(1e3 * (12 * nine_rows + 3e-3), rel=0.03)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_one_row_behind_rows_in_flight_is_charged_where_the_engine_runs_it(n, monkeypatch):
+    """A one-row stage call behind rows in flight takes the masked path (chunk1_in_flight), dearer
+    than the table's lone row: the simulator charges it for exactly the calls where a real
+    one-process run of a tiny model took it (counted in the engine's stage calls), its walks replayed."""
+    model = tiny_model("llama")
+    prompt = [5, 17, 42, 8, 33, 71, 9]
+    ref = generate_ar(StagedTarget(model), prompt, 40).tokens
+    calls, stage_call = [], StagedTarget.run_stage_chunk
+
+    def counted(self, stage, hidden, layout, capture=None):
+        lo, hi = self.stage_bounds[stage]
+        calls.append((hidden.shape[1], layout.committed < layout.start, hi - lo))
+        return stage_call(self, stage, hidden, layout, capture)
+
+    monkeypatch.setattr(StagedTarget, "run_stage_chunk", counted)
+    target = StagedTarget(model, n)
+    gen = generate_spd(target, ReferenceDrafter(prompt, ref, 97, 0.5, seed=n), prompt, 40)
+    behind = sum(layers for rows, in_flight, layers in calls if rows == 1 and in_flight)
+    data = flat_costs(layers=model.config.num_hidden_layers, layer=0.0)
+    data["target"]["1"]["chunk1_in_flight"] = {"128": 1.0}  # seconds per layer: the clock counts them
+    r = simulate(Costs(data, "1"), target.stage_sizes, Replayed(gen.metrics.walks), tokens=gen.metrics.new_tokens,
+                 prompt=len(prompt), distributed=False)
+    # At two stages the row ahead of a slot is verified before the slot runs: never behind one in flight.
+    assert (behind > 0) == (n > 2) and r["cycles"] == gen.metrics.cycles
+    assert r["decode_s"] == pytest.approx(behind)
 
 
 def test_the_cost_model_reads_rows_and_context_between_timed_points():

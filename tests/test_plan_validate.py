@@ -149,7 +149,7 @@ def test_validate_measures_each_configuration_beside_its_predictions(tmp_path):
         for part in ("layer", "chunk"):  # seconds by context, then by rows
             for by_rows in by_threads[part].values():
                 by_rows.update({k: 2 * v for k, v in by_rows.items()})
-        for part in ("head", "step"):  # by rows; by context
+        for part in ("head", "step", "chunk1_in_flight"):  # by rows; by context
             by_threads[part] = {k: 2 * v for k, v in by_threads[part].items()}
     (tmp_path / "slow.json").write_text(json.dumps(costs))
     slow = replay(tmp_path / "slow.json")

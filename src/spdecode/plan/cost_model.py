@@ -68,6 +68,8 @@ class Costs:
         # A chunk of tree rows through the engine's stage call (older cost files: the plain decode).
         chunk = t.get("chunk", t["layer"])
         self._chunk = {r: at_context(chunk, context, lambda by, r=r: by[str(r)]) for r in rows}
+        # One row behind rows in flight (the masked path; older files: the chunk's one row).
+        self._chunk1_in_flight = at_context(t["chunk1_in_flight"], context) if t.get("chunk1_in_flight") else None
         self._head = {int(r): s for r, s in t["head"].items()}
         step = at_context(t["step"], context) if t.get("step") else None
         self.overhead = max(0.0, (step - self.layers * self._layer[1] - self._head[1]) / self.layers) if step else 0.0
@@ -95,12 +97,18 @@ class Costs:
     def head(self, rows: int) -> float:
         return at_rows(self._head, rows)
 
-    def layers_pass(self, layers: int, rows: int, chunk: bool = False) -> float:
+    def layers_pass(self, layers: int, rows: int, chunk: bool = False, in_flight: bool = False) -> float:
         """`layers` decoder layers over `rows` rows, with their share of the step's overhead; `chunk`:
-        as a speculative engine runs them (tree rows through the stage call), else a plain decode."""
+        as a speculative engine runs them (tree rows through the stage call), else a plain decode;
+        `in_flight`: behind rows in flight in the stage's cache (one row then takes the masked path,
+        as several always do)."""
         if not rows:
             return 0.0
-        return layers * ((at_rows(self._chunk, rows) if chunk else self.layer(rows)) + self.overhead)
+        if chunk and in_flight and rows == 1 and self._chunk1_in_flight is not None:
+            per_layer = self._chunk1_in_flight
+        else:
+            per_layer = at_rows(self._chunk, rows) if chunk else self.layer(rows)
+        return layers * (per_layer + self.overhead)
 
     def calibrated(self, name: str, rows: int, default: float | None = 0.0) -> float | None:
         """The pipeline calibration's `name` at `rows` rows (plan/calibrate.py; `default` without one,

@@ -157,9 +157,11 @@ def walk_choices(sched, acceptance) -> list[int] | None:
     return [choice.get(i, REJECT) for i in rows]
 
 
-def stage_cost(costs: Costs, sizes: list[int], s: int, rows: int) -> float:
-    """Stage s over `rows` rows of draft-tree nodes; the last stage also runs the head."""
-    return costs.layers_pass(sizes[s], rows, chunk=True) + (costs.head(rows) if s == len(sizes) - 1 else 0.0)
+def stage_cost(costs: Costs, sizes: list[int], s: int, rows: int, in_flight: bool = False) -> float:
+    """Stage s over `rows` rows of draft-tree nodes (`in_flight`: behind rows in flight in its
+    cache); the last stage also runs the head."""
+    return (costs.layers_pass(sizes[s], rows, chunk=True, in_flight=in_flight)
+            + (costs.head(rows) if s == len(sizes) - 1 else 0.0))
 
 
 def rank_stage_cost(costs: Costs, sizes: list[int], s: int, rows: int) -> float:
@@ -174,10 +176,15 @@ def rank_stage_cost(costs: Costs, sizes: list[int], s: int, rows: int) -> float:
             + costs.stage_slot(rows))
 
 
-def busy_stages(sched) -> list[tuple[int, int]]:
-    """(stage, rows) each stage runs this cycle: the entering slot's rows at stage 0, the rows
-    still live of the older slots after it."""
-    return [(s, len(sl.rows) if s == 0 else len(sl.down_rows)) for s, sl in sched.stage_slots()]
+def busy_stages(sched) -> list[tuple[int, int, bool]]:
+    """(stage, rows, in flight) each stage runs this cycle: the entering slot's rows at stage 0, the
+    rows still live of the older slots after it; and whether rows are in flight before them in
+    that stage's cache (the engine's own layout of the chunk says: committed < start)."""
+    out = []
+    for s, sl in sched.stage_slots():
+        rows, layout = (sl.rows, sl.layout0) if s == 0 else (sl.down_rows, sl.layout)
+        out.append((s, len(rows), layout is not None and layout.committed < layout.start))
+    return out
 
 
 def verdict_mark(done) -> str | None:
@@ -205,7 +212,8 @@ class SimLocal:
 
     def cycle(self, run: SpdRun, slot) -> None:
         run.grow()
-        work = sum(stage_cost(self.costs, self.sizes, s, rows) for s, rows in busy_stages(run.sched))
+        work = sum(stage_cost(self.costs, self.sizes, s, rows, in_flight)
+                   for s, rows, in_flight in busy_stages(run.sched))
         mark = verdict_mark(run.settle(walk_choices(run.sched, self.acceptance)))
         draft = run.drafter.take()
         if self.events is not None:
@@ -242,7 +250,8 @@ class SimPipeline:
     def cycle(self, run: SpdRun, slot) -> None:
         n, costs = len(self.sizes), self.costs
         run.grow()
-        rows = dict(busy_stages(run.sched))
+        # Its ranks' calibration (against the table's unmasked one row) holds the masked path already.
+        rows = {s: r for s, r, _ in busy_stages(run.sched)}
         start0, draft = self.now, run.drafter.take()
         stage0 = rank_stage_cost(costs, self.sizes, 0, rows.get(0, 0))
         ready0 = start0 + draft + stage0
