@@ -166,22 +166,24 @@ def measure_all(cfg: ValidateConfig, bench: BenchConfig, data: dict | None, log=
             finally:
                 torch.set_num_threads(before)
 
-        # Run by run, every configuration in each (the pipelines after the one-process ones): this
-        # guest's speed drifts by 10-15 % within minutes, and a configuration measured only at the
-        # end (the pipelines were, all their runs after the others') met another machine.
+        # Run by run, every configuration in each: this guest's speed drifts by 10-15 % within
+        # minutes, and a configuration measured only at the end (the pipelines were, all their runs
+        # after the others') met another machine. The pipelines first: a round times their
+        # calibration last, and set against calibrations 1-3 minutes older than their runs, bf16's
+        # came out 3, 19 and 18 % fast (its ratios swung 1.37/0.99/1.03 between rounds).
         def run(r: int, costs: dict | None = None) -> None:
             if costs is not None:
                 rounds.append(costs)
             probe()
-            if runners:
-                log(f"run {r + 1} of {cfg.runs}: {', '.join(local)}")
-                runs[r].extend(run_prompts(bench, runners, dtypes, tok, sets, eos))
             for spec, (method, opts) in piped.items():
                 key = distributed_key(spec, method, opts)
                 log(f"run {r + 1} of {cfg.runs}: {key}")
                 recs = run_distributed_spd(bench, method, opts, key, model, tok, sets)
                 runs[r].extend(recs)
                 setups[key] = (method, opts, recs[0]["stage_sizes"], True)
+            if runners:
+                log(f"run {r + 1} of {cfg.runs}: {', '.join(local)}")
+                runs[r].extend(run_prompts(bench, runners, dtypes, tok, sets, eos))
 
         if data is None:
             data = measure(cfg.model, cfg.dtype, cfg.device, timed_threads, reps=cfg.reps, drafts=drafts,
