@@ -10,16 +10,16 @@ import subprocess
 import sys
 
 import pytest
+from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import tiny_model
 from oracles import ReferenceDrafter
 from test_spd_core import P, run_once
 
 from spdecode.cli import main
 from spdecode.methods.ar import generate_ar
-from spdecode.methods.spd import generate_spd
 from spdecode.methods.schedule import tau
+from spdecode.methods.spd import generate_spd
 from spdecode.methods.spd_core import TreeShape
 from spdecode.plan.cost_model import Costs
 from spdecode.plan.planner import SHIPPED, load_costs, load_walks, nearest_draft, plan

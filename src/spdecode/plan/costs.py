@@ -172,8 +172,8 @@ def one_row_in_flight(target, context: int):
     """fn(): one row through the stage call behind a row still in flight (committed < start), after
     `context` verified tokens: the masked path, which one-process SPD's one-row stage calls take
     whenever older slots are in flight. The chunk table's one row, with nothing in flight, takes
-    the unmasked path, 2-4 % cheaper per layer on the Xeon (int8w, fp32, bf16 at 2 threads); with
-    it one-process SPD at 4 stages came out 5-13 % fast."""
+    the unmasked path, 2-4 % cheaper per layer on the Xeon (int8w, fp32, bf16 at 2 threads; 5 % on
+    an EPYC, fp16w); with it one-process SPD at 4 stages came out 5-13 % fast."""
     from ..runtime.cache_layout import ChunkLayout
 
     t = target

@@ -183,7 +183,7 @@ def busy_stages(sched) -> list[tuple[int, int, bool]]:
     out = []
     for s, sl in sched.stage_slots():
         rows, layout = (sl.rows, sl.layout0) if s == 0 else (sl.down_rows, sl.layout)
-        out.append((s, len(rows), layout is not None and layout.committed < layout.start))
+        out.append((s, len(rows), layout.committed < layout.start))
     return out
 
 
