@@ -101,6 +101,21 @@ def test_a_cost_file_timed_between_runs_times_a_round_before_each(tiny_dir):
     assert costs["target"]["1"]["layer"]["16"]["1"] == pytest.approx(sum(one_row) / 2)
 
 
+def test_the_cost_table_is_timed_again_where_the_slow_state_met_it(tiny_dir):
+    """With plan --validate's gate (plan/steady.py) a table the slow state met is timed again."""
+    from test_plan_steady import scripted
+
+    from spdecode.plan.steady import SteadyGate
+
+    log = []
+    io, left = scripted([1.0, 1.5, 1.0, 1.0])  # the table's check reads slow once
+    gate = SteadyGate(**io, max_wait_s=0.0)
+    costs = measure(tiny_dir, threads=(1,), rows=(1, 2), contexts=(16,), reps=1, drafts=False, link=False,
+                    concurrent=False, pipeline=False, rounds=1, gate=gate, log=log.append)
+    assert sum("round 1 of 1" in m for m in log) == 2 and not left
+    assert set(costs["target"]["1"]["layer"]["16"]) == {"1", "2"}
+
+
 def test_a_part_is_timed_after_what_precedes_it_at_work_and_that_is_not_charged_to_it():
     """The head and a drafter's pass are timed right after a pass over the target (alone in a loop
     they find their weights warm and come out fast): `before` runs ahead of every timed call, and

@@ -299,29 +299,37 @@ def check_identity(cfg: BenchConfig, rows: dict[str, dict], dtypes: dict[str, st
     return failed
 
 
-def run_prompts(cfg, runners, dtypes: dict[str, str], tok, sets, eos) -> list[dict]:
+def run_prompts(cfg, runners, dtypes: dict[str, str], tok, sets, eos, gate=None) -> list[dict]:
     """Every method on every prompt, methods interleaved per prompt (same conditions for each).
-    Greedy outputs are checked against the first AR of the same dtype."""
+    Greedy outputs are checked against the first AR of the same dtype. `gate` (plan/steady.py's
+    SteadyGate): each prompt's methods run between a wait for the machine's usual speed and a
+    check, and again where the check finds it slowed (plan --validate)."""
     first = encode_prompt(tok, next(iter(sets.values()))[0]["turns"][0])
     for run in runners.values():  # warm-up: first calls pay for allocation and lazy init
         run(first, 4, SamplingParams(), eos)
     records = []
     total = sum(len(v) for v in sets.values()) * len(runners)
     with tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True) as bar:
+
+        def one_prompt(name: str, row: dict) -> list[dict]:
+            ids = encode_prompt(tok, row["turns"][0])
+            ar_tokens, out = {}, []
+            for m, run in runners.items():
+                # Same seed for every method: sampled runs are comparable draws, greedy runs identical.
+                gen = run(ids, cfg.max_new_tokens, cfg.sampling, eos)
+                # The bench's method spec wins over the name the metrics carry (e.g. sd-tree).
+                rec = {"dataset": name, "question_id": row["question_id"], "prompt_tokens": len(ids),
+                       **gen.metrics.as_dict(), "method": m, "dtype": dtypes[m], "tokens": gen.tokens}
+                if base_method(m) == "ar" and dtypes[m] not in ar_tokens:
+                    ar_tokens[dtypes[m]] = gen.tokens
+                elif dtypes[m] in ar_tokens and cfg.temperature == 0:
+                    rec["matches_ar"] = gen.tokens == ar_tokens[dtypes[m]]
+                out.append(rec)
+                bar.update(1)
+            return out
+
+        steadily = gate.around if gate is not None else lambda what, fn: fn()
         for name, rows in sets.items():
             for row in rows:
-                ids = encode_prompt(tok, row["turns"][0])
-                ar_tokens = {}
-                for m, run in runners.items():
-                    # Same seed for every method: sampled runs are comparable draws, greedy runs identical.
-                    gen = run(ids, cfg.max_new_tokens, cfg.sampling, eos)
-                    # The bench's method spec wins over the name the metrics carry (e.g. sd-tree).
-                    rec = {"dataset": name, "question_id": row["question_id"], "prompt_tokens": len(ids),
-                           **gen.metrics.as_dict(), "method": m, "dtype": dtypes[m], "tokens": gen.tokens}
-                    if base_method(m) == "ar" and dtypes[m] not in ar_tokens:
-                        ar_tokens[dtypes[m]] = gen.tokens
-                    elif dtypes[m] in ar_tokens and cfg.temperature == 0:
-                        rec["matches_ar"] = gen.tokens == ar_tokens[dtypes[m]]
-                    records.append(rec)
-                    bar.update(1)
+                records += steadily(f"{name} prompt {row['question_id']}", lambda n=name, r=row: one_prompt(n, r))
     return records

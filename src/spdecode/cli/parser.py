@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--stages", type=int, default=2, help="--validate: the pipelines' stages (default 2)")
     pl.add_argument("--master-port", type=int, default=None, help="--validate: rendezvous port (default: a free one)")
     pl.add_argument("--timeout", type=float, default=120.0, help="--validate: seconds a rank waits for a peer")
+    pl.add_argument("--steady-wait", type=float, default=90.0,
+                    help="--validate: the most seconds to wait, before each part timed and each prompt run, for the "
+                    "machine's usual speed (a gauge of several rows; 0: no waits, no retakes)")
     pl.set_defaults(func=cmd_plan)
 
     pt = sub.add_parser("plot-trace", help="draw the first cycles of a --trace file as a per-rank timeline (PNG)")

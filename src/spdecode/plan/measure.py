@@ -54,12 +54,13 @@ def median_tables(tables: list):
 def measure(model_name: str, dtype: str = "float32", device: str = "cpu", threads=(1, 2), rows=ROWS,
             contexts=CONTEXTS, reps: int = 5, drafts: bool | set[str] = True, link: bool = True,
             concurrent: bool = True, pipeline: bool = True, rounds: int = ROUNDS, between=None,
-            log=print) -> dict:
+            gate=None, log=print) -> dict:
     """The cost file of `model_name` in `dtype` on `device` (plan/costs.py says what each part is);
     `drafts`: every bundled draft, none, or those named; `pipeline`: also a real two-process run's
     calibration (plan/calibrate.py), where the concurrent timings and a bundled draft exist;
     `between(r, costs)`: run after round r with that round's whole cost file, every part then timed
-    in every round (above)."""
+    in every round (above); `gate` (a steady.SteadyGate): each part timed between a wait for the
+    machine's usual speed and a check, and again where the check finds it slowed (plan/steady.py)."""
     if any(k < 1 for k in threads):
         raise SpdError(f"thread counts must be at least 1 (got {threads})")
     if rounds < 1:
@@ -74,17 +75,22 @@ def measure(model_name: str, dtype: str = "float32", device: str = "cpu", thread
     parts = dict(model=model, target=target, model_name=model_name, dtype=dtype, device=device, threads=threads,
                  rows=rows, reps=reps, drafts=drafts, concurrent=concurrent, pipeline=pipeline, log=log)
     before = torch.get_num_threads()
+    steadily = gate.around if gate is not None else lambda what, fn: fn()
+
+    def target_table(k: int, r: int) -> dict:
+        torch.set_num_threads(k)
+        log(f"timing the target with {k} thread(s), round {r + 1} of {rounds}")
+        return time_target(target, rows, contexts, reps)
+
     timed = []
     try:
         for r in range(rounds):
-            table = {}
-            for k in threads:
-                torch.set_num_threads(k)
-                log(f"timing the target with {k} thread(s), round {r + 1} of {rounds}")
-                table[str(k)] = time_target(target, rows, contexts, reps)
+            table = {str(k): steadily(f"the table at {k} thread(s), round {r + 1}", lambda k=k, r=r: target_table(k, r))
+                     for k in threads}
             timed.append({"target": table})
             if between is not None:
-                timed[-1] = beyond_table(out | timed[-1], **parts)
+                timed[-1] = steadily(f"the parts beyond the table, round {r + 1}",
+                                     lambda: beyond_table(out | timed[-1], **parts))
                 torch.set_num_threads(before)
                 between(r, timed[-1])
         out |= median_tables(timed)

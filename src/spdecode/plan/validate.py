@@ -66,6 +66,7 @@ class ValidateConfig:
     json_out: str | None = None
     master_port: int | None = None
     timeout: float = 120.0
+    steady_wait_s: float = 90.0  # the most a wait for the machine's usual speed takes (plan/steady.py; 0: none)
 
 
 def rank_threads(threads: str, distributed: bool, ranks: int, data: dict) -> str:
@@ -139,6 +140,7 @@ def measure_all(cfg: ValidateConfig, bench: BenchConfig, data: dict | None, log=
     from ..runtime.models import load_model
     from .costs import CONTEXTS, host_probe
     from .measure import measure
+    from .steady import SteadyGate, gauge
 
     local = method_specs(bench) if cfg.methods.strip() else {}
     piped = method_specs(replace(bench, method=cfg.distributed, distributed=True)) if cfg.distributed else {}
@@ -157,6 +159,9 @@ def measure_all(cfg: ValidateConfig, bench: BenchConfig, data: dict | None, log=
         # cost file times them.
         threads = torch.get_num_threads() if data or torch.get_num_threads() in timed_threads else timed_threads[-1]
         probe_context = min(data.get("contexts") or [128]) if data else min(CONTEXTS)
+        gate = SteadyGate(gauge(model, threads, context=probe_context), max_wait_s=cfg.steady_wait_s,
+                          log=log) if cfg.steady_wait_s > 0 else None
+        steadily = gate.around if gate is not None else lambda what, fn: fn()
 
         def probe():
             before = torch.get_num_threads()
@@ -178,22 +183,24 @@ def measure_all(cfg: ValidateConfig, bench: BenchConfig, data: dict | None, log=
             for spec, (method, opts) in piped.items():
                 key = distributed_key(spec, method, opts)
                 log(f"run {r + 1} of {cfg.runs}: {key}")
-                recs = run_distributed_spd(bench, method, opts, key, model, tok, sets)
+                recs = steadily(f"run {r + 1}: {key}", lambda m=method, o=opts, k=key:
+                                run_distributed_spd(bench, m, o, k, model, tok, sets))
                 runs[r].extend(recs)
                 setups[key] = (method, opts, recs[0]["stage_sizes"], True)
             if runners:
                 log(f"run {r + 1} of {cfg.runs}: {', '.join(local)}")
-                runs[r].extend(run_prompts(bench, runners, dtypes, tok, sets, eos))
+                runs[r].extend(run_prompts(bench, runners, dtypes, tok, sets, eos, gate))
 
         if data is None:
             data = measure(cfg.model, cfg.dtype, cfg.device, timed_threads, reps=cfg.reps, drafts=drafts,
                            link=bool(piped), concurrent=bool(piped), pipeline=bool(piped), rounds=cfg.runs, between=run,
-                           log=lambda m: log(f"costs: {m}"))
+                           gate=gate, log=lambda m: log(f"costs: {m}"))
         else:
             for r in range(cfg.runs):
                 run(r)
         probe()
-    return setups, runs, {"threads": str(threads), "context": probe_context, "step_s": probes}, data, rounds or None
+    return (setups, runs, {"threads": str(threads), "context": probe_context, "step_s": probes}, data, rounds or None,
+            gate.summary() if gate is not None else None)
 
 
 def timed_parts(setups: dict, model_name: str, piped: bool) -> tuple[tuple[int, ...], bool | set[str]]:
@@ -226,7 +233,7 @@ def validate(cfg: ValidateConfig, log=print) -> dict:
     bench = BenchConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, method=cfg.methods, data=cfg.data,
                         limit=cfg.limit, max_new_tokens=cfg.max_new_tokens, stages=cfg.stages,
                         master_port=cfg.master_port, timeout=cfg.timeout)
-    setups, runs, probe, data, rounds = measure_all(cfg, bench, data, log)
+    setups, runs, probe, data, rounds, steady = measure_all(cfg, bench, data, log)
     if source is None:
         source = cfg.costs_out or (str(Path(cfg.json_out).with_suffix(".costs.json")) if cfg.json_out else None)
         if source:
@@ -242,7 +249,8 @@ def validate(cfg: ValidateConfig, log=print) -> dict:
                      "measured_tokens_per_cycle": measured[0]["tokens_per_cycle"], "alpha": measured[0]["alpha"],
                      # What the predictions replay: the first run's generations (--replay predicts them again).
                      "generations": [{k: r.get(k) for k in ("prompt_tokens", "new_tokens", "walks")} for r in first]})
-    return compare(data, source, rows, asdict(cfg), probe, timed_between=cfg.costs is None, rounds=rounds)
+    return compare(data, source, rows, asdict(cfg), probe, timed_between=cfg.costs is None, rounds=rounds,
+                   steady=steady)
 
 
 def saved_setup(setup: Setup) -> dict:
@@ -274,7 +282,7 @@ def host_slowdown(data: dict, probe: dict | None) -> float | None:
 
 
 def compare(data: dict, source: str | None, rows: list[dict], config: dict, probe: dict | None = None,
-            timed_between: bool = False, rounds: list[dict] | None = None) -> dict:
+            timed_between: bool = False, rounds: list[dict] | None = None, steady: dict | None = None) -> dict:
     """Each measured configuration's predictions from the cost file `data` (from `source`) beside
     its measurement: from its generations' walks and from its alpha alone (`source`: None for a
     file timed between the runs and not saved); `rounds`, where given (one cost file per run, each
@@ -306,7 +314,7 @@ def compare(data: dict, source: str | None, rows: list[dict], config: dict, prob
     worst = max(max(abs(r["error_traces"]), abs(r["error_alpha"])) for r in out_rows)
     out = {"config": config, "costs": str(Path(source).resolve()) if source else None, "costs_timed_between_runs":
            timed_between, "records": out_rows, "max_relative_error": worst, "host_probe": probe,
-           "host_slowdown": slowdown, "runs_paired_with_rounds": bool(rounds),
+           "host_slowdown": slowdown, "runs_paired_with_rounds": bool(rounds), "steady": steady,
            **({"round_costs": rounds} if rounds else {})}
     if config.get("json_out"):
         Path(config["json_out"]).write_text(json.dumps(out, indent=1))
@@ -329,7 +337,8 @@ def repredict(path: str, costs: str | None = None, json_out: str | None = None) 
     # Its runs paired with the rounds timed before them, unless another file is given.
     rounds = None if costs else saved.get("round_costs")
     return compare(data, source, [replayed_row(r, data) for r in saved["records"]], cfg | {"json_out": json_out},
-                   saved.get("host_probe"), saved.get("costs_timed_between_runs", False) and not costs, rounds)
+                   saved.get("host_probe"), saved.get("costs_timed_between_runs", False) and not costs, rounds,
+                   saved.get("steady"))
 
 
 def print_validation(out: dict) -> None:
@@ -346,6 +355,11 @@ def print_validation(out: dict) -> None:
     paired = " (each run against the round of costs timed just before it: the errors' median)" if out.get(
         "runs_paired_with_rounds") else ""
     print(f"max relative error: {out['max_relative_error']:.1%}{paired} (tok/s: median of the runs, decode only)")
+    if out.get("steady"):
+        st = out["steady"]
+        print(f"steady: {st['gauges']} waits for the machine's usual speed took {st['waited_s']:.0f} s in all, "
+              f"{st['gave_up']} ran out ({st['max_wait_s']:.0f} s each), {st['retaken']} parts or prompts taken again "
+              "(plan/steady.py)")
     if out.get("host_slowdown") is not None:
         p = out["host_probe"]
         probes = "/".join(f"{1e3 * t:.1f}" for t in p["step_s"])

@@ -1,0 +1,125 @@
+"""Waiting for the machine's usual speed before a timing or a run (`plan --validate`).
+
+On a 2-vCPU KVM guest (AMD EPYC, Zen 4) a 5-row pass of the target at 2 threads ran 850-900 us a
+layer for minutes on end, then 1260-1340 us for anything from 8 s to over a minute, and back: the
+same tensors in the same process, in a loop doing nothing else. Several rows suffered most (int8w
++45-50 %, fp32 +28 %, bf16 and fp16w +15 %), one row little (+4-7 %), which is why a probe of one AR
+step never saw it. Neither the cost table nor the simulator can know when that state comes; a
+round's table timed in one state and set against runs in the other put int8w's sd 21 % off
+(predicted 17.5 and 18.4 tok/s against runs of 14.3-15.3; a one-process sd run in the slow state
+spent 41.5 ms a cycle in its target pass against 30.7 in the usual one).
+
+So `plan --validate` reads a gauge (several rows through every layer, the validation's threads)
+before each part it times and each prompt it runs, waits while the gauge reads slower than its
+fastest reading by more than a tolerance (at most `max_wait_s` each time), and reads it again after:
+a part or a prompt the slow state may have met is timed or run again, once. What it waited and
+took again is reported beside the errors, and a wait that ran out is counted, not hidden.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+TOLERANCE = 1.10  # a gauge reading this much over the fastest is the slow state (its jitter is 2-5 %)
+MAX_WAIT_S = 90.0
+POLL_S = 2.0
+
+
+@dataclass
+class SteadyGate:
+    """`reading()`: seconds of the gauge (lower is faster); `sleep`, `clock`: injectable for tests."""
+
+    reading: Callable[[], float]
+    tolerance: float = TOLERANCE
+    max_wait_s: float = MAX_WAIT_S
+    poll_s: float = POLL_S
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+    fastest: float = float("inf")
+    log: Callable[[str], None] = lambda m: None
+    events: list[dict] = field(default_factory=list)
+
+    def _read(self) -> float:
+        r = self.reading()
+        self.fastest = min(self.fastest, r)
+        return r
+
+    def steady(self, r: float) -> bool:
+        return r <= self.tolerance * self.fastest
+
+    def wait(self, what: str) -> bool:
+        """Read the gauge until it reads steady or `max_wait_s` has passed; whether it did."""
+        t0 = self.clock()
+        r = self._read()
+        while not self.steady(r) and self.clock() - t0 < self.max_wait_s:
+            self.sleep(self.poll_s)
+            r = self._read()
+        ok = self.steady(r)
+        waited = self.clock() - t0
+        if waited >= self.poll_s or not ok:
+            self.log(f"steady: waited {waited:.0f} s before {what} (gauge {r / self.fastest:.2f}x its fastest"
+                     f"{'' if ok else ', gave up'})")
+        self.events.append({"what": what, "kind": "wait", "waited_s": waited, "ratio": r / self.fastest, "steady": ok})
+        return ok
+
+    def held(self, what: str) -> bool:
+        """After a part or a run: whether the gauge still reads steady (else it is taken again)."""
+        r = self._read()
+        ok = self.steady(r)
+        self.events.append({"what": what, "kind": "after", "ratio": r / self.fastest, "steady": ok})
+        return ok
+
+    def around(self, what: str, fn: Callable[[], object], retakes: int = 1):
+        """fn() between a wait and a check, taken again (at most `retakes` times) where the check
+        finds the slow state; returns fn's last result."""
+        for attempt in range(retakes + 1):
+            self.wait(what)
+            out = fn()
+            if self.held(what) or attempt == retakes:
+                return out
+            self.events.append({"what": what, "kind": "retake"})
+            self.log(f"steady: {what} met the slow state; taken again")
+        return out
+
+    def summary(self) -> dict:
+        waits = [e for e in self.events if e["kind"] == "wait"]
+        return {"tolerance": self.tolerance, "max_wait_s": self.max_wait_s, "gauges": len(waits),
+                "waited_s": sum(e["waited_s"] for e in waits),
+                "gave_up": sum(1 for e in waits if not e["steady"]),
+                "retaken": sum(1 for e in self.events if e["kind"] == "retake"),
+                "events": self.events}
+
+
+def gauge(model, threads: int, rows: int = 5, context: int = 128, reps: int = 3) -> Callable[[], float]:
+    """fn(): median seconds of `reps` passes of `rows` rows through every layer of `model` after
+    `context` tokens, at `threads` threads: what the slow state slows most."""
+    import torch
+
+    from ..runtime.staged import StagedTarget
+    from .costs import prime
+
+    t = StagedTarget(model)
+    prime(t, context, rows)
+    x = torch.randn(1, rows, t.config.hidden_size, dtype=t.dtype, device=t.device)
+
+    @torch.inference_mode()
+    def read() -> float:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            times = []
+            for _ in range(reps):
+                t.rollback(context)
+                t0 = time.perf_counter()
+                t.run_layers(0, t.n_layers, x, context)
+                if t.device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+        finally:
+            torch.set_num_threads(before)
+
+    return read

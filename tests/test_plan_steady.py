@@ -1,0 +1,85 @@
+"""plan --validate waits for the machine's usual speed before what it times and runs (plan/steady.py),
+and takes a part or a prompt again where the slow state may have met it."""
+
+from types import SimpleNamespace
+
+from spdecode.plan.steady import SteadyGate
+
+
+def scripted(readings):
+    """A gauge that reads `readings` in turn, and a clock that moves only when the gate sleeps."""
+    left = list(readings)
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+
+    return dict(reading=lambda: left.pop(0), sleep=sleep, clock=lambda: now[0]), left
+
+
+def test_a_wait_lasts_until_the_gauge_reads_near_its_fastest_and_no_longer_than_its_limit():
+    io, left = scripted([1.0, 1.5, 1.4, 1.05, 1.0])
+    gate = SteadyGate(**io, poll_s=2.0, max_wait_s=60.0)
+    assert gate.wait("first") and gate.events[-1]["waited_s"] == 0.0
+    assert gate.wait("second")  # 1.5 and 1.4 are the slow state; 1.05 is within 10 % of 1.0
+    assert gate.events[-1]["waited_s"] == 4.0 and left == [1.0]
+    # A slow state that outlasts the limit: the wait gives up, and says so.
+    io, _ = scripted([1.0] + [1.5] * 100)
+    gate = SteadyGate(**io, poll_s=2.0, max_wait_s=10.0)
+    gate.wait("first")
+    assert not gate.wait("long") and gate.events[-1]["waited_s"] == 10.0
+    assert gate.summary()["gave_up"] == 1 and gate.summary()["waited_s"] == 10.0
+    # A faster reading later becomes the reference (the gate may have started in the slow state).
+    io, _ = scripted([1.5, 1.0, 1.5, 1.0])
+    gate = SteadyGate(**io, poll_s=1.0, max_wait_s=10.0)
+    assert gate.wait("a") and gate.wait("b") and gate.fastest == 1.0
+    assert gate.wait("c") and gate.events[-1]["waited_s"] == 1.0
+
+
+def test_what_the_slow_state_met_is_taken_again_once():
+    calls = []
+    # wait ok, check slow -> taken again: wait ok, check ok.
+    io, left = scripted([1.0, 1.3, 1.0, 1.0])
+    gate = SteadyGate(**io, max_wait_s=0.0)
+    assert gate.around("part", lambda: calls.append("x") or len(calls)) == 2
+    assert calls == ["x", "x"] and not left and gate.summary()["retaken"] == 1
+    # A check that reads slow every time: taken again once, then kept (and counted).
+    io, _ = scripted([1.0, 1.3, 1.0, 1.3])
+    gate = SteadyGate(**io, max_wait_s=0.0)
+    calls.clear()
+    assert gate.around("part", lambda: calls.append("x") or len(calls)) == 2 and len(calls) == 2
+    # A steady machine: once.
+    io, _ = scripted([1.0, 1.02])
+    gate = SteadyGate(**io)
+    calls.clear()
+    gate.around("part", lambda: calls.append("x"))
+    assert calls == ["x"] and gate.summary()["retaken"] == 0
+
+
+def test_the_bench_runs_a_prompt_again_without_keeping_the_slow_attempt():
+    """run_prompts with a gate: every method of a prompt the slow state met is run again, and the
+    records hold each (prompt, method) once, from the attempt the gate kept."""
+    from spdecode.bench.run import run_prompts
+    from spdecode.runtime.generation import Generation
+    from spdecode.runtime.metrics import Metrics
+
+    attempts = []
+
+    def runner(name):
+        def run(ids, k, sampling, eos, on_token=None, halt=None):
+            attempts.append(name)
+            return Generation([7, 8], Metrics(method=name, new_tokens=2, decode_s=len(attempts)))
+        return run
+
+    tok = type("Tok", (), {"chat_template": None, "__call__": lambda self, s: SimpleNamespace(input_ids=[1, 2])})()
+    sets = {"set": [{"question_id": 0, "turns": ["a"]}, {"question_id": 1, "turns": ["b"]}]}
+    cfg = SimpleNamespace(max_new_tokens=2, sampling=None, temperature=0)
+    # prompt 0: wait ok, check slow, wait ok, check ok; prompt 1: wait ok, check ok.
+    io, left = scripted([1.0, 1.4, 1.0, 1.0, 1.0, 1.0])
+    gate = SteadyGate(**io, max_wait_s=0.0)
+    recs = run_prompts(cfg, {"ar": runner("ar"), "sd": runner("sd")}, {"ar": "float32", "sd": "float32"}, tok, sets,
+                       set(), gate)
+    assert not left and attempts[2:] == ["ar", "sd", "ar", "sd", "ar", "sd"]  # after the warm-ups
+    assert [(r["question_id"], r["method"]) for r in recs] == [(0, "ar"), (0, "sd"), (1, "ar"), (1, "sd")]
+    assert [r["decode_s"] for r in recs] == [5, 6, 7, 8]  # prompt 0 from its second attempt
+
