@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 TOLERANCE = 1.10  # a gauge reading this much over the fastest is the slow state (its jitter is 2-5 %)
 MAX_WAIT_S = 90.0
-POLL_S = 2.0
+# Between readings the gate reads again at once rather than sleep: runs and timings keep the cores
+# busy, and a gauge read after idle seconds need not see the machine they see.
+POLL_S = 0.0
 
 
 @dataclass
@@ -55,11 +57,12 @@ class SteadyGate:
         t0 = self.clock()
         r = self._read()
         while not self.steady(r) and self.clock() - t0 < self.max_wait_s:
-            self.sleep(self.poll_s)
+            if self.poll_s:
+                self.sleep(self.poll_s)
             r = self._read()
         ok = self.steady(r)
         waited = self.clock() - t0
-        if waited >= self.poll_s or not ok:
+        if waited >= 1.0 or not ok:
             self.log(f"steady: waited {waited:.0f} s before {what} (gauge {r / self.fastest:.2f}x its fastest"
                      f"{'' if ok else ', gave up'})")
         self.events.append({"what": what, "kind": "wait", "waited_s": waited, "ratio": r / self.fastest, "steady": ok})
@@ -93,9 +96,9 @@ class SteadyGate:
                 "events": self.events}
 
 
-def gauge(model, threads: int, rows: int = 5, context: int = 128, reps: int = 3) -> Callable[[], float]:
+def gauge(model, threads: int, rows: int = 5, context: int = 128, reps: int = 5) -> Callable[[], float]:
     """fn(): median seconds of `reps` passes of `rows` rows through every layer of `model` after
-    `context` tokens, at `threads` threads: what the slow state slows most."""
+    `context` tokens, at `threads` threads, after one untimed: what the slow state slows most."""
     import torch
 
     from ..runtime.staged import StagedTarget
@@ -111,14 +114,14 @@ def gauge(model, threads: int, rows: int = 5, context: int = 128, reps: int = 3)
         torch.set_num_threads(threads)
         try:
             times = []
-            for _ in range(reps):
+            for _ in range(reps + 1):
                 t.rollback(context)
                 t0 = time.perf_counter()
                 t.run_layers(0, t.n_layers, x, context)
                 if t.device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
-            return statistics.median(times)
+            return statistics.median(times[1:])
         finally:
             torch.set_num_threads(before)
 
