@@ -84,3 +84,15 @@ def train_tiny_pdm(model, stage_sizes, prompts, out_dir, layers=1):
     settings = TrainSettings(epochs=8, lr=3e-3, warmup=2, batch_tokens=200, val_every=1000, save_every=1000)
     train(pdm, teacher, examples, [], out_dir, settings, log=lambda *_: None)
     return pdm
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    """(exit code, stderr) of `spdecode ARGV` run in this process: the same main `python -m
+    spdecode` runs, without a fresh interpreter's 4-5 s (refusals checked this way)."""
+    from spdecode.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # what argparse refuses ends here, as it ends the command
+        code = exc.code
+    return code, capsys.readouterr().err

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_cli
 
 from spdecode.bench.report import predicted_tokens_per_cycle
 
@@ -37,10 +38,9 @@ def test_one_invocation_compares_every_method(tmp_path):
     assert plot.stat().st_size > 1000
 
 
-def test_bad_method_is_one_clear_line():
-    res = subprocess.run([sys.executable, "-m", "spdecode", "bench", "--method", "ar,warp"],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "unknown method warp" in res.stderr and "Traceback" not in res.stderr
+def test_bad_method_is_one_clear_line(capsys):
+    code, err = run_cli(capsys, "bench", "--method", "ar,warp")
+    assert code == 2 and "unknown method warp" in err and "Traceback" not in err
 
 
 def test_predictions_at_the_extremes():

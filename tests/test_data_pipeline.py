@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_cli
 
 from spdecode.data import human_eval_records, load_prompt_set
 from spdecode.training.clean import Contamination, clean, eval_texts, words
@@ -94,7 +95,7 @@ def test_humaneval_solutions_and_tests_are_evaluation_text_too():
     assert Contamination(texts).hits("def helper():\n" + solution * 2)
 
 
-def test_data_clean_on_the_command_line(tmp_path):
+def test_data_clean_on_the_command_line(tmp_path, capsys):
     a, b, out = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "mix.jsonl"
     a.write_text(json.dumps(conv("Tell me a story about a robot.", STORY)) + "\n")
     b.write_text(json.dumps({"messages": conv("Another robot story?", STORY)}) + "\n" +
@@ -105,9 +106,8 @@ def test_data_clean_on_the_command_line(tmp_path):
     assert "3 conversations: 2 kept, 1 near-duplicates" in res.stdout
     assert [json.loads(line)["messages"][0]["content"] for line in out.read_text().splitlines()] == [
         "Tell me a story about a robot.", "Why is the sky blue?"]
-    res = subprocess.run([sys.executable, "-m", "spdecode", "data", "clean", "--data", str(a), "--out", str(out),
-                          "--threshold", "0"], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "threshold" in res.stderr
+    code, err = run_cli(capsys, "data", "clean", "--data", str(a), "--out", str(out), "--threshold", "0")
+    assert code == 2 and "threshold" in err
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def chat_model(tmp_path_factory):
 
 
 @pytest.mark.integration
-def test_the_target_writes_prompts_from_topic_seeds_and_answers_them(tmp_path):
+def test_the_target_writes_prompts_from_topic_seeds_and_answers_them(tmp_path, capsys):
     """SmolLM2-Instruct given only its template up to the user's turn and a seed writes requests
     of that topic; `data synth` answers them; a rerun with a larger count goes on where it stopped."""
     from spdecode.training.synth import SEEDS, read_prompts
@@ -141,8 +141,8 @@ def test_the_target_writes_prompts_from_topic_seeds_and_answers_them(tmp_path):
     more = read_prompts(out / "prompts.jsonl")
     assert len(more) == 5 and more[:3] == first and more[3]["batch"] > first[-1]["batch"]
     assert len((out / "answers.jsonl").read_text().splitlines()) == 5
-    res = subprocess.run(args + ["--count", "3", "--topics", "poetry"], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 2 and "unknown topics" in res.stderr
+    code, err = run_cli(capsys, *args[3:], "--count", "3", "--topics", "poetry")
+    assert code == 2 and "unknown topics" in err
 
 
 def test_sampled_answers_are_seeded_and_differ_from_greedy(chat_model, tmp_path):

@@ -4,6 +4,7 @@ command line with no extra flags, and the head actually drafts (several tokens p
 import json
 
 import pytest
+from conftest import run_cli
 from test_default_model import spdecode
 
 pytestmark = pytest.mark.integration
@@ -31,6 +32,7 @@ def test_eagle_streams_text_and_a_summary_with_per_depth_acceptance():
     assert res.stdout.strip() and "[eagle]" in res.stderr and "acceptance per depth" in res.stderr
 
 
-def test_an_spd_draft_is_not_a_head():
-    res = spdecode("generate", "--prompt", "hi", "--method", "eagle", "--draft", "src/spdecode/drafts/smollm2-135m-n2")
-    assert res.returncode == 2 and "--eagle" in res.stderr and "Traceback" not in res.stderr
+def test_an_spd_draft_is_not_a_head(capsys):
+    code, err = run_cli(capsys, "generate", "--prompt", "hi", "--method", "eagle", "--draft",
+                        "src/spdecode/drafts/smollm2-135m-n2")
+    assert code == 2 and "--eagle" in err and "Traceback" not in err

@@ -4,11 +4,9 @@ that round-trips through JSON; bad options are clear errors."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import tiny_model
+from conftest import run_cli, tiny_model
 
 from spdecode.plan.measure import measure
 from spdecode.runtime.errors import SpdError
@@ -45,17 +43,16 @@ def test_measure_times_every_part_and_records_the_machine(tiny_dir):
     assert link["backend"] == "gloo" and 0 < link["latency_s"] < 1 and link["bandwidth_bytes_per_s"] > 1e6
 
 
-def test_contexts_beyond_the_model_are_dropped_and_bad_options_refused(tiny_dir):
+def test_contexts_beyond_the_model_are_dropped_and_bad_options_refused(tiny_dir, capsys):
     costs = measure(tiny_dir, threads=(1,), rows=(1,), contexts=(16, 10_000), reps=1, drafts=False, link=False,
                     concurrent=False, log=lambda m: None)
     assert costs["contexts"] == [16] and "link" not in costs and list(costs["target"]) == ["1"]
     with pytest.raises(SpdError, match="thread counts"):
         measure(tiny_dir, threads=(0,), log=lambda m: None)
-    res = subprocess.run([sys.executable, "-m", "spdecode", "plan", "--measure"], capture_output=True, text=True)
-    assert res.returncode == 2 and "--out" in res.stderr
-    res = subprocess.run([sys.executable, "-m", "spdecode", "plan", "--measure", "--model", tiny_dir, "--threads",
-                          "a"], capture_output=True, text=True)
-    assert res.returncode == 2 and res.stderr.startswith("error:")
+    code, err = run_cli(capsys, "plan", "--measure")
+    assert code == 2 and "--out" in err
+    code, err = run_cli(capsys, "plan", "--measure", "--model", tiny_dir, "--threads", "a")
+    assert code == 2 and err.startswith("error:")
 
 
 def test_a_table_timed_in_rounds_keeps_each_entrys_median():

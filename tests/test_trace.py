@@ -5,12 +5,10 @@ a PNG drawn from it."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import run_cli, tiny_model
 from test_distributed import launch
 
 from spdecode.bench.timeline import plot_trace
@@ -83,14 +81,13 @@ def test_a_distributed_trace_has_every_rank_and_plots(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_trace_refuses_what_is_not_a_trace(tmp_path):
+def test_plot_trace_refuses_what_is_not_a_trace(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"events": []}')
     with pytest.raises(SpdError, match="not a trace"):
         plot_trace(str(bad), str(tmp_path / "x.png"))
-    res = subprocess.run([sys.executable, "-m", "spdecode", "plot-trace", str(tmp_path / "missing.json"), "--out",
-                          str(tmp_path / "x.png")], capture_output=True, text=True)
-    assert res.returncode == 2 and res.stderr.startswith("error: cannot read the trace")
+    code, err = run_cli(capsys, "plot-trace", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.png"))
+    assert code == 2 and err.startswith("error: cannot read the trace")
 
 
 def test_tracing_off_records_nothing():
