@@ -337,3 +337,44 @@ def test_a_simulated_run_is_drawn_like_a_measured_one(tmp_path):
     data, _ = load_costs(None, "smollm2-135m", "bfloat16")
     plan(data, 2, 0.45, timeline=str(tmp_path / "best.json"))
     assert load_trace(str(tmp_path / "best.json"))["traceEvents"]
+
+
+@pytest.mark.parametrize("drafter_layers", [None, 1])  # the target itself (every draft right), its first layer
+def test_sds_draft_model_is_charged_the_rows_it_runs(drafter_layers, monkeypatch):
+    """sd's chain is drafted by a model over its own cache, which runs only the tokens new to it:
+    the correction after a rejection, the last draft and the bonus token after a full accept. The
+    simulator charges the passes a real generation of a tiny model ran (its walks replayed), after
+    the drafter's first pass over the prompt; the engine's drafters' accounting (the verified
+    tokens and the root again) does not match them."""
+    from spdecode.drafting.candidates import ModelCandidates
+    from spdecode.methods.sd import generate_sd
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    prompt, gamma = [5, 17, 42, 8, 33, 71, 9], 4
+    drafter = ModelCandidates(model, drafter_layers)
+    real, run_layers = [], StagedTarget.run_layers
+
+    def counted(self, lo, hi, hidden, *args, **kwargs):
+        if self is drafter.lm.t:
+            real.append(hidden.shape[1])
+        return run_layers(self, lo, hi, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(StagedTarget, "run_layers", counted)
+    gen = generate_sd(StagedTarget(model), drafter, prompt, 30, gamma=gamma)
+    monkeypatch.setattr(StagedTarget, "run_layers", run_layers)
+    full = sum(1 for verified, accepted in gen.metrics.walks if accepted == verified == gamma)
+    assert real[0] == len(prompt) + 1 and (full > 0) == (drafter_layers is None)
+
+    def charged(own_cache):
+        rows = []
+        r = simulate(Costs(flat_costs(layers=3), "1"), [3], Replayed(gen.metrics.walks), TreeShape(gamma, gamma, 1),
+                     distributed=False, draft_pass=lambda n: rows.append(n) or 0.0, tokens=gen.metrics.new_tokens,
+                     prompt=len(prompt), own_cache=own_cache)
+        assert r["cycles"] == gen.metrics.cycles
+        return rows
+
+    # Up to the last cycles, where sd drafts only as many as tokens remain and the stand-in a whole
+    # chain (here 5 passes more than the real 51; over a 96-token generation about 1-2 %).
+    sim = charged(True)
+    assert sim[1:len(real)] == real[1:] and len(real) <= len(sim) < len(real) + 2 * gamma
+    assert charged(False)[1:len(real)] != real[1:]

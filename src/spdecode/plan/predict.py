@@ -21,7 +21,8 @@ class Setup:
     distributed: one process per stage; threads: the cost file's key for each process's
     timings ("1", "2", "1 concurrent"); shape: the draft tree (sd's chain of gamma is the tree
     gamma deep with one child per node); drafter: whose pass a draft level costs (a bundled
-    draft's name in the cost file, "early-exit:K", or None: free, e.g. prompt lookup)."""
+    draft's name in the cost file, "early-exit:K", or None: free, e.g. prompt lookup); chain:
+    sd's chain, drafted by a draft model over its own cache (methods/sd.py), not a tree."""
 
     method: str
     sizes: tuple[int, ...]
@@ -29,6 +30,7 @@ class Setup:
     distributed: bool = False
     shape: TreeShape = ONE_NODE
     drafter: str | None = None
+    chain: bool = False
 
     def draft_pass(self, costs: Costs):
         if self.drafter and self.drafter.startswith("early-exit:"):
@@ -58,7 +60,8 @@ def predict(data: dict, setup: Setup, acceptance, prompt: int, tokens: int, time
             out["events"] = [(0, "token", i * step, (i + 1) * step) for i in range(tokens - 1)]
         return out
     return simulate(costs, list(setup.sizes), acceptance, setup.shape, setup.distributed, setup.draft_pass(costs),
-                    tokens=tokens, prompt=prompt, cycle_s=costs.cycle_bookkeeping(setup.drafter), timeline=timeline)
+                    tokens=tokens, prompt=prompt, cycle_s=costs.cycle_bookkeeping(setup.drafter), timeline=timeline,
+                    own_cache=setup.chain)
 
 
 def pooled_prediction(results: list[dict]) -> dict:

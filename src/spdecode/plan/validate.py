@@ -91,7 +91,7 @@ def setup_for(method: str, opts: MethodOptions, sizes: list[int], distributed: b
             raise SpdError("plan --validate models sd chains of a fixed gamma >= 2 (the core's smallest tree)")
         shape = TreeShape(opts.gamma, opts.gamma, 1) if budget == 0 else TreeShape(budget, depth, topk)
         drafter = opts.drafter if opts.drafter.startswith("early-exit:") else None
-        return Setup("sd", layers, threads, shape=shape, drafter=drafter)
+        return Setup("sd", layers, threads, shape=shape, drafter=drafter, chain=budget == 0)
     shape = TreeShape(budget, depth, topk)
     if method == "eagle":
         return Setup("eagle", layers, threads, shape=shape, drafter=Path(opts.draft).name if opts.draft
@@ -257,13 +257,15 @@ def saved_setup(setup: Setup) -> dict:
     """What a saved row keeps of its setup (row_setup rebuilds it)."""
     return {"method": setup.method, "layers": list(setup.sizes), "threads": setup.threads,
             "distributed": setup.distributed, "shape": [setup.shape.budget, setup.shape.depth, setup.shape.topk],
-            "drafter": setup.drafter}
+            "drafter": setup.drafter, "chain": setup.chain}
 
 
 def row_setup(row: dict) -> Setup:
     """The simulator's setup for a saved row (the one setup_for made when it was measured)."""
+    # Rows saved before `chain` was kept: sd's chain is the one with no tree budget.
+    chain = row.get("chain", row["method"] == "sd" and not (row.get("tree") or [1])[0])
     return Setup(row["method"], tuple(row["layers"]), row["threads"], row["distributed"], TreeShape(*row["shape"]),
-                 row["drafter"])
+                 row["drafter"], chain)
 
 
 def replayed_row(row: dict, data: dict) -> dict:
