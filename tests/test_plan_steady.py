@@ -7,33 +7,34 @@ from spdecode.plan.steady import SteadyGate
 
 
 def scripted(readings):
-    """A gauge that reads `readings` in turn, and a clock that moves only when the gate sleeps."""
+    """A gauge that reads `readings` in turn, each reading taking 2 s of a scripted clock."""
     left = list(readings)
     now = [0.0]
 
-    def sleep(s):
-        now[0] += s
+    def reading():
+        now[0] += 2.0
+        return left.pop(0)
 
-    return dict(reading=lambda: left.pop(0), sleep=sleep, clock=lambda: now[0]), left
+    return dict(reading=reading, clock=lambda: now[0]), left
 
 
 def test_a_wait_lasts_until_the_gauge_reads_near_its_fastest_and_no_longer_than_its_limit():
     io, left = scripted([1.0, 1.5, 1.4, 1.05, 1.0])
-    gate = SteadyGate(**io, poll_s=2.0, max_wait_s=60.0)
-    assert gate.wait("first") and gate.events[-1]["waited_s"] == 0.0
+    gate = SteadyGate(**io, max_wait_s=60.0)
+    assert gate.wait("first") and gate.events[-1]["waited_s"] == 2.0  # one reading
     assert gate.wait("second")  # 1.5 and 1.4 are the slow state; 1.05 is within 10 % of 1.0
-    assert gate.events[-1]["waited_s"] == 4.0 and left == [1.0]
+    assert gate.events[-1]["waited_s"] == 6.0 and left == [1.0]
     # A slow state that outlasts the limit: the wait gives up, and says so.
     io, _ = scripted([1.0] + [1.5] * 100)
-    gate = SteadyGate(**io, poll_s=2.0, max_wait_s=10.0)
+    gate = SteadyGate(**io, max_wait_s=10.0)
     gate.wait("first")
     assert not gate.wait("long") and gate.events[-1]["waited_s"] == 10.0
-    assert gate.summary()["gave_up"] == 1 and gate.summary()["waited_s"] == 10.0
+    assert gate.summary()["gave_up"] == 1 and gate.summary()["waited_s"] == 2.0 + 10.0
     # A faster reading later becomes the reference (the gate may have started in the slow state).
     io, _ = scripted([1.5, 1.0, 1.5, 1.0])
-    gate = SteadyGate(**io, poll_s=1.0, max_wait_s=10.0)
+    gate = SteadyGate(**io, max_wait_s=10.0)
     assert gate.wait("a") and gate.wait("b") and gate.fastest == 1.0
-    assert gate.wait("c") and gate.events[-1]["waited_s"] == 1.0
+    assert gate.wait("c") and gate.events[-1]["waited_s"] == 4.0  # 1.5, then 1.0
 
 
 def test_what_the_slow_state_met_is_taken_again_once():

@@ -25,20 +25,17 @@ from dataclasses import dataclass, field
 
 TOLERANCE = 1.10  # a gauge reading this much over the fastest is the slow state (its jitter is 2-5 %)
 MAX_WAIT_S = 90.0
-# Between readings the gate reads again at once rather than sleep: runs and timings keep the cores
-# busy, and a gauge read after idle seconds need not see the machine they see.
-POLL_S = 0.0
 
 
 @dataclass
 class SteadyGate:
-    """`reading()`: seconds of the gauge (lower is faster); `sleep`, `clock`: injectable for tests."""
+    """`reading()`: seconds of the gauge (lower is faster); `clock`: injectable for tests. A wait
+    reads again at once rather than sleep between readings: runs and timings keep the cores busy,
+    and a gauge read after idle seconds need not see the machine they see."""
 
     reading: Callable[[], float]
     tolerance: float = TOLERANCE
     max_wait_s: float = MAX_WAIT_S
-    poll_s: float = POLL_S
-    sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
     fastest: float = float("inf")
     log: Callable[[str], None] = lambda m: None
@@ -57,8 +54,6 @@ class SteadyGate:
         t0 = self.clock()
         r = self._read()
         while not self.steady(r) and self.clock() - t0 < self.max_wait_s:
-            if self.poll_s:
-                self.sleep(self.poll_s)
             r = self._read()
         ok = self.steady(r)
         waited = self.clock() - t0
