@@ -38,7 +38,8 @@ Expand = Callable[[list[Grown], list[Ref]], torch.Tensor]
 
 def grow_best_first(leaves: list[tuple[object, float]], expand: Expand, budget: int, depth: int, topk: int,
                     vocab: torch.Tensor | None = None, expand_all: bool = False,
-                    bonus: dict | None = None, first_topk: int | None = None) -> list[Grown]:
+                    bonus: dict | None = None, first_topk: int | None = None,
+                    record: list | None = None) -> list[Grown]:
     """The kept grown nodes, parents first (`parent`: an index into the returned list).
     `leaves`: (key, score) to grow from; `vocab`: when expand's distributions are over a draft
     vocabulary, its token ids (index -> the target's id). `expand_all`: the first level expands
@@ -46,7 +47,9 @@ def grow_best_first(leaves: list[tuple[object, float]], expand: Expand, budget: 
     needs a child in the next slot, whatever its score). `bonus`: per starting leaf, a log-weight
     added to its children's rank when the budget is cut (not to their scores): in a pipeline a
     child the walk steps into also saves a refill; a node's descendants outrank it never.
-    `first_topk`: children per starting leaf at the first level (default `topk`)."""
+    `first_topk`: children per starting leaf at the first level (default `topk`). `record`: gets,
+    per frontier row expanded, the log-probabilities of the children taken from it, in order
+    (with the walks, what the planner's replay needs to grow the same trees)."""
     grown: list[Grown] = []
     base = dict(leaves)
     # Ties go to the earlier entry, so a parent always ranks before its equal-scoring child.
@@ -62,7 +65,10 @@ def grow_best_first(leaves: list[tuple[object, float]], expand: Expand, budget: 
             start = base[ref] if kind == "leaf" else grown[ref].score
             top = torch.topk(logprobs[row].float(), min(width, logprobs.shape[-1]))
             ids = top.indices if vocab is None else vocab[top.indices]
-            for lp, t in zip(top.values.tolist(), ids.tolist(), strict=True):
+            values = top.values.tolist()
+            if record is not None:
+                record.append([round(v, 7) for v in values])
+            for lp, t in zip(values, ids.tolist(), strict=True):
                 new.append(len(grown))
                 grown.append(Grown(None if kind == "leaf" else ref, ref if kind == "leaf" else grown[ref].leaf,
                                    int(t), start + lp))
@@ -123,7 +129,7 @@ def grow_below(run, starts: list[int], expand: Expand, vocab: torch.Tensor | Non
     # first level may give a node in flight as many such children as its probability earns.
     kept = grow_best_first([(i, sched.nodes[i].score) for i in starts], expand, shape.budget, shape.depth,
                            shape.topk, vocab, expand_all=run.n > 1, bonus=step,
-                           first_topk=shape.budget if run.n > 1 else None)
+                           first_topk=shape.budget if run.n > 1 else None, record=run.metrics.draft_scores)
     added: list[int | None] = []
     for g in kept:
         parent = g.leaf if g.parent is None else added[g.parent]

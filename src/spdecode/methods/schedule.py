@@ -95,6 +95,9 @@ class Verdict:
     node: int | None
     tokens: tuple[int, ...]  # emitted: the accepted nodes' tokens, then `token`
     tried: int  # nodes on the walk that had a live child (each one verification, accepted or not)
+    # Per step the walk took, the taken child's rank among its live siblings by score (0: the
+    # drafter's best): a third of the steps of spd's trees go elsewhere, where less is in flight.
+    ranks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ class TreeSchedule:
 
     def _walk(self, slot: int, rows: list[int], choices: list[int]) -> Verdict:
         choice = dict(zip(rows, choices, strict=True))
-        here, accepted, tried = self.root, [], 0
+        here, accepted, tried, ranks = self.root, [], 0, []
         while True:
             y = choice[here]
             kids = [c for c in self.nodes[here].children if self.nodes[c].state is State.DRAFT]
@@ -233,6 +236,7 @@ class TreeSchedule:
                 self.root, node = self._new(y, here, self.nodes[here].position + 1, 0.0, None), None
                 self.waiting, self.drafted = [self.root], []
                 break
+            ranks.append(sum(self.nodes[c].score > self.nodes[nxt].score for c in kids))
             self._verify(nxt)
             if nxt not in choice:  # in flight behind this slot, or drafted: the new root
                 self.root = node = nxt
@@ -242,7 +246,7 @@ class TreeSchedule:
         self.nodes[self.root].state = State.VERIFIED
         self._prune()
         tokens = tuple(self.nodes[i].token for i in accepted) + (y,)
-        return Verdict(slot, tuple(accepted), y, node, tokens, tried)
+        return Verdict(slot, tuple(accepted), y, node, tokens, tried, tuple(ranks))
 
     def _verify(self, i: int) -> None:
         self.nodes[i].state = State.VERIFIED

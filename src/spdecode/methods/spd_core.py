@@ -122,8 +122,10 @@ class SpdRun:
             stepped = len(v.accepted) + (v.node is not None)
             m.drafts_verified += v.tried
             m.drafts_accepted += stepped
-            # A correction with nothing rejected: the walk ran out of drafts (a leaf).
-            m.walks.append([v.tried, stepped, int(v.node is None and v.tried == stepped)])
+            # A correction with nothing rejected: the walk ran out of drafts (a leaf). Trees also
+            # keep which sibling each step took (the replay steps into the same rank).
+            leaf = int(v.node is None and v.tried == stepped)
+            m.walks.append([v.tried, stepped, leaf, list(v.ranks)] if self.shape.tree else [v.tried, stepped, leaf])
             if self.shape.tree:  # one node per slot: one verification per verdict, alpha says it all
                 m.record_walk(v.tried, stepped)
             if trace.active():

@@ -6,9 +6,10 @@ trees) decodes the same prompts `runs` times, the way `spdecode bench` runs them
 methods interleaved per prompt; run by run, the pipelines in each); the measurement is the median
 of the runs' pooled decode tok/s.
 Each is predicted twice from the cost file: replaying the exact accept/reject sequence of every
-generation of the first run (its walks), and from that run's acceptance per depth alone, each
-verification drawn on its own (what a user without traces has; one node per slot has one depth,
-its alpha), both over each generation's own prompt and token counts.
+generation of the first run (its walks, and the scores its drafter grew trees from), and from
+that run's acceptance per depth alone, each verification drawn on its own (what a user without
+traces has; one node per slot has one depth, its alpha), both over each generation's own prompt
+and token counts.
 
 The cost file is the one given (`--costs`), or, by default, timed here between the runs: one
 round of `plan --measure`'s timings (what these configurations use) before each run, each entry's
@@ -115,7 +116,7 @@ def predict_records(data: dict, setup: Setup, records: list[dict], alpha, replay
     predictions = []
     for i, r in enumerate(records):
         if replay and any(w[0] for w in r.get("walks", [])):
-            acceptances = [Replayed(r["walks"])]
+            acceptances = [Replayed(r["walks"], r.get("draft_scores"))]
         else:
             acceptances = [Drawn(alpha or 0.0, seed=DRAWS * i + k) for k in range(DRAWS)]
         predictions += [predict(data, setup, a, r["prompt_tokens"], r["new_tokens"]) for a in acceptances]
@@ -248,7 +249,8 @@ def validate(cfg: ValidateConfig, log=print) -> dict:
                      "measured_runs_tok_s": [m["decode_tok_s"] for m in measured],
                      "measured_tokens_per_cycle": measured[0]["tokens_per_cycle"], "alpha": measured[0]["alpha"],
                      # What the predictions replay: the first run's generations (--replay predicts them again).
-                     "generations": [{k: r.get(k) for k in ("prompt_tokens", "new_tokens", "walks")} for r in first]})
+                     "generations": [{k: r.get(k) for k in ("prompt_tokens", "new_tokens", "walks", "draft_scores")}
+                                     for r in first]})
     return compare(data, source, rows, asdict(cfg), probe, timed_between=cfg.costs is None, rounds=rounds,
                    steady=steady)
 

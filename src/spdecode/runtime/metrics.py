@@ -44,9 +44,14 @@ class Metrics:
     nodes_entered: int = 0
     wasted_rows: int = 0
     # Every verification pass in order, as [tried, accepted] (the drafts it checked, those that
-    # went on) and, from draft trees, a third 1 where the walk ended at a node with no draft below
-    # it (a leaf, not a rejection): the exact accept/reject sequence `spdecode plan` replays.
-    walks: list[list[int]] = field(default_factory=list)
+    # went on); from the engine core a third, 1 where the walk ended at a node with no draft below
+    # it (a leaf, not a rejection); from draft trees a fourth, each step's rank among the live
+    # siblings by the drafter's score (0: its best): the exact sequence `spdecode plan` replays.
+    walks: list[list] = field(default_factory=list)
+    # Draft trees grown below the live tree (drafting.tree_build.grow_below): per frontier row
+    # expanded, the drafter's log-probabilities of the children taken, in order. With the walks
+    # the planner's stand-in grows the same trees, so tokens per cycle replay exactly.
+    draft_scores: list[list[float]] = field(default_factory=list)
     # --method auto's online guard: the tokens emitted when it handed the request to AR (None: it did not).
     guard_fallback_at: int | None = None
 
