@@ -435,8 +435,6 @@ def test_sds_draft_model_is_charged_the_rows_it_runs(drafter_layers, monkeypatch
         assert r["cycles"] == gen.metrics.cycles
         return rows
 
-    # Up to the last cycles, where sd drafts only as many as tokens remain and the stand-in a whole
-    # chain (here 5 passes more than the real 51; over a 96-token generation about 1-2 %).
-    sim = charged(True)
-    assert sim[1:len(real)] == real[1:] and len(real) <= len(sim) < len(real) + 2 * gamma
+    # To the last cycles, where sd drafts only as many as tokens remain.
+    assert charged(True)[1:] == real[1:]
     assert charged(False)[1:len(real)] != real[1:]

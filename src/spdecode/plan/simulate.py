@@ -89,6 +89,14 @@ class Replayed:
         return out
 
 
+def depth_of(grown, i: int) -> int:
+    """How far grown node i hangs below its starting node (its children: 1)."""
+    depth, g = 1, grown[i]
+    while g.parent is not None:
+        depth, g = depth + 1, grown[g.parent]
+    return depth
+
+
 class StandIn:
     """The drafter stand-in (a protocols.SlotDrafter): the real drafters' shapes, with tokens that
     mean nothing (a rank index under each parent) and scores from a fixed distribution, or replayed
@@ -150,8 +158,10 @@ class StandIn:
         base = -math.log(2) * torch.arange(1, width + 1, dtype=torch.float32)
 
         def expand(grown, frontier):
-            # Grown nodes run once each; the starting nodes' outputs came with the pass above.
-            new = sum(kind == "new" for kind, _ in frontier)
+            # Grown nodes run once each; the starting nodes' outputs came with the pass above. sd's
+            # draft model drafts no further than the last position a token can be emitted at.
+            new = sum(kind == "new" and (not self.own_cache or depth_of(grown, r) + sched.nodes[
+                grown[r].leaf].position < run.max_position) for kind, r in frontier)
             self.spent += self.pass_cost(new) if new else 0.0
             self.ran += bool(new)
             out = base.repeat(len(frontier), 1)
