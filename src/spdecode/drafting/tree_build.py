@@ -67,7 +67,7 @@ def grow_best_first(leaves: list[tuple[object, float]], expand: Expand, budget: 
             ids = top.indices if vocab is None else vocab[top.indices]
             values = top.values.tolist()
             if record is not None:
-                record.append([round(v, 7) for v in values])
+                record.append(values)
             for lp, t in zip(values, ids.tolist(), strict=True):
                 new.append(len(grown))
                 grown.append(Grown(None if kind == "leaf" else ref, ref if kind == "leaf" else grown[ref].leaf,

@@ -96,6 +96,8 @@ class Metrics:
     def as_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "phase_s"}
         out["phase_s"] = dict(self.phase_s)
+        # 7 decimals: a third of the characters, and no two of a tree's scores come that close.
+        out["draft_scores"] = [[round(v, 7) for v in row] for row in self.draft_scores]
         for name in ("drafts_rejected", "alpha", "tokens_per_cycle", "tau", "decode_tok_s", "alpha_per_depth"):
             out[name] = getattr(self, name)
         return out
