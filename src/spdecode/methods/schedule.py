@@ -236,7 +236,8 @@ class TreeSchedule:
                 self.root, node = self._new(y, here, self.nodes[here].position + 1, 0.0, None), None
                 self.waiting, self.drafted = [self.root], []
                 break
-            ranks.append(sum(self.nodes[c].score > self.nodes[nxt].score for c in kids))
+            # Ties (bf16 drafters score in steps) keep the children's order, as the replay sorts them.
+            ranks.append(sorted(kids, key=lambda c: -self.nodes[c].score).index(nxt))
             self._verify(nxt)
             if nxt not in choice:  # in flight behind this slot, or drafted: the new root
                 self.root = node = nxt

@@ -58,17 +58,17 @@ class Replayed:
     ranks] per verification pass, Metrics.walks): the d-th verification of a simulated walk takes
     the next outcome recorded at depth d (round again when it runs out; a depth never reached takes
     the deepest one recorded). A walk that ended at a leaf of the real tree counts as a stop one
-    level down: the real tree had no draft there, so a simulated walk must not go on past it. An
-    accepted step goes into the sibling of the rank the real walk took (the best where not kept).
-    `scores`: the run's Metrics.draft_scores, for the stand-in to grow the run's trees (without
-    them a tree's steps into siblings other than the best find less in flight below them: spd's
-    tokens per cycle replayed 5-10 % under the measured, and 3 % over stepping into the best)."""
+    level down: the real tree had no draft there, so a simulated walk must not go on past it.
+    `scores`: the run's Metrics.draft_scores, for the stand-in to grow the run's trees; with them an
+    accepted step goes into the sibling of the rank the real walk took, without them into the best
+    (the rank in the stand-in's own trees finds less in flight below it than the real tree held:
+    spd's tokens per cycle replayed 5-10 % under the measured, against 3 % over into the best)."""
 
     def __init__(self, walks: list[list], scores: list[list[float]] | None = None):
-        self.scores = scores
+        self.scores = scores or None
         self.by_depth: list[list[int | None]] = []
         for tried, accepted, *rest in walks:
-            leaf, ranks = (rest[0] if rest else 0), (rest[1] if len(rest) > 1 else [])
+            leaf, ranks = (rest[0] if rest else 0), (rest[1] if len(rest) > 1 and self.scores else [])
             for d in range(tried + bool(leaf)):
                 while len(self.by_depth) <= d:
                     self.by_depth.append([])
@@ -204,6 +204,7 @@ def walk_choices(sched, acceptance) -> list[int] | None:
         if rank is None or not kids:
             choice[here] = REJECT
             break
+        # Ranked as the schedule ranked the real walk's steps: by score, ties in the children's order.
         taken = sorted(kids, key=lambda c: -sched.nodes[c].score)[min(rank, len(kids) - 1)]
         choice[here], here, depth = sched.nodes[taken].token, taken, depth + 1
     return [choice.get(i, REJECT) for i in rows]
