@@ -65,6 +65,36 @@ def default_model():
     return load_model("smollm2-135m", "float32", "cpu")
 
 
+@pytest.fixture(scope="session")
+def ar_reference(default_model):
+    """fn(prompt, max_new_tokens, chat=False): the default model's greedy AR tokens for a prompt as
+    `spdecode generate --method ar --json` gives them (its encoding, its EOS, its threads), made in
+    this process once per prompt: the CLI runs under test compare against it without an AR
+    subprocess each (4-5 s of interpreter start-up; test_default_model checks the CLI's AR)."""
+    from spdecode.methods.ar import generate_ar
+    from spdecode.runtime.generation import eos_ids
+    from spdecode.runtime.machine import usable_cores
+    from spdecode.runtime.prompts import encode_prompt
+    from spdecode.runtime.staged import StagedTarget
+
+    model, tok = default_model
+    made: dict[tuple[str, int, bool], list[int]] = {}
+
+    def tokens(prompt: str, max_new_tokens: int, chat: bool = False) -> list[int]:
+        key = (prompt, max_new_tokens, chat)
+        if key not in made:
+            before = torch.get_num_threads()
+            torch.set_num_threads(usable_cores())
+            try:
+                made[key] = generate_ar(StagedTarget(model), encode_prompt(tok, prompt, chat), max_new_tokens,
+                                        eos=eos_ids(model, tok)).tokens
+            finally:
+                torch.set_num_threads(before)
+        return made[key]
+
+    return tokens
+
+
 def train_tiny_pdm(model, stage_sizes, prompts, out_dir, layers=1):
     """A PDM trained a little on the model's own greedy text, so that drafts are sometimes right."""
     from spdecode.drafting.pdm import new_pdm

@@ -127,8 +127,8 @@ def test_the_target_writes_prompts_from_topic_seeds_and_answers_them(tmp_path, c
     out = tmp_path / "synth"
     args = [sys.executable, "-m", "spdecode", "data", "synth", "--out", str(out), "--topics", "math,python",
             "--batch-size", "4", "--max-new-tokens", "8", "--prompt-tokens", "48", "--seed", "1"]
-    res = subprocess.run(args + ["--count", "3"], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    code, err = run_cli(capsys, *args[3:], "--count", "3")
+    assert code == 0, err[-3000:]
     first = read_prompts(out / "prompts.jsonl")
     assert len(first) == 3
     for p in first:
@@ -136,8 +136,8 @@ def test_the_target_writes_prompts_from_topic_seeds_and_answers_them(tmp_path, c
         assert len(p["prompt"].split()) >= 4 and "<|im" not in p["prompt"]
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert [a[0]["content"] for a in answers] == [p["prompt"] for p in first] and all(a[1]["content"] for a in answers)
-    res = subprocess.run(args + ["--count", "5"], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    code, err = run_cli(capsys, *args[3:], "--count", "5")
+    assert code == 0, err[-3000:]
     more = read_prompts(out / "prompts.jsonl")
     assert len(more) == 5 and more[:3] == first and more[3]["batch"] > first[-1]["batch"]
     assert len((out / "answers.jsonl").read_text().splitlines()) == 5

@@ -64,33 +64,31 @@ def test_spd_over_trees_equals_ar_with_the_bundled_draft(default_model, chats, n
         assert gen.metrics.drafts_accepted > 0
 
 
-def test_cli_spd_json_equals_ar_and_warns_without_draft():
+def test_cli_spd_json_equals_ar_and_warns_without_draft(ar_reference):
     # No draft is bundled for 3 stages: an untrained PDM, with a warning. One node per slot, where
     # every token after the first settles exactly one draft (a tree's walk may settle several).
     spd = spdecode("generate", "--prompt", "def fib(n):", "--method", "spd", "--stages", "3",
                    "--max-new-tokens", "16", "--json", "--tree-budget", "1")
-    ar = spdecode("generate", "--method", "ar", "--prompt", "def fib(n):", "--max-new-tokens", "16", "--json")
-    assert spd.returncode == 0 and ar.returncode == 0, spd.stderr + ar.stderr
-    s, a = json.loads(spd.stdout), json.loads(ar.stdout)
-    assert s["tokens"] == a["tokens"]
+    assert spd.returncode == 0, spd.stderr
+    s = json.loads(spd.stdout)
+    assert s["tokens"] == ar_reference("def fib(n):", 16)
     m = s["metrics"]
     assert m["method"] == "spd" and m["n_stages"] == 3 and m["new_tokens"] == 1 + m["drafts_verified"]
     assert "untrained PDM" in spd.stderr
 
 
 @pytest.mark.parametrize("n, sizes, budget", [(2, [13, 17], None), (2, [16, 14], 1), (4, [8, 8, 7, 7], None)])
-def test_bundled_drafts_load_with_no_extra_flags(n, sizes, budget):
+def test_bundled_drafts_load_with_no_extra_flags(n, sizes, budget, ar_reference):
     """spd's default is a draft tree: at n = 2 the bundled tree-ready draft (its split), with one
     node per slot the published draft; n = 4 has only the published draft, which drafts trees too."""
     prompt = "Write a Python function that checks whether a number is prime."
     extra = [] if budget is None else ["--tree-budget", str(budget)]
     spd = spdecode("generate", "--chat", "--prompt", prompt, "--method", "spd", "--stages", str(n),
                    "--max-new-tokens", "48", "--json", *extra)
-    ar = spdecode("generate", "--method", "ar", "--chat", "--prompt", prompt, "--max-new-tokens", "48", "--json")
     assert spd.returncode == 0, spd.stderr
     s = json.loads(spd.stdout)
     assert "untrained" not in spd.stderr and s["stages"] == sizes
-    assert s["tokens"] == json.loads(ar.stdout)["tokens"]
+    assert s["tokens"] == ar_reference(prompt, 48, chat=True)
     assert s["metrics"]["drafts_accepted"] > 0  # a trained draft, unlike an untrained one, gets some right
 
 
@@ -104,16 +102,15 @@ def test_cli_rejects_a_draft_for_another_model(tmp_path, default_model):
     assert res.returncode == 2 and "error:" in res.stderr
 
 
-def test_cli_spd_over_trees_equals_ar_in_one_process_and_distributed():
+def test_cli_spd_over_trees_equals_ar_in_one_process_and_distributed(ar_reference):
     prompt = "Name three primary colours."
-    ar = spdecode("generate", "--method", "ar", "--chat", "--prompt", prompt, "--max-new-tokens", "24", "--json")
     trees = ["--method", "spd", "--stages", "2", "--tree-budget", "8", "--tree-depth", "3", "--tree-topk", "4"]
     one = spdecode("generate", "--chat", "--prompt", prompt, "--max-new-tokens", "24", "--json", *trees)
     dist = spdecode("generate", "--chat", "--prompt", prompt, "--max-new-tokens", "24", "--json", "--distributed",
                     *trees)
-    for res in (ar, one, dist):
+    for res in (one, dist):
         assert res.returncode == 0, res.stderr[-3000:]
-    want = json.loads(ar.stdout)["tokens"]
+    want = ar_reference(prompt, 24, chat=True)
     for res in (one, dist):
         out = json.loads(res.stdout)
         m = out["metrics"]

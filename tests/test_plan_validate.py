@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_cli
 
 from spdecode.generators import MethodOptions, parse_method_spec
 from spdecode.plan.cost_model import CONCURRENT
@@ -90,7 +91,7 @@ def test_the_prediction_without_walks_draws_each_depths_acceptance_as_the_replay
 
 
 @pytest.mark.integration
-def test_validate_measures_each_configuration_beside_its_predictions(tmp_path):
+def test_validate_measures_each_configuration_beside_its_predictions(tmp_path, capsys):
     prompts = tmp_path / "mine.jsonl"
     prompts.write_text(json.dumps({"question_id": 0, "turns": ["Name three colours of the rainbow."]}) + "\n")
     out, timed = tmp_path / "validate.json", tmp_path / "timed.json"
@@ -141,9 +142,8 @@ def test_validate_measures_each_configuration_beside_its_predictions(tmp_path):
     def replay(costs=None):
         again = tmp_path / "again.json"
         args = ["--costs", str(costs)] if costs else []
-        res = subprocess.run([sys.executable, "-m", "spdecode", "plan", "--validate", "--replay", str(out),
-                              "--json-out", str(again), *args], capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
+        code, err = run_cli(capsys, "plan", "--validate", "--replay", str(out), "--json-out", str(again), *args)
+        assert code == 0, err[-3000:]
         saved = json.loads(again.read_text())
         return {r["config"]: r for r in saved["records"]} | {"report": saved}
 
