@@ -83,10 +83,11 @@ def test_a_guarded_run_samples_the_target_distribution_and_a_wrong_fallback_does
     assert run(prompt, length, GREEDY).metrics.guard_fallback_at is not None
     tv, noise = sampled_vs_exact(target.model, prompt, length, 1200, lambda p: run(prompt, length, p).tokens)
     assert tv < 1.6 * noise, (tv, noise)
-    # A fallback that forgets the sampling settings (greedy AR for the rest) must fail the same test.
+    # A fallback that forgets the sampling settings (greedy AR for the rest) must fail the same test;
+    # half the samples suffice (its distance is 3.4x the noise at 600 samples, 4.8x at 1200).
     wrong = guarded(eagle, lambda ids, k, s, e, on_token=None, halt=None: ar(ids, k, GREEDY, e, on_token, halt),
                     break_even=50.0, window=1)
-    tv, noise = sampled_vs_exact(target.model, prompt, length, 1200, lambda p: wrong(prompt, length, p).tokens)
+    tv, noise = sampled_vs_exact(target.model, prompt, length, 600, lambda p: wrong(prompt, length, p).tokens)
     assert tv > 1.6 * noise, (tv, noise)
 
 
