@@ -25,7 +25,7 @@ from spdecode.methods.spd import generate_spd
 from spdecode.methods.spd_core import TreeShape
 from spdecode.plan.cost_model import Costs
 from spdecode.plan.planner import SHIPPED, load_costs, load_walks, nearest_draft, plan
-from spdecode.plan.simulate import Drawn, Replayed, best_split, simulate
+from spdecode.plan.simulate import Drawn, Replayed, best_split, depth_of, simulate
 from spdecode.runtime.errors import SpdError
 from spdecode.runtime.staged import StagedTarget
 
@@ -113,10 +113,7 @@ class NoisyTreeDrafter:
                     position, token = sched.nodes[r].position, sched.nodes[r].token
                     out[row, [sched.nodes[c].token for c in sched.live_children(r)]] = float("-inf")
                 else:
-                    g, depth = grown[r], 1
-                    while g.parent is not None:
-                        g, depth = grown[g.parent], depth + 1
-                    position, token = sched.nodes[g.leaf].position + depth, grown[r].token
+                    position, token = sched.nodes[grown[r].leaf].position + depth_of(grown, r), grown[r].token
                 if position + 1 < len(self.expected) and token == self.expected[position]:
                     out[row, self.expected[position + 1]] += 2.0
             logprobs = torch.log_softmax(out, dim=-1)

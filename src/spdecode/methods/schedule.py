@@ -236,8 +236,7 @@ class TreeSchedule:
                 self.root, node = self._new(y, here, self.nodes[here].position + 1, 0.0, None), None
                 self.waiting, self.drafted = [self.root], []
                 break
-            # Ties (bf16 drafters score in steps) keep the children's order, as the replay sorts them.
-            ranks.append(sorted(kids, key=lambda c: -self.nodes[c].score).index(nxt))
+            ranks.append(self.ranked_children(here).index(nxt))
             self._verify(nxt)
             if nxt not in choice:  # in flight behind this slot, or drafted: the new root
                 self.root = node = nxt
@@ -293,6 +292,11 @@ class TreeSchedule:
 
     def live_children(self, i: int) -> list[int]:
         return [c for c in self.nodes[i].children if self.nodes[c].state is State.DRAFT]
+
+    def ranked_children(self, i: int) -> list[int]:
+        """Live children best first by the drafter's score, ties in the order they were drafted (a
+        bf16 drafter's scores come in steps): the ranks a walk records and a replay steps into."""
+        return sorted(self.live_children(i), key=lambda c: -self.nodes[c].score)
 
     def settled_nodes(self) -> list[int]:
         """The nodes that died since the last call (their features are no longer needed)."""

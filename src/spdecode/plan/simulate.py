@@ -182,9 +182,9 @@ class StandIn:
         self.scored += 1
         free = [t for t in range(width) if t not in taken]
         last = values[-1] if values else 0.0
+        values = values[:len(free)] + [last - math.log(2) * k for k in range(1, len(free) - len(values) + 1)]
         row = torch.full((width,), float("-inf"))
-        for k, t in enumerate(free):
-            row[t] = values[k] if k < len(values) else last - math.log(2) * (k - len(values) + 1)
+        row[free] = torch.tensor(values)
         return row
 
 
@@ -197,15 +197,14 @@ def walk_choices(sched, acceptance) -> list[int] | None:
     rows = sched.exit_rows()
     here, depth, choice = sched.root, 0, {}
     while here in rows:
-        kids = sched.live_children(here)
+        kids = sched.ranked_children(here)
         # A leaf takes its depth's outcome too (the real walk's leaf recorded one), so that every
         # walk reads the outcomes of its own depths and a replay of the same trees stays in step.
         rank = acceptance.next(depth)
         if rank is None or not kids:
             choice[here] = REJECT
             break
-        # Ranked as the schedule ranked the real walk's steps: by score, ties in the children's order.
-        taken = sorted(kids, key=lambda c: -sched.nodes[c].score)[min(rank, len(kids) - 1)]
+        taken = kids[min(rank, len(kids) - 1)]
         choice[here], here, depth = sched.nodes[taken].token, taken, depth + 1
     return [choice.get(i, REJECT) for i in rows]
 
