@@ -288,6 +288,14 @@ def test_a_full_queue_is_refused_with_429(tiny):
     assert code == 0, err[-2000:]
 
 
+def cmdline(pid: int) -> bytes:
+    return open(f"/proc/{pid}/cmdline", "rb").read()
+
+
+def parent(pid: int) -> int:
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+
+
 def test_pipespec_is_served_exactly_and_a_halt_reaches_its_stage_processes(tiny):
     """PipeSpec's chain runs in processes of its own: a stop string and a client leaving must still
     end the request there (the shared done flag), and the next request must be right."""
@@ -314,8 +322,10 @@ def test_pipespec_is_served_exactly_and_a_halt_reaches_its_stage_processes(tiny)
         assert r.choices[0].text == want
         # A stage process that dies: /health says so until the server has restarted the chain, which
         # then answers exactly (a dead chain used to close for good behind a /health of "ok").
-        stages = [p for p in s.processes() if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()
-                  and b"resource_tracker" not in open(f"/proc/{p}/cmdline", "rb").read()]
+        # The stages are the children of the server's fork server (runtime/processes.py).
+        procs = s.processes()
+        servers = {p for p in procs if b"forkserver" in cmdline(p) and b"forkserver" not in cmdline(parent(p))}
+        stages = [p for p in procs if parent(p) in servers]
         assert len(stages) == 2
         os.kill(stages[-1], signal.SIGKILL)
         # Until it has said so and come back: a poll in the moment before the kernel has delivered

@@ -24,11 +24,11 @@ import sys
 import time
 
 import torch
-import torch.multiprocessing as mp
 
 from ..runtime.errors import DecoderFailure, SpdError
 from ..runtime.generation import Generation, check_prompt
 from ..runtime.metrics import Metrics
+from ..runtime.processes import process_context
 from ..runtime.sampling import GREEDY, SamplingParams
 from .pipespec_stage import SharedChain, Stage
 
@@ -142,7 +142,7 @@ class PipeSpecChain:
 
     def _start(self) -> None:
         """Start one process per stage and wait until each has loaded its model."""
-        ctx = mp.get_context("spawn")  # fork after torch has run threads is unsafe
+        ctx = process_context()
         self.cond = ctx.Condition()
         self.inboxes = [ctx.Queue() for _ in self.specs]
         self.outbox = ctx.Queue()

@@ -278,9 +278,9 @@ def time_concurrent(model_name: str, dtype: str, rows=ROWS, contexts=CONTEXTS, r
     """The target's costs with one thread while a second process decodes on the other core without
     a pause (what each rank of a two-process pipeline on a 2-core CPU meets while the other rank
     works: they share the memory bandwidth)."""
-    import torch.multiprocessing as mp
+    from ..runtime.processes import process_context
 
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     barrier, results, done = ctx.Barrier(2), ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_concurrent, args=(r, model_name, dtype, rows, contexts, reps, barrier, results, done))
              for r in range(2)]
@@ -353,13 +353,13 @@ def time_link(backend: str = "gloo", reps: int = 20) -> dict:
     """One-way latency (a 1 KiB message) and bandwidth (from a 4 MiB one) between two local processes."""
     import socket
 
-    import torch.multiprocessing as mp
+    from ..runtime.processes import process_context
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     small, big = 256, 1 << 20  # float32 elements: 1 KiB, 4 MiB
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     results = ctx.Queue()
     procs = [ctx.Process(target=_pingpong, args=(r, port, (small, big), reps, backend, results)) for r in range(2)]
     for p in procs:
