@@ -3,6 +3,8 @@ and never leaves a process behind (on completion, on a killed stage, on a bad ch
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -93,6 +95,43 @@ def test_a_killed_stage_stops_the_chain(tiny_dir):
         assert ps.problem() is None and ps.generate(PROMPTS[1], 40).tokens == refs[1]
     finally:
         ps.close()
+
+
+OWNER = """
+import sys
+from spdecode.methods.pipespec import PipeSpecChain
+if __name__ == "__main__":
+    ps = PipeSpecChain(sys.argv[1], ["early-exit:1"], gamma=2)
+    print(*[p.pid for p in ps.procs], flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_the_stages_end_when_the_process_that_started_them_is_killed(tiny_dir, tmp_path):
+    """A chain's owner killed outright (no close): its stages see it and end. They are children of
+    a fork server, which lives as long as they do, so watching their OS parent never saw it."""
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    owner = subprocess.Popen([sys.executable, str(script), str(tiny_dir[0] / "target")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        stages = [int(p) for p in owner.stdout.readline().split()]
+        assert len(stages) == 2 and all(is_running(p) for p in stages)
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 10
+    while any(is_running(p) for p in stages) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in stages if is_running(p)], "stage processes outlived their owner"
+
+
+def is_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_a_request_longer_than_the_timeout_is_no_failure(tmp_path):

@@ -18,7 +18,7 @@ The analytic model of the paper (per-token acceptance alpha between neighbours, 
 
 from __future__ import annotations
 
-import os
+import multiprocessing
 import queue
 import sys
 import time
@@ -93,7 +93,10 @@ def stage_main(index, specs, model_name, dtype, gamma, patience, threads, inbox,
                device: str = "cpu") -> None:
     """A stage process: build, report ready, serve requests until told to stop or orphaned."""
     torch.set_num_threads(threads)
-    parent = os.getppid()
+    # The process that started the chain: with a fork server it is not our OS parent (the server
+    # is, and it lives as long as we do), so its end is read from the sentinel multiprocessing
+    # gives every child of it.
+    owner = multiprocessing.parent_process()
     try:
         from transformers.utils import logging as hf_logging
 
@@ -106,7 +109,7 @@ def stage_main(index, specs, model_name, dtype, gamma, patience, threads, inbox,
             try:
                 req = inbox.get(timeout=1.0)
             except queue.Empty:
-                if os.getppid() != parent:  # the parent died without closing us
+                if owner is not None and not owner.is_alive():  # it died without closing us
                     return
                 continue
             if req is None:
