@@ -20,6 +20,7 @@ Recorded (seconds, medians of repeated timings; rows = tokens in one pass, at a 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -269,7 +270,8 @@ def _concurrent(rank: int, model_name: str, dtype: str, rows, contexts, reps: in
         context = max(contexts)
         prime(target, context)
         one = torch.tensor([[1]])
-        while not done.is_set():  # a busy neighbour: decode steps over the whole model, one after another
+        owner = multiprocessing.parent_process()  # a neighbour whose owner was killed stops too
+        while not done.is_set() and owner.is_alive():  # a busy neighbour: decode step after decode step
             target.rollback(context)
             target.logits(target.forward(one, context)[:, -1])
 
