@@ -145,7 +145,7 @@ class PipeSpecChain:
 
     def _start(self) -> None:
         """Start one process per stage and wait until each has loaded its model."""
-        ctx = process_context()
+        ctx = process_context(__name__)
         self.cond = ctx.Condition()
         self.inboxes = [ctx.Queue() for _ in self.specs]
         self.outbox = ctx.Queue()

@@ -282,7 +282,7 @@ def time_concurrent(model_name: str, dtype: str, rows=ROWS, contexts=CONTEXTS, r
     works: they share the memory bandwidth)."""
     from ..runtime.processes import process_context
 
-    ctx = process_context()
+    ctx = process_context(__name__)
     barrier, results, done = ctx.Barrier(2), ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_concurrent, args=(r, model_name, dtype, rows, contexts, reps, barrier, results, done))
              for r in range(2)]
@@ -361,7 +361,7 @@ def time_link(backend: str = "gloo", reps: int = 20) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     small, big = 256, 1 << 20  # float32 elements: 1 KiB, 4 MiB
-    ctx = process_context()
+    ctx = process_context(__name__)
     results = ctx.Queue()
     procs = [ctx.Process(target=_pingpong, args=(r, port, (small, big), reps, backend, results)) for r in range(2)]
     for p in procs:

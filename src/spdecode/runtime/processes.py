@@ -14,16 +14,17 @@ from __future__ import annotations
 import torch.multiprocessing as mp
 
 # Imported once by the fork server; every child it forks starts with them loaded.
-PRELOAD = ["torch", "transformers", "spdecode.methods.pipespec_stage", "spdecode.runtime.models"]
+PRELOAD = ("torch", "transformers")
 
 
-def process_context():
+def process_context(*modules: str):
     """A multiprocessing context whose children may run torch: the fork server where the platform
-    has one (Linux, macOS), else spawn (Windows)."""
+    has one (Linux, macOS), else spawn (Windows). `modules`: what the children import beyond
+    PRELOAD (the module of their entry point, say)."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     # Takes effect when the server starts (with this process's first child); later calls change
     # nothing. A module that fails to import is skipped by the server, and the child imports it.
-    ctx.set_forkserver_preload(PRELOAD)
+    ctx.set_forkserver_preload([*PRELOAD, *modules])
     return ctx
