@@ -12,6 +12,7 @@ from conftest import tiny_model
 from distribution import sampled_vs_exact
 from hypothesis import given
 from hypothesis import strategies as st
+from serving import alive
 
 from spdecode.methods.ar import generate_ar
 from spdecode.methods.pipespec import PipeSpecChain, check_chain, expected_tokens_per_step, rho
@@ -116,22 +117,11 @@ def test_the_stages_end_when_the_process_that_started_them_is_killed(tiny_dir, t
                              stdout=subprocess.PIPE, text=True)
     try:
         stages = [int(p) for p in owner.stdout.readline().split()]
-        assert len(stages) == 2 and all(is_running(p) for p in stages)
+        assert len(stages) == 2 and alive(stages, within=0) == stages
     finally:
         owner.kill()
         owner.wait()
-    deadline = time.monotonic() + 10
-    while any(is_running(p) for p in stages) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [p for p in stages if is_running(p)], "stage processes outlived their owner"
-
-
-def is_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    assert not alive(stages, within=10), "stage processes outlived their owner"
 
 
 def test_a_request_longer_than_the_timeout_is_no_failure(tmp_path):
