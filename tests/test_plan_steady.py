@@ -57,8 +57,9 @@ def test_what_the_slow_state_met_is_taken_again_once():
     assert calls == ["x"] and gate.summary()["retaken"] == 0
 
 
-def test_the_bench_runs_a_prompt_again_without_keeping_the_slow_attempt():
-    """run_prompts with a gate: every method of a prompt the slow state met is run again, and the
+def test_the_bench_runs_a_method_on_a_prompt_again_without_keeping_the_slow_attempt():
+    """run_prompts with a gate: each method's run on each prompt is gated on its own (a few seconds,
+    shorter than the slow state's episodes), the one the slow state met is run again alone, and the
     records hold each (prompt, method) once, from the attempt the gate kept."""
     from spdecode.bench.run import run_prompts
     from spdecode.runtime.generation import Generation
@@ -75,12 +76,37 @@ def test_the_bench_runs_a_prompt_again_without_keeping_the_slow_attempt():
     tok = type("Tok", (), {"chat_template": None, "__call__": lambda self, s: SimpleNamespace(input_ids=[1, 2])})()
     sets = {"set": [{"question_id": 0, "turns": ["a"]}, {"question_id": 1, "turns": ["b"]}]}
     cfg = SimpleNamespace(max_new_tokens=2, sampling=None, temperature=0)
-    # prompt 0: wait ok, check slow, wait ok, check ok; prompt 1: wait ok, check ok.
-    io, left = scripted([1.0, 1.4, 1.0, 1.0, 1.0, 1.0])
+    # prompt 0: ar (wait ok, check ok), sd (the check before stands for its wait; check slow;
+    # again: wait ok, check ok); prompt 1: ar and sd, each its check (the one before stands for its
+    # wait). The scripted clock moves only while the gauge reads: each check is fresh.
+    io, left = scripted([1.0, 1.0, 1.4, 1.0, 1.0, 1.0, 1.0])
     gate = SteadyGate(**io, max_wait_s=0.0)
     recs = run_prompts(cfg, {"ar": runner("ar"), "sd": runner("sd")}, {"ar": "float32", "sd": "float32"}, tok, sets,
                        set(), gate)
-    assert not left and attempts[2:] == ["ar", "sd", "ar", "sd", "ar", "sd"]  # after the warm-ups
+    assert not left and attempts[2:] == ["ar", "sd", "sd", "ar", "sd"]  # after the warm-ups
     assert [(r["question_id"], r["method"]) for r in recs] == [(0, "ar"), (0, "sd"), (1, "ar"), (1, "sd")]
-    assert [r["decode_s"] for r in recs] == [5, 6, 7, 8]  # prompt 0 from its second attempt
+    assert [r["decode_s"] for r in recs] == [3, 5, 6, 7]  # sd on prompt 0 from its second attempt
+    assert [e["what"] for e in gate.events if e["kind"] == "retake"] == ["set prompt 0: sd"]
+    assert all(r["matches_ar"] for r in recs if r["method"] == "sd")
+    assert gate.summary()["gauges"] == 5  # a wait before each of the 5 runs
 
+
+def test_a_steady_check_just_read_stands_for_the_next_wait():
+    """Parts timed back to back: a steady check read within FRESH_S is the next wait's first reading
+    (reading again tells nothing new); an older or slow one is not."""
+    now = [0.0]
+    readings = []
+
+    def reading():
+        readings.append(now[0])
+        return 1.0
+
+    gate = SteadyGate(reading=reading, clock=lambda: now[0], fresh_s=0.5)
+    gate.around("a", lambda: None)
+    gate.around("b", lambda: None)  # right after a's check: no reading before b
+    assert readings == [0.0, 0.0, 0.0]
+    gate.around("c", lambda: now.__setitem__(0, 1.0))  # c lasts 1 s; its check, then...
+    now[0] = 2.0  # ...a second passes before d
+    gate.around("d", lambda: None)
+    assert readings == [0.0, 0.0, 0.0, 1.0, 2.0, 2.0]
+    assert [e["what"] for e in gate.events if e["kind"] == "wait"] == ["a", "b", "c", "d"]

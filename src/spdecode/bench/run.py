@@ -28,6 +28,7 @@ from ..generators import (
     parse_method_spec,
     split_specs,
 )
+from ..plan.steady import steadily as gated
 from ..runtime.errors import SpdError
 from ..runtime.generation import eos_ids
 from ..runtime.machine import cpu_line, describe_cpu, thread_sweep, usable_cores
@@ -302,34 +303,33 @@ def check_identity(cfg: BenchConfig, rows: dict[str, dict], dtypes: dict[str, st
 def run_prompts(cfg, runners, dtypes: dict[str, str], tok, sets, eos, gate=None) -> list[dict]:
     """Every method on every prompt, methods interleaved per prompt (same conditions for each).
     Greedy outputs are checked against the first AR of the same dtype. `gate` (plan/steady.py's
-    SteadyGate): each prompt's methods run between a wait for the machine's usual speed and a
-    check, and again where the check finds it slowed (plan --validate)."""
+    SteadyGate): each method's run on each prompt between a wait for the machine's usual speed and
+    a check, and again where the check finds it slowed (plan --validate)."""
     first = encode_prompt(tok, next(iter(sets.values()))[0]["turns"][0])
     for run in runners.values():  # warm-up: first calls pay for allocation and lazy init
         run(first, 4, SamplingParams(), eos)
     records = []
     total = sum(len(v) for v in sets.values()) * len(runners)
+    # One method on one prompt at a time: a few seconds, shorter than the slow state's episodes
+    # (8 s and more), so one that overlaps it is seen by the wait before or the check after. Gated
+    # per prompt (all methods, ~40 s), an episode could begin and end inside unseen.
+    steadily = gated(gate)
     with tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True) as bar:
-
-        def one_prompt(name: str, row: dict) -> list[dict]:
-            ids = encode_prompt(tok, row["turns"][0])
-            ar_tokens, out = {}, []
-            for m, run in runners.items():
-                # Same seed for every method: sampled runs are comparable draws, greedy runs identical.
-                gen = run(ids, cfg.max_new_tokens, cfg.sampling, eos)
-                # The bench's method spec wins over the name the metrics carry (e.g. sd-tree).
-                rec = {"dataset": name, "question_id": row["question_id"], "prompt_tokens": len(ids),
-                       **gen.metrics.as_dict(), "method": m, "dtype": dtypes[m], "tokens": gen.tokens}
-                if base_method(m) == "ar" and dtypes[m] not in ar_tokens:
-                    ar_tokens[dtypes[m]] = gen.tokens
-                elif dtypes[m] in ar_tokens and cfg.temperature == 0:
-                    rec["matches_ar"] = gen.tokens == ar_tokens[dtypes[m]]
-                out.append(rec)
-                bar.update(1)
-            return out
-
-        steadily = gate.around if gate is not None else lambda what, fn: fn()
         for name, rows in sets.items():
             for row in rows:
-                records += steadily(f"{name} prompt {row['question_id']}", lambda n=name, r=row: one_prompt(n, r))
+                ids = encode_prompt(tok, row["turns"][0])
+                ar_tokens = {}
+                for m, run in runners.items():
+                    # Same seed for every method: sampled runs are comparable draws, greedy runs identical.
+                    gen = steadily(f"{name} prompt {row['question_id']}: {m}",
+                                   lambda run=run, ids=ids: run(ids, cfg.max_new_tokens, cfg.sampling, eos))
+                    # The bench's method spec wins over the name the metrics carry (e.g. sd-tree).
+                    rec = {"dataset": name, "question_id": row["question_id"], "prompt_tokens": len(ids),
+                           **gen.metrics.as_dict(), "method": m, "dtype": dtypes[m], "tokens": gen.tokens}
+                    if base_method(m) == "ar" and dtypes[m] not in ar_tokens:
+                        ar_tokens[dtypes[m]] = gen.tokens
+                    elif dtypes[m] in ar_tokens and cfg.temperature == 0:
+                        rec["matches_ar"] = gen.tokens == ar_tokens[dtypes[m]]
+                    records.append(rec)
+                    bar.update(1)
     return records
