@@ -98,19 +98,27 @@ def test_a_cost_file_timed_between_runs_times_a_round_before_each(tiny_dir):
     assert costs["target"]["1"]["layer"]["16"]["1"] == pytest.approx(sum(one_row) / 2)
 
 
-def test_the_cost_table_is_timed_again_where_the_slow_state_met_it(tiny_dir):
-    """With plan --validate's gate (plan/steady.py) a table the slow state met is timed again."""
+def test_a_group_of_the_cost_table_is_timed_again_where_the_slow_state_met_it(tiny_dir):
+    """With plan --validate's gate (plan/steady.py) the table is timed a few row counts at a time
+    between a wait and a check (a second or two, shorter than the slow state's episodes), and the
+    group the slow state met is timed again alone."""
     from test_plan_steady import scripted
 
+    from spdecode.plan.costs import row_groups
     from spdecode.plan.steady import SteadyGate
 
+    assert row_groups(range(1, 10)) == [(1, 2, 3, 4), (5, 6, 7, 8), (9,)]
     log = []
-    io, left = scripted([1.0, 1.5, 1.0, 1.0])  # the table's check reads slow once
+    # At context 16: rows 1-2, then one row in flight and a step; then the head at rows 1-2. The
+    # first group's check reads slow once; a steady check stands for the next group's wait.
+    io, left = scripted([1.0, 1.5, 1.0, 1.0, 1.0, 1.0])
     gate = SteadyGate(**io, max_wait_s=0.0)
     costs = measure(tiny_dir, threads=(1,), rows=(1, 2), contexts=(16,), reps=1, drafts=False, link=False,
                     concurrent=False, pipeline=False, rounds=1, gate=gate, log=log.append)
-    assert sum("round 1 of 1" in m for m in log) == 2 and not left
-    assert set(costs["target"]["1"]["layer"]["16"]) == {"1", "2"}
+    assert sum("round 1 of 1" in m for m in log) == 1 and not left
+    retaken = [e["what"] for e in gate.events if e["kind"] == "retake"]
+    assert retaken == ["the table at 1 thread(s), round 1: context 16, rows 1-2"] and gate.summary()["gauges"] == 4
+    assert set(costs["target"]["1"]["layer"]["16"]) == {"1", "2"} and set(costs["target"]["1"]["head"]) == {"1", "2"}
 
 
 def test_a_part_is_timed_after_what_precedes_it_at_work_and_that_is_not_charged_to_it():

@@ -135,7 +135,11 @@ def test_validate_measures_each_configuration_beside_its_predictions(tmp_path, c
     # the table, the parts beyond it, the prompt.
     steady = report["steady"]
     assert steady["gauges"] >= 3 and steady["max_wait_s"] == 1 and "waits for the machine's usual speed" in res.stdout
-    assert {e["what"] for e in steady["events"]} >= {"the table at 1 thread(s), round 1", "mine prompt 0"}
+    # A few rows of the table, a drafter's timing, each method on each prompt: each on its own.
+    assert {e["what"] for e in steady["events"]} >= {"the table at 1 thread(s), round 1: context 128, rows 1-4",
+                                                     f"{DEFAULT_MODEL}-n2's passes at 1 thread(s), round 1",
+                                                     "mine prompt 0: ar:threads=1",
+                                                     "mine prompt 0: spd:stages=2:budget=1:threads=1"}
 
     # --replay predicts the saved measurements again without measuring: the cost file it saved gives
     # the same predictions; one whose target runs at half the speed halves AR's.

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 import torch
 
 from ..runtime.errors import SpdError
+from .steady import ungated
 
 ROWS = tuple(range(1, 18))  # one row (AR) up to a root and a 16-node tree: where rows stop being cheap
 CONTEXTS = (128, 512)
@@ -66,53 +67,76 @@ def hardware(device: str) -> dict:
     return out
 
 
+ROWS_PER_GATE = 4  # row counts timed between one wait and check of plan --validate's gate
+
+
+def row_groups(rows) -> list[tuple[int, ...]]:
+    """`rows` in runs of ROWS_PER_GATE: what time_target times between one wait and one check."""
+    rows = tuple(rows)
+    return [rows[i:i + ROWS_PER_GATE] for i in range(0, len(rows), ROWS_PER_GATE)]
+
+
 @torch.inference_mode()
-def time_target(target, rows=ROWS, contexts=CONTEXTS, reps: int = 5) -> dict:
+def time_target(target, rows=ROWS, contexts=CONTEXTS, reps: int = 5, steadily=ungated) -> dict:
     """{"layer": {context: {rows: s}}, "chunk": {context: {rows: s}}, "chunk1_in_flight": {context:
     s}, "head": {rows: s}, "step": {context: s}} for `target` (a StagedTarget, one stage). `layer`
     is a plain causal decode (AR), `chunk` a chunk of tree rows through the engine's stage call
     (the speculative methods: masks, positions off the causal line), `chunk1_in_flight` one row
     through it behind a row in flight (one-process SPD's stage calls of one node per slot); a step
     is one whole AR decode step (embedding, every layer, head, argmax): what it costs beyond its
-    layers and head is the per-step overhead."""
+    layers and head is the per-step overhead.
+    `steadily(what, fn)` runs the timings a few row counts at a time (row_groups): plan --validate's
+    gate waits before each group and checks after (plan/steady.py). A group lasts a second or two,
+    shorter than the slow state's episodes (8 s and more), so one that overlaps it is seen; a whole
+    table (15-25 s) could hold an episode unseen. One entry per group would double the table's time
+    in gauge readings."""
     t, L, H = target, target.n_layers, target.config.hidden_size
     contexts = [c for c in contexts if c + max(rows) + 1 <= t.context_length]
     if not contexts:
         raise SpdError(f"the model's context ({t.context_length}) is too short to time")
+
+    def decode_and_chunk(c: int, r: int) -> tuple[float, float]:
+        x = torch.randn(1, r, H, dtype=t.dtype, device=t.device)
+        layout = star_layout(c, r)
+
+        def decode():
+            t.rollback(c)
+            t.run_layers(0, L, x, c)
+            if t.device.type == "cuda":
+                torch.cuda.synchronize()
+
+        def tree_chunk():
+            t.rollback(c)
+            t.run_stage_chunk(0, x, layout)
+            if t.device.type == "cuda":
+                torch.cuda.synchronize()
+
+        return median_time(decode, reps) / L, median_time(tree_chunk, reps) / L
+
     layer: dict = {}
     chunk: dict = {}
     in_flight: dict = {}
     step: dict = {}
     for c in contexts:
         prime(t, c, max(rows))
-        layer[str(c)] = {}
-        for r in rows:
-            x = torch.randn(1, r, H, dtype=t.dtype, device=t.device)
-
-            def decode(x=x, c=c):
-                t.rollback(c)
-                t.run_layers(0, L, x, c)
-                if t.device.type == "cuda":
-                    torch.cuda.synchronize()
-
-            layer[str(c)][str(r)] = median_time(decode, reps) / L
-            layout = star_layout(c, r)
-
-            def tree_chunk(x=x, c=c, layout=layout):
-                t.rollback(c)
-                t.run_stage_chunk(0, x, layout)
-                if t.device.type == "cuda":
-                    torch.cuda.synchronize()
-
-            chunk.setdefault(str(c), {})[str(r)] = median_time(tree_chunk, reps) / L
-
-        in_flight[str(c)] = median_time(one_row_in_flight(t, c), reps) / L
-        step[str(c)] = ar_step_time(t, c, reps)
-    head = {}
+        layer[str(c)], chunk[str(c)] = {}, {}
+        for g in row_groups(rows):
+            timed = steadily(f"context {c}, rows {g[0]}-{g[-1]}", lambda c=c, g=g: [decode_and_chunk(c, r) for r in g])
+            for r, (one, tree) in zip(g, timed, strict=True):
+                layer[str(c)][str(r)], chunk[str(c)][str(r)] = one, tree
+        in_flight[str(c)], step[str(c)] = steadily(
+            f"context {c}, one row in flight and an AR step",
+            lambda c=c: (median_time(one_row_in_flight(t, c), reps) / L, ar_step_time(t, c, reps)))
     layers_first = target_pass(t, contexts[-1], max(rows), head=False)
-    for r in rows:
+
+    def head_time(r: int) -> float:
         x = torch.randn(1, r, H, dtype=t.dtype, device=t.device)
-        head[str(r)] = median_time(lambda x=x: t.logits(x), reps, before=lambda x=x: layers_first(x))
+        return median_time(lambda: t.logits(x), reps, before=lambda: layers_first(x))
+
+    head = {}
+    for g in row_groups(rows):
+        head |= zip(map(str, g), steadily(f"the head, rows {g[0]}-{g[-1]}", lambda g=g: [head_time(r) for r in g]),
+                    strict=True)
     t.rollback(0)
     return {"layer": layer, "chunk": chunk, "chunk1_in_flight": in_flight, "head": head, "step": step}
 

@@ -34,6 +34,8 @@ from .costs import (
     time_pdm,
     time_target,
 )
+from .steady import steadily as gated
+from .steady import ungated
 
 ROUNDS = 3
 
@@ -75,22 +77,21 @@ def measure(model_name: str, dtype: str = "float32", device: str = "cpu", thread
     parts = dict(model=model, target=target, model_name=model_name, dtype=dtype, device=device, threads=threads,
                  rows=rows, reps=reps, drafts=drafts, concurrent=concurrent, pipeline=pipeline, log=log)
     before = torch.get_num_threads()
-    steadily = gate.around if gate is not None else lambda what, fn: fn()
+    steadily = gated(gate)
 
     def target_table(k: int, r: int) -> dict:
         torch.set_num_threads(k)
         log(f"timing the target with {k} thread(s), round {r + 1} of {rounds}")
-        return time_target(target, rows, contexts, reps)
+        return time_target(target, rows, contexts, reps, lambda what, fn: steadily(
+            f"the table at {k} thread(s), round {r + 1}: {what}", fn))
 
     timed = []
     try:
         for r in range(rounds):
-            table = {str(k): steadily(f"the table at {k} thread(s), round {r + 1}", lambda k=k, r=r: target_table(k, r))
-                     for k in threads}
-            timed.append({"target": table})
+            timed.append({"target": {str(k): target_table(k, r) for k in threads}})
             if between is not None:
-                timed[-1] = steadily(f"the parts beyond the table, round {r + 1}",
-                                     lambda: beyond_table(out | timed[-1], **parts))
+                timed[-1] = beyond_table(out | timed[-1], **parts, steadily=lambda what, fn, r=r: steadily(
+                    f"{what}, round {r + 1}", fn))
                 torch.set_num_threads(before)
                 between(r, timed[-1])
         out |= median_tables(timed)
@@ -102,9 +103,10 @@ def measure(model_name: str, dtype: str = "float32", device: str = "cpu", thread
 
 
 def beyond_table(data: dict, model, target, model_name: str, dtype: str, device: str, threads, rows, reps: int,
-                 drafts: bool | set[str], concurrent: bool, pipeline: bool, log) -> dict:
+                 drafts: bool | set[str], concurrent: bool, pipeline: bool, log, steadily=ungated) -> dict:
     """`data` with the parts beyond the target's one-process table: each drafter's pass and call
-    per thread count, the concurrent table and the pipeline calibration (against `data`'s table)."""
+    per thread count, the concurrent table and the pipeline calibration (against `data`'s table);
+    `steadily(what, fn)` runs each part's timing (plan --validate's gate, plan/steady.py)."""
     from ..drafting.pdm import CONFIG_FILE, bundled_drafts, load_pdm
     from ..runtime.models import weights_fingerprint
     from ..runtime.staged import StagedTarget
@@ -118,13 +120,17 @@ def beyond_table(data: dict, model, target, model_name: str, dtype: str, device:
             for d in named:
                 cfg = json.loads((d / CONFIG_FILE).read_text())
                 pdm = load_pdm(d, StagedTarget(model, cfg["stage_sizes"]), weights_fingerprint(model))
-                out["draft"].setdefault(d.name, {})[str(k)] = time_pdm(pdm, rows, reps, cycle_before)
-                out["draft_call"].setdefault(d.name, {})[str(k)] = time_drafting(model, model_name, d)
+                out["draft"].setdefault(d.name, {})[str(k)] = steadily(
+                    f"{d.name}'s passes at {k} thread(s)", lambda p=pdm: time_pdm(p, rows, reps, cycle_before))
+                out["draft_call"].setdefault(d.name, {})[str(k)] = steadily(
+                    f"{d.name} drafting at {k} thread(s)", lambda d=d: time_drafting(model, model_name, d))
     if concurrent and device == "cpu" and out["hardware"]["cores"] >= 2:
         log("timing the target with one thread in each of two processes at once")
-        out["target"][CONCURRENT] = time_concurrent(model_name, dtype, rows, out["contexts"], reps)
+        out["target"][CONCURRENT] = steadily("the concurrent table", lambda: time_concurrent(
+            model_name, dtype, rows, out["contexts"], reps))
     if pipeline and CONCURRENT in out["target"] and bundled_drafts(model_name):
         from .calibrate import time_pipeline
 
-        out["pipeline"] = time_pipeline(model_name, dtype, device, out, log)
+        out["pipeline"] = steadily("the pipeline calibration", lambda: time_pipeline(model_name, dtype, device, out,
+                                                                                   log))
     return out

@@ -142,6 +142,7 @@ def measure_all(cfg: ValidateConfig, bench: BenchConfig, data: dict | None, log=
     from .costs import CONTEXTS, host_probe
     from .measure import measure
     from .steady import SteadyGate, gauge
+    from .steady import steadily as gated
 
     local = method_specs(bench) if cfg.methods.strip() else {}
     piped = method_specs(replace(bench, method=cfg.distributed, distributed=True)) if cfg.distributed else {}
@@ -162,7 +163,7 @@ def measure_all(cfg: ValidateConfig, bench: BenchConfig, data: dict | None, log=
         probe_context = min(data.get("contexts") or [128]) if data else min(CONTEXTS)
         gate = SteadyGate(gauge(model, threads, context=probe_context), max_wait_s=cfg.steady_wait_s,
                           log=log) if cfg.steady_wait_s > 0 else None
-        steadily = gate.around if gate is not None else lambda what, fn: fn()
+        steadily = gated(gate)
 
         def probe():
             before = torch.get_num_threads()
@@ -181,13 +182,20 @@ def measure_all(cfg: ValidateConfig, bench: BenchConfig, data: dict | None, log=
             if costs is not None:
                 rounds.append(costs)
             probe()
+            # A pipeline is started for each prompt (its start and warm-up are not timed): one
+            # prompt's decoding lasts a few seconds, shorter than the slow state's episodes, so
+            # the gate sees one that overlaps it; four prompts in one start (~30 s) could hold an
+            # episode from its beginning to its end unseen.
             for spec, (method, opts) in piped.items():
                 key = distributed_key(spec, method, opts)
                 log(f"run {r + 1} of {cfg.runs}: {key}")
-                recs = steadily(f"run {r + 1}: {key}", lambda m=method, o=opts, k=key:
-                                run_distributed_spd(bench, m, o, k, model, tok, sets))
-                runs[r].extend(recs)
-                setups[key] = (method, opts, recs[0]["stage_sizes"], True)
+                for name, rows in sets.items():
+                    for row in rows:
+                        runs[r].extend(steadily(
+                            f"run {r + 1}: {key}, {name} prompt {row['question_id']}",
+                            lambda m=method, o=opts, k=key, one={name: [row]}:
+                            run_distributed_spd(bench, m, o, k, model, tok, one)))
+                setups[key] = (method, opts, runs[r][-1]["stage_sizes"], True)
             if runners:
                 log(f"run {r + 1} of {cfg.runs}: {', '.join(local)}")
                 runs[r].extend(run_prompts(bench, runners, dtypes, tok, sets, eos, gate))
