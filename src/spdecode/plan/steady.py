@@ -10,10 +10,12 @@ round's table timed in one state and set against runs in the other put int8w's s
 spent 41.5 ms a cycle in its target pass against 30.7 in the usual one).
 
 So `plan --validate` reads a gauge (several rows through every layer, the validation's threads)
-before each part it times and each prompt it runs, waits while the gauge reads slower than its
-fastest reading by more than a tolerance (at most `max_wait_s` each time), and reads it again after:
-a part or a prompt the slow state may have met is timed or run again, once. What it waited and
-took again is reported beside the errors, and a wait that ran out is counted, not hidden.
+before each unit it times or runs, waits while the gauge reads slower than its fastest reading by
+more than a tolerance (at most `max_wait_s` each time), and reads it again after: a unit the slow
+state may have met is timed or run again, once. The units are shorter than the slow state's
+episodes (a few row counts of the table, one method on one prompt), so an episode that overlaps a
+unit is seen by the reading before or the one after. What it waited and took again is reported
+beside the errors, and a wait that ran out is counted, not hidden.
 """
 
 from __future__ import annotations
