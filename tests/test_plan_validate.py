@@ -99,7 +99,7 @@ def test_validate_measures_each_configuration_beside_its_predictions(tmp_path, c
     res = subprocess.run([sys.executable, "-m", "spdecode", "plan", "--validate", "--data", str(prompts),
                           "--max-new-tokens", "16", "--runs", "1", "--reps", "1", "--methods", ",".join(configs),
                           "--distributed-methods", "", "--json-out", str(out), "--out", str(timed),
-                          "--steady-wait", "1"], capture_output=True, text=True, timeout=600)
+                          "--steady-wait", "0"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {r["config"]: r for r in report["records"]}
@@ -131,15 +131,9 @@ def test_validate_measures_each_configuration_beside_its_predictions(tmp_path, c
     assert len(report["host_probe"]["step_s"]) == 2 and min(report["host_probe"]["step_s"]) > 0
     assert report["host_probe"]["threads"] == "1"
     assert report["host_slowdown"] > 0 and "host: an AR step" in res.stdout
-    # Each part timed and each prompt run after a wait for the machine's usual speed (plan/steady.py):
-    # the table, the parts beyond it, the prompt.
-    steady = report["steady"]
-    assert steady["gauges"] >= 3 and steady["max_wait_s"] == 1 and "waits for the machine's usual speed" in res.stdout
-    # A few rows of the table, a drafter's timing, each method on each prompt: each on its own.
-    assert {e["what"] for e in steady["events"]} >= {"the table at 1 thread(s), round 1: context 128, rows 1-4",
-                                                     f"{DEFAULT_MODEL}-n2's passes at 1 thread(s), round 1",
-                                                     "mine prompt 0: ar:threads=1",
-                                                     "mine prompt 0: spd:stages=2:budget=1:threads=1"}
+    # --steady-wait 0: no gauge (each unit's gating is tested in test_plan_costs and test_plan_steady;
+    # gated here, this test took 54-108 s by the hour's restlessness, 40-58 s before the units were short).
+    assert report["steady"] is None and "waits for the machine's usual speed" not in res.stdout
 
     # --replay predicts the saved measurements again without measuring: the cost file it saved gives
     # the same predictions; one whose target runs at half the speed halves AR's.
