@@ -33,9 +33,9 @@ from .costs import (
     time_link,
     time_pdm,
     time_target,
+    ungated,
 )
 from .steady import steadily as gated
-from .steady import ungated
 
 ROUNDS = 3
 

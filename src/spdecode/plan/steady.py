@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .costs import prime, ungated
+
 TOLERANCE = 1.10  # a gauge reading this much over the fastest is the slow state (its jitter is 2-5 %)
 MAX_WAIT_S = 90.0
 FRESH_S = 0.5  # a steady check read this recently stands for the next wait's first reading
@@ -103,11 +105,6 @@ class SteadyGate:
                 "events": self.events}
 
 
-def ungated(what: str, fn: Callable[[], object]):
-    """A part's `steadily(what, fn)` where nothing waits for the machine's usual speed: fn() once."""
-    return fn()
-
-
 def steadily(gate: SteadyGate | None) -> Callable:
     """`gate.around`, or `ungated` where there is no gate."""
     return gate.around if gate is not None else ungated
@@ -119,7 +116,6 @@ def gauge(model, threads: int, rows: int = 5, context: int = 128, reps: int = 5)
     import torch
 
     from ..runtime.staged import StagedTarget
-    from .costs import prime
 
     t = StagedTarget(model)
     prime(t, context, rows)
