@@ -33,8 +33,41 @@ def test_a_wait_lasts_until_the_gauge_reads_near_its_fastest_and_no_longer_than_
     # A faster reading later becomes the reference (the gate may have started in the slow state).
     io, _ = scripted([1.5, 1.0, 1.5, 1.0])
     gate = SteadyGate(**io, max_wait_s=10.0)
-    assert gate.wait("a") and gate.wait("b") and gate.fastest == 1.0
+    assert gate.wait("a") and gate.wait("b") and gate.reference == 1.0
     assert gate.wait("c") and gate.events[-1]["waited_s"] == 4.0  # 1.5, then 1.0
+
+
+def test_the_usual_reading_is_a_low_quantile_not_one_extreme():
+    """One reading far below the rest (the gauge's luckiest pass) sets the reference only until there
+    are enough readings for a quantile; then the machine's usual readings read steady again."""
+    io, left = scripted([0.9] + [1.0] * 30)
+    gate = SteadyGate(**io, max_wait_s=60.0)
+    assert gate.wait("lucky") and gate.reference == 0.9
+    # 1.0 is 11 % over 0.9: slow by the minimum, until the 11th reading puts the 10th percentile at 1.0.
+    assert gate.wait("usual") and gate.events[-1]["waited_s"] == 20.0 and gate.reference == 1.0
+    assert gate.wait("next") and gate.events[-1]["waited_s"] == 2.0
+    assert gate.summary()["readings_over_reference"][2] == 1.0  # the median reading is the usual one
+    # A slow state that covers most readings does not become the reference while a tenth are fast.
+    io, _ = scripted([1.0] * 3 + [1.5] * 17 + [1.0] * 5)
+    gate = SteadyGate(**io, max_wait_s=0.0)
+    for i in range(20):
+        gate.wait(str(i))
+    assert gate.reference == 1.0 and not gate.steady(1.5)
+
+
+def test_the_waits_stop_when_their_budget_is_spent():
+    """A validation's waits in all are bounded: past the budget a unit is read and counted, but not
+    waited for or taken again."""
+    calls = []
+    io, left = scripted([1.0] + [1.5] * 20)
+    gate = SteadyGate(**io, max_wait_s=60.0, budget_s=8.0)
+    gate.wait("first")
+    # The first wait's reading took 2 s of the budget; the long wait gets the 6 left.
+    assert not gate.wait("long") and gate.events[-1]["waited_s"] == 6.0 and gate.spent
+    assert gate.around("part", lambda: calls.append("x")) is None and calls == ["x"]  # once, no wait
+    assert [e["waited_s"] for e in gate.events if e["kind"] == "wait"][-1] == 2.0  # one reading
+    summary = gate.summary()
+    assert summary["budget_spent"] and summary["retaken"] == 0 and summary["gave_up"] == 2
 
 
 def test_what_the_slow_state_met_is_taken_again_once():

@@ -303,7 +303,8 @@ def validate_plan(args) -> int:
                          distributed=ONE_PROCESS_PER_STAGE if args.distributed_methods is None
                          else args.distributed_methods, stages=args.stages, data=args.data, limit=args.limit,
                          max_new_tokens=args.max_new_tokens, runs=args.runs, json_out=args.json_out,
-                         master_port=args.master_port, timeout=args.timeout, steady_wait_s=args.steady_wait)
+                         master_port=args.master_port, timeout=args.timeout, steady_wait_s=args.steady_wait,
+                         steady_budget_s=args.steady_budget)
     print_validation(validate(cfg, log=lambda m: print(m, file=sys.stderr, flush=True)))
     return 0
 

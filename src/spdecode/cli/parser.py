@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--steady-wait", type=float, default=90.0,
                     help="--validate: the most seconds to wait, before each part timed and each prompt run, for the "
                     "machine's usual speed (a gauge of several rows; 0: no waits, no retakes)")
+    pl.add_argument("--steady-budget", type=float, default=1800.0,
+                    help="--validate: the most seconds all those waits take together; past it, each unit is still "
+                    "checked and counted, but neither waited for nor taken again (default 1800)")
     pl.set_defaults(func=cmd_plan)
 
     pt = sub.add_parser("plot-trace", help="draw the first cycles of a --trace file as a per-rank timeline (PNG)")

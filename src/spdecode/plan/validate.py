@@ -68,6 +68,7 @@ class ValidateConfig:
     master_port: int | None = None
     timeout: float = 120.0
     steady_wait_s: float = 90.0  # the most a wait for the machine's usual speed takes (plan/steady.py; 0: none)
+    steady_budget_s: float = 1800.0  # the most all those waits take together
 
 
 def rank_threads(threads: str, distributed: bool, ranks: int, data: dict) -> str:
@@ -162,7 +163,7 @@ def measure_all(cfg: ValidateConfig, bench: BenchConfig, data: dict | None, log=
         threads = torch.get_num_threads() if data or torch.get_num_threads() in timed_threads else timed_threads[-1]
         probe_context = min(data.get("contexts") or [128]) if data else min(CONTEXTS)
         gate = SteadyGate(gauge(model, threads, context=probe_context), max_wait_s=cfg.steady_wait_s,
-                          log=log) if cfg.steady_wait_s > 0 else None
+                          budget_s=cfg.steady_budget_s, log=log) if cfg.steady_wait_s > 0 else None
         steadily = gated(gate)
 
         def probe():
@@ -198,7 +199,7 @@ def measure_all(cfg: ValidateConfig, bench: BenchConfig, data: dict | None, log=
                 setups[key] = (method, opts, runs[r][-1]["stage_sizes"], True)
             if runners:
                 log(f"run {r + 1} of {cfg.runs}: {', '.join(local)}")
-                runs[r].extend(run_prompts(bench, runners, dtypes, tok, sets, eos, gate))
+                runs[r].extend(run_prompts(bench, runners, dtypes, tok, sets, eos, gate, label=f"run {r + 1}: "))
 
         if data is None:
             data = measure(cfg.model, cfg.dtype, cfg.device, timed_threads, reps=cfg.reps, drafts=drafts,
@@ -370,8 +371,12 @@ def print_validation(out: dict) -> None:
     if out.get("steady"):
         st = out["steady"]
         print(f"steady: {st['gauges']} waits for the machine's usual speed took {st['waited_s']:.0f} s in all, "
-              f"{st['gave_up']} ran out ({st['max_wait_s']:.0f} s each), {st['retaken']} parts or prompts taken again "
-              "(plan/steady.py)")
+              f"{st['gave_up']} ran out ({st['max_wait_s']:.0f} s each"
+              f"{', then the budget of ' + format(st['budget_s'], '.0f') + ' s' if st.get('budget_spent') else ''}), "
+              f"{st['retaken']} parts or prompts taken again (plan/steady.py)")
+        if st.get("readings_over_reference"):
+            print("steady: the gauge's readings over its usual (quantiles 5/25/50/75/95 %): "
+                  + "/".join(f"{q:.2f}" for q in st["readings_over_reference"]))
     if out.get("host_slowdown") is not None:
         p = out["host_probe"]
         probes = "/".join(f"{1e3 * t:.1f}" for t in p["step_s"])
