@@ -4,8 +4,7 @@ the simulator's predictions from a cost file timed between the runs."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 from conftest import run_cli
@@ -17,6 +16,7 @@ from spdecode.plan.validate import (
     compare,
     depth_acceptance,
     predict_records,
+    print_validation,
     replayed_row,
     row_setup,
     saved_setup,
@@ -91,18 +91,46 @@ def test_the_prediction_without_walks_draws_each_depths_acceptance_as_the_replay
 
 
 @pytest.mark.integration
-def test_validate_measures_each_configuration_beside_its_predictions(tmp_path, capsys):
+def scripted_gauge(slow_at: int):
+    """steady.gauge's stand-in: reads 1.0, except its `slow_at`-th reading (1.5, the slow state),
+    instantly: what the gate does with it is tested, not this machine's restlessness (gated by the
+    real gauge this test took 54-108 s by the hour, 40 s without)."""
+    readings = []
+
+    def gauge(model, threads, context=128, **_):
+        def read():
+            readings.append(threads)
+            return 1.5 if len(readings) == slow_at else 1.0
+        return read
+
+    return gauge, readings
+
+
+def test_validate_measures_each_configuration_beside_its_predictions(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from spdecode.plan import steady
+
     prompts = tmp_path / "mine.jsonl"
     prompts.write_text(json.dumps({"question_id": 0, "turns": ["Name three colours of the rainbow."]}) + "\n")
     out, timed = tmp_path / "validate.json", tmp_path / "timed.json"
     configs = ["ar:threads=1", "spd:stages=2:budget=1:threads=1"]
-    res = subprocess.run([sys.executable, "-m", "spdecode", "plan", "--validate", "--data", str(prompts),
-                          "--max-new-tokens", "16", "--runs", "1", "--reps", "1", "--methods", ",".join(configs),
-                          "--distributed-methods", "", "--json-out", str(out), "--out", str(timed),
-                          "--steady-wait", "0"], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    gauge, readings = scripted_gauge(slow_at=2)
+    monkeypatch.setattr(steady, "gauge", gauge)
+    threads = torch.get_num_threads()
+    try:
+        code, log = run_cli(capsys, "plan", "--validate", "--data", str(prompts), "--max-new-tokens", "16", "--runs",
+                            "1", "--reps", "1", "--methods", ",".join(configs), "--distributed-methods", "",
+                            "--json-out", str(out), "--out", str(timed))
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, log[-3000:]
     report = json.loads(out.read_text())
     rows = {r["config"]: r for r in report["records"]}
+    # run_cli reads stderr (the log); the report went to stdout, which print_validation wrote
+    # again from the saved JSON below.
+    print_validation(report)
+    res = SimpleNamespace(stdout=capsys.readouterr().out, stderr=log)
     assert list(rows) == configs and "max relative error" in res.stdout
     # Without --costs the cost file is timed here, a round of it before each run (the guest's
     # speed drifts between a file measured before and the runs; test_plan_costs checks the
@@ -131,9 +159,18 @@ def test_validate_measures_each_configuration_beside_its_predictions(tmp_path, c
     assert len(report["host_probe"]["step_s"]) == 2 and min(report["host_probe"]["step_s"]) > 0
     assert report["host_probe"]["threads"] == "1"
     assert report["host_slowdown"] > 0 and "host: an AR step" in res.stdout
-    # --steady-wait 0: no gauge (each unit's gating is tested in test_plan_costs and test_plan_steady;
-    # gated here, this test took 54-108 s by the hour's restlessness, 40-58 s before the units were short).
-    assert report["steady"] is None and "waits for the machine's usual speed" not in res.stdout
+    # The gate (its gauge scripted): a wait before and a check after each unit, named for what it
+    # times or runs, at the table's thread count; the one slow reading (the second: the first table
+    # group's check) has that group timed again, and nothing else.
+    st = report["steady"]
+    units = [e["what"] for e in st["events"] if e["kind"] == "wait"]
+    assert units[:2] == ["the table at 1 thread(s), round 1: context 128, rows 1-4"] * 2, units
+    assert any(u.startswith("the table at 1 thread(s), round 1: the head") for u in units)
+    assert f"{DEFAULT_MODEL}-n2's passes at 1 thread(s), round 1" in units
+    assert units[-2:] == [f"run 1: mine prompt 0: {c}" for c in configs]
+    assert [e["what"] for e in st["events"] if e["kind"] == "retake"] == [units[0]]
+    assert st["retaken"] == 1 and st["gave_up"] == 0 and set(readings) == {1}
+    assert "1 parts or prompts taken again" in res.stdout
 
     # --replay predicts the saved measurements again without measuring: the cost file it saved gives
     # the same predictions; one whose target runs at half the speed halves AR's.

@@ -300,11 +300,12 @@ def check_identity(cfg: BenchConfig, rows: dict[str, dict], dtypes: dict[str, st
     return failed
 
 
-def run_prompts(cfg, runners, dtypes: dict[str, str], tok, sets, eos, gate=None) -> list[dict]:
+def run_prompts(cfg, runners, dtypes: dict[str, str], tok, sets, eos, gate=None, label: str = "") -> list[dict]:
     """Every method on every prompt, methods interleaved per prompt (same conditions for each).
     Greedy outputs are checked against the first AR of the same dtype. `gate` (plan/steady.py's
     SteadyGate): each method's run on each prompt between a wait for the machine's usual speed and
-    a check, and again where the check finds it slowed (plan --validate)."""
+    a check, and again where the check finds it slowed (plan --validate), each named after `label`
+    (e.g. the run: "run 2: "), the set, the prompt and the method."""
     first = encode_prompt(tok, next(iter(sets.values()))[0]["turns"][0])
     for run in runners.values():  # warm-up: first calls pay for allocation and lazy init
         run(first, 4, SamplingParams(), eos)
@@ -321,7 +322,7 @@ def run_prompts(cfg, runners, dtypes: dict[str, str], tok, sets, eos, gate=None)
                 ar_tokens = {}
                 for m, run in runners.items():
                     # Same seed for every method: sampled runs are comparable draws, greedy runs identical.
-                    gen = steadily(f"{name} prompt {row['question_id']}: {m}",
+                    gen = steadily(f"{label}{name} prompt {row['question_id']}: {m}",
                                    lambda run=run, ids=ids: run(ids, cfg.max_new_tokens, cfg.sampling, eos))
                     # The bench's method spec wins over the name the metrics carry (e.g. sd-tree).
                     rec = {"dataset": name, "question_id": row["question_id"], "prompt_tokens": len(ids),
