@@ -16,12 +16,13 @@ from spdecode.plan.validate import (
     compare,
     depth_acceptance,
     predict_records,
-    print_validation,
     replayed_row,
     row_setup,
     saved_setup,
     setup_for,
+    steady_runs,
 )
+from spdecode.plan.validation_report import print_validation
 from spdecode.runtime.models import DEFAULT_MODEL
 
 
@@ -72,6 +73,43 @@ def test_each_run_is_set_against_the_costs_timed_just_before_it():
     assert compare(fast, None, [row], {}, rounds=[fast, slow])["max_relative_error"] == single["max_relative_error"]
 
 
+def test_the_steady_error_sets_only_the_prompts_read_steady_against_their_predictions():
+    """Beside the all-units error, one over the (prompt, run)s the gate read steady before and
+    after: a run the slow state met on one prompt is set against that prompt's prediction no more,
+    and a run with no steady prompt drops out. Without gate flags there is no steady error."""
+    from test_plan_simulate import flat_costs
+
+    data = flat_costs(layers=10, layer=1e-3, head=1e-3)
+    data["target"]["1"]["step"] = {"128": 10 * 1e-3 + 1e-3}
+    ar = 1 / (10 * 1e-3 + 1e-3)
+    recs = [[{"method": "ar:threads=1", "dataset": "d", "question_id": q, "steady": q in ok, "new_tokens": 33,
+              "cycles": 32, "drafts_verified": 0, "drafts_accepted": 0, "n_stages": 1, "decode_s": 32 / speed,
+              "decode_tok_s": speed}
+             for q, speed in ((0, ar), (1, slow))] for ok, slow in (({0, 1}, ar), ({0}, ar / 2), ((), ar / 2))]
+    kept = steady_runs(recs)
+    assert [k["prompts"] for k in kept] == [[["d", 0], ["d", 1]], [["d", 0]], []]
+    assert kept[1]["tok_s"] == pytest.approx(ar) and kept[2]["tok_s"] is None
+    assert steady_runs([[{k: v for k, v in r.items() if k != "steady"} for r in run] for run in recs]) is None
+    gens = [{"dataset": "d", "question_id": q, "prompt_tokens": 100, "new_tokens": 33, "walks": []} for q in (0, 1)]
+    measured = [pooled_tok_s(run) for run in recs]  # fast; half the prompts at half speed, twice
+    row = {"config": "ar:threads=1", "method": "ar", "layers": [10], "threads": "1", "distributed": False,
+           "shape": [1, 1, 1], "drafter": None, "alpha": None, "measured_tokens_per_cycle": 1.0,
+           "generations": gens, "measured_runs_tok_s": measured, "measured_tok_s": sorted(measured)[1],
+           "steady_runs": kept}
+    out = compare(data, None, [row], {}, rounds=[data] * 3)
+    r = out["records"][0]
+    assert out["max_relative_error"] == pytest.approx(ar / measured[1] - 1, rel=1e-3)  # ~ +50 %
+    assert r["steady_units"] == 3 and abs(r["error_steady_traces"]) < 1e-3 and abs(r["error_steady_alpha"]) < 1e-3
+    assert out["max_relative_error_steady"] < 1e-3 and out["steady_configurations"] == 1
+    # No gate: the steady error is not made up from the all-units one.
+    bare = compare(data, None, [row | {"steady_runs": None}], {}, rounds=[data] * 3)
+    assert bare["max_relative_error_steady"] is None and "error_steady_traces" not in bare["records"][0]
+
+
+def pooled_tok_s(records):
+    return sum(r["new_tokens"] - 1 for r in records) / sum(r["decode_s"] for r in records)
+
+
 def test_the_prediction_without_walks_draws_each_depths_acceptance_as_the_replay_counts_it():
     """From acceptance alone, each depth's share of accepts as the walks' replay counts them (a walk
     that ended at a leaf of the real tree stops one level down), each verification drawn on its
@@ -90,7 +128,6 @@ def test_the_prediction_without_walks_draws_each_depths_acceptance_as_the_replay
     assert p["tokens_per_cycle"] == pytest.approx(1 / (1 + 0.54 * 3), rel=0.03)
 
 
-@pytest.mark.integration
 def scripted_gauge(slow_at: int):
     """steady.gauge's stand-in: reads 1.0, except its `slow_at`-th reading (1.5, the slow state),
     instantly: what the gate does with it is tested, not this machine's restlessness (gated by the
@@ -106,6 +143,7 @@ def scripted_gauge(slow_at: int):
     return gauge, readings
 
 
+@pytest.mark.integration
 def test_validate_measures_each_configuration_beside_its_predictions(tmp_path, capsys, monkeypatch):
     import torch
 
@@ -171,6 +209,10 @@ def test_validate_measures_each_configuration_beside_its_predictions(tmp_path, c
     assert [e["what"] for e in st["events"] if e["kind"] == "retake"] == [units[0]]
     assert st["retaken"] == 1 and st["gave_up"] == 0 and set(readings) == {1}
     assert "1 parts or prompts taken again" in res.stdout
+    # Each run of a configuration on the prompt read steady at both ends: the steady error is over them all.
+    assert [r["steady_units"] for r in rows.values()] == [1, 1] and report["steady_configurations"] == 2
+    assert report["max_relative_error_steady"] == pytest.approx(report["max_relative_error"], rel=1e-9)
+    assert "over the prompts the gate read steady before and after (2 of 2 " in res.stdout
 
     # --replay predicts the saved measurements again without measuring: the cost file it saved gives
     # the same predictions; one whose target runs at half the speed halves AR's.

@@ -327,6 +327,8 @@ def run_prompts(cfg, runners, dtypes: dict[str, str], tok, sets, eos, gate=None,
                     # The bench's method spec wins over the name the metrics carry (e.g. sd-tree).
                     rec = {"dataset": name, "question_id": row["question_id"], "prompt_tokens": len(ids),
                            **gen.metrics.as_dict(), "method": m, "dtype": dtypes[m], "tokens": gen.tokens}
+                    if gate is not None:
+                        rec["steady"] = gate.last_steady
                     if base_method(m) == "ar" and dtypes[m] not in ar_tokens:
                         ar_tokens[dtypes[m]] = gen.tokens
                     elif dtypes[m] in ar_tokens and cfg.temperature == 0:

@@ -291,7 +291,8 @@ def measure_costs(args) -> int:
 
 
 def validate_plan(args) -> int:
-    from ..plan.validate import IN_PROCESS, ONE_PROCESS_PER_STAGE, ValidateConfig, print_validation, repredict, validate
+    from ..plan.validate import IN_PROCESS, ONE_PROCESS_PER_STAGE, ValidateConfig, repredict, validate
+    from ..plan.validation_report import print_validation
 
     if args.replay:
         print_validation(repredict(args.replay, args.costs, args.json_out))

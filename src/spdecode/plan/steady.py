@@ -55,6 +55,7 @@ class SteadyGate:
     events: list[dict] = field(default_factory=list)
     readings: list[float] = field(default_factory=list)
     fresh_s: float = FRESH_S
+    last_steady: bool | None = None  # whether around()'s last unit read steady before and after
     _checked: tuple[float, float] | None = None  # (clock, reading) of the last check, until a wait
     _waited_s: float = 0.0
 
@@ -114,9 +115,11 @@ class SteadyGate:
         """fn() between a wait and a check, taken again (at most `retakes` times) where the check
         finds the slow state; returns fn's last result."""
         for attempt in range(retakes + 1):
-            self.wait(what)
+            began = self.wait(what)
             out = fn()
-            if self.held(what) or attempt == retakes or self.spent:
+            ended = self.held(what)
+            self.last_steady = began and ended  # the attempt kept, where this returns
+            if ended or attempt == retakes or self.spent:
                 return out
             self.events.append({"what": what, "kind": "retake"})
             self.log(f"steady: {what} met the slow state; taken again")

@@ -192,10 +192,10 @@ def measure_all(cfg: ValidateConfig, bench: BenchConfig, data: dict | None, log=
                 log(f"run {r + 1} of {cfg.runs}: {key}")
                 for name, rows in sets.items():
                     for row in rows:
-                        runs[r].extend(steadily(
-                            f"run {r + 1}: {key}, {name} prompt {row['question_id']}",
-                            lambda m=method, o=opts, k=key, one={name: [row]}:
-                            run_distributed_spd(bench, m, o, k, model, tok, one)))
+                        recs = steadily(f"run {r + 1}: {key}, {name} prompt {row['question_id']}",
+                                        lambda m=method, o=opts, k=key, one={name: [row]}:
+                                        run_distributed_spd(bench, m, o, k, model, tok, one))
+                        runs[r].extend(rec | ({"steady": gate.last_steady} if gate else {}) for rec in recs)
                 setups[key] = (method, opts, runs[r][-1]["stage_sizes"], True)
             if runners:
                 log(f"run {r + 1} of {cfg.runs}: {', '.join(local)}")
@@ -258,10 +258,44 @@ def validate(cfg: ValidateConfig, log=print) -> dict:
                      "measured_runs_tok_s": [m["decode_tok_s"] for m in measured],
                      "measured_tokens_per_cycle": measured[0]["tokens_per_cycle"], "alpha": measured[0]["alpha"],
                      # What the predictions replay: the first run's generations (--replay predicts them again).
-                     "generations": [{k: r.get(k) for k in ("prompt_tokens", "new_tokens", "walks", "draft_scores")}
-                                     for r in first]})
+                     "generations": [{k: r.get(k) for k in ("dataset", "question_id", "prompt_tokens", "new_tokens",
+                                                            "walks", "draft_scores")} for r in first],
+                     "steady_runs": steady_runs([[r for r in run if r["method"] == key] for run in runs])})
     return compare(data, source, rows, asdict(cfg), probe, timed_between=cfg.costs is None, rounds=rounds,
                    steady=steady)
+
+
+def steady_runs(runs: list[list[dict]]) -> list[dict] | None:
+    """Per run of one configuration, the prompts whose kept run the gate read steady before and
+    after, and their pooled decode tok/s (None where none was, or where nothing was gated)."""
+    if not any("steady" in r for run in runs for r in run):
+        return None
+    kept = [[r for r in run if r.get("steady")] for run in runs]
+    return [{"prompts": [[r["dataset"], r["question_id"]] for r in k],
+             "tok_s": pooled(k)["decode_tok_s"] if k else None} for k in kept]
+
+
+def steady_errors(row: dict, setup: Setup, rounds: list[dict], alpha) -> dict | None:
+    """A configuration's errors over its steady units alone (`row["steady_runs"]`): each run's
+    steady prompts predicted from the round timed before it, against their measured tok/s, the
+    medians over the runs that had any. What the all-units error mixes in from a restless hour
+    (a run the slow state met, set against tables retaken into the usual speed) is left out; the
+    all-units error stays the headline."""
+    runs = row.get("steady_runs")
+    if not runs or len(runs) != len(rounds):
+        return None
+    errors, units = {"traces": [], "alpha": []}, 0
+    for table, run in zip(rounds, runs, strict=True):
+        keep = {tuple(p) for p in run["prompts"]}
+        gens = [g for g in row["generations"] if (g.get("dataset"), g.get("question_id")) in keep]
+        if not gens or not run["tok_s"]:
+            continue
+        units += len(run["prompts"])
+        for kind, replay in (("traces", True), ("alpha", False)):
+            errors[kind].append(predict_records(table, setup, gens, alpha, replay)["tok_s"] / run["tok_s"] - 1)
+    if not units:
+        return {"steady_units": 0}
+    return {"steady_units": units, **{f"error_steady_{k}": statistics.median(v) for k, v in errors.items()}}
 
 
 def saved_setup(setup: Setup) -> dict:
@@ -318,15 +352,20 @@ def compare(data: dict, source: str | None, rows: list[dict], config: dict, prob
             kinds[kind] = {"tok_s": statistics.median(p["tok_s"] for p in runs),
                            "runs": [p["tok_s"] for p in runs], "tokens_per_cycle": runs[0]["tokens_per_cycle"],
                            "error": statistics.median(p["tok_s"] / m - 1 for p, m in zip(runs, against, strict=True))}
-        out_rows.append(row | {
+        out_rows.append(row | (steady_errors(row, setup, rounds, alpha) or {} if paired else {}) | {
             "drafter_cost_from": setup.drafter if setup.drafter_timed(data.get("draft", {})) else "none (0 s)",
             **{f"predicted_tok_s_{k}": v["tok_s"] for k, v in kinds.items()},
             **({f"predicted_runs_tok_s_{k}": v["runs"] for k, v in kinds.items()} if paired else {}),
             **{f"predicted_tokens_per_cycle_{k}": v["tokens_per_cycle"] for k, v in kinds.items()},
             **{f"error_{k}": v["error"] for k, v in kinds.items()}})
     worst = max(max(abs(r["error_traces"]), abs(r["error_alpha"])) for r in out_rows)
+    steady_rows = [r for r in out_rows if "error_steady_traces" in r]
+    worst_steady = max((max(abs(r["error_steady_traces"]), abs(r["error_steady_alpha"])) for r in steady_rows),
+                       default=None)
     out = {"config": config, "costs": str(Path(source).resolve()) if source else None, "costs_timed_between_runs":
            timed_between, "records": out_rows, "max_relative_error": worst, "host_probe": probe,
+           # Over the units the gate read steady at both ends: configurations with none are not in it.
+           "max_relative_error_steady": worst_steady, "steady_configurations": len(steady_rows),
            "host_slowdown": slowdown, "runs_paired_with_rounds": bool(rounds), "steady": steady,
            **({"round_costs": rounds} if rounds else {})}
     if config.get("json_out"):
@@ -352,33 +391,3 @@ def repredict(path: str, costs: str | None = None, json_out: str | None = None) 
     return compare(data, source, [replayed_row(r, data) for r in saved["records"]], cfg | {"json_out": json_out},
                    saved.get("host_probe"), saved.get("costs_timed_between_runs", False) and not costs, rounds,
                    saved.get("steady"))
-
-
-def print_validation(out: dict) -> None:
-    when = " (timed between the runs)" if out.get("costs_timed_between_runs") else ""
-    print(f"costs: {out['costs'] or 'not saved'}{when}")
-    print(f"{'configuration':<34} {'measured':>8} {'runs':>17}  {'traces':>6} {'error':>6}  {'alpha':>6} {'error':>6}"
-          f"  {'tok/cycle measured, traces, alpha'}")
-    for r in out["records"]:
-        runs = "/".join(f"{t:.1f}" for t in r["measured_runs_tok_s"])
-        tpc = (f"{r['measured_tokens_per_cycle']:.2f}, {r['predicted_tokens_per_cycle_traces']:.2f}, "
-               f"{r['predicted_tokens_per_cycle_alpha']:.2f}")
-        print(f"{r['config']:<34} {r['measured_tok_s']:>8.1f} {runs:>17}  {r['predicted_tok_s_traces']:>6.1f} "
-              f"{r['error_traces']:>+6.0%}  {r['predicted_tok_s_alpha']:>6.1f} {r['error_alpha']:>+6.0%}  {tpc}")
-    paired = " (each run against the round of costs timed just before it: the errors' median)" if out.get(
-        "runs_paired_with_rounds") else ""
-    print(f"max relative error: {out['max_relative_error']:.1%}{paired} (tok/s: median of the runs, decode only)")
-    if out.get("steady"):
-        st = out["steady"]
-        print(f"steady: {st['gauges']} waits for the machine's usual speed took {st['waited_s']:.0f} s in all, "
-              f"{st['gave_up']} ran out ({st['max_wait_s']:.0f} s each"
-              f"{', then the budget of ' + format(st['budget_s'], '.0f') + ' s' if st.get('budget_spent') else ''}), "
-              f"{st['retaken']} parts or prompts taken again (plan/steady.py)")
-        if st.get("readings_over_reference"):
-            print("steady: the gauge's readings over its usual (quantiles 5/25/50/75/95 %): "
-                  + "/".join(f"{q:.2f}" for q in st["readings_over_reference"]))
-    if out.get("host_slowdown") is not None:
-        p = out["host_probe"]
-        probes = "/".join(f"{1e3 * t:.1f}" for t in p["step_s"])
-        print(f"host: an AR step ({p['threads']} threads, context {p['context']}) took {out['host_slowdown']:.2f}x "
-              f"what the cost file has (median of the probes before each run and after the last: {probes} ms)")
