@@ -104,6 +104,9 @@ def test_the_steady_error_sets_only_the_prompts_read_steady_against_their_predic
     # No gate: the steady error is not made up from the all-units one.
     bare = compare(data, None, [row | {"steady_runs": None}], {}, rounds=[data] * 3)
     assert bare["max_relative_error_steady"] is None and "error_steady_traces" not in bare["records"][0]
+    # A saved row replayed against one file (not its rounds): the old file's steady errors are not kept.
+    again = compare(data, None, [r], {})
+    assert again["max_relative_error_steady"] is None and "error_steady_traces" not in again["records"][0]
 
 
 def pooled_tok_s(records):

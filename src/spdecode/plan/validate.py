@@ -352,7 +352,9 @@ def compare(data: dict, source: str | None, rows: list[dict], config: dict, prob
             kinds[kind] = {"tok_s": statistics.median(p["tok_s"] for p in runs),
                            "runs": [p["tok_s"] for p in runs], "tokens_per_cycle": runs[0]["tokens_per_cycle"],
                            "error": statistics.median(p["tok_s"] / m - 1 for p, m in zip(runs, against, strict=True))}
-        out_rows.append(row | (steady_errors(row, setup, rounds, alpha) or {} if paired else {}) | {
+        # A saved row (--replay) carries the steady errors of the file it was compared with: not this one's.
+        fresh = {k: v for k, v in row.items() if not k.startswith(("error_steady_", "steady_units"))}
+        out_rows.append(fresh | (steady_errors(row, setup, rounds, alpha) or {} if paired else {}) | {
             "drafter_cost_from": setup.drafter if setup.drafter_timed(data.get("draft", {})) else "none (0 s)",
             **{f"predicted_tok_s_{k}": v["tok_s"] for k, v in kinds.items()},
             **({f"predicted_runs_tok_s_{k}": v["runs"] for k, v in kinds.items()} if paired else {}),
