@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import run_cli
 
+from spdecode.bench.report import pooled
 from spdecode.generators import MethodOptions, parse_method_spec
 from spdecode.plan.cost_model import CONCURRENT
 from spdecode.plan.planner import load_costs
@@ -91,7 +92,7 @@ def test_the_steady_error_sets_only_the_prompts_read_steady_against_their_predic
     assert kept[1]["tok_s"] == pytest.approx(ar) and kept[2]["tok_s"] is None
     assert steady_runs([[{k: v for k, v in r.items() if k != "steady"} for r in run] for run in recs]) is None
     gens = [{"dataset": "d", "question_id": q, "prompt_tokens": 100, "new_tokens": 33, "walks": []} for q in (0, 1)]
-    measured = [pooled_tok_s(run) for run in recs]  # fast; half the prompts at half speed, twice
+    measured = [pooled(run)["decode_tok_s"] for run in recs]  # fast; half the prompts at half speed, twice
     row = {"config": "ar:threads=1", "method": "ar", "layers": [10], "threads": "1", "distributed": False,
            "shape": [1, 1, 1], "drafter": None, "alpha": None, "measured_tokens_per_cycle": 1.0,
            "generations": gens, "measured_runs_tok_s": measured, "measured_tok_s": sorted(measured)[1],
@@ -107,10 +108,6 @@ def test_the_steady_error_sets_only_the_prompts_read_steady_against_their_predic
     # A saved row replayed against one file (not its rounds): the old file's steady errors are not kept.
     again = compare(data, None, [r], {})
     assert again["max_relative_error_steady"] is None and "error_steady_traces" not in again["records"][0]
-
-
-def pooled_tok_s(records):
-    return sum(r["new_tokens"] - 1 for r in records) / sum(r["decode_s"] for r in records)
 
 
 def test_the_prediction_without_walks_draws_each_depths_acceptance_as_the_replay_counts_it():
